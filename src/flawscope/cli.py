@@ -1,0 +1,100 @@
+"""The ``flawscope`` command: a thin layer over the Python API.
+
+    flawscope -c configs/STFPM.yaml -o Global.mode=train -o Global.dataset_dir=DATA
+    flawscope --pipeline anomaly_detection --input IMG|URL|DIR --save_path output [--device cpu]
+    flawscope --get_pipeline_config anomaly_detection --save_path ./my_path [--yes]
+
+Exit status: 0 success, 1 a dataset check that did not pass, 2 a user error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+from flawscope.errors import FlawscopeError
+from flawscope.logs import setup_console
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flawscope", description="Visual anomaly detection for industrial inspection.")
+    p.add_argument("-c", "--config", help="module config: a YAML path or a shipped name (STFPM)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="Section.key=value",
+                   help="override a config value (repeatable); values parse as YAML scalars")
+    p.add_argument("--pipeline", help="pipeline name (anomaly_detection) or pipeline YAML file")
+    p.add_argument("--input", help="image file, URL, directory or glob to predict on")
+    p.add_argument("--save_path", help="where to save results (or the pipeline config)")
+    p.add_argument("--device", help="cpu | gpu | gpu:0 | gpu:0,1")
+    p.add_argument("--batch_size", type=int, help="images per forward pass")
+    p.add_argument("--model_dir", help="inference model directory (default: the bundled model)")
+    p.add_argument("--get_pipeline_config", metavar="NAME", help="write the config of pipeline NAME to --save_path")
+    p.add_argument("--yes", action="store_true", help="overwrite an existing pipeline config without asking")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    return p
+
+
+def _write_pipeline_config(name: str, save_path: str | None, yes: bool) -> Path:
+    from flawscope.pipeline import get_pipeline_config
+
+    config = get_pipeline_config(name)
+    target = Path(save_path or ".")
+    if target.suffix not in (".yaml", ".yml"):
+        target = target / f"{name}.yaml"
+    if target.exists() and not yes:
+        if not sys.stdin.isatty():
+            raise FlawscopeError(f"{target}: already exists (use --yes to overwrite)")
+        if input(f"{target} exists. Overwrite? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise FlawscopeError(f"{target}: not overwritten")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(config, sort_keys=False))
+    return target
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        from flawscope import __version__
+
+        print(f"flawscope {__version__}")
+        return 0
+    setup_console()
+    if args.get_pipeline_config:
+        print(f"pipeline config written to {_write_pipeline_config(args.get_pipeline_config, args.save_path, args.yes)}")
+        return 0
+    if args.pipeline:
+        from flawscope.engine import predict_and_save
+        from flawscope.pipeline import create_pipeline
+
+        if not args.input:
+            raise FlawscopeError("--input: required with --pipeline (an image, URL, directory or glob)")
+        settings = {k: v for k, v in (("batch_size", args.batch_size), ("model_dir", args.model_dir)) if v is not None}
+        pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
+        counts = predict_and_save(pipeline.predictor, args.input, Path(args.save_path or "output"))
+        return 2 if counts["errors"] and counts["errors"] == counts["images"] else 0
+    if args.config:
+        from flawscope.config import load_config
+        from flawscope.engine import run as run_mode
+
+        cfg = load_config(args.config, args.override)
+        result = run_mode(cfg)
+        return 1 if cfg["Global"]["mode"] == "check_dataset" and not result.get("check_pass", False) else 0
+    _parser().print_usage(sys.stderr)
+    raise FlawscopeError("nothing to do: give -c CONFIG, --pipeline NAME --input IMG, or --get_pipeline_config NAME")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except FlawscopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""Module configs: YAML files plus ``-o Section.key=value`` overrides, checked against one schema.
+
+``SCHEMA`` is the only list of keys that exist. Anything a file or an override sets that is not in
+it is rejected with the allowed keys, so a typo fails at load time instead of being ignored while
+training runs with the default. To support a new key, add one ``Key(...)`` line to its section.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from flawscope.errors import FlawscopeError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+MODELS = ("STFPM", "PatchCore")
+MODES = ("check_dataset", "train", "evaluate", "predict", "export")
+
+_NO_DEFAULT = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """What one config key accepts, and what happens when a config leaves it out.
+
+    A missing key gets ``default`` when there is one; otherwise it is an error for the models in
+    ``required_for`` and simply absent for the others (model-specific keys). Hyperparameters carry
+    no default here so that the shipped YAML stays their one source.
+    """
+
+    kind: Any  # int | float | bool | str | list[int]
+    default: Any = _NO_DEFAULT
+    nullable: bool = False
+    choices: tuple[Any, ...] = ()
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    multiple_of: int | None = None
+    subset_of: tuple[int, ...] = ()  # list[int] only: non-empty, distinct, drawn from these
+    required_for: tuple[str, ...] = ()
+
+
+STFPM_ONLY = ("STFPM",)
+
+SCHEMA: dict[str, Any] = {
+    "Global": {
+        "model": Key(str, choices=MODELS, required_for=MODELS),
+        "mode": Key(str, choices=MODES, required_for=MODELS),
+        "dataset_dir": Key(str, None, nullable=True),
+        "device": Key(str, "cpu"),  # parsed (and checked against the machine) by flawscope.device
+        "output": Key(str, "output"),
+        "seed": Key(int, 42, ge=0, le=2**32 - 1),
+    },
+    "CheckDataset": {
+        "dataset_type": Key(str, "auto", choices=("auto", "MVTec", "SegDataset", "Folder")),
+        "convert": {
+            "enable": Key(bool, False),
+            "src_dataset_type": Key(str, None, nullable=True, choices=("LabelMe", "VOC", "MVTec")),
+        },
+        "split": {
+            "enable": Key(bool, False),
+            "train_percent": Key(int, None, nullable=True, ge=0, le=100),
+            "val_percent": Key(int, None, nullable=True, ge=0, le=100),
+            "seed": Key(int, 42, ge=0, le=2**32 - 1),
+        },
+    },
+    "Model": {
+        "backbone": Key(str, required_for=MODELS),
+        "input_size": Key(int, ge=64, multiple_of=32, required_for=MODELS),
+        "resize_mode": Key(str, "resize", choices=("resize", "letterbox")),
+        "strides": Key(list[int], subset_of=(4, 8, 16, 32), required_for=STFPM_ONLY),
+        "map_combine": Key(str, choices=("product", "sum"), required_for=STFPM_ONLY),
+        "smooth_sigma": Key(float, ge=0, required_for=MODELS),
+        "coreset_ratio": Key(float, gt=0, le=1),
+        "num_neighbors": Key(int, ge=1),
+        "projection_dim": Key(int, nullable=True, ge=1),
+    },
+    "Train": {
+        "epochs_iters": Key(int, ge=1, required_for=STFPM_ONLY),
+        "batch_size": Key(int, ge=1, required_for=MODELS),
+        "learning_rate": Key(float, gt=0, required_for=STFPM_ONLY),
+        "momentum": Key(float, ge=0, lt=1, required_for=STFPM_ONLY),
+        "weight_decay": Key(float, ge=0, required_for=STFPM_ONLY),
+        "pretrain_weight_path": Key(str, None, nullable=True),
+        "resume_path": Key(str, None, nullable=True),
+        "log_interval": Key(int, 10, ge=1),
+        "eval_interval": Key(int, 500, ge=1),
+        "save_interval": Key(int, 500, ge=1),
+        "num_workers": Key(int, 0, ge=0),
+        "calibration_fraction": Key(float, ge=0, lt=1, required_for=MODELS),
+        "image_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
+        "pixel_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
+    },
+    "Evaluate": {
+        "weight_path": Key(str, None, nullable=True),
+    },
+    "Export": {
+        "weight_path": Key(str, None, nullable=True),
+        "format": Key(str, "onnx", choices=("onnx", "openvino")),
+    },
+    "Predict": {
+        "model_dir": Key(str, None, nullable=True),
+        "input": Key(str, None, nullable=True),
+        "batch_size": Key(int, 1, ge=1),
+    },
+}
+
+_KIND_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list[int]: "a list of integers",
+}
+# PyYAML follows YAML 1.1, which reads 1e-4 (no dot) as a string; accept it for float keys.
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs bundled with the package, usable as bare names (``STFPM``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """Find a config: an existing file wins, else a bare name (``STFPM``, ``stfpm.yaml``) is
+    looked up among the shipped configs, so users need not know where the package lives."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise FlawscopeError(f"{name_or_path}: is a directory, expected a YAML config file")
+    name = str(name_or_path)
+    if Path(name).name == name:
+        stem = name[: -len(".yaml")] if name.lower().endswith(".yaml") else name
+        for shipped in sorted(CONFIG_DIR.glob("*.yaml")):
+            if shipped.stem.lower() == stem.lower():
+                return shipped
+    raise FlawscopeError(
+        f"{name_or_path}: no such config file or shipped config "
+        f"(shipped configs: {', '.join(shipped_configs()) or 'none'})"
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``Section.key=value`` into its key path and a YAML-typed value (``8`` is an int,
+    ``true`` a bool, ``null`` None, ``[4,8]`` a list), the way the value would read in a file."""
+    where = f"override {text!r}"
+    key, sep, raw = text.partition("=")
+    path = key.strip().split(".")
+    if not sep or not all(part.strip() for part in path):
+        raise FlawscopeError(f"{where}: expected Section.key=value, e.g. Train.batch_size=4")
+    if not raw.strip():
+        raise FlawscopeError(f"{where}: empty value; write {key.strip()}=null to clear it")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise FlawscopeError(f"{where}: value is not valid YAML: {_one_line(exc)}") from None
+    if isinstance(value, dict):
+        raise FlawscopeError(f"{where}: value must be a single value or a list, not a mapping")
+    return [part.strip() for part in path], value
+
+
+def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a config, apply overrides in order and return the validated, completed nested dict.
+
+    Errors name their source (the file, or the override) so the user knows what to fix.
+    """
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a list of 'Section.key=value' strings, not one string")
+    path = resolve_config_path(path_or_name)
+    where = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise FlawscopeError(f"{where}: invalid YAML{at}: {_one_line(exc)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FlawscopeError(f"{where}: cannot read config: {_one_line(exc)}") from None
+    if not isinstance(raw, dict):
+        raise FlawscopeError(
+            f"{where}: expected a mapping of sections ({', '.join(SCHEMA)}), got {_show(raw)}"
+        )
+    cfg = _check_section(raw, SCHEMA, "", where)
+    for text in overrides:
+        _apply_override(cfg, text)
+    if overrides:
+        where += " (with overrides)"
+    model = cfg.get("Global", {}).get("model")
+    cfg = _complete(cfg, SCHEMA, "", model, where)
+    _check_consistency(cfg, where)
+    return cfg
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes lists inline (``strides: [4, 8, 16]``) as the shipped configs do."""
+
+
+_Dumper.add_representer(
+    list,
+    lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True),
+)
+
+
+def dump_config(cfg: dict[str, Any], path: str | Path) -> Path:
+    """Write a config as YAML that ``load_config`` reads back, so a run records what it used."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _check_section(data: Any, schema: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:
+    """Validate what a file gives for one section; a section whose keys are all commented out
+    reads as null and counts as empty."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise FlawscopeError(
+            f"{where}: {prefix[:-1]} must be a section of key: value lines, got {_show(data)}"
+        )
+    out = {}
+    for name, value in data.items():
+        spec = schema.get(name)
+        if spec is None:
+            _unknown_key(where, prefix, str(name), schema)
+        full = prefix + name
+        if isinstance(spec, dict):
+            out[name] = _check_section(value, spec, full + ".", where)
+        else:
+            out[name] = _check_value(full, spec, value, where)
+    return out
+
+
+def _apply_override(cfg: dict[str, Any], text: str) -> None:
+    """Check one override against the schema and set it, creating sections the file left out."""
+    where = f"override {text!r}"
+    path, value = parse_override(text)
+    spec: Any = SCHEMA
+    for i, name in enumerate(path):
+        prefix = ".".join(path[:i]) + "." if i else ""
+        if not isinstance(spec, dict):
+            raise FlawscopeError(f"{where}: {prefix[:-1]} is a value, not a section")
+        if name not in spec:
+            _unknown_key(where, prefix, name, spec)
+        spec = spec[name]
+    full = ".".join(path)
+    if isinstance(spec, dict):
+        keys = ", ".join(spec)
+        raise FlawscopeError(f"{where}: {full} is a section; set one of its keys: {keys}")
+    node = cfg
+    for name in path[:-1]:
+        node = node.setdefault(name, {})
+    node[path[-1]] = _check_value(full, spec, value, where)
+
+
+def _complete(
+    data: dict[str, Any], schema: dict[str, Any], prefix: str, model: str | None, where: str
+) -> dict[str, Any]:
+    """Fill defaults and enforce required keys, in schema order so dumped configs read alike.
+
+    While the model is unknown every key some model requires counts as required, which makes a
+    missing ``Global.model`` (the first such key) the error reported.
+    """
+    out: dict[str, Any] = {}
+    for name, spec in schema.items():
+        full = prefix + name
+        if isinstance(spec, dict):
+            out[name] = _complete(data.get(name, {}), spec, full + ".", model, where)
+        elif name in data:
+            out[name] = data[name]
+        elif spec.default is not _NO_DEFAULT:
+            out[name] = copy.deepcopy(spec.default)
+        elif spec.required_for and (model is None or model in spec.required_for):
+            needed_by = model or ", ".join(spec.required_for)
+            raise FlawscopeError(f"{where}: missing required key {full} (needed by {needed_by})")
+    return out
+
+
+def _check_consistency(cfg: dict[str, Any], where: str) -> None:
+    """Rules that tie keys together, which per-key checks cannot see."""
+    convert = cfg["CheckDataset"]["convert"]
+    if convert["enable"] and convert["src_dataset_type"] is None:
+        raise FlawscopeError(
+            f"{where}: CheckDataset.convert.enable is true but convert.src_dataset_type is null"
+        )
+    split = cfg["CheckDataset"]["split"]
+    train, val = split["train_percent"], split["val_percent"]
+    if split["enable"] and (train is None or val is None or train + val != 100):
+        raise FlawscopeError(
+            f"{where}: CheckDataset.split.enable is true, so split.train_percent and"
+            f" split.val_percent must both be set and add up to 100,"
+            f" got {_show(train)} and {_show(val)}"
+        )
+
+
+def _check_value(full: str, spec: Key, value: Any, where: str) -> Any:
+    """Return the value in its canonical type (ints become floats for float keys) or raise an
+    error saying what the key allows."""
+    if value is None and spec.nullable:
+        return None
+    converted = _convert(spec.kind, value)
+    if converted is None or not _within(spec, converted):
+        close = _closest(value, spec.choices) if isinstance(value, str) else None
+        hint = f" (did you mean {_show(close)}?)" if close else ""
+        raise FlawscopeError(f"{where}: {full} must be {_describe(spec)}, got {_show(value)}{hint}")
+    return converted
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    """The value as ``kind``, or None when it is not one (bools are never numbers)."""
+    if isinstance(value, bool):
+        return value if kind is bool else None
+    if kind is float and isinstance(value, (int, float)):
+        return float(value)
+    if kind is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)
+    if kind == list[int]:
+        ints = isinstance(value, list) and all(type(x) is int for x in value)
+        return list(value) if ints else None
+    return value if kind in (int, str) and isinstance(value, kind) else None
+
+
+def _within(spec: Key, value: Any) -> bool:
+    """Whether an already type-correct value meets the key's choices, bounds and list rules."""
+    if spec.choices:
+        return value in spec.choices
+    if spec.subset_of:
+        return bool(value) and len(set(value)) == len(value) and set(value) <= set(spec.subset_of)
+    return (
+        (spec.ge is None or value >= spec.ge)
+        and (spec.gt is None or value > spec.gt)
+        and (spec.le is None or value <= spec.le)
+        and (spec.lt is None or value < spec.lt)
+        and (spec.multiple_of is None or value % spec.multiple_of == 0)
+    )
+
+
+def _describe(spec: Key) -> str:
+    """What a key allows, in words, for error messages."""
+    if spec.choices:
+        text = "one of " + ", ".join(str(c) for c in spec.choices)
+    elif spec.subset_of:
+        text = "a non-empty list of distinct integers from " + ", ".join(map(str, spec.subset_of))
+    else:
+        bounds = [(">=", spec.ge), (">", spec.gt), ("<=", spec.le), ("<", spec.lt)]
+        rules = [f"{op} {bound}" for op, bound in bounds if bound is not None]
+        if spec.multiple_of is not None:
+            rules.append(f"a multiple of {spec.multiple_of}")
+        text = " ".join([_KIND_NAMES[spec.kind], " and ".join(rules)]).strip()
+    return text + (" or null" if spec.nullable else "")
+
+
+def _unknown_key(where: str, prefix: str, name: str, section: dict[str, Any]) -> NoReturn:
+    """Raise the unknown-key error: full key, closest allowed key, and every allowed key."""
+    close = _closest(name, section)
+    hint = f"; did you mean {prefix}{close}?" if close else ""
+    what, scope = ("key", f"keys in {prefix[:-1]}") if prefix else ("section", "sections")
+    raise FlawscopeError(
+        f"{where}: unknown {what} {prefix}{name}{hint} (allowed {scope}: {', '.join(section)})"
+    )
+
+
+def _closest(word: str, options: Iterable[Any]) -> str | None:
+    """The option most like ``word``, ignoring case (``voc`` -> ``VOC``), or None."""
+    by_lower = {str(option).lower(): str(option) for option in options}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[close[0]] if close else None
+
+
+def _show(value: Any) -> str:
+    """A value as the user would write it in YAML/JSON (null, true, "text")."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _one_line(exc: BaseException) -> str:
+    """Library messages can span lines; FlawscopeError messages must not."""
+    text = getattr(exc, "problem", None) or getattr(exc, "strerror", None) or str(exc)
+    return " ".join(str(text).split())

@@ -1,0 +1,143 @@
+"""Reading images and defect masks from disk, whatever the file's mode.
+
+Everything downstream (transforms, models, metrics) assumes HxWx3 uint8 RGB images and HxW
+bool masks, so every conversion from what real inspection cameras and annotation tools write
+(grayscale, 16-bit, palette, alpha, float TIFF, EXIF-rotated JPEG) happens here, once.
+Every problem with a file becomes one ``FlawscopeError("<path>: <problem>")``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from flawscope.errors import FlawscopeError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+"""Lower-case file suffixes (with the dot) treated as images; compare ``Path.suffix.lower()``."""
+
+MAX_PIXELS: int = 100_000_000
+"""Largest image (width x height) we agree to decode; the check reads only the header.
+
+Pillow also refuses, on its own, images over ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (about 179 MP),
+so raising this above that needs Pillow's limit raised as well.
+"""
+
+_TIFF_BITS_PER_SAMPLE = 258
+_TIFF_SAMPLE_FORMAT = 339  # 1 unsigned, 2 signed integer, 3 float
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` has an image extension (case-insensitive); the file is not opened."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _decode(path: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
+    """Open, fully decode and EXIF-orient ``path``, then ``convert`` it while the file is open.
+
+    Every failure becomes a FlawscopeError naming ``path``. ``load()`` forces the whole file
+    to be decoded now, so a truncated or corrupt file fails here rather than later inside a
+    batch; truncated files are refused because ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is
+    left at its default, False. ``convert`` gets the opened image itself (not a copy), so
+    format details such as a TIFF's bits per sample are still there.
+    """
+    if not path.exists():
+        raise FlawscopeError(f"{path}: file does not exist")
+    if path.is_dir():
+        raise FlawscopeError(f"{path}: is a directory, not an image file")
+    if path.stat().st_size == 0:
+        raise FlawscopeError(f"{path}: file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Our own MAX_PIXELS check below decides; Pillow's hard limit still raises.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise FlawscopeError(f"{path}: image is too large ({_one_line(exc)})") from exc
+    except UnidentifiedImageError as exc:
+        raise FlawscopeError(f"{path}: not an image, or a corrupt or unsupported image file") from exc
+    except OSError as exc:
+        raise FlawscopeError(f"{path}: cannot read file ({_one_line(exc)})") from exc
+    with img:
+        width, height = img.size
+        if width * height > MAX_PIXELS:
+            raise FlawscopeError(
+                f"{path}: image is too large ({width}x{height} = {width * height} pixels, "
+                f"limit {MAX_PIXELS})"
+            )
+        try:
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+        except (OSError, SyntaxError, EOFError, ValueError) as exc:
+            raise FlawscopeError(f"{path}: corrupt or truncated image ({_one_line(exc)})") from exc
+        return convert(img)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on a single line, as the CLI's one-line error contract needs."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _to_uint8(img: Image.Image) -> np.ndarray:
+    """Pixel values of a single-band high-bit-depth image scaled to 0..255 by its bit depth.
+
+    Scaling by the format's range (e.g. 65535 -> 255, i.e. divide by 257), not by the image's
+    own min/max, keeps brightness comparable between images, which anomaly scores rely on.
+    Float images are taken to be in [0, 1] when their maximum is at most 1, else in [0, 255].
+    """
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        values = np.nan_to_num(values)
+        full_scale = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+    else:
+        # "I;16*" are unsigned 16-bit; "I" is int32 storage whose real depth (and
+        # signedness) only TIFF records; elsewhere it holds 16-bit data (e.g. 16-bit PGM).
+        tags = getattr(img, "tag_v2", {}) if img.mode == "I" else {}
+        bits = int(np.max(tags.get(_TIFF_BITS_PER_SAMPLE, 16)))
+        signed = int(np.max(tags.get(_TIFF_SAMPLE_FORMAT, 1)) == 2)
+        full_scale = float(2 ** (bits - signed) - 1)
+    return np.rint(np.clip(values, 0.0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
+
+
+def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read any supported image as an HxWx3 uint8 RGB array, EXIF orientation applied.
+
+    Alpha (RGBA, LA, PA, palette transparency) is dropped, keeping the colour channels as
+    stored: inspection images are opaque, and compositing would change the colour of pixels
+    that tools leave under zero alpha. Grayscale is repeated over the three channels.
+    """
+    return _decode(Path(path), _rgb)
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    if img.mode.startswith("I") or img.mode == "F":
+        return np.repeat(_to_uint8(img)[:, :, None], 3, axis=2)
+    return np.array(img.convert("RGB"))  # a writable copy, unlike np.asarray
+
+
+def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a defect mask as an HxW bool array: any nonzero pixel is defect.
+
+    Masks come as 0/255 or 0/1 grayscale, 1-bit, palette (the palette index is the label, as
+    in PaddleSeg) or colour images; a colour pixel is defect when any colour channel is
+    nonzero, because ``convert("L")`` would round a dark label colour such as (1, 0, 0) to 0.
+    ``size`` is the (width, height) of the image the mask belongs to; a mask of another size
+    cannot be aligned with it, so that is an error rather than a silent resize.
+    """
+    path = Path(path)
+
+    def to_bool(img: Image.Image) -> np.ndarray:
+        if size is not None and tuple(img.size) != tuple(size):
+            raise FlawscopeError(
+                f"{path}: mask is {img.width}x{img.height} but its image is {size[0]}x{size[1]}"
+            )
+        if len(img.getbands()) == 1:  # 1, L, P, I;16, I, F: the band holds the label itself
+            return np.asarray(img) != 0
+        return np.asarray(img.convert("RGB")).any(axis=2)
+
+    return _decode(path, to_bool)

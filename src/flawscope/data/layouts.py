@@ -1,0 +1,233 @@
+"""Dataset layouts on disk -> lists of samples (paths and labels, no pixels).
+
+Three layouts are understood, tried in this order by ``layout="auto"``:
+
+* ``SegDataset`` (PaddleX): ``train.txt`` / ``val.txt`` listing ``image_path [mask_path]``.
+* ``MVTec``: ``train/good/``, ``test/<defect_type>/``, ``ground_truth/<defect_type>/``.
+* ``Folder`` (anomalib): ``good/`` (or ``normal/``), optional ``abnormal/`` (``defect/``,
+  ``bad/``) and ``mask/`` (``masks/``, ``ground_truth/``); or just a directory of images.
+
+Loading only lists paths (images are not opened; SegDataset masks are, to know the label), so
+a dataset of 10,000 images loads in well under a second. All lists are sorted, so the same
+directory always gives the same splits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from flawscope.data.io import is_image_file, read_mask
+from flawscope.errors import FlawscopeError
+
+GOOD = "good"
+DEFECT = "defect"
+
+_NORMAL_DIRS = ("good", "normal")
+_ABNORMAL_DIRS = ("abnormal", "defect", "bad")
+_MASK_DIRS = ("mask", "masks", "ground_truth")
+_VAL_EVERY = 5  # Folder layout: every 5th normal image (sorted) goes to val, i.e. 80/20
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset, with its ground truth."""
+
+    image: Path
+    mask: Path | None  # pixel-level ground truth; None when there is none (or the image is good)
+    label: int  # 0 good, 1 defect
+    defect_type: str  # "good" for normal images
+
+
+@dataclass
+class Dataset:
+    """The samples of a dataset, split into train (normal images) and val."""
+
+    root: Path
+    layout: str
+    train: list[Sample]
+    val: list[Sample]
+
+
+Splits = tuple[list[Sample], list[Sample]]  # (train, val)
+
+
+def _images(directory: Path) -> list[Path]:
+    """Sorted image files directly in ``directory``, skipping hidden files (e.g. macOS ``._x.png``)."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        p for p in directory.iterdir()
+        if not p.name.startswith(".") and is_image_file(p) and p.is_file()
+    )
+
+
+def _subdirs(directory: Path) -> list[Path]:
+    """Sorted visible subdirectories of ``directory`` (none if it is not a directory)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _first(directory: Path, names: Iterable[str]) -> Path | None:
+    """The first subdirectory of ``directory`` named one of ``names``, any case (``Good/`` too)."""
+    by_name = {p.name.lower(): p for p in _subdirs(directory)}
+    return next((by_name[name] for name in names if name in by_name), None)
+
+
+def _masks_by_stem(directory: Path | None) -> dict[str, Path]:
+    """Mask files of ``directory`` by stem; of two with one stem, the first sorted wins."""
+    masks: dict[str, Path] = {}
+    for path in _images(directory) if directory is not None else []:
+        masks.setdefault(path.stem, path)
+    return masks
+
+
+def _find_mask(image: Path, masks: dict[str, Path]) -> Path | None:
+    """The mask of ``image``: ``<stem>_mask.*`` (MVTec's naming) first, then ``<stem>.*``."""
+    return masks.get(f"{image.stem}_mask") or masks.get(image.stem)
+
+
+def _load_segdataset(root: Path) -> Splits:
+    """train.txt is required; a missing val.txt means no validation split."""
+    val_list = root / "val.txt"
+    train = _read_list(root, root / "train.txt")
+    return train, _read_list(root, val_list) if val_list.is_file() else []
+
+
+def _read_list(root: Path, list_file: Path) -> list[Sample]:
+    """Samples of a PaddleX list file; the label says whether the mask has any defect pixel."""
+    samples = []
+    lines = list_file.read_text(encoding="utf-8-sig").splitlines()
+    for lineno, line in enumerate(lines, start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) > 2:
+            raise FlawscopeError(
+                f"{list_file}:{lineno}: expected 'image_path [mask_path]', got {len(fields)} fields"
+            )
+        image, mask = [root / field for field in fields] + [None] * (2 - len(fields))
+        for path in (image, mask):
+            if path is not None and not path.is_file():
+                raise FlawscopeError(f"{list_file}:{lineno}: {path} does not exist")
+        label = int(mask is not None and bool(read_mask(mask).any()))
+        samples.append(Sample(image, mask, label, DEFECT if label else GOOD))
+    return samples
+
+
+def _load_mvtec(root: Path) -> Splits:
+    """Test images are the val split; test/good/ has no masks."""
+    train = [Sample(p, None, 0, GOOD) for p in _images(root / "train" / GOOD)]
+    val = []
+    for directory in _subdirs(root / "test"):
+        if directory.name == GOOD:
+            val += [Sample(p, None, 0, GOOD) for p in _images(directory)]
+        else:
+            masks = _masks_by_stem(root / "ground_truth" / directory.name)
+            val += [Sample(p, _find_mask(p, masks), 1, directory.name) for p in _images(directory)]
+    return train, val
+
+
+def _load_folder(root: Path) -> Splits:
+    """With abnormal images, every 5th sorted normal image is held out for val (80/20)."""
+    normal_dir = _first(root, _NORMAL_DIRS)
+    normals = [Sample(p, None, 0, GOOD) for p in _images(normal_dir or root)]
+    masks = _masks_by_stem(_first(root, _MASK_DIRS))
+    abnormals = [
+        Sample(p, _find_mask(p, masks), 1, DEFECT)
+        for directory in _subdirs(root) if directory.name.lower() in _ABNORMAL_DIRS
+        for p in _images(directory)
+    ]
+    if normal_dir is None or not abnormals:
+        return normals, []
+    train = [s for i, s in enumerate(normals) if (i + 1) % _VAL_EVERY]
+    return train, normals[_VAL_EVERY - 1 :: _VAL_EVERY] + abnormals
+
+
+def _is_segdataset(root: Path) -> bool:
+    return (root / "train.txt").is_file()
+
+
+def _is_mvtec(root: Path) -> bool:
+    return (root / "train" / GOOD).is_dir()
+
+
+def _is_folder(root: Path) -> bool:
+    return _first(root, _NORMAL_DIRS) is not None or bool(_images(root))
+
+
+# name -> (recogniser, loader, what the layout needs), tried in this order by "auto"
+_LAYOUTS: dict[str, tuple[Callable[[Path], bool], Callable[[Path], Splits], str]] = {
+    "SegDataset": (_is_segdataset, _load_segdataset, "train.txt listing 'image_path [mask_path]'"),
+    "MVTec": (_is_mvtec, _load_mvtec, "images in train/good/"),
+    "Folder": (_is_folder, _load_folder, "images in good/ or normal/, or in the directory itself"),
+}
+
+
+def detect_layout(root: str | os.PathLike[str], layout: str = "auto") -> str:
+    """The canonical name of the layout of ``root``, checked against what is on disk.
+
+    ``layout`` is "auto" (recognise it, trying SegDataset, MVTec, then Folder) or one of
+    "SegDataset", "MVTec", "Folder" (any case) to skip recognition.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FlawscopeError(f"{root}: dataset directory does not exist")
+    if not root.is_dir():
+        raise FlawscopeError(f"{root}: dataset path is not a directory")
+    if layout.lower() == "auto":
+        name = next((name for name, (is_it, _, _) in _LAYOUTS.items() if is_it(root)), None)
+        if name is None:
+            raise FlawscopeError(f"{root}: no known dataset layout found ({_expected(root)})")
+    else:
+        name = next((name for name in _LAYOUTS if name.lower() == layout.lower()), None)
+        if name is None:
+            raise FlawscopeError(
+                f"unknown dataset layout {layout!r}: expected auto, {', '.join(_LAYOUTS)}"
+            )
+    is_it, _, needs = _LAYOUTS[name]
+    if not is_it(root):
+        raise FlawscopeError(f"{root}: does not match the {name} layout (expected {needs})")
+    return name
+
+
+def load_dataset(
+    root: str | os.PathLike[str], layout: str = "auto", *, require_train: bool = True
+) -> Dataset:
+    """List the samples of the dataset at ``root``; ``layout`` as for ``detect_layout``.
+
+    ``require_train=False`` returns an empty training split instead of refusing it, so that
+    check_dataset can report it together with every other problem.
+    """
+    root = Path(root)
+    name = detect_layout(root, layout)
+    _, load, needs = _LAYOUTS[name]
+    train, val = load(root)
+    if require_train and not train:
+        raise FlawscopeError(f"{root}: no training images found ({name} layout expects {needs})")
+    return Dataset(root, name, train, val)
+
+
+def mask_dirs(root: str | os.PathLike[str], layout: str) -> list[Path]:
+    """Where the MVTec and Folder layouts look for masks (SegDataset lists name their own), so
+    check_dataset can report the masks there that belong to no image."""
+    root = Path(root)
+    if layout == "MVTec":
+        return _subdirs(root / "ground_truth")
+    mask_dir = _first(root, _MASK_DIRS) if layout == "Folder" else None
+    return [mask_dir] if mask_dir is not None else []
+
+
+def _expected(root: Path) -> str:
+    """What the layouts look for, with a hint when ``root`` holds several MVTec categories."""
+    expected = (
+        "expected train.txt and val.txt (SegDataset), train/good/ and test/ (MVTec), "
+        "good/ or normal/ (Folder), or image files in the directory"
+    )
+    categories = [d.name for d in _subdirs(root) if _is_mvtec(d)]
+    if categories:
+        expected += f"; it holds MVTec categories ({', '.join(categories)}): point at one of them"
+    return expected

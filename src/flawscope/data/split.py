@@ -1,0 +1,108 @@
+"""Re-splitting a dataset into train.txt / val.txt, as PaddleX's ``CheckDataset.split`` does.
+
+Anomaly detection learns from normal images only, so the percentages share out the good
+images; every defect image goes to val whatever the percentages say. The lists also serve
+``convert``, so list writing (with the ``*.bak`` backups) lives here once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from flawscope.data.layouts import Sample, load_dataset
+from flawscope.errors import FlawscopeError
+
+log = logging.getLogger("flawscope")
+
+
+def sample_lines(root: Path, samples: Iterable[Sample]) -> list[str]:
+    """SegDataset list lines ``image [mask]``, paths relative to ``root`` with ``/``.
+
+    A defect image without a mask cannot be written: in a SegDataset the mask is what marks an
+    image defective, so it would silently become a good one (and could land in train).
+    """
+    lines, unmasked = [], []
+    for sample in samples:
+        if sample.label and sample.mask is None:
+            unmasked.append(sample.image)
+            continue
+        paths = [sample.image] + ([sample.mask] if sample.mask is not None else [])
+        fields = [Path(os.path.relpath(path, root)).as_posix() for path in paths]
+        spaced = next((field for field in fields if any(c.isspace() for c in field)), None)
+        if spaced is not None:
+            raise FlawscopeError(
+                f"{root / spaced}: path contains whitespace, which SegDataset list lines"
+                " ('image_path mask_path') cannot hold; rename it"
+            )
+        lines.append(" ".join(fields))
+    if unmasked:
+        shown = ", ".join(str(path) for path in unmasked[:3])
+        raise FlawscopeError(
+            f"{unmasked[0]}: {len(unmasked)} defect image(s) have no mask ({shown}"
+            f"{', ...' if len(unmasked) > 3 else ''}); a SegDataset needs a mask to mark an"
+            " image defective"
+        )
+    return lines
+
+
+def write_lists(root: Path, lists: dict[str, list[str]]) -> list[Path]:
+    """Write ``<split>.txt`` for each split, first renaming an existing one to ``*.bak`` so the
+    user's own lists stay recoverable. Returns the backups made."""
+    backups = []
+    for split, lines in lists.items():
+        path = root / f"{split}.txt"
+        if path.exists():
+            backup = path.with_name(path.name + ".bak")
+            os.replace(path, backup)
+            log.info("%s: original list kept as %s", path, backup.name)
+            backups.append(backup)
+        path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return backups
+
+
+def split_dataset(
+    root: str | os.PathLike[str], train_percent: int, val_percent: int, seed: int = 42
+) -> dict[str, Any]:
+    """Re-split the dataset at ``root`` (any layout) into train.txt / val.txt.
+
+    ``train_percent`` of the good images (rounded), drawn with ``random.Random(seed)`` from
+    the sorted list so a seed always gives the same split, go to train; the other good images
+    and all defect images go to val. Returns what was done, for the check report.
+    """
+    if train_percent <= 0 or val_percent <= 0 or train_percent + val_percent != 100:
+        raise FlawscopeError(
+            f"split: train_percent and val_percent must both be above 0 and add up to 100,"
+            f" got {train_percent} and {val_percent}"
+        )
+    root = Path(root)
+    dataset = load_dataset(root)
+    samples = sorted(set(dataset.train + dataset.val), key=lambda s: s.image)
+    good = [s for s in samples if not s.label]
+    defects = [s for s in samples if s.label]
+    random.Random(seed).shuffle(good)
+    n_train = round(len(good) * train_percent / 100)
+    train, val = good[:n_train], good[n_train:] + defects
+    backups = write_lists(
+        root, {"train": sorted(sample_lines(root, train)), "val": sorted(sample_lines(root, val))}
+    )
+    log.info(
+        "Split %s: %d of %d good images to train (%d%%, seed %d); val gets the other %d and all"
+        " %d defect images (anomaly detection trains on good images only)",
+        root, n_train, len(good), train_percent, seed, len(good) - n_train, len(defects),
+    )
+    return {
+        "train_percent": train_percent,
+        "val_percent": val_percent,
+        "seed": seed,
+        "train_samples": len(train),
+        "val_samples": len(val),
+        "good_images": len(good),
+        "defect_images_kept_in_val": len(defects),
+        "note": "percentages apply to the good images; defect images never go to train",
+        "backups": [str(path) for path in backups],
+    }

@@ -1,0 +1,44 @@
+"""Turn ``Global.device`` (``cpu``, ``gpu``, ``gpu:0``, ``gpu:0,1``; ``cuda`` is an alias) into
+torch devices, failing early with the reason when the machine cannot provide them."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from flawscope.errors import FlawscopeError
+
+_SPEC = re.compile(r"(?P<cpu>cpu)|(?:gpu|cuda)(?::(?P<ids>\d+(?:,\d+)*))?")
+_ACCEPTED_FORMS = "cpu, gpu (all visible GPUs), gpu:N, gpu:N,M,... (cuda works as gpu)"
+
+
+def parse_device(spec: str) -> list[torch.device]:
+    """Parse a device spec; ``gpu`` alone means every visible CUDA device.
+
+    Case and whitespace are ignored (``GPU: 0, 1``). Asking for a GPU that this torch build or
+    machine cannot give is an error here rather than a CUDA traceback later.
+    """
+    match = _SPEC.fullmatch("".join(spec.split()).lower())
+    if match is None:
+        raise FlawscopeError(f"Global.device: {spec!r} is not a device; use {_ACCEPTED_FORMS}")
+    if match["cpu"]:
+        return [torch.device("cpu")]
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+        raise FlawscopeError(
+            f"Global.device: {spec!r} asked for a GPU but CUDA is not available "
+            f"(this torch build: {torch.__version__}, {build})"
+        )
+    count = torch.cuda.device_count()
+    if match["ids"] is None:
+        return [torch.device("cuda", i) for i in range(count)]
+    ids = [int(i) for i in match["ids"].split(",")]
+    if len(set(ids)) != len(ids):
+        raise FlawscopeError(f"Global.device: {spec!r} names the same GPU more than once")
+    for i in ids:
+        if i >= count:
+            raise FlawscopeError(
+                f"Global.device: {spec!r} asked for GPU {i} but {count} CUDA device(s) are visible"
+            )
+    return [torch.device("cuda", i) for i in ids]

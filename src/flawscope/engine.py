@@ -1,0 +1,103 @@
+"""``Global.mode`` dispatch: each mode is one function from a validated config to its outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flawscope.device import parse_device
+from flawscope.errors import FlawscopeError
+from flawscope.logs import log, log_to_file
+
+
+def inference_dir(cfg: dict, key: str) -> Path | None:
+    """The model directory a mode reads: the given one, else the one training wrote, else None."""
+    section, name = key.split(".")
+    given = cfg[section][name]
+    if given:
+        return Path(given)
+    trained = Path(cfg["Global"]["output"]) / "best_model" / "inference"
+    return trained if trained.is_dir() else None
+
+
+def check_dataset(cfg: dict) -> dict:
+    from flawscope.data.check import run_check_dataset
+
+    return run_check_dataset(cfg)
+
+
+def train(cfg: dict) -> dict:
+    from flawscope.training.runner import train as run_training
+
+    return run_training(cfg, parse_device(cfg["Global"]["device"]))
+
+
+def evaluate(cfg: dict) -> dict:
+    from flawscope.data.layouts import load_dataset
+    from flawscope.evaluation.evaluate import evaluate_samples
+    from flawscope.inference.predictor import Predictor
+
+    device = parse_device(cfg["Global"]["device"])[0]
+    model_dir = inference_dir(cfg, "Evaluate.weight_path")
+    if model_dir is None:
+        raise FlawscopeError("Evaluate.weight_path: no model given and none trained under "
+                             f"{cfg['Global']['output']}/best_model/inference")
+    if not cfg["Global"]["dataset_dir"]:
+        raise FlawscopeError("Global.dataset_dir: required for evaluation (-o Global.dataset_dir=PATH)")
+    dataset = load_dataset(cfg["Global"]["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
+    if not dataset.val:
+        raise FlawscopeError(f"{dataset.root}: no validation/test images to evaluate on")
+    predictor = Predictor.from_dir(model_dir, device)
+    metrics = evaluate_samples(predictor, dataset.val)
+    result = {"done_flag": True, "model_dir": str(model_dir), "dataset_dir": str(dataset.root), "metrics": metrics}
+    output = Path(cfg["Global"]["output"])
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "evaluate_result.json").write_text(json.dumps(result, indent=2))
+    with log_to_file(output / "evaluate.log"):
+        log.info("evaluate %s on %s: image AUROC %s, pixel AUROC %s", model_dir, dataset.root,
+                 metrics["image_auroc"], metrics["pixel_auroc"])
+    return result
+
+
+def predict(cfg: dict) -> dict:
+    from flawscope.inference.predictor import Predictor
+
+    p = cfg["Predict"]
+    if not p["input"]:
+        raise FlawscopeError("Predict.input: required for prediction (-o Predict.input=IMG_OR_DIR)")
+    model_dir = inference_dir(cfg, "Predict.model_dir")
+    predictor = Predictor.from_dir(model_dir, parse_device(cfg["Global"]["device"])[0], batch_size=p["batch_size"])
+    return predict_and_save(predictor, p["input"], Path(cfg["Global"]["output"]))
+
+
+def predict_and_save(predictor, inputs, save_path: Path) -> dict:
+    """Predict, save each result's JSON and picture, print one line each; count the outcomes."""
+    counts = {"images": 0, "anomalous": 0, "errors": 0}
+    for res in predictor.predict(inputs):
+        counts["images"] += 1
+        if res.error:
+            counts["errors"] += 1
+            print(f"{res.input_path}\terror: {res.error}")
+            continue
+        res.save_to_json(save_path)
+        res.save_to_img(save_path)
+        counts["anomalous"] += int(res.is_anomaly)
+        print(f"{res.input_path}\tscore={res.score:.3f}\tis_anomaly={res.is_anomaly}")
+    return counts
+
+
+def export(cfg: dict) -> dict:
+    from flawscope.inference.export import export_model
+
+    model_dir = inference_dir(cfg, "Export.weight_path")
+    if model_dir is None:
+        raise FlawscopeError("Export.weight_path: no model given and none trained under "
+                             f"{cfg['Global']['output']}/best_model/inference")
+    return export_model(model_dir, Path(cfg["Global"]["output"]) / "export", cfg["Export"]["format"])
+
+
+MODES = {"check_dataset": check_dataset, "train": train, "evaluate": evaluate, "predict": predict, "export": export}
+
+
+def run(cfg: dict) -> dict:
+    return MODES[cfg["Global"]["mode"]](cfg)

@@ -1,0 +1,40 @@
+"""``Global.mode=export``: the inference model as ONNX, for ONNX Runtime or OpenVINO.
+
+The exported graph is the model's own ``forward``: a normalised Bx3xSxS float32 batch in, the raw
+Bx1xSxS anomaly map out. ``inference.yml`` is copied beside it, so the resizing, normalisation and
+calibrated thresholds travel with the graph and a deployment gives the same decisions.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from flawscope.errors import FlawscopeError
+from flawscope.inference.model_dir import META_FILE, load_model_dir
+from flawscope.logs import log
+
+ONNX_FILE = "model.onnx"
+
+
+def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -> dict:
+    if fmt != "onnx":
+        raise FlawscopeError(f"Export.format: '{fmt}' is not supported yet; use onnx (OpenVINO reads ONNX files)")
+    try:
+        import onnx  # noqa: F401 - torch's exporter needs it
+    except ImportError:
+        raise FlawscopeError("Export: the onnx package is missing; pip install 'flawscope[export]'") from None
+    model, info = load_model_dir(model_dir)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, 3, info.input_size, info.input_size)
+    tmp = output / f".{ONNX_FILE}.tmp"
+    torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["anomaly_map"],
+                      dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}}, opset_version=17,
+                      dynamo=False)
+    tmp.replace(output / ONNX_FILE)
+    shutil.copy(Path(model_dir) / META_FILE, output / META_FILE)
+    log.info("exported %s to %s", model_dir, output / ONNX_FILE)
+    return {"done_flag": True, "format": fmt, "model_file": str(output / ONNX_FILE)}

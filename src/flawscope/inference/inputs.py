@@ -1,0 +1,97 @@
+"""Turn whatever a user passes to ``predict`` into (name, image or error) items, lazily.
+
+Accepted: a file path, a directory (sorted; ``recursive`` to descend), a glob pattern, an http(s)
+URL, a numpy array (HxW or HxWx3 RGB uint8, channel order RGB), a PIL image, or a list mixing them.
+A bad item becomes an error string carried to its result; it never stops the other items.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tempfile
+import urllib.request
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from flawscope.data.io import is_image_file, read_image
+from flawscope.errors import FlawscopeError
+
+URL_TIMEOUT_S = 20
+URL_MAX_BYTES = 50 << 20
+
+
+def _fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310 - http(s) only
+        data = response.read(URL_MAX_BYTES + 1)
+    if len(data) > URL_MAX_BYTES:
+        raise FlawscopeError(f"{url}: larger than {URL_MAX_BYTES >> 20} MB")
+    return data
+
+
+def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise FlawscopeError(f"{name}: array must be HxW or HxWx3 (RGB), got shape {array.shape}")
+    if array.dtype != np.uint8:
+        raise FlawscopeError(f"{name}: array must be uint8, got {array.dtype}")
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | None, Any]]:
+    """Yield (name, source) pairs; a source is a path, URL, array or PIL image, or an error."""
+    if isinstance(inputs, (str, os.PathLike)):
+        text = str(inputs)
+        path = Path(text)
+        if text.startswith(("http://", "https://")) or path.is_file():
+            yield text, text
+        elif path.is_dir():
+            pattern = "**/*" if recursive else "*"
+            files = sorted(p for p in path.glob(pattern) if p.is_file() and is_image_file(p))
+            if not files:
+                yield text, FlawscopeError(f"{text}: no images in this directory")
+            for f in files:
+                yield str(f), str(f)
+        elif glob.has_magic(text):
+            files = sorted(f for f in glob.glob(text, recursive=True) if is_image_file(f))
+            if not files:
+                yield text, FlawscopeError(f"{text}: no images match this pattern")
+            for f in files:
+                yield f, f
+        else:
+            yield text, FlawscopeError(f"{text}: no such file or directory")
+    elif isinstance(inputs, (np.ndarray, Image.Image)):
+        yield None, inputs
+    elif isinstance(inputs, Iterable):
+        for item in inputs:
+            yield from expand_inputs(item, recursive)
+    else:
+        yield None, FlawscopeError(f"cannot predict on an object of type {type(inputs).__name__}")
+
+
+def load_input(name: str | None, source: Any) -> np.ndarray:
+    """Decode one source to HxWx3 uint8 RGB; raises FlawscopeError naming the item."""
+    if isinstance(source, Exception):
+        raise source
+    if isinstance(source, Image.Image):
+        return np.asarray(source.convert("RGB"))
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source, name or "array")
+    if source.startswith(("http://", "https://")):
+        try:
+            data = _fetch(source)
+        except OSError as exc:
+            raise FlawscopeError(f"{source}: download failed ({exc})") from None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / (Path(source.split("?")[0]).name or "download")
+            path.write_bytes(data)
+            try:
+                return read_image(path)
+            except FlawscopeError as exc:
+                raise FlawscopeError(str(exc).replace(str(path), source)) from None
+    return read_image(source)

@@ -1,0 +1,113 @@
+"""The inference model directory: everything prediction, evaluation and export need, nothing else.
+
+    inference.yml        model name and config, input size, resize mode, normalisation,
+                         calibrated thresholds and score normalisation, provenance
+    model.safetensors    the weights (no pickle: safe to load from anyone)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flawscope import __version__
+from flawscope.errors import FlawscopeError
+from flawscope.models import build_model
+
+META_FILE = "inference.yml"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class Calibration:
+    """Thresholds on the raw scores, and the map to normalised scores where 0.5 is the threshold.
+
+    ``normalize(v) = clip(0.5 + 0.5 * (v - threshold) / (threshold - low), 0, 1)``: ``low`` (a low
+    quantile of normal scores) maps to 0, the threshold to 0.5, a score as far above the threshold
+    as ``low`` is below it to 1.
+    """
+
+    image_threshold: float
+    image_low: float
+    pixel_threshold: float
+    pixel_low: float
+    source: str = "normal"  # what the thresholds were fitted on
+    details: dict = field(default_factory=dict)
+
+    @staticmethod
+    def _normalize(values, threshold: float, low: float):
+        scale = max(threshold - low, 1e-12)
+        return np.clip(0.5 + 0.5 * (np.asarray(values, dtype=np.float64) - threshold) / scale, 0.0, 1.0)
+
+    def image_score(self, raw: float) -> float:
+        return float(self._normalize(raw, self.image_threshold, self.image_low))
+
+    def pixel_map(self, raw: np.ndarray) -> np.ndarray:
+        return self._normalize(raw, self.pixel_threshold, self.pixel_low).astype(np.float32)
+
+
+@dataclass
+class ModelInfo:
+    model: str
+    model_config: dict
+    input_size: int
+    resize_mode: str
+    mean: list[float]
+    std: list[float]
+    calibration: Calibration
+    provenance: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelInfo":
+        data = dict(data)
+        data["calibration"] = Calibration(**data["calibration"])
+        data.pop("flawscope_version", None)
+        return cls(**data)
+
+
+def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo) -> Path:
+    """Write the directory atomically: a half-written model directory never appears at ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        meta = {"flawscope_version": __version__, **asdict(info)}
+        (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the model from ``inference.yml`` and load its weights, ready for inference."""
+    path = Path(path)
+    meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
+    if not path.is_dir():
+        raise FlawscopeError(f"{path}: model directory does not exist")
+    for required in (meta_path, weights_path):
+        if not required.is_file():
+            raise FlawscopeError(f"{path}: not an inference model directory (missing {required.name})")
+    try:
+        info = ModelInfo.from_dict(yaml.safe_load(meta_path.read_text()))
+    except (yaml.YAMLError, TypeError, KeyError) as exc:
+        raise FlawscopeError(f"{meta_path}: unreadable model description ({exc.__class__.__name__})") from None
+    model = build_model(info.model, info.model_config, pretrained=False)
+    try:
+        model.load_state_dict(load_file(str(weights_path)))
+    except Exception as exc:  # safetensors raises its own error types
+        raise FlawscopeError(f"{weights_path}: weights do not fit model {info.model} ({str(exc).splitlines()[0]})") from None
+    return model.to(device).eval(), info

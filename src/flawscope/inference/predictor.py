@@ -1,0 +1,86 @@
+"""Run an inference model directory on images and produce ``AnomalyResult`` objects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flawscope.data.transforms import Resizer, normalize
+from flawscope.errors import FlawscopeError
+from flawscope.inference.inputs import expand_inputs, load_input
+from flawscope.inference.model_dir import ModelInfo, load_model_dir
+from flawscope.inference.result import AnomalyResult
+
+
+def default_model_dir() -> Path:
+    """The bundled default model (STFPM on the CC-BY-4.0 hazelnut images), used when none is given."""
+    return Path(__file__).resolve().parent.parent / "assets" / "default_model"
+
+
+class Predictor:
+    """Batched prediction with one model; ``predict`` accepts every input type of ``expand_inputs``."""
+
+    def __init__(self, model: nn.Module, info: ModelInfo, device: torch.device | str = "cpu",
+                 batch_size: int = 1, min_region_area: int = 0) -> None:
+        if batch_size < 1:
+            raise FlawscopeError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.model, self.info = model.to(self.device).eval(), info
+        self.batch_size, self.min_region_area = batch_size, min_region_area
+        self.resizer = Resizer(info.input_size, info.resize_mode)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path | None = None, device: torch.device | str = "cpu", **kwargs: Any) -> "Predictor":
+        model, info = load_model_dir(model_dir or default_model_dir(), device)
+        return cls(model, info, device, **kwargs)
+
+    @torch.no_grad()
+    def raw_maps(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Raw (uncalibrated) anomaly maps at each image's own size, one forward pass."""
+        batch = np.stack([self.resizer.to_input(image) for image in images])
+        x = normalize(torch.from_numpy(batch).to(self.device), self.info.mean, self.info.std)
+        maps = self.model(x)[:, 0].float().cpu().numpy()
+        return [self.resizer.to_original(m, (img.shape[1], img.shape[0])) for m, img in zip(maps, images)]
+
+    def _results(self, items: list[tuple[str | None, np.ndarray]]) -> list[AnomalyResult]:
+        cal = self.info.calibration
+        results = []
+        for (name, image), raw in zip(items, self.raw_maps([image for _, image in items])):
+            raw_score = float(raw.max())
+            results.append(AnomalyResult.from_map(image, cal.pixel_map(raw), raw_score, cal.image_score(raw_score),
+                                                  self.info.model, name, self.min_region_area))
+        return results
+
+    def predict(self, inputs: Any, recursive: bool = False, on_error: str = "result") -> Iterator[AnomalyResult]:
+        """Yield one result per input image, in order, ``batch_size`` images per forward pass.
+
+        An input that cannot be read yields a result with ``error`` set (``on_error="result"``) or
+        raises FlawscopeError (``on_error="raise"``).
+        """
+        if on_error not in ("result", "raise"):
+            raise ValueError(f"on_error must be 'result' or 'raise', not {on_error!r}")
+        pending: list[tuple[str | None, np.ndarray]] = []
+        for name, source in expand_inputs(inputs, recursive):
+            try:
+                image = load_input(name, source)
+            except FlawscopeError as exc:
+                if on_error == "raise":
+                    raise
+                yield from self._flush(pending)
+                yield AnomalyResult.from_error(name, str(exc), self.info.model)
+                continue
+            pending.append((name, image))
+            if len(pending) == self.batch_size:
+                yield from self._flush(pending)
+        yield from self._flush(pending)
+
+    def _flush(self, pending: list[tuple[str | None, np.ndarray]]) -> Iterator[AnomalyResult]:
+        if pending:
+            results = self._results(pending)
+            pending.clear()
+            yield from results

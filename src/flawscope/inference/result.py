@@ -1,0 +1,368 @@
+"""The one result type that flows from prediction to JSON, images, the HTTP service and the metrics.
+
+Conventions (relied on by every consumer, so they live here and nowhere else):
+
+- ``map`` is the *normalised* anomaly map: float32, HxW at the input image's own size, clipped
+  to [0, 1], where 0.5 is the calibrated pixel threshold. ``score`` is normalised the same way.
+- A pixel is defective when ``map >= 0.5`` and an image is anomalous when ``score >= 0.5``
+  (``>=`` in both places, the same rule as ``f1_at``/``best_f1`` in the metrics).
+- Regions are 8-connected components of ``pred`` (the 3x3 structure MVTec's PRO uses), so a
+  diagonal chain of pixels is one defect, not many.
+- ``bbox`` is ``[x0, y0, x1, y1]`` in pixels, inclusive-exclusive like Python slices:
+  width = x1 - x0, and ``pred[y0:y1, x0:x1]`` crops the region.
+- RLE is COCO's uncompressed RLE: ``{"size": [h, w], "counts": [...]}``, column-major
+  (Fortran) order, counts alternate runs of False/True starting with False (a leading 0 when
+  the first pixel is True), so pycocotools can read it as is.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pprint
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import matplotlib
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+
+THRESHOLD = 0.5
+"""Normalised decision threshold for both the image score and the map's pixels."""
+
+CONNECTIVITY = np.ones((3, 3), dtype=bool)
+"""8-connectivity, as in MVTec AD's reference PRO code; shared with the metrics."""
+
+ArrayMode = Literal["rle", "list", "png", "none"]
+
+_OVERLAY_ALPHA = 0.4
+_OUTLINE_WIDTH = 2
+_RED = (255, 0, 0)
+_GREEN = (0, 160, 0)
+
+
+@dataclass
+class Region:
+    """One connected defect in ``pred``; bbox is [x0, y0, x1, y1], end-exclusive."""
+
+    bbox: list[int]
+    area: int
+    max_score: float
+
+
+@dataclass(eq=False, repr=False)  # eq/repr on numpy arrays would be ambiguous or huge
+class AnomalyResult:
+    """Prediction for one image. A bad input item has ``error`` set, no arrays and no scores.
+
+    ``score``, ``raw_score`` and ``is_anomaly`` are None only when ``error`` is set, so a failed
+    item can never be mistaken for an OK one.
+    """
+
+    input_path: str | None
+    image: np.ndarray | None
+    score: float | None
+    raw_score: float | None
+    is_anomaly: bool | None
+    threshold: float
+    map: np.ndarray | None
+    pred: np.ndarray | None
+    model_name: str
+    regions: list[Region] = field(default_factory=list)
+    error: str | None = None
+
+    @classmethod
+    def from_map(
+        cls,
+        image: np.ndarray,
+        amap: np.ndarray,
+        raw_score: float,
+        score: float,
+        model_name: str,
+        input_path: str | None = None,
+        min_region_area: int = 0,
+        outline_ok_images: bool = False,
+    ) -> AnomalyResult:
+        """Build the result from a normalised map; derives ``pred`` and ``regions``.
+
+        An image judged OK (``score`` below the threshold) gets an empty ``pred`` and no regions
+        unless ``outline_ok_images``: an inspector should never see a part marked OK with a
+        defect outlined on it. Its heat map still shows where it came closest.
+
+        Components smaller than ``min_region_area`` pixels are removed from ``pred`` as well as
+        from ``regions``, so outlines, masks and region lists always agree. Regions are sorted by
+        ``max_score``, highest first, so the worst defect leads any truncated listing.
+        """
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be HxWx3 uint8, got {image.shape} {image.dtype}")
+        if amap.shape != image.shape[:2]:
+            raise ValueError(f"map shape {amap.shape} != image size {image.shape[:2]}")
+        norm = np.clip(amap, 0.0, 1.0).astype(np.float32)
+        candidate = norm >= THRESHOLD
+        if not outline_ok_images and score < THRESHOLD:
+            candidate = np.zeros_like(candidate)
+        labels, n = ndimage.label(candidate, structure=CONNECTIVITY)
+        areas = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = areas >= min_region_area
+        keep[0] = False  # background
+        pred = keep[labels]
+        regions = []
+        for index, window in enumerate(ndimage.find_objects(labels), start=1):
+            if not keep[index]:
+                continue
+            ys, xs = window
+            regions.append(
+                Region(
+                    bbox=[xs.start, ys.start, xs.stop, ys.stop],
+                    area=int(areas[index]),
+                    max_score=float(norm[window][labels[window] == index].max()),
+                )
+            )
+        regions.sort(key=lambda r: r.max_score, reverse=True)  # stable: raster order on ties
+        return cls(
+            input_path=input_path,
+            image=image,
+            score=float(score),
+            raw_score=float(raw_score),
+            is_anomaly=bool(score >= THRESHOLD),
+            threshold=THRESHOLD,
+            map=norm,
+            pred=pred,
+            model_name=model_name,
+            regions=regions,
+        )
+
+    @classmethod
+    def from_error(cls, input_path: str | None, error: str, model_name: str = "") -> AnomalyResult:
+        """A result for an input that could not be processed, so batches report it, not crash."""
+        return cls(
+            input_path=input_path,
+            image=None,
+            score=None,
+            raw_score=None,
+            is_anomaly=None,
+            threshold=THRESHOLD,
+            map=None,
+            pred=None,
+            model_name=model_name,
+            error=error,
+        )
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(width, height) of the input image; None for an error result."""
+        if self.map is None:
+            return None
+        height, width = self.map.shape
+        return width, height
+
+    @property
+    def stem(self) -> str:
+        """File-name stem for outputs: the input's stem, or "result" when there is no path."""
+        return Path(self.input_path).stem if self.input_path else "result"
+
+    # ---------------------------------------------------------------- JSON
+
+    @property
+    def json(self) -> dict[str, Any]:
+        """The JSON dict with the default encoding: ``pred`` as RLE, ``map`` omitted."""
+        return self.to_json()
+
+    def to_json(self, arrays: Literal["rle", "list", "none"] = "rle") -> dict[str, Any]:
+        """JSON-ready dict. ``arrays``: "rle" (pred only), "list" (map rounded to 4 decimals and
+        pred as 0/1, nested rows), "none". PNG arrays need files: use ``save_to_json``."""
+        out = self._json_fields()
+        if self.error is not None or arrays == "none":
+            return out
+        if arrays == "rle":
+            out["pred"] = rle_encode(self.pred)
+        elif arrays == "list":
+            out["map"] = np.round(self.map.astype(np.float64), 4).tolist()
+            out["pred"] = self.pred.astype(np.uint8).tolist()
+        else:
+            raise ValueError(f"arrays must be 'rle', 'list' or 'none' here, got {arrays!r}")
+        return out
+
+    def _json_fields(self) -> dict[str, Any]:
+        return {
+            "input_path": self.input_path,
+            "size": list(self.size) if self.size else None,
+            "model_name": self.model_name,
+            "score": self.score,
+            "raw_score": self.raw_score,
+            "is_anomaly": self.is_anomaly,
+            "threshold": self.threshold,
+            "regions": [asdict(r) for r in self.regions],
+            "error": self.error,
+        }
+
+    def save_to_json(self, dir_or_file: str | os.PathLike, arrays: ArrayMode = "rle") -> Path:
+        """Write the JSON; a ``.json`` path is the file, anything else a directory that gets
+        ``<stem>_res.json``. With ``arrays="png"`` the map (16-bit, map*65535) and pred (8-bit,
+        0/255) go next to it as ``<json stem>_map.png``/``<json stem>_pred.png``, referenced by
+        file name; named after the JSON so they never clash with ``save_to_img``'s pictures."""
+        path = _output_path(dir_or_file, ".json", f"{self.stem}_res.json")
+        if arrays != "png" or self.error is not None:
+            data = self.to_json("none" if arrays == "png" else arrays)
+        else:
+            data = self.to_json("none")
+            for key, picture in (("map", self._map16()), ("pred", self._pred_image())):
+                png = path.with_name(f"{path.stem}_{key}.png")
+                _write_atomic(png, _png_bytes(picture))
+                data[key] = png.name
+        # allow_nan=False: NaN/Infinity are not JSON; fail here rather than in a client.
+        _write_atomic(path, json.dumps(data, allow_nan=False).encode())
+        return path
+
+    # ---------------------------------------------------------------- images
+
+    @property
+    def img(self) -> dict[str, Image.Image]:
+        """``res``: image + jet heat map + red defect outlines + score label; ``map``: the map
+        in jet colours; ``pred``: the mask as an L image (0/255). Empty for an error result."""
+        if self.error is not None:
+            return {}
+        heat = _jet(self.map)
+        blended = (1 - _OVERLAY_ALPHA) * self.image + _OVERLAY_ALPHA * heat
+        res = np.round(blended).astype(np.uint8)
+        res[_outline(self.pred, _OUTLINE_WIDTH)] = _RED
+        picture = Image.fromarray(res)
+        self._draw_label(picture)
+        return {"res": picture, "map": Image.fromarray(heat), "pred": self._pred_image()}
+
+    def _draw_label(self, picture: Image.Image) -> None:
+        """Write "score 0.73 ANOMALY"/"score 0.12 OK" top-left on a red/green box."""
+        verdict = "ANOMALY" if self.is_anomaly else "OK"
+        text = f"score {self.score:.2f} {verdict}"
+        font = ImageFont.load_default(size=max(10, min(picture.size) // 25))
+        draw = ImageDraw.Draw(picture)
+        _, _, right, bottom = draw.textbbox((3, 2), text, font=font)
+        draw.rectangle((0, 0, right + 3, bottom + 3), fill=_RED if self.is_anomaly else _GREEN)
+        draw.text((3, 2), text, fill=(255, 255, 255), font=font)
+
+    def save_to_img(self, dir_or_file: str | os.PathLike, extra: bool = False) -> list[Path]:
+        """Write ``<stem>_res.png`` into a directory, or to the given ``.png`` file; with
+        ``extra`` also ``<stem>_map.png`` and ``<stem>_pred.png``. Nothing for an error result."""
+        path = _output_path(dir_or_file, ".png", f"{self.stem}_res.png")
+        pictures = self.img
+        if not pictures:
+            return []
+        base = path.stem.removesuffix("_res")
+        targets = {"res": path}
+        if extra:
+            targets |= {key: path.with_name(f"{base}_{key}.png") for key in ("map", "pred")}
+        for key, target in targets.items():
+            _write_atomic(target, _png_bytes(pictures[key]))
+        return list(targets.values())
+
+    def save_all(self, directory: str | os.PathLike, arrays: ArrayMode = "rle") -> list[Path]:
+        """JSON and the result picture into ``directory``; returns the paths written."""
+        return [self.save_to_json(directory, arrays), *self.save_to_img(directory)]
+
+    def _map16(self) -> Image.Image:
+        return Image.fromarray(np.round(self.map * 65535).astype(np.uint16))
+
+    def _pred_image(self) -> Image.Image:
+        return Image.fromarray(self.pred.astype(np.uint8) * 255)
+
+    # ---------------------------------------------------------------- printing
+
+    def summary(self, max_regions: int = 3) -> dict[str, Any]:
+        """Readable dict: numbers rounded, arrays described (shape, dtype, range), not dumped."""
+        out = self._json_fields()
+        for key in ("score", "raw_score"):
+            if out[key] is not None:
+                out[key] = round(out[key], 4)
+        regions = [
+            {"bbox": r.bbox, "area": r.area, "max_score": round(r.max_score, 4)}
+            for r in self.regions[:max_regions]
+        ]
+        if len(self.regions) > max_regions:
+            regions.append(f"... {len(self.regions) - max_regions} more")
+        out["regions"] = regions
+        for key in ("image", "map", "pred"):
+            out[key] = _describe(getattr(self, key))
+        return out
+
+    def __str__(self) -> str:
+        return pprint.pformat({"res": self.summary()}, sort_dicts=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"AnomalyResult(input_path={self.input_path!r}, score={self.score!r}, "
+            f"is_anomaly={self.is_anomaly!r}, regions={len(self.regions)}, error={self.error!r})"
+        )
+
+    def print(self) -> None:
+        """Print the compact summary (see ``summary``)."""
+        print(str(self))
+
+
+def rle_encode(mask: np.ndarray) -> dict[str, Any]:
+    """COCO uncompressed RLE of a bool HxW mask (column-major, first run counts False)."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    counts = np.diff(np.concatenate(([0], change, [flat.size]))).tolist()
+    if flat.size and flat[0]:
+        counts.insert(0, 0)
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def rle_decode(rle: dict[str, Any]) -> np.ndarray:
+    """Inverse of ``rle_encode``: the HxW bool mask."""
+    height, width = rle["size"]
+    values = np.arange(len(rle["counts"])) % 2 == 1
+    flat = np.repeat(values, rle["counts"])
+    return flat.reshape((height, width), order="F")
+
+
+def _output_path(dir_or_file: str | os.PathLike, suffix: str, default_name: str) -> Path:
+    """A path ending in ``suffix`` is the file; anything else is a directory for default_name."""
+    path = Path(dir_or_file)
+    return path if path.suffix.lower() == suffix else path / default_name
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory + os.replace, so readers never see half a
+    file. The temp file is opened normally (not mkstemp) so it gets the usual umask permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _png_bytes(picture: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jet(amap: np.ndarray) -> np.ndarray:
+    """HxW map in [0, 1] -> HxWx3 uint8 in matplotlib's jet colours."""
+    return matplotlib.colormaps["jet"](amap, bytes=True)[..., :3]
+
+
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """Inner boundary band of ``mask``, ``width`` pixels thick; the image edge counts as outside,
+    so a defect touching the border is closed there too."""
+    if not mask.any():
+        return mask
+    inner = ndimage.binary_erosion(mask, structure=CONNECTIVITY, iterations=width, border_value=0)
+    return mask & ~inner
+
+
+def _describe(array: np.ndarray | None) -> str | None:
+    if array is None:
+        return None
+    shape = "x".join(map(str, array.shape))
+    if array.dtype == bool:
+        return f"array({shape}, bool, {int(array.sum())} true)"
+    return f"array({shape}, {array.dtype}, min={array.min():.4g}, max={array.max():.4g})"

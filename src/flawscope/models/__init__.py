@@ -1,0 +1,17 @@
+"""The anomaly models, by the name used in ``Global.model``."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from flawscope.errors import FlawscopeError
+from flawscope.models.stfpm import STFPM
+
+MODELS: dict[str, type[nn.Module]] = {"STFPM": STFPM}
+
+
+def build_model(name: str, config: dict, pretrained: bool = True) -> nn.Module:
+    """Instantiate model ``name`` from the ``config()`` dict it saved (or the Model section)."""
+    if name not in MODELS:
+        raise FlawscopeError(f"Global.model: unknown model '{name}'; available: {', '.join(MODELS)}")
+    return MODELS[name](**config, pretrained=pretrained)

@@ -1,0 +1,164 @@
+"""PatchCore: nearest-neighbour search in a memory bank of normal patch features (Roth et al., CVPR 2022).
+
+A frozen ImageNet backbone describes every patch of an image by its locally aggregated mid-level
+features. The memory bank holds a coreset of the patch features of the normal training images; a
+test patch's anomaly score is its distance to the nearest bank entry. Nothing is trained: fitting
+(``flawscope.training.patchcore_fit``) only fills the bank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flawscope.backbones import create_backbone
+from flawscope.models.common import GaussianBlur
+
+# Rows of the query x bank distance matrix computed at once: bounds its memory to ~64 MB.
+_DISTANCE_ELEMENTS = 1 << 24
+
+
+def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance and index of each query row's nearest bank row, exact.
+
+    ``|q|^2 - 2 q.b + |b|^2`` as one matrix product per chunk of queries; ``|q|^2`` is the same
+    for a whole row, so it is added after the minimum.
+    """
+    bank_sq = bank.pow(2).sum(1)
+    chunk = max(1, _DISTANCE_ELEMENTS // max(len(bank), 1))
+    dists, indices = [], []
+    for q in queries.split(chunk):
+        d2, idx = torch.addmm(bank_sq, q, bank.T, alpha=-2).min(1)
+        dists.append((d2 + q.pow(2).sum(1)).clamp_min(0).sqrt())
+        indices.append(idx)
+    return torch.cat(dists), torch.cat(indices)
+
+
+class PatchCore(nn.Module):
+    """Normalised image batch Bx3xSxS in, raw anomaly map Bx1xSxS out (patch distances to the bank).
+
+    The image score is the paper's reweighted nearest-neighbour distance of the most anomalous
+    patch, not the max of the (smoothed) map: use ``map_and_score``.
+
+    Buffers (all in ``state_dict``, sized on load): ``memory_bank`` KxC (values rounded to
+    float16 and saved as float16, so a saved model scores exactly like the fitted one),
+    ``projection`` CxP (the random projection the coreset was selected in) and
+    ``coverage_radius`` (the largest projected distance of a training patch to the bank), the
+    latter two for ``add_normals``.
+    """
+
+    _SIZED_ON_LOAD = ("memory_bank", "projection")
+
+    def __init__(self, backbone: str = "efficientnet_lite0", strides: tuple[int, ...] = (8, 16),
+                 feature_dim: int | None = None, num_neighbors: int = 9, smooth_sigma: float = 4.0,
+                 pretrained: bool = True) -> None:
+        super().__init__()
+        if len(strides) < 1:
+            raise ValueError("PatchCore needs at least one backbone stride")
+        if num_neighbors < 1:
+            raise ValueError(f"num_neighbors must be >= 1, not {num_neighbors}")
+        self.backbone, self.strides = backbone, tuple(sorted(strides))
+        self.feature_dim = None if feature_dim is None else int(feature_dim)
+        self.num_neighbors, self.smooth_sigma = int(num_neighbors), float(smooth_sigma)
+        self.extractor = create_backbone(backbone, self.strides, pretrained=pretrained).eval()
+        self.extractor.requires_grad_(False)
+        self.embed_dim = self.feature_dim or sum(self.extractor.out_channels)
+        self.blur = GaussianBlur(smooth_sigma)
+        self.register_buffer("memory_bank", torch.empty(0, self.embed_dim))
+        self.register_buffer("projection", torch.empty(self.embed_dim, 0))
+        self.register_buffer("coverage_radius", torch.zeros(()))
+
+    def config(self) -> dict:
+        return {"backbone": self.backbone, "strides": list(self.strides), "feature_dim": self.feature_dim,
+                "num_neighbors": self.num_neighbors, "smooth_sigma": self.smooth_sigma}
+
+    def train(self, mode: bool = True) -> "PatchCore":
+        """The extractor stays in eval mode: its BatchNorm statistics are ImageNet's."""
+        super().train(mode)
+        self.extractor.eval()
+        return self
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Locally aware patch features BxCxhxw at the finest stride's resolution.
+
+        Each level is averaged over its 3x3 neighbourhood (context without losing resolution),
+        deeper levels are upsampled to the finest one and all are concatenated; with
+        ``feature_dim``, channels are average-pooled down to it, as the paper does.
+        """
+        feats = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in self.extractor(x)]
+        size = feats[0].shape[-2:]
+        emb = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                                      for f in feats[1:]], dim=1)
+        if self.feature_dim is not None:
+            b, c, h, w = emb.shape
+            rows = emb.permute(0, 2, 3, 1).reshape(-1, 1, c)
+            emb = F.adaptive_avg_pool1d(rows, self.feature_dim).view(b, h, w, -1).permute(0, 3, 1, 2)
+        return emb
+
+    @staticmethod
+    def patch_rows(emb: torch.Tensor) -> torch.Tensor:
+        """BxCxhxw -> (B*h*w)xC, one row per patch, image-major: the layout of the bank."""
+        return emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+
+    @torch.no_grad()
+    def set_memory_bank(self, bank: torch.Tensor, projection: torch.Tensor, coverage_radius: float) -> None:
+        """Install a fitted bank, rounded to float16 values so that saving it as float16 loses nothing."""
+        if bank.ndim != 2 or bank.shape[1] != self.embed_dim:
+            raise ValueError(f"memory bank must be Kx{self.embed_dim}, not {tuple(bank.shape)}")
+        device = self.coverage_radius.device
+        self.memory_bank = bank.to(device, torch.float16).float()
+        self.projection = projection.to(device, torch.float32)
+        self.coverage_radius = torch.tensor(float(coverage_radius), device=device)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "memory_bank"] = destination[prefix + "memory_bank"].half()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        """The bank's size is only known after fitting: take the saved tensors' shapes."""
+        for name in self._SIZED_ON_LOAD:
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                own = getattr(self, name)
+                setattr(self, name, torch.empty(saved.shape, dtype=own.dtype, device=own.device))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def patch_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Bxhxw distances to the nearest bank entry, their bank indices, the patch rows)."""
+        if len(self.memory_bank) == 0:
+            raise RuntimeError("PatchCore has an empty memory bank: fit it first")
+        emb = self.embed(x)
+        rows = self.patch_rows(emb)
+        dist, idx = nearest_neighbors(rows, self.memory_bank)
+        b, _, h, w = emb.shape
+        return dist.view(b, h, w), idx.view(b, h, w), rows.view(b, h * w, -1)
+
+    def image_score(self, scores: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The paper's image score: the largest patch distance s*, damped when its nearest bank
+        entry m* sits in a dense region of the bank, i.e. when the test patch is about as far
+        from m*'s neighbours as from m* itself (weight ``1 - softmax(distances to N_b(m*))[m*]``).
+        """
+        scores, indices = scores.flatten(1), indices.flatten(1)
+        s_star, worst = scores.max(1)
+        if self.num_neighbors == 1:
+            return s_star
+        batch = torch.arange(len(scores), device=scores.device)
+        m_star = self.memory_bank[indices[batch, worst]]  # B x C
+        b = min(self.num_neighbors, len(self.memory_bank))
+        support = torch.cdist(m_star, self.memory_bank).topk(b, largest=False).indices  # m* comes first
+        dists = torch.cdist(rows[batch, worst].unsqueeze(1), self.memory_bank[support]).squeeze(1)  # B x b
+        return (1 - torch.softmax(dists, dim=1)[:, 0]) * s_star
+
+    def anomaly_map(self, scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        amap = F.interpolate(scores.unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+        return self.blur(amap)
+
+    def map_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Bx1xSxS raw anomaly map, B image scores): what prediction and calibration should use."""
+        scores, indices, rows = self.patch_scores(x)
+        return self.anomaly_map(scores, x.shape[-2:]), self.image_score(scores, indices, rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores, _, _ = self.patch_scores(x)
+        return self.anomaly_map(scores, x.shape[-2:])

@@ -1,0 +1,131 @@
+"""``Global.mode=train``: from a config to a calibrated inference model directory.
+
+    output/
+      config.yaml              the resolved config
+      train.log                the log
+      iter_<N>/                resumable checkpoints
+      best_model/inference/    the inference model directory (what everything after training reads)
+      train_result.json        done flag, metrics, file paths
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from flawscope.data.io import read_image
+from flawscope.backbones import backbone_spec
+from flawscope.config import dump_config
+from flawscope.data.layouts import Dataset, Sample, load_dataset
+from flawscope.data.transforms import Resizer, normalize
+from flawscope.errors import FlawscopeError
+from flawscope.evaluation.evaluate import evaluate_samples
+from flawscope.inference.model_dir import ModelInfo, save_model_dir
+from flawscope.inference.predictor import Predictor
+from flawscope.logs import log, log_to_file
+from flawscope.models import build_model
+from flawscope.training.calibrate import calibrate, split_calibration
+from flawscope.training.stfpm_trainer import STFPMTrainConfig, fit_stfpm
+
+
+def load_training_images(samples: list[Sample], resizer: Resizer) -> torch.Tensor:
+    """Decode and resize every training image once (NxSxSx3 uint8, a quarter of float32's memory)."""
+    out = torch.empty((len(samples), resizer.size, resizer.size, 3), dtype=torch.uint8)
+    for i, sample in enumerate(tqdm(samples, desc="load images", leave=False, unit="img")):
+        out[i] = torch.from_numpy(resizer.to_input(read_image(sample.image)))
+    return out
+
+
+def check_mask_sizes(samples: list[Sample]) -> None:
+    """Compare image and mask sizes from the file headers, before training rather than at its end."""
+    for sample in samples:
+        if sample.mask is None:
+            continue
+        try:
+            with Image.open(sample.image) as image, Image.open(sample.mask) as mask:
+                image_size, mask_size = image.size, mask.size
+        except OSError as exc:
+            raise FlawscopeError(f"{sample.mask}: unreadable ({exc})") from None
+        if image_size != mask_size:
+            raise FlawscopeError(f"{sample.mask}: mask is {mask_size[0]}x{mask_size[1]} but its image "
+                                 f"{sample.image.name} is {image_size[0]}x{image_size[1]}")
+
+
+def train(cfg: dict, devices: list[torch.device]) -> dict:
+    """Validate and load everything first, so a bad dataset leaves no half-written output."""
+    g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
+    if not g["dataset_dir"]:
+        raise FlawscopeError("Global.dataset_dir: required for training (-o Global.dataset_dir=PATH)")
+    dataset = load_dataset(g["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
+    fit_samples, calib_samples = split_calibration(dataset.train, t["calibration_fraction"], g["seed"])
+    resizer = Resizer(m["input_size"], m["resize_mode"])
+    backbone_spec(m["backbone"])  # an unknown backbone fails before anything is loaded
+    check_mask_sizes(dataset.val)
+    log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
+             dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
+    images = load_training_images(fit_samples, resizer)  # reads every image before anything is written
+    output = Path(g["output"])
+    dump_config(cfg, output / "config.yaml")
+    with log_to_file(output / "train.log"):
+        return _train(cfg, dataset, fit_samples, calib_samples, images, devices, output)
+
+
+def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_samples: list[Sample],
+           images: torch.Tensor, devices: list[torch.device], output: Path) -> dict:
+    g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
+    spec = backbone_spec(m["backbone"])
+    device = devices[0]
+    if len(devices) > 1:
+        log.warning("Global.device lists %d GPUs: this version trains on the first, %s", len(devices), device)
+    torch.manual_seed(g["seed"])
+    np.random.seed(g["seed"] % 2**32)
+    model_config = {k: m[k] for k in ("backbone", "strides", "map_combine", "smooth_sigma")}
+    model = build_model(g["model"], model_config, pretrained=t["pretrain_weight_path"] or True)
+    info = ModelInfo(model=g["model"], model_config=model_config, input_size=m["input_size"],
+                     resize_mode=m["resize_mode"], mean=list(spec.mean), std=list(spec.std), calibration=None)
+    predictor = Predictor(model, info, device)
+
+    evaluate = partial(_evaluate, predictor=predictor, samples=dataset.val) if dataset.val else None
+    train_cfg = STFPMTrainConfig(iterations=t["epochs_iters"], batch_size=t["batch_size"],
+                                 learning_rate=t["learning_rate"], momentum=t["momentum"],
+                                 weight_decay=t["weight_decay"], log_interval=t["log_interval"],
+                                 eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"])
+    t0 = time.time()
+    history = fit_stfpm(model, images, train_cfg, device, partial(normalize, mean=spec.mean, std=spec.std),
+                        output, evaluate, Path(t["resume_path"]) if t["resume_path"] else None)
+
+    calib_images = calib_samples or fit_samples
+    info.calibration = calibrate(predictor, calib_images, t["image_fpr"], t["pixel_fpr"],
+                                 source="held-out good training images" if calib_samples else "training images")
+    info.provenance = {"dataset": str(dataset.root), "layout": dataset.layout, "train_images": len(fit_samples),
+                       "iterations": t["epochs_iters"], "batch_size": t["batch_size"], "seed": g["seed"]}
+    model_dir = save_model_dir(output / "best_model" / "inference", model, info)
+    final = history["eval"][-1] if history["eval"] else {}
+    result = {
+        "done_flag": True,
+        "model_name": g["model"],
+        "train_seconds": round(time.time() - t0, 1),
+        "last_iteration": t["epochs_iters"],
+        "metrics": {k: final.get(k) for k in ("image_auroc", "pixel_auroc")},
+        "eval_history": history["eval"],
+        "calibration": {"image_threshold": info.calibration.image_threshold,
+                        "pixel_threshold": info.calibration.pixel_threshold,
+                        "source": info.calibration.source},
+        "models": {"best": {"inference_model_dir": str(model_dir),
+                            "checkpoint": str(output / f"iter_{t['epochs_iters']}")}},
+    }
+    (output / "train_result.json").write_text(json.dumps(result, indent=2))
+    log.info("training done in %.0fs; inference model: %s", result["train_seconds"], model_dir)
+    return result
+
+
+def _evaluate(model: torch.nn.Module, predictor: Predictor, samples: list[Sample]) -> dict:
+    metrics = evaluate_samples(predictor, samples)
+    return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}

@@ -1,0 +1,159 @@
+"""The loop that fits an STFPM student to its frozen teacher.
+
+The teacher never changes and there is no augmentation, so its features for the whole training set
+are computed once and cached (float16, while they fit in ``cache_limit_bytes``): each iteration then
+costs one student forward and backward pass, about a third less than recomputing the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from flawscope.errors import FlawscopeError
+from flawscope.models.stfpm import STFPM, stfpm_loss
+
+log = logging.getLogger("flawscope")
+
+
+@dataclass
+class STFPMTrainConfig:
+    iterations: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+    weight_decay: float
+    log_interval: int
+    eval_interval: int
+    save_interval: int
+    seed: int
+    warmup_fraction: float = 0.05
+    cache_limit_bytes: int = 4 << 30
+
+
+def _lr_factor(iteration: int, total: int, warmup_fraction: float) -> float:
+    """Linear warm-up then cosine decay to zero: a random-init student at lr 0.4 needs the warm-up."""
+    warmup = max(1, int(total * warmup_fraction))
+    if iteration < warmup:
+        return (iteration + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (iteration - warmup) / max(1, total - warmup)))
+
+
+def _batch_indices(n: int, batch_size: int, seed: int, iteration: int) -> torch.Tensor:
+    """The batch of ``iteration``, a pure function of (seed, iteration): resuming needs no RNG state."""
+    per_epoch = max(1, n // batch_size) if n >= batch_size else 1
+    epoch, step = divmod(iteration, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    if n < batch_size:  # tiny sets: sample with repetition so batch statistics stay usable
+        return perm.repeat(math.ceil(batch_size / n))[:batch_size]
+    return perm[step * batch_size:(step + 1) * batch_size]
+
+
+def _teacher_features(model: STFPM, images: torch.Tensor, device: torch.device,
+                      normalize: Callable[[torch.Tensor], torch.Tensor], limit: int) -> list[torch.Tensor] | None:
+    """All teacher features, or None when they would take more than ``limit`` bytes."""
+    size = images.shape[-2]
+    per_image = sum(c * (size // s) ** 2 for c, s in zip(model.teacher.out_channels, model.strides)) * 2
+    if per_image * len(images) > limit:
+        log.info("teacher features would take %.1f GB: computing them per batch", per_image * len(images) / 1e9)
+        return None
+    feats: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), 32), desc="teacher features", leave=False):
+            batch = normalize(images[i:i + 32]).to(device)
+            feats.append([f.half() for f in model.teacher(batch)])
+    return [torch.cat(level) for level in zip(*feats)]
+
+
+def save_checkpoint(path: Path, model: STFPM, optimizer: torch.optim.Optimizer, iteration: int) -> None:
+    """Student weights and SGD momentum as safetensors, the iteration as JSON (no pickle)."""
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.student.state_dict().items()}
+    for i, p in enumerate(model.student.parameters()):
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"momentum.{i}"] = buf.detach().cpu().contiguous()
+    save_file(tensors, str(path / "checkpoint.safetensors"))
+    (path / "checkpoint.json").write_text(json.dumps({"iteration": iteration}))
+
+
+def load_checkpoint(path: Path, model: STFPM, optimizer: torch.optim.Optimizer) -> int:
+    """Restore a checkpoint written by ``save_checkpoint``; returns the iteration it stopped at."""
+    path = Path(path)
+    files = path / "checkpoint.safetensors", path / "checkpoint.json"
+    if not all(f.is_file() for f in files):
+        raise FlawscopeError(f"Train.resume_path: {path} is not a checkpoint directory (needs {files[0].name}, {files[1].name})")
+    tensors = load_file(str(files[0]))
+    try:
+        model.student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as exc:
+        raise FlawscopeError(f"Train.resume_path: {path} does not fit this model ({str(exc).splitlines()[0]})") from None
+    device = next(model.student.parameters()).device
+    for i, p in enumerate(model.student.parameters()):
+        if f"momentum.{i}" in tensors:
+            optimizer.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(device)
+    return int(json.loads(files[1].read_text())["iteration"])
+
+
+def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device: torch.device,
+              normalize: Callable[[torch.Tensor], torch.Tensor], output: Path,
+              evaluate: Callable[[STFPM], dict] | None = None, resume: Path | None = None) -> dict:
+    """Train ``model.student`` on ``images`` (NxSxSx3 uint8); returns the last metrics and losses.
+
+    Checkpoints go to ``output/iter_<N>/`` every ``save_interval`` iterations and at the end.
+    """
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.student.parameters(), lr=cfg.learning_rate,
+                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    start = load_checkpoint(resume, model, optimizer) if resume else 0
+    if start >= cfg.iterations:
+        log.info("checkpoint is at iteration %d of %d: nothing left to train", start, cfg.iterations)
+    cached = _teacher_features(model, images, device, normalize, cfg.cache_limit_bytes)
+    history: dict = {"loss": [], "eval": []}
+    t0, bar = time.time(), tqdm(total=cfg.iterations, initial=start, desc="train", unit="it", dynamic_ncols=True)
+    for it in range(start, cfg.iterations):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.learning_rate * _lr_factor(it, cfg.iterations, cfg.warmup_fraction)
+        idx = _batch_indices(len(images), cfg.batch_size, cfg.seed, it)
+        batch = normalize(images[idx]).to(device)
+        if cached is None:
+            with torch.no_grad():
+                teacher = model.teacher(batch)
+        else:
+            teacher = [level[idx].to(device).float() for level in cached]
+        loss = stfpm_loss(teacher, model.student(batch))
+        if not torch.isfinite(loss):
+            raise FlawscopeError(f"training diverged at iteration {it + 1} (loss {loss.item()}); lower Train.learning_rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done = it + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+        if done % cfg.log_interval == 0 or done == cfg.iterations:
+            elapsed = time.time() - t0
+            eta = elapsed / (done - start) * (cfg.iterations - done)
+            log.info("iter %d/%d loss %.5f lr %.4g elapsed %.0fs eta %.0fs", done, cfg.iterations, loss.item(),
+                     optimizer.param_groups[0]["lr"], elapsed, eta)
+            history["loss"].append([done, round(loss.item(), 6)])
+        if done % cfg.save_interval == 0 or done == cfg.iterations:
+            save_checkpoint(output / f"iter_{done}", model, optimizer, done)
+        if evaluate is not None and (done % cfg.eval_interval == 0 or done == cfg.iterations):
+            model.eval()
+            metrics = evaluate(model)
+            model.train()
+            log.info("iter %d eval %s", done, json.dumps(metrics))
+            history["eval"].append({"iteration": done, **metrics})
+    bar.close()
+    model.eval()
+    history["train_seconds"] = round(time.time() - t0, 1)
+    return history

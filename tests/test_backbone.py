@@ -1,0 +1,44 @@
+"""The offline ImageNet weights load into our Lite0 correctly: real photos get their real class."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flawscope.backbones import create_backbone
+from flawscope.backbones.efficientnet_lite import EfficientNetLite0, load_lite0_weights
+from flawscope.errors import FlawscopeError
+
+skimage_data = pytest.importorskip("skimage.data")
+
+CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
+
+
+def _classify(image: np.ndarray) -> int:
+    model = load_lite0_weights(EfficientNetLite0(classifier=True)).eval()
+    rgb = np.asarray(Image.fromarray(image).convert("RGB").resize((224, 224), Image.BICUBIC))
+    x = (torch.from_numpy(rgb.copy()).permute(2, 0, 1).float()[None] / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        return int(model(x).argmax())
+
+
+def test_pretrained_lite0_recognises_a_cat_and_an_espresso() -> None:
+    assert _classify(skimage_data.chelsea()) in CATS
+    assert _classify(skimage_data.coffee()) == ESPRESSO
+
+
+def test_feature_pyramid_strides_and_channels() -> None:
+    model = create_backbone("efficientnet_lite0", (4, 8, 16), pretrained=False)
+    feats = model(torch.zeros(1, 3, 128, 96))
+    assert [tuple(f.shape[1:]) for f in feats] == [(24, 32, 24), (40, 16, 12), (112, 8, 6)]
+    assert model.out_channels == [24, 40, 112]
+
+
+def test_unknown_backbone_and_stride_are_clear_errors() -> None:
+    with pytest.raises(FlawscopeError, match="resnet18"):
+        create_backbone("resnet18", (8,))
+    with pytest.raises(ValueError, match="stride 2"):
+        EfficientNetLite0((2, 8))

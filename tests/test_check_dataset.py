@@ -1,0 +1,281 @@
+"""check_dataset: the report of each layout, every bad case named by file, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flawscope.config import load_config
+from flawscope.data.check import run_check_dataset
+from flawscope.errors import FlawscopeError
+
+
+def _image(path: Path, value: int = 0, size: tuple[int, int] = (16, 16), mode: str = "L") -> Path:
+    """A flat image (or mask) of ``size`` (w, h); ``mode`` "RGB"/"RGBA" repeat the value."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((size[1], size[0]), value, dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path)
+    return path
+
+
+def _mask(path: Path, defect_value: int = 255, size: tuple[int, int] = (16, 16)) -> Path:
+    """A mask with a 4x4 defect square of ``defect_value`` (0 gives an empty mask)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((size[1], size[0]), dtype=np.uint8)
+    pixels[4:8, 4:8] = defect_value
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _run(root: Path, output: Path, *overrides: str) -> dict:
+    cfg = load_config(
+        "STFPM",
+        ["Global.mode=check_dataset", f"Global.dataset_dir={root}", f"Global.output={output}", *overrides],
+    )
+    return run_check_dataset(cfg)
+
+
+def _problems(result: dict) -> dict[str, str]:
+    """Problem text by file name (the last path component)."""
+    return {Path(p["file"]).name: p["problem"] for p in result["problems"]}
+
+
+def _mvtec(root: Path, n_train: int = 3) -> Path:
+    for i in range(n_train):
+        _image(root / "train" / "good" / f"{i:03d}.png", value=i)
+    _image(root / "test" / "good" / "000.png", value=100)
+    for i, kind in enumerate(("crack", "crack", "scratch")):
+        _image(root / "test" / kind / f"{i:03d}.png", value=200 + i)
+    _mask(root / "ground_truth" / "crack" / "000_mask.png")
+    _mask(root / "ground_truth" / "crack" / "001.png")  # MVTec-style name without _mask
+    _mask(root / "ground_truth" / "scratch" / "002_mask.png")
+    return root
+
+
+def test_segdataset_report(tmp_path, caplog):
+    root, out = tmp_path / "data", tmp_path / "out"
+    lines = {"train": [], "val": []}
+    for i in range(4):
+        _image(root / "images" / f"good{i}.png", value=i)
+        _mask(root / "masks" / f"good{i}.png", defect_value=0)
+        lines["train" if i < 3 else "val"].append(f"images/good{i}.png masks/good{i}.png")
+    _image(root / "images" / "nomask.png", value=9)
+    lines["train"].append("images/nomask.png")  # a good image may come without a mask
+    for i, value in enumerate((255, 1)):  # 255 and 1 both mean defect
+        _image(root / "images" / f"bad{i}.png", value=50 + i)
+        _mask(root / "masks" / f"bad{i}.png", defect_value=value)
+        lines["val"].append(f"images/bad{i}.png masks/bad{i}.png")
+    for split, entries in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(entries) + "\n")
+    caplog.set_level(logging.INFO, logger="flawscope")
+
+    result = _run(root, out)
+
+    assert json.loads((out / "check_dataset_result.json").read_text()) == result
+    assert result["done_flag"] and result["check_pass"] and result["problems"] == []
+    assert "Check dataset passed !" in caplog.text
+    assert (result["show_type"], result["dataset_type"]) == ("image", "SegDataset")
+    assert result["dataset_path"] == str(root)
+    attrs = result["attributes"]
+    assert (attrs["train_samples"], attrs["val_samples"], attrs["num_classes"]) == (4, 3, 2)
+    assert attrs["defect_types"] == {"train": {"good": 4}, "val": {"defect": 2, "good": 1}}
+    assert attrs["image_size"] == {"width": [16, 16], "height": [16, 16]}
+    assert attrs["image_modes"] == {"L": 7}
+    assert len(attrs["train_sample_paths"]) == 4 and len(attrs["val_sample_paths"]) == 3
+    for split in ("train", "val"):
+        for rel in attrs[f"{split}_sample_paths"]:
+            assert rel.startswith(f"check_dataset/demo_img/{split}_") and (out / rel).is_file()
+    histogram = Image.open(out / result["analysis"]["histogram"])
+    assert histogram.width > 300 and histogram.height > 200
+
+
+def test_mvtec_report_and_demo_names(tmp_path):
+    root, out = _mvtec(tmp_path / "data", n_train=12), tmp_path / "out"
+    (out / "check_dataset" / "demo_img").mkdir(parents=True)
+    (out / "check_dataset" / "demo_img" / "stale.jpg").write_bytes(b"from an earlier run")
+
+    result = _run(root, out)
+
+    assert result["check_pass"], result["problems"]
+    attrs = result["attributes"]
+    assert result["dataset_type"] == "MVTec"
+    assert attrs["defect_types"] == {"train": {"good": 12}, "val": {"crack": 2, "good": 1, "scratch": 1}}
+    assert len(attrs["train_sample_paths"]) == 10  # PaddleX's 10 per split
+    demos = sorted(p.name for p in (out / "check_dataset" / "demo_img").iterdir())
+    # train/good/000.png, test/good/000.png and test/crack/000.png share a stem: no collision
+    assert len(demos) == 14 and "stale.jpg" not in demos
+    assert {d.split("_")[0] for d in demos} == {"train", "val"}
+    assert any("crack" in d for d in demos) and any("scratch" in d for d in demos)
+
+
+def test_mvtec_masks_images_and_duplicates(tmp_path):
+    root = _mvtec(tmp_path / "data")
+    (root / "ground_truth" / "crack" / "000_mask.png").rename(root / "ground_truth" / "crack" / "000_gt.png")
+    (root / "test" / "good" / "000.png").write_bytes((root / "train" / "good" / "001.png").read_bytes())
+
+    result = _run(root, tmp_path / "out")
+
+    attrs = result["attributes"]
+    assert result["check_pass"], result["problems"]  # these are warnings, not failures
+    assert attrs["images_without_masks"] == [str(root / "test" / "crack" / "000.png")]
+    assert attrs["masks_without_images"] == [str(root / "ground_truth" / "crack" / "000_gt.png")]
+    assert attrs["duplicate_files"] == [
+        [str(root / "train" / "good" / "001.png"), str(root / "test" / "good" / "000.png")]
+    ]
+    assert any("duplicate" in w["problem"] for w in result["warnings"])
+
+
+def test_folder_normals_only(tmp_path):
+    for i in range(3):
+        _image(tmp_path / "data" / f"{i}.png", value=i)
+
+    result = _run(tmp_path / "data", tmp_path / "out")
+
+    assert result["check_pass"] and result["dataset_type"] == "Folder"
+    assert (result["attributes"]["train_samples"], result["attributes"]["val_samples"]) == (3, 0)
+    assert "no validation split" in result["warnings"][0]["problem"]
+
+
+def test_folder_with_abnormal_and_masks(tmp_path):
+    root = tmp_path / "data"
+    for i in range(5):
+        _image(root / "good" / f"{i}.png", value=i)
+    _image(root / "abnormal" / "a.png", value=99)
+    _mask(root / "mask" / "a.png")
+
+    result = _run(root, tmp_path / "out", "CheckDataset.dataset_type=Folder")
+
+    assert result["check_pass"], result["problems"]
+    assert result["attributes"]["defect_types"] == {"train": {"good": 4}, "val": {"defect": 1, "good": 1}}
+
+
+def test_image_formats_depths_and_modes(tmp_path):
+    good = tmp_path / "data" / "good"
+    _image(good / "gray.png")
+    _image(good / "rgb.jpg", mode="RGB")
+    _image(good / "rgb.bmp", mode="RGB")
+    _image(good / "rgba.png", mode="RGBA")
+    _image(good / "rgb.tiff", mode="RGB")
+    good.joinpath("gray16.png").parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(good / "gray16.png")
+    Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(good / "gray16.tif")
+
+    result = _run(tmp_path / "data", tmp_path / "out")
+
+    assert result["check_pass"], result["problems"]
+    assert result["attributes"]["train_samples"] == 7
+    modes = result["attributes"]["image_modes"]
+    assert modes["L"] == 1 and modes["RGB"] == 3 and modes["RGBA"] == 1
+    assert sum(n for mode, n in modes.items() if mode.startswith("I")) == 2  # 16-bit
+
+
+def test_every_problem_is_listed_with_its_file(tmp_path, caplog):
+    root = tmp_path / "data"
+    _image(root / "img" / "ok.png", value=1)  # distinct values: no duplicate files
+    truncated = _image(root / "img" / "truncated.png", size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    (root / "img" / "garbage.png").write_bytes(b"this is not an image")
+    _image(root / "img" / "small_mask.png", value=2)
+    _mask(root / "msk" / "small_mask.png", size=(8, 8))
+    _image(root / "img" / "jpeg_mask.png", value=3)
+    _mask(root / "msk" / "jpeg_mask.png", defect_value=128)
+    _image(root / "img" / "no_mask_file.png", value=4)
+    _image(root / "img" / "defect_in_train.png", value=5)
+    _mask(root / "msk" / "defect_in_train.png")
+    (root / "train.txt").write_text(
+        "img/ok.png\n"
+        "img/truncated.png\n"
+        "img/defect_in_train.png msk/defect_in_train.png\n"
+        "img/ok.png too many fields\n"
+    )
+    (root / "val.txt").write_text(
+        "img/garbage.png\n"
+        "img/small_mask.png msk/small_mask.png\n"
+        "img/jpeg_mask.png msk/jpeg_mask.png\n"
+        "img/missing.png\n"
+        "img/no_mask_file.png msk/no_mask_file.png\n"
+    )
+    caplog.set_level(logging.INFO, logger="flawscope")
+
+    result = _run(root, tmp_path / "out")
+
+    assert result["done_flag"] and not result["check_pass"]
+    problems = _problems(result)
+    assert "truncated" in problems["truncated.png"]
+    assert "not an image" in problems["garbage.png"]
+    assert "mask is 8x8 but its image small_mask.png is 16x16" in problems["small_mask.png"]
+    assert "values 0, 128" in problems["jpeg_mask.png"]
+    assert "does not exist" in problems["missing.png"] and "val.txt:4" in problems["missing.png"]
+    assert "does not exist" in problems["no_mask_file.png"]
+    assert "defect image in the training split" in problems["defect_in_train.png"]
+    assert "line 4" in problems["train.txt"]
+    assert len(result["problems"]) == 8
+    assert "Check dataset passed" not in caplog.text
+    assert "Check dataset failed: 8 problem(s)" in caplog.text
+    assert all(p["file"] in caplog.text for p in result["problems"])
+
+
+def test_empty_splits(tmp_path):
+    seg = tmp_path / "seg"
+    _image(seg / "a.png")
+    (seg / "train.txt").write_text("a.png\n")
+    (seg / "val.txt").write_text("\n")
+    assert "empty split" in _problems(_run(seg, tmp_path / "out"))["val.txt"]
+
+    mvtec = _mvtec(tmp_path / "mvtec", n_train=0)
+    (mvtec / "train" / "good").mkdir(parents=True)
+    assert "empty split" in _problems(_run(mvtec, tmp_path / "out"))["good"]
+
+    for path in sorted((mvtec / "test").rglob("*.png")):
+        path.unlink()
+    _image(mvtec / "train" / "good" / "000.png")
+    assert "empty split" in _problems(_run(mvtec, tmp_path / "out"))["test"]
+
+
+def test_defect_images_in_mvtec_train(tmp_path):
+    root = _mvtec(tmp_path / "data")
+    _image(root / "train" / "crack" / "x.png")
+    (root / "train" / "good" / "copy.png").write_bytes((root / "test" / "scratch" / "002.png").read_bytes())
+
+    result = _run(root, tmp_path / "out")
+
+    problems = _problems(result)
+    assert not result["check_pass"]
+    assert "defect image in the training split" in problems["x.png"]
+    assert "same bytes as" in problems["copy.png"] and "002.png" in problems["copy.png"]
+
+
+def test_unusable_dataset_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FlawscopeError, match="does not exist"):
+        _run(tmp_path / "nowhere", tmp_path / "out")
+    with pytest.raises(FlawscopeError, match="Global.dataset_dir is not set"):
+        run_check_dataset(load_config("STFPM", ["Global.mode=check_dataset"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FlawscopeError, match="no known dataset layout"):
+        _run(tmp_path / "empty", tmp_path / "out")
+
+
+def test_ten_thousand_images_stream_in_bounded_memory(tmp_path):
+    good = tmp_path / "data" / "good"
+    good.mkdir(parents=True)
+    for i in range(10_000):  # distinct 8x8 images, so no duplicate groups
+        Image.fromarray(np.array([[i % 256, i // 256]] * 8, dtype=np.uint8).repeat(4, axis=1)).save(
+            good / f"{i:05d}.png"
+        )
+    tracemalloc.start()
+    try:
+        result = _run(tmp_path / "data", tmp_path / "out")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert result["check_pass"] and result["attributes"]["train_samples"] == 10_000
+    assert result["attributes"]["defect_types"]["train"] == {"good": 10_000}
+    assert result["attributes"]["duplicate_files"] == []
+    assert peak < 40e6, f"peak traced memory {peak / 1e6:.1f} MB"

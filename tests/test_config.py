@@ -1,0 +1,291 @@
+"""Config loading, overrides and schema errors: each error names its key and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flawscope.config import (
+    CONFIG_DIR,
+    SCHEMA,
+    dump_config,
+    load_config,
+    parse_override,
+    resolve_config_path,
+    shipped_configs,
+)
+from flawscope.errors import FlawscopeError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shipped() -> dict:
+    """The shipped STFPM config as raw YAML, to derive test configs from."""
+    return yaml.safe_load((CONFIG_DIR / "STFPM.yaml").read_text())
+
+
+def write(tmp_path: Path, data: object, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def error(*args: object) -> str:
+    """The message of the FlawscopeError that load_config raises; it must be one line."""
+    with pytest.raises(FlawscopeError) as info:
+        load_config(*args)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --- the shipped config ---------------------------------------------------------------------
+
+
+def test_shipped_config_loads_with_documented_defaults() -> None:
+    cfg = load_config("STFPM")
+    assert cfg["Global"] == {
+        "model": "STFPM", "mode": "check_dataset", "dataset_dir": None,
+        "device": "cpu", "output": "output", "seed": 42,
+    }
+    assert cfg["CheckDataset"] == {
+        "dataset_type": "auto",
+        "convert": {"enable": False, "src_dataset_type": None},
+        "split": {"enable": False, "train_percent": None, "val_percent": None, "seed": 42},
+    }
+    assert cfg["Model"]["strides"] == [4, 8, 16]
+    assert cfg["Model"]["smooth_sigma"] == 4.0
+    assert set(cfg["Train"]) == set(SCHEMA["Train"])
+    assert cfg["Export"] == {"weight_path": None, "format": "onnx"}
+    assert cfg["Predict"] == {"model_dir": None, "input": None, "batch_size": 1}
+    # PatchCore-only keys have no default and stay absent from an STFPM config.
+    assert "coreset_ratio" not in cfg["Model"]
+
+
+def test_repo_root_configs_link_to_the_shipped_config() -> None:
+    link = REPO_ROOT / "configs" / "STFPM.yaml"
+    assert link.is_symlink()
+    assert link.resolve() == (CONFIG_DIR / "STFPM.yaml").resolve()
+    assert load_config(link) == load_config("STFPM")
+
+
+def test_dump_round_trips(tmp_path: Path) -> None:
+    cfg = load_config("STFPM", ["Model.strides=[8, 16]"])
+    path = dump_config(cfg, tmp_path / "out" / "config.yaml")
+    assert "strides: [8, 16]" in path.read_text()
+    assert load_config(path) == cfg
+
+
+# --- finding configs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["STFPM", "STFPM.yaml", "stfpm"])
+def test_bare_names_resolve_to_shipped_configs(name: str) -> None:
+    assert resolve_config_path(name) == CONFIG_DIR / "STFPM.yaml"
+    assert "STFPM" in shipped_configs()
+
+
+def test_existing_file_wins(tmp_path: Path) -> None:
+    path = write(tmp_path, shipped(), "STFPM.yaml")
+    assert resolve_config_path(path) == path
+
+
+def test_missing_config_names_path_and_shipped_configs(tmp_path: Path) -> None:
+    message = error(tmp_path / "nope.yaml")
+    assert "nope.yaml" in message and "shipped configs: " in message and "STFPM" in message
+    assert "NoSuchModel" in error("NoSuchModel")
+
+
+def test_directory_is_not_a_config(tmp_path: Path) -> None:
+    assert "is a directory" in error(tmp_path)
+
+
+# --- overrides ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "value"),
+    [
+        ("Train.batch_size=4", ["Train", "batch_size"], 4),
+        ("Train.learning_rate=0.01", ["Train", "learning_rate"], 0.01),
+        ("CheckDataset.split.enable=true", ["CheckDataset", "split", "enable"], True),
+        ("Global.dataset_dir=null", ["Global", "dataset_dir"], None),
+        ("Model.strides=[4,8]", ["Model", "strides"], [4, 8]),
+        (" Global.device = gpu:0,1 ", ["Global", "device"], "gpu:0,1"),
+        ("Global.output=a=b", ["Global", "output"], "a=b"),
+    ],
+)
+def test_parse_override_types_values_like_yaml(text: str, path: list[str], value: object) -> None:
+    assert parse_override(text) == (path, value)
+
+
+def test_overrides_of_every_type_apply_in_order() -> None:
+    cfg = load_config(
+        "STFPM",
+        [
+            "Train.epochs_iters=10",
+            "Train.epochs_iters=20",  # the later one wins
+            "Train.learning_rate=1",  # an int is accepted for a float key, stored as float
+            "Train.weight_decay=1e-4",  # YAML 1.1 reads this as a string; still a float
+            "Global.dataset_dir=/data/bottle",
+            "Global.dataset_dir=null",
+            "Model.strides=[8,16,32]",
+            "CheckDataset.split.enable=true",
+            "CheckDataset.split.train_percent=80",
+            "CheckDataset.split.val_percent=20",
+            "Model.projection_dim=null",
+        ],
+    )
+    assert cfg["Train"]["epochs_iters"] == 20
+    assert cfg["Train"]["learning_rate"] == 1.0 and isinstance(cfg["Train"]["learning_rate"], float)
+    assert cfg["Train"]["weight_decay"] == 1e-4
+    assert cfg["Global"]["dataset_dir"] is None
+    assert cfg["Model"]["strides"] == [8, 16, 32]
+    assert cfg["CheckDataset"]["split"] == {
+        "enable": True, "train_percent": 80, "val_percent": 20, "seed": 42,
+    }
+    assert cfg["Model"]["projection_dim"] is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Train.batch_size", "expected Section.key=value"),
+        ("=4", "expected Section.key=value"),
+        ("Train..batch_size=4", "expected Section.key=value"),
+        ("Train.batch_size=", "empty value"),
+        ("Model.strides=[4,8", "not valid YAML"),
+        ("Model.strides={a: 1}", "not a mapping"),
+    ],
+)
+def test_malformed_overrides(text: str, expected: str) -> None:
+    message = error("STFPM", [text])
+    assert message.startswith(f"override {text!r}: ") and expected in message
+
+
+def test_unknown_key_in_override_names_key_and_allowed_keys() -> None:
+    message = error("STFPM", ["Train.epoch_iters=5"])
+    assert "unknown key Train.epoch_iters" in message
+    assert "did you mean Train.epochs_iters?" in message
+    assert "allowed keys in Train: epochs_iters, batch_size, learning_rate" in message
+
+
+def test_override_must_reach_a_value() -> None:
+    assert "Train is a section; set one of its keys: epochs_iters" in error("STFPM", ["Train=1"])
+    assert "Train.batch_size is a value, not a section" in error("STFPM", ["Train.batch_size.x=1"])
+    assert "unknown section train; did you mean Train?" in error("STFPM", ["train.batch_size=1"])
+
+
+# --- errors in files ------------------------------------------------------------------------
+
+
+def test_unknown_key_in_file_names_file_key_and_allowed_keys(tmp_path: Path) -> None:
+    data = shipped()
+    data["CheckDataset"]["split"]["train_percnt"] = 80
+    path = write(tmp_path, data)
+    message = error(path)
+    assert message.startswith(f"{path}: unknown key CheckDataset.split.train_percnt")
+    assert "did you mean CheckDataset.split.train_percent?" in message
+    assert "allowed keys in CheckDataset.split: enable, train_percent, val_percent, seed" in message
+
+
+def test_unknown_section_in_file(tmp_path: Path) -> None:
+    data = shipped()
+    data["Trian"] = {}
+    assert "unknown section Trian; did you mean Train?" in error(write(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("Train.batch_size=8.5", "Train.batch_size must be an integer >= 1, got 8.5"),
+        ("Train.batch_size=true", "Train.batch_size must be an integer >= 1, got true"),
+        ("Train.learning_rate=fast", 'Train.learning_rate must be a number > 0, got "fast"'),
+        ("CheckDataset.convert.enable=1", "convert.enable must be true or false, got 1"),
+        ("Global.output=null", "Global.output must be a string, got null"),
+        ("Model.strides=4", "Model.strides must be a non-empty list of distinct integers"),
+    ],
+)
+def test_wrong_type(override: str, expected: str) -> None:
+    assert expected in error("STFPM", [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("Global.mode=trian", 'one of check_dataset, train, evaluate, predict, export, got "trian"'
+                              ' (did you mean "train"?)'),
+        ("Global.model=PaDiM", "Global.model must be one of STFPM, PatchCore"),
+        ("Model.resize_mode=pad", "Model.resize_mode must be one of resize, letterbox"),
+        ("Model.map_combine=max", "Model.map_combine must be one of product, sum"),
+        ("CheckDataset.dataset_type=mvtec", 'got "mvtec" (did you mean "MVTec"?)'),
+        ("CheckDataset.convert.src_dataset_type=COCO", "one of LabelMe, VOC, MVTec or null"),
+        ("Export.format=tensorrt", "Export.format must be one of onnx, openvino"),
+    ],
+)
+def test_bad_choice(override: str, expected: str) -> None:
+    assert expected in error("STFPM", [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("Train.epochs_iters=0", "Train.epochs_iters must be an integer >= 1, got 0"),
+        ("Train.learning_rate=0", "Train.learning_rate must be a number > 0, got 0"),
+        ("Train.calibration_fraction=1", "must be a number >= 0 and < 1, got 1"),
+        ("Train.image_fpr=-0.1", "Train.image_fpr must be a number >= 0 and < 1"),
+        ("Model.input_size=100", "must be an integer >= 64 and a multiple of 32, got 100"),
+        ("Model.input_size=32", "must be an integer >= 64 and a multiple of 32, got 32"),
+        ("Model.strides=[4,64]", "distinct integers from 4, 8, 16, 32, got [4, 64]"),
+        ("Model.strides=[4,4]", "got [4, 4]"),
+        ("Model.strides=[]", "got []"),
+        ("Model.coreset_ratio=0", "Model.coreset_ratio must be a number > 0 and <= 1, got 0"),
+        ("Model.num_neighbors=0", "Model.num_neighbors must be an integer >= 1, got 0"),
+        ("Model.projection_dim=0", "Model.projection_dim must be an integer >= 1 or null, got 0"),
+    ],
+)
+def test_out_of_range(override: str, expected: str) -> None:
+    assert expected in error("STFPM", [override])
+
+
+def test_patchcore_keys_accepted() -> None:
+    cfg = load_config("STFPM", ["Model.coreset_ratio=1", "Model.num_neighbors=9"])
+    assert cfg["Model"]["coreset_ratio"] == 1.0 and cfg["Model"]["num_neighbors"] == 9
+
+
+def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("Global:\n  model: STFPM\n  mode: [train\nTrain:\n  batch_size: 8\n")
+    message = error(path)
+    assert message.startswith(f"{path}: invalid YAML at line ")
+
+
+def test_file_must_be_a_mapping(tmp_path: Path) -> None:
+    assert "expected a mapping of sections" in error(write(tmp_path, [1, 2]))
+    assert "Model must be a section" in error(write(tmp_path, {**shipped(), "Model": 3}))
+
+
+def test_defaults_fill_missing_keys_and_required_keys_are_enforced(tmp_path: Path) -> None:
+    data = shipped()
+    del data["Export"], data["Train"]["log_interval"], data["CheckDataset"]["split"]
+    cfg = load_config(write(tmp_path, data))
+    assert cfg["Export"] == {"weight_path": None, "format": "onnx"}
+    assert cfg["Train"]["log_interval"] == 10
+    assert cfg["CheckDataset"]["split"]["enable"] is False
+
+    del data["Train"]["learning_rate"]
+    path = write(tmp_path, data)
+    assert "missing required key Train.learning_rate (needed by STFPM)" in error(path)
+    # An override can supply what the file leaves out.
+    assert load_config(path, ["Train.learning_rate=0.1"])["Train"]["learning_rate"] == 0.1
+    assert "missing required key Global.model" in error(write(tmp_path, {}))
+
+
+def test_split_and_convert_must_be_complete_when_enabled() -> None:
+    split = ["CheckDataset.split.enable=true", "CheckDataset.split.train_percent=80"]
+    message = error("STFPM", split)
+    assert "must both be set and add up to 100, got 80 and null" in message
+    message = error("STFPM", ["CheckDataset.convert.enable=true"])
+    assert "convert.src_dataset_type is null" in message

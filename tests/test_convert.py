@@ -1,0 +1,178 @@
+"""convert_dataset: LabelMe, VOC and MVTec -> SegDataset lists, source files untouched."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flawscope.config import load_config
+from flawscope.data.check import run_check_dataset
+from flawscope.data.convert import MASK_DIR, convert_dataset
+from flawscope.data.layouts import load_dataset
+from flawscope.errors import FlawscopeError
+
+
+def _image(path: Path, value: int = 0, mode: str = "L") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((16, 16), value, dtype=np.uint8)).convert(mode).save(path)
+    return path
+
+
+def _labelme(path: Path, image_path: str, shapes: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"version": "5.2.1", "shapes": shapes, "imagePath": image_path, "imageData": None,
+            "imageHeight": 16, "imageWidth": 16}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _shape(kind: str, points: list[list[float]], label: str = "scratch") -> dict:
+    return {"label": label, "points": points, "shape_type": kind, "group_id": None, "flags": {}}
+
+
+def _snapshot(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _converted_mask(root: Path, line: str) -> np.ndarray:
+    image, mask = line.split()
+    assert mask.startswith(f"{MASK_DIR}/")
+    return np.asarray(Image.open(root / mask))
+
+
+def test_labelme_polygons_and_rectangles(tmp_path):
+    root = tmp_path / "data"
+    for i, name in enumerate(("poly", "rect", "unannotated", "empty", "erased")):
+        _image(root / "images" / f"{name}.png", value=10 * i)
+    _labelme(root / "images" / "poly.json", "poly.png", [_shape("polygon", [[2, 2], [12, 2], [2, 12]])])
+    # rectangle corners in either order; LabelMe on Windows writes backslashes
+    _labelme(root / "ann" / "rect.json", "..\\images\\rect.png", [_shape("rectangle", [[9, 9], [4, 4]])])
+    _labelme(root / "images" / "empty.json", "empty.png", [])
+    _labelme(root / "images" / "erased.json", "erased.png", [
+        _shape("rectangle", [[0, 0], [5, 5]]), _shape("rectangle", [[0, 0], [15, 15]], "_background_"),
+    ])
+    (root / "notes.json").write_text('{"not": "labelme"}')
+    before = _snapshot(root)
+
+    assert convert_dataset(root, "LabelMe") == root
+
+    assert all(p.read_bytes() == data for p, data in before.items())  # nothing touched
+    assert _lines(root / "train.txt") == ["images/empty.png", "images/erased.png", "images/unannotated.png"]
+    poly, rect = sorted(_lines(root / "val.txt"))
+    assert poly.startswith("images/poly.png ") and rect.startswith("images/rect.png ")
+    poly_mask, rect_mask = _converted_mask(root, poly), _converted_mask(root, rect)
+    assert set(np.unique(poly_mask)) == {0, 255}
+    assert poly_mask[3, 3] == 255 and poly_mask[11, 11] == 0  # inside / outside the triangle
+    expected = np.zeros((16, 16), dtype=np.uint8)
+    expected[4:10, 4:10] = 255
+    np.testing.assert_array_equal(rect_mask, expected)
+
+
+def test_labelme_paddlex_anno_lists(tmp_path):
+    root = tmp_path / "data"
+    for name, value in (("a", 1), ("b", 2), ("c", 3)):
+        _image(root / "images" / f"{name}.png", value=value)
+    _labelme(root / "annotations" / "a.json", "../images/a.png", [])
+    _labelme(root / "annotations" / "b.json", "../images/b.png", [_shape("polygon", [[1, 1], [8, 1], [1, 8]])])
+    _labelme(root / "annotations" / "c.json", "../images/c.png", [])
+    (root / "train_anno_list.txt").write_text("annotations/a.json\nannotations/c.json\n")
+    (root / "val_anno_list.txt").write_text("annotations/b.json\n")
+
+    convert_dataset(root, "LabelMe")
+
+    assert _lines(root / "train.txt") == ["images/a.png", "images/c.png"]
+    assert _lines(root / "val.txt") == [f"images/b.png {MASK_DIR}/annotations/b.png"]
+
+
+def test_labelme_errors_name_the_file(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    line = _labelme(root / "a.json", "a.png", [_shape("line", [[1, 1], [5, 5]])])
+    with pytest.raises(FlawscopeError, match=f"{line}: shape 0 \\('line'"):
+        convert_dataset(root, "LabelMe")
+    _labelme(root / "a.json", "gone.png", [])
+    with pytest.raises(FlawscopeError, match="gone.png.*does not exist"):
+        convert_dataset(root, "LabelMe")
+
+
+def _voc(root: Path) -> Path:
+    for i, stem in enumerate(("a", "b", "c")):
+        _image(root / "JPEGImages" / f"{stem}.jpg", value=40 * i, mode="RGB")
+    palette_mask = np.zeros((16, 16), dtype=np.uint8)
+    palette_mask[2:6, 2:6] = 1  # class index 1
+    palette_mask[6, 2:6] = 255  # VOC's void border
+    mask = Image.fromarray(palette_mask, mode="P")
+    mask.putpalette([0, 0, 0, 128, 0, 0] + [224, 224, 192] * 254)
+    (root / "SegmentationClass").mkdir(parents=True)
+    mask.save(root / "SegmentationClass" / "a.png")
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8), mode="P").save(root / "SegmentationClass" / "b.png")
+    return root
+
+
+def test_voc_with_image_sets(tmp_path):
+    root = _voc(tmp_path / "data")
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("b\nc\n")
+    (sets / "val.txt").write_text("a\n")
+    before = _snapshot(root)
+
+    convert_dataset(root, "VOC")
+
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert _lines(root / "train.txt") == ["JPEGImages/b.jpg", "JPEGImages/c.jpg"]
+    (line,) = _lines(root / "val.txt")
+    expected = np.zeros((16, 16), dtype=np.uint8)
+    expected[2:7, 2:6] = 255
+    np.testing.assert_array_equal(_converted_mask(root, line), expected)
+
+
+def test_voc_without_image_sets_and_check(tmp_path):
+    root = _voc(tmp_path / "data")
+    cfg = load_config("STFPM", [
+        "Global.mode=check_dataset", f"Global.dataset_dir={root}", f"Global.output={tmp_path / 'out'}",
+        "CheckDataset.convert.enable=true", "CheckDataset.convert.src_dataset_type=VOC",
+    ])
+
+    result = run_check_dataset(cfg)
+
+    assert result["check_pass"], result["problems"]
+    assert result["dataset_type"] == "SegDataset" and result["convert"] == {"src_dataset_type": "VOC"}
+    assert result["attributes"]["defect_types"] == {"train": {"good": 2}, "val": {"defect": 1}}
+
+
+def test_mvtec_to_segdataset_lists(tmp_path):
+    root = tmp_path / "data"
+    for i in range(3):
+        _image(root / "train" / "good" / f"{i}.png", value=i)
+    _image(root / "test" / "good" / "0.png", value=50)
+    _image(root / "test" / "crack" / "0.png", value=60)
+    _image(root / "ground_truth" / "crack" / "0_mask.png", value=255)
+    (root / "train.txt").write_text("old list\n")
+    before = load_dataset(root, "MVTec")
+
+    convert_dataset(root, "MVTec")
+
+    assert (root / "train.txt.bak").read_text() == "old list\n"
+    assert _lines(root / "val.txt") == ["test/crack/0.png ground_truth/crack/0_mask.png", "test/good/0.png"]
+    after = load_dataset(root)
+    assert after.layout == "SegDataset"
+    assert [s.image for s in after.train] == [s.image for s in before.train]
+    assert [(s.image, s.label) for s in after.val] == [(s.image, s.label) for s in before.val]
+
+
+def test_mvtec_defect_without_mask_is_refused(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "train" / "good" / "0.png")
+    _image(root / "test" / "crack" / "7.png")
+    with pytest.raises(FlawscopeError, match="7.png: 1 defect image\\(s\\) have no mask"):
+        convert_dataset(root, "MVTec")
+    assert not (root / "train.txt").exists()

@@ -1,0 +1,184 @@
+"""read_image / read_mask: every file mode becomes RGB uint8 or bool, every bad file one error."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+import flawscope.data.io as fio
+from flawscope.data.io import is_image_file, read_image, read_mask
+from flawscope.errors import FlawscopeError
+
+
+def _save(img: Image.Image, path: Path, **params) -> Path:
+    img.save(path, **params)
+    return path
+
+
+def _png_with_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height, without pixel data (Pillow cannot write it)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def _error(path: Path, fragment: str, read=read_image) -> None:
+    with pytest.raises(FlawscopeError) as info:
+        read(path)
+    message = str(info.value)
+    assert str(path) in message and fragment in message and "\n" not in message
+
+
+def test_rgb_roundtrip(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    out = read_image(_save(Image.fromarray(pixels), tmp_path / "a.png"))
+    assert out.dtype == np.uint8 and out.shape == (5, 7, 3)
+    np.testing.assert_array_equal(out, pixels)
+    assert out.flags.writeable  # callers may draw on it
+
+
+@pytest.mark.parametrize(
+    ("img", "rgb"),
+    [
+        (Image.new("L", (4, 3), 77), (77, 77, 77)),
+        (Image.new("1", (4, 3), 1), (255, 255, 255)),
+        (Image.new("RGBA", (4, 3), (10, 20, 30, 0)), (10, 20, 30)),  # alpha dropped, not composited
+        (Image.new("LA", (4, 3), (40, 128)), (40, 40, 40)),
+    ],
+    ids=["L", "1", "RGBA", "LA"],
+)
+def test_modes_become_rgb(tmp_path, img, rgb):
+    out = read_image(_save(img, tmp_path / "m.png"))
+    assert out.shape == (3, 4, 3) and out.dtype == np.uint8
+    assert (out == rgb).all()
+
+
+def test_palette(tmp_path):
+    img = Image.new("P", (2, 1))
+    img.putpalette([0, 0, 0, 200, 100, 50])
+    img.putpixel((1, 0), 1)
+    out = read_image(_save(img, tmp_path / "p.png"))
+    np.testing.assert_array_equal(out[0], [[0, 0, 0], [200, 100, 50]])
+
+
+@pytest.mark.parametrize(("dtype", "suffix"), [("<u2", ".png"), (">u2", ".tif")], ids=["I;16", "I;16B"])
+def test_16bit_scaled_by_bit_depth(tmp_path, dtype, suffix):
+    values = np.array([[0, 257, 32896, 65535]], dtype=dtype)
+    out = read_image(_save(Image.fromarray(values), tmp_path / f"g{suffix}"))
+    np.testing.assert_array_equal(out[..., 0], [[0, 1, 128, 255]])
+    assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_signed_32bit_tiff_scaled_by_its_bits_per_sample(tmp_path):
+    values = np.array([[-5, 0, 2**30, 2**31 - 1]], dtype=np.int32)
+    out = read_image(_save(Image.fromarray(values), tmp_path / "i.tif"))
+    np.testing.assert_array_equal(out[..., 0], [[0, 0, 128, 255]])
+
+
+def test_float_tiff(tmp_path):
+    values = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
+    out = read_image(_save(Image.fromarray(values), tmp_path / "f.tiff"))
+    np.testing.assert_array_equal(out[..., 1], [[0, 128, 255]])
+
+
+def test_cmyk(tmp_path):
+    out = read_image(_save(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), tmp_path / "c.jpg"))
+    assert out.shape == (4, 4, 3) and (out > 250).all()
+
+
+def test_exif_orientation_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display
+    out = read_image(_save(Image.new("RGB", (3, 2)), tmp_path / "o.jpg", exif=exif))
+    assert out.shape == (3, 2, 3)
+
+
+def test_missing_file(tmp_path):
+    _error(tmp_path / "nope.png", "does not exist")
+
+
+def test_text_file_named_png(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("not an image")
+    _error(path, "not an image")
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.png"
+    path.touch()
+    _error(path, "empty")
+
+
+def test_zero_size_header(tmp_path):
+    _error(_png_with_header(tmp_path / "zero.png", 0, 5), "not an image")
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_truncated(tmp_path, suffix):
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    path = _save(Image.fromarray(pixels), tmp_path / f"full{suffix}")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    _error(path, "truncated")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+def test_over_max_pixels(tmp_path, monkeypatch):
+    monkeypatch.setattr(fio, "MAX_PIXELS", 100)
+    _error(_save(Image.new("RGB", (20, 20)), tmp_path / "big.png"), "too large")
+
+
+def test_decompression_bomb_header(tmp_path):
+    _error(_png_with_header(tmp_path / "bomb.png", 100_000, 100_000), "too large")
+
+
+def test_directory(tmp_path):
+    _error(tmp_path, "directory")
+
+
+def test_is_image_file():
+    assert is_image_file("a.PNG") and is_image_file(Path("x/b.tiff")) and is_image_file("c.JpEg")
+    assert not is_image_file("license.txt") and not is_image_file("png") and not is_image_file(".png")
+
+
+@pytest.mark.parametrize(
+    "img",
+    [
+        Image.fromarray(np.array([[0, 255], [0, 0]], dtype=np.uint8)),
+        Image.fromarray(np.array([[0, 1], [0, 0]], dtype=np.uint8)),
+        Image.fromarray(np.array([[False, True], [False, False]])),
+        Image.fromarray(np.array([[0, 1], [0, 0]], dtype=np.uint16)),
+        Image.fromarray(np.array([[[0, 0, 0], [1, 0, 0]], [[0, 0, 0], [0, 0, 0]]], dtype=np.uint8)),
+    ],
+    ids=["L-255", "L-1", "1-bit", "I;16", "RGB-dark-red"],
+)
+def test_mask_any_nonzero_is_defect(tmp_path, img):
+    out = read_mask(_save(img, tmp_path / "m.png"), size=(2, 2))
+    np.testing.assert_array_equal(out, [[False, True], [False, False]])
+
+
+def test_palette_mask_uses_index(tmp_path):
+    img = Image.new("P", (2, 1))
+    img.putpalette([255, 255, 255, 0, 0, 0])  # index 0 shown white: still "normal"
+    img.putpixel((1, 0), 1)
+    np.testing.assert_array_equal(read_mask(_save(img, tmp_path / "p.png")), [[False, True]])
+
+
+def test_mask_size_mismatch(tmp_path):
+    path = _save(Image.new("L", (4, 3)), tmp_path / "m.png")
+    with pytest.raises(FlawscopeError) as info:
+        read_mask(path, size=(8, 6))
+    assert str(path) in str(info.value) and "4x3" in str(info.value) and "8x6" in str(info.value)
+
+
+def test_mask_errors_name_path(tmp_path):
+    _error(tmp_path / "missing_mask.png", "does not exist", read=read_mask)

@@ -1,0 +1,114 @@
+"""The pipeline API and quick start: every input type, batching, results, the pipeline config."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from flawscope import create_pipeline
+from flawscope.cli import main
+from flawscope.inference.predictor import default_model_dir
+
+DEMO = Path(__file__).resolve().parents[1] / "src" / "flawscope" / "assets" / "demo"
+
+
+@pytest.fixture(scope="module")
+def pipeline(trained):
+    _, out = trained
+    return create_pipeline("anomaly_detection", model_dir=str(out / "best_model/inference"))
+
+
+@pytest.fixture
+def http_root(trained):
+    """A local HTTP server over the synthetic dataset, for URL inputs."""
+    dataset, _ = trained
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(dataset))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_every_input_type_gives_the_same_result(pipeline, trained, http_root) -> None:
+    dataset, _ = trained
+    path = dataset / "test" / "scratch" / "000.png"
+    array = np.asarray(Image.open(path).convert("RGB"))
+    inputs = [str(path), path, f"{http_root}/test/scratch/000.png", array, Image.open(path),
+              str(dataset / "test" / "scratch" / "000.*")]
+    results = [list(pipeline.predict(item)) for item in inputs]
+    assert all(len(r) == 1 and r[0].error is None for r in results)
+    reference = results[0][0]
+    for (res,) in results[1:]:
+        assert res.score == pytest.approx(reference.score) and np.array_equal(res.pred, reference.pred)
+
+
+def test_directory_list_and_bad_items(pipeline, trained, http_root, tmp_path) -> None:
+    dataset, _ = trained
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    items = [str(dataset / "test" / "good"), str(broken), f"{http_root}/missing.png", str(tmp_path / "nope.png")]
+    results = list(pipeline.predict(items))
+    assert [r.error is None for r in results] == [True, True, False, False, False]
+    assert str(broken) in results[2].error and "404" in results[3].error and "nope.png" in results[4].error
+    with pytest.raises(Exception, match="broken.png"):
+        list(pipeline.predict(str(broken), on_error="raise"))
+
+
+def test_batch_of_four_equals_batch_of_one(trained) -> None:
+    dataset, out = trained
+    images = sorted((dataset / "test").rglob("*.png"))
+    one = list(create_pipeline(model_dir=str(out / "best_model/inference"), batch_size=1).predict(images))
+    four = list(create_pipeline(model_dir=str(out / "best_model/inference"), batch_size=4).predict(images))
+    assert len(one) == len(four) == 4
+    for a, b in zip(one, four):
+        assert a.input_path == b.input_path
+        assert np.allclose(a.map, b.map, atol=1e-5) and a.is_anomaly == b.is_anomaly
+
+
+def test_result_maps_and_masks_have_the_images_own_size(pipeline) -> None:
+    image = np.zeros((37, 91, 3), np.uint8)
+    (res,) = pipeline.predict(image)
+    assert res.map.shape == res.pred.shape == (37, 91) and res.size == (91, 37)
+
+
+def test_get_pipeline_config_and_create_from_it(tmp_path, monkeypatch, capsys) -> None:
+    target = tmp_path / "my_path"
+    assert main(["--get_pipeline_config", "anomaly_detection", "--save_path", str(target)]) == 0
+    written = target / "anomaly_detection.yaml"
+    config = yaml.safe_load(written.read_text())
+    assert config["pipeline_name"] == "anomaly_detection"
+    sub = config["SubModules"]["AnomalyDetection"]
+    assert sub["model_dir"] is None and sub["model_name"] == "STFPM" and sub["device"] == "cpu"
+    # not a terminal: refuse to overwrite unless --yes
+    monkeypatch.setattr("sys.stdin.isatty", lambda: False)
+    assert main(["--get_pipeline_config", "anomaly_detection", "--save_path", str(written)]) == 2
+    assert "--yes" in capsys.readouterr().err
+    sub["batch_size"] = 2
+    written.write_text(yaml.safe_dump(config))
+    assert main(["--get_pipeline_config", "anomaly_detection", "--save_path", str(written), "--yes"]) == 0
+    assert yaml.safe_load(written.read_text())["SubModules"]["AnomalyDetection"]["batch_size"] == 1
+    sub["typo_key"] = 1
+    written.write_text(yaml.safe_dump(config))
+    with pytest.raises(Exception, match="typo_key"):
+        create_pipeline(str(written))
+
+
+def test_quick_start_with_the_bundled_model(tmp_path, capsys) -> None:
+    assert (default_model_dir() / "model.safetensors").stat().st_size < 10 * 2**20
+    save = tmp_path / "output"
+    assert main(["--pipeline", "anomaly_detection", "--input", str(DEMO), "--save_path", str(save)]) == 0
+    printed = capsys.readouterr().out
+    decisions = {Path(line.split("\t")[0]).name: line.split("is_anomaly=")[1] for line in printed.splitlines()}
+    assert decisions == {"hazelnut_colour_defect.jpg": "True", "hazelnut_good.jpg": "False"}
+    res = json.loads((save / "hazelnut_colour_defect_res.json").read_text())
+    assert res["is_anomaly"] and res["regions"] and res["size"] == [512, 512]
+    assert Image.open(save / "hazelnut_colour_defect_res.png").size == (512, 512)

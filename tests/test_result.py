@@ -1,0 +1,142 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flawscope.inference.result import AnomalyResult, Region, rle_decode, rle_encode
+
+H, W = 48, 64  # big enough that the score label (top-left) misses the blobs
+
+
+def _two_blobs() -> np.ndarray:
+    amap = np.full((H, W), 0.1, np.float32)
+    amap[22:26, 3:9] = 0.7  # blob A: 4 x 6 = 24 pixels
+    amap[23, 4] = 0.9
+    amap[30:33, 40:46] = 0.5  # blob B: exactly at the threshold, still defective (>=)
+    amap[31, 42] = 0.6
+    return amap
+
+
+def _read(path) -> np.ndarray:
+    with Image.open(path) as picture:
+        return np.array(picture)
+
+
+def _result(amap=None, score=0.73, **kwargs) -> AnomalyResult:
+    amap = _two_blobs() if amap is None else amap
+    image = np.full((*amap.shape, 3), 128, np.uint8)
+    kwargs.setdefault("input_path", "/data/parts/part_007.png")
+    return AnomalyResult.from_map(image, amap, raw_score=3.2, score=score, model_name="STFPM",
+                                  **kwargs)
+
+
+def test_regions_from_two_blobs():
+    result = _result()
+    assert result.size == (W, H)
+    assert result.is_anomaly and result.threshold == 0.5
+    assert result.pred.dtype == bool and result.pred.sum() == 24 + 18
+    assert result.regions == [
+        Region(bbox=[3, 22, 9, 26], area=24, max_score=float(np.float32(0.9))),
+        Region(bbox=[40, 30, 46, 33], area=18, max_score=float(np.float32(0.6))),
+    ]
+
+
+def test_regions_are_8_connected_and_small_ones_can_be_dropped():
+    amap = np.zeros((6, 6), np.float32)
+    amap[1, 1] = amap[2, 2] = 0.8  # diagonal neighbours: one region
+    amap[5, 5] = 0.6  # isolated pixel
+    result = _result(amap)
+    assert [r.area for r in result.regions] == [2, 1]
+    filtered = _result(amap, min_region_area=2)
+    assert [r.bbox for r in filtered.regions] == [[1, 1, 3, 3]]
+    assert not filtered.pred[5, 5]  # removed from the mask too, not only from the list
+
+
+def test_from_map_clips_and_checks_shapes():
+    result = _result(_two_blobs() * 2 - 0.5)
+    assert result.map.dtype == np.float32
+    assert result.map.min() == 0.0 and result.map.max() == 1.0
+    assert not _result(score=0.4999).is_anomaly and _result(score=0.5).is_anomaly
+    with pytest.raises(ValueError):
+        AnomalyResult.from_map(np.zeros((H, W + 1, 3), np.uint8), _two_blobs(), 1.0, 0.4, "m")
+
+
+def test_rle_is_coco_column_major():
+    assert rle_encode(np.array([[0, 1], [1, 1]], bool)) == {"size": [2, 2], "counts": [1, 3]}
+    assert rle_encode(np.array([[1, 0], [0, 0]], bool)) == {"size": [2, 2], "counts": [0, 1, 3]}
+    assert rle_encode(np.zeros((2, 3), bool)) == {"size": [2, 3], "counts": [6]}
+    mask = np.random.default_rng(0).random((7, 5)) > 0.5
+    np.testing.assert_array_equal(rle_decode(rle_encode(mask)), mask)
+
+
+def test_json_round_trip(tmp_path):
+    result = _result()
+    path = result.save_to_json(tmp_path / "new" / "dir")
+    assert path == tmp_path / "new" / "dir" / "part_007_res.json"
+    data = json.loads(path.read_text())
+    assert data == json.loads(json.dumps(result.json))
+    assert data["size"] == [W, H] and data["score"] == 0.73 and data["is_anomaly"] is True
+    assert data["regions"][0] == {"bbox": [3, 22, 9, 26], "area": 24,
+                                  "max_score": float(np.float32(0.9))}
+    assert "map" not in data and data["error"] is None
+    np.testing.assert_array_equal(rle_decode(data["pred"]), result.pred)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+
+    listed = json.loads(result.save_to_json(tmp_path / "x.json", arrays="list").read_text())
+    np.testing.assert_array_equal(np.array(listed["pred"], bool), result.pred)
+    np.testing.assert_allclose(listed["map"], result.map, atol=1e-4)
+    assert "pred" not in result.to_json("none")
+
+
+def test_json_png_arrays(tmp_path):
+    result = _result(input_path=None)
+    path = result.save_to_json(tmp_path, arrays="png")
+    assert path.name == "result_res.json"
+    data = json.loads(path.read_text())
+    assert data["map"] == "result_res_map.png" and data["pred"] == "result_res_pred.png"
+    map16 = _read(tmp_path / data["map"])
+    assert map16.dtype == np.uint16
+    np.testing.assert_allclose(map16 / 65535, result.map, atol=1 / 65535)
+    np.testing.assert_array_equal(_read(tmp_path / data["pred"]) > 0, result.pred)
+
+
+def test_save_to_img(tmp_path):
+    result = _result()
+    (path,) = result.save_to_img(tmp_path)
+    assert path.name == "part_007_res.png"
+    picture = _read(path)
+    assert picture.shape == (H, W, 3)
+    assert tuple(picture[25, 5]) == (255, 0, 0)  # outline of blob A (its bottom rows)
+    assert tuple(picture[31, 43]) == (255, 0, 0)  # blob B is thin: all outline
+    background = picture[45, 60]
+    assert background[2] > background[0]  # jet-blue overlay on grey, no outline
+    assert tuple(picture[1, 1]) == (255, 0, 0)  # corner of the red "ANOMALY" label
+    paths = result.save_to_img(tmp_path / "out.png", extra=True)
+    assert [p.name for p in paths] == ["out.png", "out_map.png", "out_pred.png"]
+    assert [_read(p).shape for p in paths] == [(H, W, 3), (H, W, 3), (H, W)]  # pred: L
+
+
+def test_print_summarises_arrays(capsys):
+    amap = np.zeros((512, 512), np.float32)
+    amap[::20, ::20] = 0.9  # 676 one-pixel regions
+    result = _result(amap)
+    result.print()
+    out = capsys.readouterr().out
+    assert out.startswith("{'res': {'input_path': '/data/parts/part_007.png'")
+    assert "'map': 'array(512x512, float32, min=0, max=0.9)'" in out
+    assert "'pred': 'array(512x512, bool, 676 true)'" in out
+    assert "... 673 more" in out
+    assert len(out) < 2000 and str(result) == out.rstrip("\n")
+    assert "regions=676" in repr(result)
+
+
+def test_error_result_serialises(tmp_path):
+    result = AnomalyResult.from_error("broken.png", "broken.png: cannot identify image file")
+    assert result.size is None and result.img == {}
+    data = json.loads(result.save_to_json(tmp_path, arrays="png").read_text())
+    assert data["error"] == "broken.png: cannot identify image file"
+    assert data["score"] is None and data["is_anomaly"] is None and data["regions"] == []
+    assert "pred" not in data and "map" not in data
+    assert result.save_all(tmp_path) == [tmp_path / "broken_res.json"]
+    assert "cannot identify" in str(result)

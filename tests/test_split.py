@@ -1,0 +1,118 @@
+"""split_dataset: seeded re-split of the good images, defects always in val, *.bak backups."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flawscope.config import load_config
+from flawscope.data.check import run_check_dataset
+from flawscope.data.split import split_dataset
+from flawscope.errors import FlawscopeError
+
+
+def _image(path: Path, value: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((16, 16), value, dtype=np.uint8)).save(path)
+    return path
+
+
+def _segdataset(root: Path, n_good: int = 10, n_defect: int = 3) -> Path:
+    """Goods all in train.txt, defects in val.txt, each with its mask."""
+    lines: dict[str, list[str]] = {"train": [], "val": []}
+    for i in range(n_good + n_defect):
+        defect = i >= n_good
+        _image(root / "img" / f"{i:02d}.png", value=i)
+        _image(root / "mask" / f"{i:02d}.png", value=255 if defect else 0)
+        lines["val" if defect else "train"].append(f"img/{i:02d}.png mask/{i:02d}.png")
+    for split, entries in lines.items():
+        (root / f"{split}.txt").write_text("\n".join(entries) + "\n")
+    return root
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_split_good_images_only_and_back_up(tmp_path):
+    root = _segdataset(tmp_path / "data")
+    original = {name: (root / name).read_text() for name in ("train.txt", "val.txt")}
+
+    report = split_dataset(root, 80, 20, seed=1)
+
+    train, val = _lines(root / "train.txt"), _lines(root / "val.txt")
+    assert len(train) == 8 and len(val) == 5
+    assert sorted(train + val) == sorted(original["train.txt"].splitlines() + original["val.txt"].splitlines())
+    assert all(int(line[4:6]) < 10 for line in train)  # no defect image in train
+    assert sum(int(line[4:6]) >= 10 for line in val) == 3
+    for name, text in original.items():
+        assert (root / f"{name}.bak").read_text() == text
+    assert report["train_samples"] == 8 and report["val_samples"] == 5
+    assert report["defect_images_kept_in_val"] == 3 and report["good_images"] == 10
+    assert report["backups"] == [str(root / "train.txt.bak"), str(root / "val.txt.bak")]
+
+
+def test_split_is_fixed_by_its_seed(tmp_path):
+    root = _segdataset(tmp_path / "data")
+    split_dataset(root, 50, 50, seed=7)
+    first = _lines(root / "train.txt")
+    split_dataset(root, 50, 50, seed=7)
+    assert _lines(root / "train.txt") == first
+    split_dataset(root, 50, 50, seed=8)
+    assert _lines(root / "train.txt") != first
+
+
+@pytest.mark.parametrize("train, val", [(70, 20), (0, 100), (100, 0)])
+def test_percentages_are_validated(tmp_path, train, val):
+    root = _segdataset(tmp_path / "data")
+    with pytest.raises(FlawscopeError, match="add up to 100"):
+        split_dataset(root, train, val)
+    assert not (root / "train.txt.bak").exists()
+
+
+def test_config_refuses_percentages_not_adding_to_100():
+    with pytest.raises(FlawscopeError, match="add up to 100"):
+        load_config("STFPM", ["CheckDataset.split.enable=true", "CheckDataset.split.train_percent=70",
+                              "CheckDataset.split.val_percent=20"])
+
+
+def test_split_an_mvtec_folder(tmp_path):
+    root = tmp_path / "data"
+    for i in range(4):
+        _image(root / "train" / "good" / f"{i}.png", value=i)
+    _image(root / "test" / "crack" / "0.png", value=99)
+    _image(root / "ground_truth" / "crack" / "0_mask.png", value=255)
+
+    split_dataset(root, 75, 25, seed=0)
+
+    assert len(_lines(root / "train.txt")) == 3
+    assert "test/crack/0.png ground_truth/crack/0_mask.png" in _lines(root / "val.txt")
+
+
+def test_convert_and_split_together_then_check(tmp_path):
+    root, out = tmp_path / "data", tmp_path / "out"
+    for i in range(5):
+        _image(root / "images" / f"{i}.png", value=i)
+    (root / "images" / "4.json").write_text(json.dumps({
+        "shapes": [{"label": "dent", "points": [[2, 2], [9, 9]], "shape_type": "rectangle"}],
+        "imagePath": "4.png", "imageHeight": 16, "imageWidth": 16,
+    }))
+    cfg = load_config("STFPM", [
+        "Global.mode=check_dataset", f"Global.dataset_dir={root}", f"Global.output={out}",
+        "CheckDataset.convert.enable=true", "CheckDataset.convert.src_dataset_type=LabelMe",
+        "CheckDataset.split.enable=true", "CheckDataset.split.train_percent=50",
+        "CheckDataset.split.val_percent=50", "CheckDataset.split.seed=3",
+    ])
+
+    result = run_check_dataset(cfg)
+
+    assert result["check_pass"], result["problems"]
+    assert result["dataset_type"] == "SegDataset"
+    assert result["attributes"]["defect_types"] == {"train": {"good": 2}, "val": {"defect": 1, "good": 2}}
+    assert result["split"]["defect_images_kept_in_val"] == 1 and result["split"]["seed"] == 3
+    assert "defect images never go to train" in result["split"]["note"]
+    assert json.loads((out / "check_dataset_result.json").read_text())["split"] == result["split"]

@@ -1,0 +1,53 @@
+"""STFPM as a pure module: shapes, the loss, the anomaly map and the training loop's contract."""
+
+from __future__ import annotations
+
+import torch
+
+from flawscope.models.common import GaussianBlur
+from flawscope.models.stfpm import STFPM, feature_distance, stfpm_loss
+
+
+def _model(**kwargs) -> STFPM:
+    torch.manual_seed(0)
+    return STFPM(pretrained=False, **kwargs).eval()
+
+
+def test_map_has_the_input_size_and_is_zero_when_student_equals_teacher() -> None:
+    model = _model()
+    x = torch.randn(2, 3, 64, 64)
+    assert model(x).shape == (2, 1, 64, 64)
+    model.student.load_state_dict(model.teacher.state_dict())
+    assert model(x).abs().max() < 1e-5
+
+
+def test_feature_distance_is_scale_invariant_and_bounded() -> None:
+    a = torch.randn(1, 8, 4, 4)
+    assert torch.allclose(feature_distance(a, 3 * a), torch.zeros(1, 1, 4, 4), atol=1e-6)
+    assert torch.allclose(feature_distance(a, -a), torch.full((1, 1, 4, 4), 2.0), atol=1e-5)
+
+
+def test_loss_trains_only_the_student_and_the_teacher_stays_in_eval_mode() -> None:
+    model = _model().train()
+    assert not model.teacher.training and model.student.training
+    x = torch.randn(2, 3, 64, 64)
+    loss = stfpm_loss(model.teacher(x), model.student(x))
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is not None for p in model.student.parameters())
+
+
+def test_product_and_sum_maps_differ_and_sum_is_larger() -> None:
+    x = torch.randn(1, 3, 64, 64)
+    product, total = _model(map_combine="product")(x), _model(map_combine="sum")(x)
+    assert (total > product).all()
+
+
+def test_gaussian_blur_keeps_constants_and_spreads_a_peak() -> None:
+    blur = GaussianBlur(2.0)
+    assert torch.allclose(blur(torch.ones(1, 1, 20, 20)), torch.ones(1, 1, 20, 20), atol=1e-6)
+    peak = torch.zeros(1, 1, 21, 21)
+    peak[0, 0, 10, 10] = 1
+    out = blur(peak)
+    assert out[0, 0, 10, 10] < 1 and out[0, 0, 10, 12] > 0 and abs(out.sum() - 1) < 1e-5
+    assert torch.equal(GaussianBlur(0)(peak), peak)

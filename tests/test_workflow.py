@@ -1,0 +1,155 @@
+"""The module workflow through the CLI, as a user runs it: train, resume, evaluate, predict, export,
+and the bad inputs that must fail with one line, exit code 2 and nothing half-written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import make_mvtec, tiny_overrides
+from flawscope.cli import main
+
+
+def _cli(*overrides: str) -> int:
+    args = ["-c", "STFPM"]
+    for o in overrides:
+        args += ["-o", o]
+    return main(args)
+
+
+def test_train_writes_every_output(trained) -> None:
+    _, out = trained
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["done_flag"] is True
+    assert Path(result["models"]["best"]["inference_model_dir"]).is_dir()
+    for name in ("config.yaml", "train.log", "iter_3/checkpoint.safetensors", "iter_6/checkpoint.json",
+                 "best_model/inference/model.safetensors", "best_model/inference/inference.yml"):
+        assert (out / name).is_file(), name
+    assert "iter 6/6 loss" in (out / "train.log").read_text()
+    cal = result["calibration"]
+    assert cal["source"] == "held-out good training images" and cal["image_threshold"] > 0
+
+
+def test_resume_reproduces_an_uninterrupted_run(trained, tmp_path) -> None:
+    """Stopping at iteration 3 and resuming gives the same weights as training straight through."""
+    dataset, full = trained
+    resumed = tmp_path / "resumed"
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, resumed),
+                f"Train.resume_path={full / 'iter_3'}") == 0
+    a = load_file(str(full / "best_model/inference/model.safetensors"))
+    b = load_file(str(resumed / "best_model/inference/model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_model_other_seed_other_model(trained, tmp_path) -> None:
+    dataset, first = trained
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, tmp_path / "again")) == 0
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, tmp_path / "seed7"), "Global.seed=7") == 0
+    weights = [load_file(str(d / "best_model/inference/model.safetensors"))
+               for d in (first, tmp_path / "again", tmp_path / "seed7")]
+    key = "student._conv_stem.weight"
+    assert np.array_equal(weights[0][key], weights[1][key])
+    assert not np.array_equal(weights[0][key], weights[2][key])
+
+
+def test_evaluate_reports_image_and_pixel_auroc(trained, tmp_path) -> None:
+    dataset, out = trained
+    assert _cli("Global.mode=evaluate", f"Global.dataset_dir={dataset}", f"Global.output={out}") == 0
+    metrics = json.loads((out / "evaluate_result.json").read_text())["metrics"]
+    assert 0 <= metrics["image_auroc"] <= 1 and 0 <= metrics["pixel_auroc"] <= 1
+    assert metrics["num_good"] == 2 and metrics["num_defect"] == 2
+    assert set(metrics["per_defect_type"]) == {"scratch"}
+
+
+def test_predict_writes_json_and_picture_at_the_image_size(trained, tmp_path, capsys) -> None:
+    dataset, out = trained
+    image = dataset / "test" / "scratch" / "000.png"
+    save = tmp_path / "pred"
+    assert _cli("Global.mode=predict", f"Global.output={save}",
+                f"Predict.model_dir={out / 'best_model/inference'}", f"Predict.input={image}") == 0
+    res = json.loads((save / "000_res.json").read_text())
+    assert res["size"] == [64, 64] and isinstance(res["is_anomaly"], bool) and 0 <= res["score"] <= 1
+    assert Image.open(save / "000_res.png").size == (64, 64)
+    assert str(image) in capsys.readouterr().out
+
+
+def test_export_onnx_matches_torch(trained, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    from flawscope.inference.model_dir import load_model_dir
+
+    _, out = trained
+    assert _cli("Global.mode=export", f"Global.output={tmp_path}",
+                f"Export.weight_path={out / 'best_model/inference'}") == 0
+    model, _ = load_model_dir(out / "best_model/inference")
+    x = torch.randn(2, 3, 64, 64)
+    onnx_map = ort.InferenceSession(str(tmp_path / "export/model.onnx")).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(onnx_map, model(x).numpy(), atol=1e-4)
+    assert (tmp_path / "export/inference.yml").is_file()
+
+
+def _fails_cleanly(capsys, output: Path, *overrides: str, fragment: str) -> None:
+    assert _cli(*overrides) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err
+    assert fragment in errors[0], err
+    assert not output.exists(), "a failed run must not leave an output folder"
+
+
+def test_missing_dataset(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(tmp_path / "nope", out), fragment="nope")
+
+
+def test_empty_train_split(tmp_path, capsys) -> None:
+    data = make_mvtec(tmp_path / "data")
+    for f in (data / "train" / "good").iterdir():
+        f.unlink()
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out), fragment=str(data))
+
+
+def test_unreadable_training_image(tmp_path, capsys) -> None:
+    data = make_mvtec(tmp_path / "data")
+    bad = data / "train" / "good" / "001.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out), fragment=str(bad))
+
+
+def test_mask_of_another_size(tmp_path, capsys) -> None:
+    data = make_mvtec(tmp_path / "data")
+    mask = data / "ground_truth" / "scratch" / "000_mask.png"
+    Image.new("L", (32, 32)).save(mask)
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out), fragment=str(mask))
+
+
+def test_unknown_config_key(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", f"Global.output={out}", "Train.epoch_iters=5",
+                   fragment="Train.epoch_iters")
+
+
+def test_missing_model_directory(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=predict", f"Global.output={out}", f"Predict.model_dir={tmp_path / 'm'}",
+                   f"Predict.input={tmp_path}", fragment=str(tmp_path / "m"))
+
+
+def test_gpu_on_a_cpu_machine(tmp_path, capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(make_mvtec(tmp_path / "d"), out),
+                   "Global.device=gpu:0", fragment="CUDA")
