@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu | gpu | gpu:0 | gpu:0,1")
     p.add_argument("--batch_size", type=int, help="images per forward pass")
     p.add_argument("--model_dir", help="inference model directory (default: the bundled model)")
+    p.add_argument("--recursive", action="store_true", help="descend into sub-directories of --input")
     p.add_argument("--get_pipeline_config", metavar="NAME", help="write the config of pipeline NAME to --save_path")
     p.add_argument("--yes", action="store_true", help="overwrite an existing pipeline config without asking")
     p.add_argument("--version", action="store_true", help="print the version and exit")
@@ -65,14 +66,16 @@ def run(argv: list[str] | None = None) -> int:
         print(f"pipeline config written to {_write_pipeline_config(args.get_pipeline_config, args.save_path, args.yes)}")
         return 0
     if args.pipeline:
-        from flawscope.engine import predict_and_save
+        from flawscope.engine import save_results
         from flawscope.pipeline import create_pipeline
 
         if not args.input:
             raise FlawscopeError("--input: required with --pipeline (an image, URL, directory or glob)")
-        settings = {k: v for k, v in (("batch_size", args.batch_size), ("model_dir", args.model_dir)) if v is not None}
+        settings = {k: v for k, v in (("batch_size", args.batch_size), ("model_dir", args.model_dir),
+                                      ("recursive", args.recursive or None)) if v is not None}
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
-        counts = predict_and_save(pipeline.predictor, args.input, Path(args.save_path or "output"))
+        counts = save_results(pipeline.predict(args.input), Path(args.save_path or "output"),
+                              pipeline.json_arrays, pipeline.save_extra)
         return 2 if counts["errors"] and counts["errors"] == counts["images"] else 0
     if args.config:
         from flawscope.config import load_config

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from flawscope.device import parse_device
 from flawscope.errors import FlawscopeError
+from flawscope.inference.result import AnomalyResult
 from flawscope.logs import log, log_to_file
 
 
@@ -67,20 +69,31 @@ def predict(cfg: dict) -> dict:
         raise FlawscopeError("Predict.input: required for prediction (-o Predict.input=IMG_OR_DIR)")
     model_dir = inference_dir(cfg, "Predict.model_dir")
     predictor = Predictor.from_dir(model_dir, parse_device(cfg["Global"]["device"])[0], batch_size=p["batch_size"])
-    return predict_and_save(predictor, p["input"], Path(cfg["Global"]["output"]))
+    return save_results(predictor.predict(p["input"]), Path(cfg["Global"]["output"]))
 
 
-def predict_and_save(predictor, inputs, save_path: Path) -> dict:
-    """Predict, save each result's JSON and picture, print one line each; count the outcomes."""
+def save_results(results: Iterable[AnomalyResult], save_path: Path, json_arrays: str = "rle",
+                 save_extra: bool = False) -> dict:
+    """Save each result's JSON and picture, print one line each, and count the outcomes.
+
+    Two inputs with the same file name (from different folders) get distinct output names.
+    """
     counts = {"images": 0, "anomalous": 0, "errors": 0}
-    for res in predictor.predict(inputs):
+    used: set[str] = set()
+    for res in results:
         counts["images"] += 1
         if res.error:
             counts["errors"] += 1
             print(f"{res.input_path}\terror: {res.error}")
             continue
-        res.save_to_json(save_path)
-        res.save_to_img(save_path)
+        name = res.stem
+        if name in used and res.input_path:
+            name = f"{Path(res.input_path).parent.name}_{name}"
+        while name in used:
+            name += "_"
+        used.add(name)
+        res.save_to_json(save_path / f"{name}_res.json", arrays=json_arrays)
+        res.save_to_img(save_path / f"{name}_res.png", extra=save_extra)
         counts["anomalous"] += int(res.is_anomaly)
         print(f"{res.input_path}\tscore={res.score:.3f}\tis_anomaly={res.is_anomaly}")
     return counts

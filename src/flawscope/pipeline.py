@@ -11,6 +11,12 @@ A pipeline config is a small YAML file::
         batch_size: 1
         device: cpu
         min_region_area: 0     # drop predicted defect regions smaller than this (pixels)
+        threshold: 0.5         # normalised decision threshold; 0.5 = the calibrated one
+        outline_ok_images: false  # also outline regions on images judged OK
+        recursive: false       # descend into sub-directories of a directory input
+        on_error: result       # a bad input item: "result" (carries the error) or "raise"
+        json_arrays: rle       # how save_to_json writes pred/map: rle | list | png | none
+        save_extra: false      # save_to_img also writes <name>_map.png and <name>_pred.png
 """
 
 from __future__ import annotations
@@ -38,6 +44,12 @@ PIPELINES: dict[str, dict[str, Any]] = {
                 "batch_size": 1,
                 "device": "cpu",
                 "min_region_area": 0,
+                "threshold": 0.5,
+                "outline_ok_images": False,
+                "recursive": False,
+                "on_error": "result",
+                "json_arrays": "rle",
+                "save_extra": False,
             }
         },
     }
@@ -91,9 +103,16 @@ class AnomalyDetectionPipeline:
         sub = config["SubModules"]["AnomalyDetection"]
         device = parse_device(str(sub["device"]))[0]
         self.predictor = Predictor.from_dir(sub["model_dir"], device, batch_size=int(sub["batch_size"]),
-                                            min_region_area=int(sub["min_region_area"]))
+                                            min_region_area=int(sub["min_region_area"]),
+                                            threshold=float(sub["threshold"]),
+                                            outline_ok_images=bool(sub["outline_ok_images"]))
+        self.recursive, self.on_error = bool(sub["recursive"]), str(sub["on_error"])
+        self.json_arrays, self.save_extra = str(sub["json_arrays"]), bool(sub["save_extra"])
 
     def predict(self, input: Any, **kwargs: Any) -> Iterator[AnomalyResult]:  # noqa: A002 - PaddleX's name
+        """Results in input order; ``recursive``/``on_error`` default to the config's."""
+        kwargs.setdefault("recursive", self.recursive)
+        kwargs.setdefault("on_error", self.on_error)
         return self.predictor.predict(input, **kwargs)
 
     __call__ = predict

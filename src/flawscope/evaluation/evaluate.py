@@ -1,64 +1,189 @@
-"""Score a model on a labelled split: image and pixel metrics, overall and per defect type."""
+"""Score a model on a labelled split: image and pixel metrics, overall and per defect type.
+
+One forward pass per image feeds two kinds of metrics:
+
+- ranking metrics (AUROC, AP, best F1, AUPRO, PaddleX's mIoU) use the *raw* maps and scores:
+  they need the full ordering, which the normalised scores lose where they are clipped to 0 and 1;
+- decision metrics (F1, IoU, precision, recall, FPR at the calibrated threshold) use the
+  ``AnomalyResult`` the Predictor returns for that image: ``is_anomaly``, and ``pred``, which is
+  empty for an image judged OK. So a defect on an image called OK counts as missed pixels, as it
+  is for the user, who is shown no outline there.
+
+Each defect type is scored together with all the good images of the split.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from flawscope.data.io import read_image, read_mask
-from flawscope.data.layouts import Sample
+from flawscope.data.layouts import Dataset, Sample
 from flawscope.evaluation import metrics
 from flawscope.inference.predictor import Predictor
+from flawscope.inference.result import THRESHOLD, AnomalyResult
+from flawscope.logs import log, log_to_file
+
+AUPRO_FPR_LIMIT = 0.3
+REPORT_DIR = "evaluate_report"
+_PER_TYPE_KEYS = ("image_auroc", "image_ap", "image_recall", "pixel_auroc", "aupro", "pixel_f1", "pixel_iou")
 
 
-def raw_predictions(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8,
-                    desc: str = "evaluate") -> Iterator[tuple[Sample, np.ndarray, np.ndarray | None]]:
-    """Yield (sample, raw map at the image's size, ground-truth mask or None) for each sample."""
+@dataclass
+class Outcome:
+    """What one image gave: raw outputs for ranking, the Predictor's decision for thresholds."""
+
+    sample: Sample
+    raw_score: float
+    mask: np.ndarray | None  # None: a defect image without ground truth (image metrics only)
+    raw_map: np.ndarray | None  # kept only when there is a mask to score it against
+    score: float | None = None  # normalised; None while the model is not calibrated
+    is_anomaly: bool | None = None
+    pred: np.ndarray | None = None
+
+
+def raw_outputs(predictor: Predictor, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+    """(raw map, raw image score) per image, as the Predictor scores them (score = max of the map).
+
+    Calibration and evaluation both read scores through here, so a model whose image score is
+    not the map's maximum needs changing in one place only.
+    """
+    return [(amap, float(amap.max())) for amap in predictor.raw_maps(images)]
+
+
+def decide(predictor: Predictor, image: np.ndarray, raw_map: np.ndarray, raw_score: float,
+           name: str | None = None) -> AnomalyResult:
+    """The result ``Predictor.predict`` gives for ``image`` at the calibrated threshold, built
+    from its raw output (same calibration, same ``from_map``; a test holds the two equal)."""
+    cal = predictor.info.calibration
+    return AnomalyResult.from_map(image, cal.pixel_map(raw_map), raw_score, cal.image_score(raw_score),
+                                  predictor.info.model, name, predictor.min_region_area)
+
+
+def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8,
+            desc: str = "evaluate") -> list[Outcome]:
+    """Run the model once over ``samples``; decisions only when the model is calibrated."""
+    calibrated = predictor.info.calibration is not None
+    outcomes = []
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False, unit="batch"):
         chunk = samples[i:i + batch_size]
         images = [read_image(s.image) for s in chunk]
-        maps = predictor.raw_maps(images)
-        for sample, image, amap in zip(chunk, images, maps):
-            size = (image.shape[1], image.shape[0])
+        for sample, image, (raw_map, raw_score) in zip(chunk, images, raw_outputs(predictor, images)):
             if sample.mask is not None:
-                mask = read_mask(sample.mask, size)
+                mask = read_mask(sample.mask, (image.shape[1], image.shape[0]))
             elif sample.label == 0:
                 mask = np.zeros(image.shape[:2], dtype=bool)
             else:
-                mask = None  # a defect image without ground truth counts for image metrics only
-            yield sample, amap, mask
+                mask = None
+            outcome = Outcome(sample, raw_score, mask, raw_map if mask is not None else None)
+            if calibrated:
+                res = decide(predictor, image, raw_map, raw_score)
+                outcome.score, outcome.is_anomaly, outcome.pred = res.score, res.is_anomaly, res.pred
+            outcomes.append(outcome)
+    return outcomes
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
-def evaluate_samples(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8) -> dict:
-    """Image AUROC and pixel AUROC on ``samples`` (raw scores: calibration does not change a ranking)."""
-    labels, scores, types, masks, maps = [], [], [], [], []
-    for sample, amap, mask in raw_predictions(predictor, samples, batch_size):
-        labels.append(sample.label)
-        scores.append(float(amap.max()))
-        types.append(sample.defect_type)
-        if mask is not None:
-            masks.append(mask)
-            maps.append(amap)
-    labels_arr, scores_arr = np.array(labels), np.array(scores)
-    result = {
-        "image_auroc": _round(metrics.image_auroc(labels_arr, scores_arr)),
-        "pixel_auroc": _round(metrics.pixel_auroc(masks, maps)),
-        "num_images": len(samples),
-        "num_good": int((labels_arr == 0).sum()),
-        "num_defect": int((labels_arr == 1).sum()),
-        "num_with_masks": len(masks),
+def summarize(outcomes: Sequence[Outcome], fpr_limit: float = AUPRO_FPR_LIMIT) -> dict:
+    """Every metric of ``outcomes`` (flat, rounded, None where undefined) plus the confusion
+    counts and the best-F1 thresholds found on them."""
+    labels = np.array([o.sample.label for o in outcomes], dtype=int)
+    raw = np.array([o.raw_score for o in outcomes], dtype=np.float64)
+    pixel = [o for o in outcomes if o.mask is not None]
+    masks, maps = [o.mask for o in pixel], [o.raw_map for o in pixel]
+    image_best = metrics.best_f1(labels, raw)
+    pixel_best = metrics.pixel_best_f1(masks, maps)
+    out = {
+        "image_auroc": metrics.image_auroc(labels, raw),
+        "image_ap": metrics.image_ap(labels, raw),
+        "image_f1": None, "image_precision": None, "image_recall": None, "image_fpr": None,
+        "image_best_f1": image_best[0] if image_best else None,
+        "pixel_auroc": metrics.pixel_auroc(masks, maps),
+        "aupro": metrics.aupro(masks, maps, fpr_limit),
+        "pixel_f1": None, "pixel_iou": None, "pixel_precision": None, "pixel_recall": None, "pixel_fpr": None,
+        "pixel_best_f1": pixel_best[0] if pixel_best else None,
+        "paddlex_miou": metrics.paddlex_miou(masks, maps),
     }
-    good = labels_arr == 0
+    confusion = None
+    if outcomes and outcomes[0].is_anomaly is not None:
+        confusion = {"image": metrics.confusion(labels, [o.is_anomaly for o in outcomes]),
+                     "pixel": metrics.mask_confusion(masks, [o.pred for o in pixel])}
+        for level in ("image", "pixel"):
+            for name, value in metrics.rates(confusion[level]).items():
+                if f"{level}_{name}" in out:
+                    out[f"{level}_{name}"] = value
+    out = {k: _round(v) for k, v in out.items()}
+    out |= {
+        "num_images": len(outcomes),
+        "num_good": int((labels == 0).sum()),
+        "num_defect": int((labels == 1).sum()),
+        "num_with_masks": len(pixel),
+        "confusion": confusion,
+        "best_f1_thresholds": {"image": _round(image_best[1]) if image_best else None,
+                               "pixel": _round(pixel_best[1]) if pixel_best else None},
+    }
+    return out
+
+
+def compute_metrics(outcomes: Sequence[Outcome], fpr_limit: float = AUPRO_FPR_LIMIT) -> dict:
+    """``summarize`` of the split, with ``per_defect_type`` (each type with the good images)."""
+    result = summarize(outcomes, fpr_limit)
+    good = [o for o in outcomes if o.sample.label == 0]
     per_type = {}
-    for defect_type in sorted(set(types) - {"good"}):
-        chosen = good | (np.array(types) == defect_type)
-        per_type[defect_type] = {"count": int((np.array(types) == defect_type).sum()),
-                                 "image_auroc": _round(metrics.image_auroc(labels_arr[chosen], scores_arr[chosen]))}
+    for defect_type in sorted({o.sample.defect_type for o in outcomes if o.sample.label == 1}):
+        chosen = [o for o in outcomes if o.sample.label == 1 and o.sample.defect_type == defect_type]
+        scores = summarize(good + chosen, fpr_limit)
+        per_type[defect_type] = {"count": len(chosen), **{k: scores[k] for k in _PER_TYPE_KEYS}}
     result["per_defect_type"] = per_type
+    return result
+
+
+def evaluate_samples(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8) -> dict:
+    """All metrics of ``predictor`` on ``samples``; the threshold ones are None before calibration."""
+    return compute_metrics(collect(predictor, samples, batch_size))
+
+
+def thresholds_of(predictor: Predictor) -> dict:
+    """The calibrated thresholds as stored in the model directory, raw and normalised."""
+    cal = predictor.info.calibration
+    return {
+        "image": {"raw": cal.image_threshold, "normalized": THRESHOLD},
+        "pixel": {"raw": cal.pixel_threshold, "normalized": THRESHOLD},
+        "method": cal.details.get("method", "fpr"),
+        "source": cal.source,
+        "calibration": cal.details,
+    }
+
+
+def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_dir: Path,
+                   batch_size: int = 8) -> dict:
+    """``Global.mode=evaluate``: ``evaluate_result.json``, ``evaluate.log`` and the report."""
+    from flawscope.evaluation.report import write_report
+
+    output.mkdir(parents=True, exist_ok=True)
+    with log_to_file(output / "evaluate.log"):
+        outcomes = collect(predictor, dataset.val, batch_size)
+        result = {"done_flag": True, "model_dir": str(model_dir), "dataset_dir": str(dataset.root),
+                  "metrics": compute_metrics(outcomes), "thresholds": thresholds_of(predictor),
+                  "aupro_fpr_limit": AUPRO_FPR_LIMIT, "warnings": []}
+        calibration_dir = predictor.info.calibration.details.get("calibration_dir")
+        if calibration_dir and Path(calibration_dir).resolve() == dataset.root.resolve():
+            result["warnings"].append(f"the thresholds were calibrated on {dataset.root} itself: the "
+                                      "threshold metrics are optimistic")
+        result["report"] = str(write_report(output / REPORT_DIR, result, outcomes, predictor))
+        (output / "evaluate_result.json").write_text(json.dumps(result, indent=2))
+        m = result["metrics"]
+        for warning in result["warnings"]:
+            log.warning(warning)
+        log.info("evaluate %s on %s: image AUROC %s, pixel AUROC %s, AUPRO %s, image F1 %s, pixel F1 %s; "
+                 "report %s", model_dir, dataset.root, m["image_auroc"], m["pixel_auroc"], m["aupro"],
+                 m["image_f1"], m["pixel_f1"], result["report"])
     return result

@@ -13,6 +13,10 @@ differs where a defect pixel and a good pixel fall into the same bin, which with
 [0, 1] means scores closer than 1e-5. No subsampling, so the result is deterministic and uses
 every pixel.
 
+Thresholded metrics (``confusion``, ``rates``, ``mask_confusion``) score decisions already made,
+e.g. ``AnomalyResult.is_anomaly`` and ``AnomalyResult.pred``, so they measure exactly what a user
+of the Predictor sees.
+
 PRO (per-region overlap, MVTec AD): at a threshold, each connected ground-truth region (3x3
 8-connectivity, as MVTec's reference code) scores the fraction of its pixels predicted defective;
 PRO is the mean over all regions of all images, and FPR is false positive pixels over all good
@@ -60,17 +64,19 @@ def image_ap(labels: ArrayLike, scores: ArrayLike) -> float | None:
     return float(average_precision_score(labels, np.asarray(scores, dtype=np.float64)))
 
 
-def best_f1(labels: ArrayLike, scores: ArrayLike) -> tuple[float, float] | None:
+def best_f1(labels: ArrayLike, scores: ArrayLike,
+            sample_weight: ArrayLike | None = None) -> tuple[float, float] | None:
     """(best F1, its threshold) over all thresholds, predicting defect when score >= threshold.
 
     None when there is no defect label (F1 is undefined). The threshold is one of the scores, so
-    ``f1_at(labels, scores, threshold)`` reproduces the F1.
+    ``f1_at(labels, scores, threshold)`` reproduces the F1. ``sample_weight`` lets the binned
+    pixel data of ``pixel_best_f1`` stand for many pixels per entry.
     """
     labels = np.asarray(labels).astype(bool)
     if not labels.any():
         return None
     precision, recall, thresholds = precision_recall_curve(
-        labels, np.asarray(scores, dtype=np.float64)
+        labels, np.asarray(scores, dtype=np.float64), sample_weight=sample_weight
     )
     # The last (precision=1, recall=0) point has no threshold.
     precision, recall = precision[:-1], recall[:-1]
@@ -105,6 +111,36 @@ def pixel_auroc(
         return None
     y_true, y_score, weight = data
     return float(roc_auc_score(y_true, y_score, sample_weight=weight))
+
+
+def pixel_roc_curve(
+    masks: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+    *,
+    max_exact_pixels: int = MAX_EXACT_PIXELS,
+    num_thresholds: int = NUM_THRESHOLDS,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(fpr, tpr) of all pixels, for plotting; None when ``pixel_auroc`` is None."""
+    data = _pixel_data(masks, maps, "pixel", max_exact_pixels, num_thresholds)
+    if data is None:
+        return None
+    fpr, tpr, _ = roc_curve(data[0], data[1], sample_weight=data[2])
+    return fpr, tpr
+
+
+def pixel_best_f1(
+    masks: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+    *,
+    max_exact_pixels: int = MAX_EXACT_PIXELS,
+    num_thresholds: int = NUM_THRESHOLDS,
+) -> tuple[float, float] | None:
+    """(best pixel F1 over all thresholds, its threshold): the segmentation F1-max of the
+    literature, and the F1-optimal pixel threshold for calibration. None without both classes."""
+    data = _pixel_data(masks, maps, "pixel", max_exact_pixels, num_thresholds)
+    if data is None:
+        return None
+    return best_f1(*data)
 
 
 def pro_curve(
@@ -211,3 +247,92 @@ def _pixel_data(
     weight = np.concatenate([good, defect])
     keep = weight > 0
     return y_true[keep], y_score[keep], weight[keep]
+
+
+def confusion(labels: ArrayLike, predicted: ArrayLike) -> dict[str, int]:
+    """Counts of tp, fp, fn, tn for boolean decisions (label 1 / True = defect)."""
+    labels = np.asarray(labels, dtype=bool).ravel()
+    predicted = np.asarray(predicted, dtype=bool).ravel()
+    if labels.shape != predicted.shape:
+        raise ValueError(f"{labels.size} labels but {predicted.size} predictions")
+    tp = int(np.count_nonzero(labels & predicted))
+    fp = int(np.count_nonzero(~labels & predicted))
+    fn = int(np.count_nonzero(labels & ~predicted))
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": labels.size - tp - fp - fn}
+
+
+def mask_confusion(masks: Sequence[np.ndarray], preds: Sequence[np.ndarray]) -> dict[str, int]:
+    """``confusion`` summed over images without concatenating them (one image in memory at a time)."""
+    if len(masks) != len(preds):
+        raise ValueError(f"{len(masks)} masks but {len(preds)} predicted masks")
+    total = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    for mask, pred in zip(masks, preds):
+        if np.shape(mask) != np.shape(pred):
+            raise ValueError(f"mask shape {np.shape(mask)} != predicted mask shape {np.shape(pred)}")
+        for key, value in confusion(mask, pred).items():
+            total[key] += value
+    return total
+
+
+def rates(counts: dict[str, int]) -> dict[str, float | None]:
+    """precision, recall, F1, IoU of the defect class and FPR of the good one, from ``confusion``.
+
+    Recall, F1 and IoU are None without a defect label (as ``f1_at``), precision is None when
+    nothing was predicted defective, FPR is None without a good label.
+    """
+    tp, fp, fn, tn = counts["tp"], counts["fp"], counts["fn"], counts["tn"]
+    has_defect = tp + fn > 0
+    return {
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, tp + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn) if has_defect else None,
+        "iou": _ratio(tp, tp + fp + fn) if has_defect else None,
+        "fpr": _ratio(fp, fp + tn),
+    }
+
+
+def _ratio(numerator: int, denominator: int) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+def disk(radius: int) -> np.ndarray:
+    """Boolean disk footprint, (2r+1)x(2r+1), x^2 + y^2 <= r^2 (as skimage.morphology.disk)."""
+    y, x = np.ogrid[-radius:radius + 1, -radius:radius + 1]
+    return x * x + y * y <= radius * radius
+
+
+def paddlex_miou(
+    masks: Sequence[np.ndarray],
+    maps: Sequence[np.ndarray],
+    threshold: float = 0.01,
+    opening_radius: int = 4,
+) -> float | None:
+    """The "mIoU" PaddleX reports for STFPM: the fraction of good pixels predicted good.
+
+    How PaddleX computes it (PaddleSeg ``paddleseg/core/infer.py`` ``stfpm_post_transform`` and
+    ``paddleseg/utils/metrics.py`` ``calculate_area``/``mean_iou``, used by PaddleX's
+    ``anomaly_detection`` evaluator): a pixel is predicted defective when its *raw* map value is
+    > 0.01, the binary mask is opened with a disk of radius 4 (reflected borders), and IoU is
+    taken over ``num_classes: 1`` with defect pixels (mask value 255) as ``ignore_index``.
+    Only the good class is scored and its predicted area is restricted to good pixels, so
+    intersection = predicted area = true negatives and union = all good pixels: the number is
+    1 - (pixel false-positive rate) at a fixed raw threshold, areas summed over the split
+    (PaddleX's MVTec conversion puts only the defective test images in val.txt; here it is
+    whatever split is evaluated). It says nothing about whether defects are found. Differences: we open the map at each image's
+    own size (PaddleX at the model input, before resizing back), and raw scales differ between
+    implementations (ours halves each level's squared distance), so 0.01 is not the same
+    operating point. None when there is no good pixel (PaddleX prints 0).
+    """
+    if len(masks) != len(maps):
+        raise ValueError(f"{len(masks)} masks but {len(maps)} maps")
+    footprint = disk(opening_radius)
+    true_negatives = good = 0
+    for mask, amap in zip(masks, maps):
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != np.shape(amap):
+            raise ValueError(f"mask shape {mask.shape} != map shape {np.shape(amap)}")
+        predicted = (np.asarray(amap) > threshold).astype(np.uint8)
+        predicted = ndimage.grey_opening(predicted, footprint=footprint, mode="reflect").astype(bool)
+        true_negatives += int(np.count_nonzero(~predicted & ~mask))
+        good += int(np.count_nonzero(~mask))
+    return true_negatives / good if good else None

@@ -31,28 +31,27 @@ WEIGHTS_FILE = "model.safetensors"
 class Calibration:
     """Thresholds on the raw scores, and the map to normalised scores where 0.5 is the threshold.
 
-    ``normalize(v) = clip(0.5 + 0.5 * (v - threshold) / (threshold - low), 0, 1)``: ``low`` (a low
-    quantile of normal scores) maps to 0, the threshold to 0.5, a score as far above the threshold
-    as ``low`` is below it to 1.
+    ``normalize(v) = v / (v + threshold)`` for the non-negative raw scores of our models: 0 stays
+    0, the threshold maps to 0.5, three times the threshold to 0.75, and nothing saturates, so a
+    gross defect still ranks above a slight one. It needs nothing but the threshold, which is all
+    that good images alone can tell.
     """
 
     image_threshold: float
-    image_low: float
     pixel_threshold: float
-    pixel_low: float
     source: str = "normal"  # what the thresholds were fitted on
     details: dict = field(default_factory=dict)
 
     @staticmethod
-    def _normalize(values, threshold: float, low: float):
-        scale = max(threshold - low, 1e-12)
-        return np.clip(0.5 + 0.5 * (np.asarray(values, dtype=np.float64) - threshold) / scale, 0.0, 1.0)
+    def _normalize(values, threshold: float):
+        values = np.maximum(np.asarray(values, dtype=np.float64), 0.0)
+        return values / (values + max(threshold, 1e-12))
 
     def image_score(self, raw: float) -> float:
-        return float(self._normalize(raw, self.image_threshold, self.image_low))
+        return float(self._normalize(raw, self.image_threshold))
 
     def pixel_map(self, raw: np.ndarray) -> np.ndarray:
-        return self._normalize(raw, self.pixel_threshold, self.pixel_low).astype(np.float32)
+        return self._normalize(raw, self.pixel_threshold).astype(np.float32)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from flawscope.data.transforms import Resizer, normalize
 from flawscope.errors import FlawscopeError
 from flawscope.inference.inputs import expand_inputs, load_input
 from flawscope.inference.model_dir import ModelInfo, load_model_dir
-from flawscope.inference.result import AnomalyResult
+from flawscope.inference.result import THRESHOLD, AnomalyResult
 
 
 def default_model_dir() -> Path:
@@ -26,9 +26,13 @@ class Predictor:
     """Batched prediction with one model; ``predict`` accepts every input type of ``expand_inputs``."""
 
     def __init__(self, model: nn.Module, info: ModelInfo, device: torch.device | str = "cpu",
-                 batch_size: int = 1, min_region_area: int = 0) -> None:
+                 batch_size: int = 1, min_region_area: int = 0, threshold: float = THRESHOLD,
+                 outline_ok_images: bool = False) -> None:
         if batch_size < 1:
             raise FlawscopeError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 < threshold < 1:
+            raise FlawscopeError(f"threshold must be between 0 and 1 (normalised; 0.5 = calibrated), got {threshold}")
+        self.threshold, self.outline_ok_images = threshold, outline_ok_images
         self.device = torch.device(device)
         self.model, self.info = model.to(self.device).eval(), info
         self.batch_size, self.min_region_area = batch_size, min_region_area
@@ -53,7 +57,8 @@ class Predictor:
         for (name, image), raw in zip(items, self.raw_maps([image for _, image in items])):
             raw_score = float(raw.max())
             results.append(AnomalyResult.from_map(image, cal.pixel_map(raw), raw_score, cal.image_score(raw_score),
-                                                  self.info.model, name, self.min_region_area))
+                                                  self.info.model, name, self.min_region_area,
+                                                  self.outline_ok_images, self.threshold))
         return results
 
     def predict(self, inputs: Any, recursive: bool = False, on_error: str = "result") -> Iterator[AnomalyResult]:

@@ -85,12 +85,15 @@ class AnomalyResult:
         input_path: str | None = None,
         min_region_area: int = 0,
         outline_ok_images: bool = False,
+        threshold: float = THRESHOLD,
     ) -> AnomalyResult:
         """Build the result from a normalised map; derives ``pred`` and ``regions``.
 
         An image judged OK (``score`` below the threshold) gets an empty ``pred`` and no regions
         unless ``outline_ok_images``: an inspector should never see a part marked OK with a
-        defect outlined on it. Its heat map still shows where it came closest.
+        defect outlined on it. Its heat map still shows where it came closest. ``threshold``
+        (normalised; the calibrated one is 0.5) lets a user be stricter or looser without
+        recalibrating: it applies to the image score and the map alike.
 
         Components smaller than ``min_region_area`` pixels are removed from ``pred`` as well as
         from ``regions``, so outlines, masks and region lists always agree. Regions are sorted by
@@ -101,8 +104,8 @@ class AnomalyResult:
         if amap.shape != image.shape[:2]:
             raise ValueError(f"map shape {amap.shape} != image size {image.shape[:2]}")
         norm = np.clip(amap, 0.0, 1.0).astype(np.float32)
-        candidate = norm >= THRESHOLD
-        if not outline_ok_images and score < THRESHOLD:
+        candidate = norm >= threshold
+        if not outline_ok_images and score < threshold:
             candidate = np.zeros_like(candidate)
         labels, n = ndimage.label(candidate, structure=CONNECTIVITY)
         areas = np.bincount(labels.ravel(), minlength=n + 1)
@@ -127,8 +130,8 @@ class AnomalyResult:
             image=image,
             score=float(score),
             raw_score=float(raw_score),
-            is_anomaly=bool(score >= THRESHOLD),
-            threshold=THRESHOLD,
+            is_anomaly=bool(score >= threshold),
+            threshold=float(threshold),
             map=norm,
             pred=pred,
             model_name=model_name,

@@ -46,9 +46,8 @@ def calibrate(predictor: Predictor, samples: list[Sample], image_fpr: float, pix
     all_pixels = np.concatenate(pixels)
     if source == "training images":
         log.warning("no good images held out: thresholds fitted on training images will flag too many parts")
-    cal = Calibration(image_threshold=float(np.quantile(scores, 1 - image_fpr)), image_low=float(np.min(scores)),
-                      pixel_threshold=float(np.quantile(all_pixels, 1 - pixel_fpr)),
-                      pixel_low=float(np.quantile(all_pixels, 0.01)), source=source,
+    cal = Calibration(image_threshold=float(np.quantile(scores, 1 - image_fpr)),
+                      pixel_threshold=float(np.quantile(all_pixels, 1 - pixel_fpr)), source=source,
                       details={"num_images": len(scores), "image_fpr": image_fpr, "pixel_fpr": pixel_fpr})
     log.info("calibrated on %d %s: image threshold %.5g, pixel threshold %.5g",
              len(scores), source, cal.image_threshold, cal.pixel_threshold)

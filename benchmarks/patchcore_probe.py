@@ -1,0 +1,127 @@
+"""PatchCore on a real MVTec-layout dataset: accuracy, bank build time, scoring latency, peak memory.
+
+    python benchmarks/patchcore_probe.py ../shared/data/mvtec_transistor
+    python benchmarks/patchcore_probe.py ../shared/data/magnetic_tile --bank-images 1000 --fit-only
+
+Image AUROC is reported for the model's reweighted image score and for max of the map; pixel
+AUROC at the original image size (what ``flawscope evaluate`` reports) and at the 256 model input
+(what anomalib reports). ``--bank-images`` pads the training set with mirrored copies to time a
+bank of that many images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+
+from flawscope.backbones import backbone_spec
+from flawscope.data.io import read_image, read_mask
+from flawscope.data.layouts import load_dataset
+from flawscope.data.transforms import Resizer, normalize
+from flawscope.evaluation.metrics import image_auroc, pixel_auroc
+from flawscope.models.patchcore import PatchCore
+from flawscope.training.patchcore_fit import fit_patchcore
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_images(paths, resizer: Resizer) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(resizer.to_input(read_image(p))) for p in paths])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dataset")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--coreset-ratio", type=float, default=0.01)
+    ap.add_argument("--projection-dim", type=int, default=64)
+    ap.add_argument("--max-patches", type=int, default=1 << 20)
+    ap.add_argument("--feature-dim", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bank-images", type=int, default=0, help="pad the training set to this many images")
+    ap.add_argument("--fit-only", action="store_true")
+    ap.add_argument("--latency-images", type=int, default=20, help="images scored one at a time for latency")
+    args = ap.parse_args()
+
+    dataset = load_dataset(args.dataset)
+    resizer = Resizer(args.size)
+    spec = backbone_spec("efficientnet_lite0")
+    norm = lambda b: normalize(b, spec.mean, spec.std)  # noqa: E731
+    t = time.perf_counter()
+    train = load_images([s.image for s in dataset.train], resizer)
+    if args.bank_images > len(train):
+        extra = train.flip(2).repeat(args.bank_images // len(train) + 1, 1, 1, 1)
+        train = torch.cat([train, extra])[:args.bank_images]
+    report = {"dataset": args.dataset, "train_images": len(train), "load_seconds": time.perf_counter() - t,
+              "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "rss_before_fit_mb": peak_rss_mb()}
+
+    model = PatchCore(feature_dim=args.feature_dim)
+    report["fit"] = fit_patchcore(model, train, norm, "cpu", args.coreset_ratio, args.seed, args.batch_size,
+                                  args.projection_dim, args.max_patches)
+    report["peak_rss_after_fit_mb"] = peak_rss_mb()
+    del train
+    if not args.fit_only:
+        report.update(evaluate(model, dataset.val, resizer, norm, args))
+    report["peak_rss_mb"] = peak_rss_mb()
+    report["load_average_end"] = os.getloadavg()
+    print(json.dumps(report, indent=1))
+
+
+@torch.no_grad()
+def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
+    labels, reweighted, map_max, embed_s, score_s = [], [], [], 0.0, 0.0
+    masks, maps, masks_in, maps_in = [], [], [], []
+    for i in range(0, len(samples), args.batch_size):
+        chunk = samples[i:i + args.batch_size]
+        images = [read_image(s.image) for s in chunk]
+        x = norm(torch.from_numpy(np.stack([resizer.to_input(im) for im in images])))
+        t0 = time.perf_counter()
+        emb = model.embed(x)
+        t1 = time.perf_counter()
+        scores, indices = model.patch_scores(emb)
+        amap, image_score = model.anomaly_map(scores, x.shape[-2:]), model.image_score(emb, scores, indices)
+        score_s += time.perf_counter() - t1
+        embed_s += t1 - t0
+        for sample, image, m, s in zip(chunk, images, amap[:, 0].numpy(), image_score.tolist()):
+            labels.append(sample.label)
+            reweighted.append(s)
+            map_max.append(float(m.max()))
+            size = (image.shape[1], image.shape[0])
+            mask = read_mask(sample.mask, size) if sample.mask else np.zeros(image.shape[:2], bool)
+            masks.append(mask)
+            maps.append(resizer.to_original(m, size))
+            masks_in.append(resizer.mask_to_input(mask))
+            maps_in.append(m)
+    n = len(samples)
+    latency = []
+    for sample in samples[:args.latency_images]:
+        x = norm(torch.from_numpy(resizer.to_input(read_image(sample.image))[None]))
+        t0 = time.perf_counter()
+        emb = model.embed(x)
+        t1 = time.perf_counter()
+        scores, indices = model.patch_scores(emb)
+        model.anomaly_map(scores, x.shape[-2:]), model.image_score(emb, scores, indices)
+        latency.append((t1 - t0, time.perf_counter() - t1))
+    lat = np.array(latency) * 1e3
+    return {
+        "test_images": n,
+        "image_auroc_reweighted": image_auroc(labels, reweighted),
+        "image_auroc_map_max": image_auroc(labels, map_max),
+        "pixel_auroc_original_size": pixel_auroc(masks, maps),
+        "pixel_auroc_input_size": pixel_auroc(masks_in, maps_in),
+        f"batch{args.batch_size}_ms_per_image": {"backbone_embed": embed_s / n * 1e3, "scoring": score_s / n * 1e3},
+        "batch1_ms_per_image": {"backbone_embed": float(np.median(lat[:, 0])), "scoring": float(np.median(lat[:, 1]))},
+    }
+
+
+if __name__ == "__main__":
+    main()

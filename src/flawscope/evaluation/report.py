@@ -1,0 +1,240 @@
+"""The evaluation report: ``evaluate_report.md`` and its PNG plots, for a person deciding whether
+to trust a model: the standard metrics, where the thresholds came from, and the worst mistakes.
+
+    evaluate_report/
+      evaluate_report.md           metrics, thresholds, confusion counts, per defect type
+      roc_curve.png                image and pixel ROC, with the calibrated operating point
+      pro_curve.png                PRO over the FPR range AUPRO integrates
+      score_histogram.png          raw image scores of good and defective images, thresholds drawn
+      worst_false_positives.png    good images flagged, highest score first (when there are any)
+      worst_false_negatives.png    defective images passed as OK, lowest score first
+
+Plots use matplotlib's object API (``Figure``), which needs no display and no pyplot state.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
+
+from flawscope.evaluation import metrics
+from flawscope.inference.predictor import Predictor
+
+WORST = 8  # images per grid of worst mistakes
+_COLUMNS = 4
+_GOOD, _DEFECT, _THRESHOLD = "#2a9d8f", "#e76f51", "#264653"
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _save(fig: Figure, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path.name
+
+
+def plot_roc(outcomes: Sequence, result: dict, path: Path) -> str | None:
+    """Image and pixel ROC curves; the dot is where the calibrated image threshold operates."""
+    m = result["metrics"]
+    labels = np.array([o.sample.label for o in outcomes])
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.add_subplot()
+    drawn = False
+    if m["image_auroc"] is not None:
+        fpr, tpr, _ = roc_curve(labels, [o.raw_score for o in outcomes])
+        ax.plot(fpr, tpr, color=_DEFECT, lw=2, label=f"image (AUROC {m['image_auroc']:.3f})")
+        if m["image_fpr"] is not None and m["image_recall"] is not None:
+            ax.plot([m["image_fpr"]], [m["image_recall"]], "o", color=_THRESHOLD, ms=8,
+                    label="calibrated image threshold")
+        drawn = True
+    pixel = [o for o in outcomes if o.mask is not None]
+    curve = metrics.pixel_roc_curve([o.mask for o in pixel], [o.raw_map for o in pixel])
+    if curve is not None:
+        ax.plot(*curve, color=_GOOD, lw=2, label=f"pixel (AUROC {m['pixel_auroc']:.3f})")
+        drawn = True
+    if not drawn:
+        return None
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate", ylabel="true positive rate",
+           title="ROC curves")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_pro(outcomes: Sequence, result: dict, path: Path) -> str | None:
+    """The PRO curve over [0, fpr_limit], the part AUPRO integrates, with that area shaded."""
+    pixel = [o for o in outcomes if o.mask is not None]
+    curve = metrics.pro_curve([o.mask for o in pixel], [o.raw_map for o in pixel])
+    if curve is None:
+        return None
+    limit = result["aupro_fpr_limit"]
+    fpr, pro = curve
+    inside = fpr <= limit
+    x = np.append(fpr[inside], limit)
+    y = np.append(pro[inside], np.interp(limit, fpr, pro))
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.add_subplot()
+    ax.plot(x, y, color=_DEFECT, lw=2)
+    ax.fill_between(x, y, color=_DEFECT, alpha=0.15, label=f"AUPRO {result['metrics']['aupro']:.3f} (normalised)")
+    ax.set(xlim=(0, limit), ylim=(0, 1.01), xlabel="false positive rate (pixels)",
+           ylabel="per-region overlap", title=f"PRO curve up to FPR {limit}")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_histogram(outcomes: Sequence, result: dict, path: Path) -> str:
+    """Raw image scores of good and defective images with the calibrated threshold (score 0.5)."""
+    good = [o.raw_score for o in outcomes if o.sample.label == 0]
+    defect = [o.raw_score for o in outcomes if o.sample.label == 1]
+    everything = good + defect
+    bins = np.histogram_bin_edges(everything, bins=min(40, max(10, len(everything) // 3)))
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.add_subplot()
+    for scores, color, name in ((good, _GOOD, "good"), (defect, _DEFECT, "defective")):
+        if scores:
+            ax.hist(scores, bins=bins, color=color, alpha=0.6, label=f"{name} ({len(scores)})")
+    ax.axvline(result["thresholds"]["image"]["raw"], color=_THRESHOLD, lw=2,
+               label="calibrated threshold (score 0.5)")
+    best = result["metrics"]["best_f1_thresholds"]["image"]
+    if best is not None:
+        ax.axvline(best, color=_THRESHOLD, lw=1.5, ls="--", label="best-F1 threshold on this split")
+    ax.set(xlabel="raw image score (max of the anomaly map)", ylabel="images",
+           title="Image scores: good vs defective")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_grid(predictor: Predictor, chosen: Sequence, title: str, path: Path) -> str:
+    """What ``predict`` shows for each image (heat map, red predicted outline, verdict), with the
+    ground-truth outline in cyan."""
+    rows = -(-len(chosen) // _COLUMNS)
+    cols = min(_COLUMNS, len(chosen))
+    fig = Figure(figsize=(3.2 * cols, 3.4 * rows + 0.4))
+    fig.suptitle(title)
+    results = predictor.predict([str(o.sample.image) for o in chosen], on_error="raise")
+    for index, (outcome, res) in enumerate(zip(chosen, results)):
+        ax = fig.add_subplot(rows, cols, index + 1)
+        ax.imshow(res.img["res"])
+        if outcome.mask is not None and outcome.mask.any():
+            ax.contour(outcome.mask, levels=[0.5], colors="cyan", linewidths=1)
+        ax.set_title(f"{outcome.sample.image.name} ({outcome.sample.defect_type})\nscore {res.score:.2f}",
+                     fontsize=9)
+        ax.axis("off")
+    return _save(fig, path)
+
+
+def _worst(outcomes: Sequence) -> tuple[list, list]:
+    """Good images flagged (highest score first) and defective ones passed (lowest first)."""
+    false_pos = sorted((o for o in outcomes if o.sample.label == 0 and o.is_anomaly),
+                       key=lambda o: -o.raw_score)
+    false_neg = sorted((o for o in outcomes if o.sample.label == 1 and not o.is_anomaly),
+                       key=lambda o: o.raw_score)
+    return false_pos[:WORST], false_neg[:WORST]
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]
+
+
+def write_report(directory: Path, result: dict, outcomes: Sequence, predictor: Predictor) -> Path:
+    """Write the plots and ``evaluate_report.md`` into ``directory``; returns the Markdown path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.png"):  # a rerun must not show the previous run's mistakes
+        old.unlink()
+    m, t = result["metrics"], result["thresholds"]
+    image_c, pixel_c = m["confusion"]["image"], m["confusion"]["pixel"]
+    details = t["calibration"]
+    target = (f"target FPR {_pct(details.get('image_fpr'))} on good images"
+              if t["method"] == "fpr" else "F1-optimal on labelled calibration defects")
+    lines = [
+        "# Evaluation report", "",
+        f"- Model: `{result['model_dir']}` ({predictor.info.model})",
+        f"- Dataset: `{result['dataset_dir']}`: {m['num_images']} images, {m['num_good']} good, "
+        f"{m['num_defect']} defective, {m['num_with_masks']} with pixel ground truth",
+        f"- Written {datetime.datetime.now().isoformat(timespec='seconds')}", "",
+        *[f"> **Warning:** {w}" for w in result["warnings"]],
+        "## Image level (is the part defective?)", "",
+        *_table([
+            ["metric", "value"],
+            ["AUROC", _fmt(m["image_auroc"])],
+            ["Average precision", _fmt(m["image_ap"])],
+            ["F1 at the calibrated threshold", _fmt(m["image_f1"])],
+            ["precision / recall at the calibrated threshold",
+             f"{_fmt(m['image_precision'])} / {_fmt(m['image_recall'])}"],
+            ["good images flagged (FPR)", f"{_pct(m['image_fpr'])} ({image_c['fp']} of "
+                                          f"{image_c['fp'] + image_c['tn']})"],
+            ["best F1 (threshold fitted on this split: an upper bound)", _fmt(m["image_best_f1"])],
+        ]), "",
+        "## Pixel level (where is the defect?)", "",
+        *_table([
+            ["metric", "value"],
+            ["AUROC", _fmt(m["pixel_auroc"])],
+            [f"AUPRO (FPR up to {result['aupro_fpr_limit']}, normalised to [0, 1])", _fmt(m["aupro"])],
+            ["F1 / IoU of the predicted masks", f"{_fmt(m['pixel_f1'])} / {_fmt(m['pixel_iou'])}"],
+            ["precision / recall of the predicted masks",
+             f"{_fmt(m['pixel_precision'])} / {_fmt(m['pixel_recall'])}"],
+            ["good pixels flagged (FPR)", _pct(m["pixel_fpr"])],
+            ["best F1 over all pixel thresholds (fitted on this split)", _fmt(m["pixel_best_f1"])],
+            ["PaddleX-compatible mIoU", _fmt(m["paddlex_miou"])],
+        ]), "",
+        "Predicted masks are what `predict` returns: an image judged OK gets an empty mask, so a "
+        "defect on it counts as missed pixels. AUROC, AUPRO and best F1 rank the raw maps and do "
+        "not depend on the thresholds.", "",
+        "PaddleX-compatible mIoU: the share of good pixels whose raw score stays at or below 0.01 "
+        "(after an opening of radius 4), defect pixels ignored; it measures false alarms only, "
+        "not whether defects are found.", "",
+        "## Thresholds", "",
+        *_table([
+            ["level", "raw threshold", "normalised", "how it was fitted"],
+            ["image", f"{t['image']['raw']:.6g}", "0.5", target],
+            ["pixel", f"{t['pixel']['raw']:.6g}", "0.5",
+             f"target FPR {_pct(details.get('pixel_fpr'))} on good pixels" if t["method"] == "fpr"
+             else "F1-optimal on labelled calibration defects"],
+        ]), "",
+        f"Fitted on {t['source']} ({details.get('num_good', details.get('num_images', '?'))} good images"
+        f"{', ' + str(details['num_defect']) + ' defective' if details.get('num_defect') else ''}), "
+        "never on this split. Scores are normalised so that 0.5 is the threshold; the model "
+        "directory stores both, so predict, export and serving decide the same way.", "",
+        "## Confusion counts at the calibrated thresholds", "",
+        *_table([["level", "TP", "FP", "FN", "TN"],
+                 ["image", *(str(image_c[k]) for k in ("tp", "fp", "fn", "tn"))],
+                 ["pixel", *(str(pixel_c[k]) for k in ("tp", "fp", "fn", "tn"))]]), "",
+    ]
+    if m["per_defect_type"]:
+        lines += ["## Per defect type (each with all good images)", "",
+                  *_table([["type", "images", "image AUROC", "detected", "pixel AUROC", "AUPRO", "pixel F1", "IoU"],
+                           *[[name, str(v["count"]), _fmt(v["image_auroc"]), _pct(v["image_recall"]),
+                              _fmt(v["pixel_auroc"]), _fmt(v["aupro"]), _fmt(v["pixel_f1"]), _fmt(v["pixel_iou"])]
+                             for name, v in m["per_defect_type"].items()]]), ""]
+    lines += ["## Plots", ""]
+    for name, plot in (("roc_curve.png", plot_roc), ("pro_curve.png", plot_pro), ("score_histogram.png", plot_histogram)):
+        saved = plot(outcomes, result, directory / name)
+        lines += [f"![{name[:-4]}]({saved})", ""] if saved else [f"{name[:-4]}: n/a (needs good and defective data)", ""]
+    false_pos, false_neg = _worst(outcomes)
+    for heading, chosen, name in (("Worst false positives (good images flagged)", false_pos, "worst_false_positives.png"),
+                                  ("Worst false negatives (defective images passed as OK)", false_neg,
+                                   "worst_false_negatives.png")):
+        lines += [f"## {heading}", ""]
+        if chosen:
+            lines += ["Red: predicted outline; cyan: ground truth.", "",
+                      f"![{name[:-4]}]({plot_grid(predictor, chosen, heading, directory / name)})", ""]
+        else:
+            lines += ["None at the calibrated threshold.", ""]
+    path = directory / "evaluate_report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
