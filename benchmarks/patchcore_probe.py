@@ -1,12 +1,14 @@
 """PatchCore on a real MVTec-layout dataset: accuracy, bank build time, scoring latency, peak memory.
 
-    python benchmarks/patchcore_probe.py ../shared/data/mvtec_transistor
-    python benchmarks/patchcore_probe.py ../shared/data/magnetic_tile --bank-images 1000 --fit-only
+    OMP_NUM_THREADS=1 python benchmarks/patchcore_probe.py ../shared/data/mvtec_transistor
+    OMP_NUM_THREADS=1 python benchmarks/patchcore_probe.py ../shared/data/magnetic_tile --bank-images 1000 --fit-only
 
-Image AUROC is reported for the model's reweighted image score and for max of the map; pixel
-AUROC at the original image size (what ``flawscope evaluate`` reports) and at the 256 model input
-(what anomalib reports). ``--bank-images`` pads the training set with mirrored copies to time a
-bank of that many images.
+Image AUROC is reported for the model's reweighted image score, for the largest patch distance
+(the same without reweighting) and for the max of the smoothed map; pixel AUROC at the original
+image size (what ``flawscope evaluate`` reports) and at the 256 model input (what anomalib
+reports). ``--bank-images`` pads the training set with mirrored and flipped copies to time a
+bank of that many images. On a CPU shared with other jobs, one thread gives steadier timings:
+two OpenMP threads stall whenever one of them is descheduled.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import time
 
 import numpy as np
@@ -29,8 +30,16 @@ from flawscope.models.patchcore import PatchCore
 from flawscope.training.patchcore_fit import fit_patchcore
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def reset_peak_rss() -> None:
+    """Linux: restart the VmHWM high-water mark, so the next reading is the peak of one phase."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def load_images(paths, resizer: Resizer) -> torch.Tensor:
@@ -45,7 +54,7 @@ def main() -> None:
     ap.add_argument("--projection-dim", type=int, default=64)
     ap.add_argument("--max-patches", type=int, default=1 << 20)
     ap.add_argument("--feature-dim", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bank-images", type=int, default=0, help="pad the training set to this many images")
     ap.add_argument("--fit-only", action="store_true")
@@ -59,26 +68,31 @@ def main() -> None:
     t = time.perf_counter()
     train = load_images([s.image for s in dataset.train], resizer)
     if args.bank_images > len(train):
-        extra = train.flip(2).repeat(args.bank_images // len(train) + 1, 1, 1, 1)
-        train = torch.cat([train, extra])[:args.bank_images]
+        padded = torch.empty((args.bank_images, *train.shape[1:]), dtype=torch.uint8)
+        for i in range(args.bank_images):  # originals, then mirrored, then flipped upside down, ...
+            image = train[i % len(train)]
+            padded[i] = image.flip(1 - (i // len(train) - 1) % 2) if i >= len(train) else image
+        train = padded
     report = {"dataset": args.dataset, "train_images": len(train), "load_seconds": time.perf_counter() - t,
-              "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "rss_before_fit_mb": peak_rss_mb()}
+              "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "rss_before_fit_mb": rss_mb("VmRSS")}
+    reset_peak_rss()
 
     model = PatchCore(feature_dim=args.feature_dim)
     report["fit"] = fit_patchcore(model, train, norm, "cpu", args.coreset_ratio, args.seed, args.batch_size,
                                   args.projection_dim, args.max_patches)
-    report["peak_rss_after_fit_mb"] = peak_rss_mb()
+    report["fit_peak_rss_mb"] = rss_mb("VmHWM")
     del train
     if not args.fit_only:
+        reset_peak_rss()
         report.update(evaluate(model, dataset.val, resizer, norm, args))
-    report["peak_rss_mb"] = peak_rss_mb()
+        report["evaluate_peak_rss_mb"] = rss_mb("VmHWM")
     report["load_average_end"] = os.getloadavg()
     print(json.dumps(report, indent=1))
 
 
 @torch.no_grad()
 def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
-    labels, reweighted, map_max, embed_s, score_s = [], [], [], 0.0, 0.0
+    labels, reweighted, patch_max, map_max, embed_s, score_s = [], [], [], [], 0.0, 0.0
     masks, maps, masks_in, maps_in = [], [], [], []
     for i in range(0, len(samples), args.batch_size):
         chunk = samples[i:i + args.batch_size]
@@ -91,9 +105,11 @@ def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
         amap, image_score = model.anomaly_map(scores, x.shape[-2:]), model.image_score(emb, scores, indices)
         score_s += time.perf_counter() - t1
         embed_s += t1 - t0
-        for sample, image, m, s in zip(chunk, images, amap[:, 0].numpy(), image_score.tolist()):
+        for sample, image, m, s, p in zip(chunk, images, amap[:, 0].numpy(), image_score.tolist(),
+                                          scores.flatten(1).amax(1).tolist()):
             labels.append(sample.label)
             reweighted.append(s)
+            patch_max.append(p)
             map_max.append(float(m.max()))
             size = (image.shape[1], image.shape[0])
             mask = read_mask(sample.mask, size) if sample.mask else np.zeros(image.shape[:2], bool)
@@ -116,6 +132,7 @@ def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
         "test_images": n,
         "image_auroc_reweighted": image_auroc(labels, reweighted),
         "image_auroc_map_max": image_auroc(labels, map_max),
+        "image_auroc_patch_max": image_auroc(labels, patch_max),
         "pixel_auroc_original_size": pixel_auroc(masks, maps),
         "pixel_auroc_input_size": pixel_auroc(masks_in, maps_in),
         f"batch{args.batch_size}_ms_per_image": {"backbone_embed": embed_s / n * 1e3, "scoring": score_s / n * 1e3},

@@ -6,11 +6,18 @@ from sklearn.metrics import roc_auc_score
 from flawscope.evaluation.metrics import (
     aupro,
     best_f1,
+    confusion,
+    disk,
     f1_at,
     image_ap,
     image_auroc,
+    mask_confusion,
+    paddlex_miou,
     pixel_auroc,
+    pixel_best_f1,
+    pixel_roc_curve,
     pro_curve,
+    rates,
 )
 
 LABELS = [0, 0, 1, 1]
@@ -149,3 +156,132 @@ def test_pixel_auroc_matches_sklearn_exact_and_binned(seed):
     assert pixel_auroc(masks, maps, max_exact_pixels=0) == pytest.approx(expected, abs=1e-4)
     coarse = pixel_auroc(masks, maps, max_exact_pixels=0, num_thresholds=100)
     assert coarse == pytest.approx(expected, abs=1e-2)
+
+
+def test_best_f1_constant_scores_predicts_everything():
+    # One threshold only: all four predicted defective, tp=2 fp=2 -> F1 = 4 / 6.
+    assert best_f1(LABELS, [0.3] * 4) == (pytest.approx(2 / 3), 0.3)
+
+
+def test_confusion_and_rates_hand_computed():
+    counts = confusion([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], [1, 1, 0, 1, 0, 0, 0, 0, 0, 0])
+    assert counts == {"tp": 2, "fp": 1, "fn": 1, "tn": 6}
+    r = rates(counts)
+    assert r["precision"] == pytest.approx(2 / 3) and r["recall"] == pytest.approx(2 / 3)
+    assert r["f1"] == pytest.approx(2 / 3) and r["iou"] == pytest.approx(0.5)
+    assert r["fpr"] == pytest.approx(1 / 7)
+    with pytest.raises(ValueError):
+        confusion([1, 0], [1])
+
+
+def test_rates_edge_cases():
+    # No defect at all (all-normal masks): only the false-positive rate is defined.
+    assert rates({"tp": 0, "fp": 3, "fn": 0, "tn": 5}) == {
+        "precision": 0.0, "recall": None, "f1": None, "iou": None, "fpr": 3 / 8}
+    # Defects, nothing predicted: precision undefined, the rest 0.
+    assert rates({"tp": 0, "fp": 0, "fn": 4, "tn": 5}) == {
+        "precision": None, "recall": 0.0, "f1": 0.0, "iou": 0.0, "fpr": 0.0}
+    # No good sample: FPR undefined.
+    assert rates({"tp": 2, "fp": 0, "fn": 0, "tn": 0})["fpr"] is None
+
+
+def test_mask_confusion_one_pixel_defect_and_gated_image():
+    one_pixel = np.zeros((5, 5), bool)
+    one_pixel[2, 3] = True
+    found = mask_confusion([one_pixel], [one_pixel.copy()])
+    assert found == {"tp": 1, "fp": 0, "fn": 0, "tn": 24}
+    assert rates(found)["f1"] == 1.0 and rates(found)["iou"] == 1.0
+    # The same defect on an image judged OK: pred is empty, so the pixel is missed.
+    missed = mask_confusion([one_pixel, np.zeros((5, 5), bool)], [np.zeros((5, 5), bool)] * 2)
+    assert missed == {"tp": 0, "fp": 0, "fn": 1, "tn": 49} and rates(missed)["f1"] == 0.0
+    with pytest.raises(ValueError):
+        mask_confusion([one_pixel], [np.zeros((4, 4), bool)])
+
+
+def _brute_best_f1(masks, maps):
+    y = np.concatenate([m.ravel() for m in masks])
+    s = np.concatenate([a.ravel() for a in maps])
+    return max(rates(confusion(y, s >= t))["f1"] for t in np.unique(s))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pixel_best_f1_matches_brute_force(seed):
+    masks, maps = _random_case(seed)
+    f1, threshold = pixel_best_f1(masks, maps)
+    assert f1 == pytest.approx(_brute_best_f1(masks, maps), abs=1e-12)
+    y = np.concatenate([m.ravel() for m in masks])
+    s = np.concatenate([a.ravel() for a in maps])
+    assert rates(confusion(y, s >= threshold))["f1"] == pytest.approx(f1)
+    binned, _ = pixel_best_f1(masks, maps, max_exact_pixels=0, num_thresholds=1000)
+    assert binned == pytest.approx(f1, abs=1e-2)
+
+
+def test_pixel_best_f1_and_roc_edge_cases():
+    one_pixel = np.zeros((8, 8), bool)
+    one_pixel[3, 5] = True
+    constant = np.full((8, 8), 0.5)
+    # Constant map: the only threshold predicts all 64 pixels, tp=1 fp=63 -> F1 = 2 / 65.
+    assert pixel_best_f1([one_pixel], [constant])[0] == pytest.approx(2 / 65)
+    assert pixel_best_f1([one_pixel], [one_pixel * 0.9 + 0.1]) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert pixel_best_f1([np.zeros((8, 8), bool)], [constant]) is None  # all-normal masks
+    assert pixel_roc_curve([np.zeros((8, 8), bool)], [constant]) is None
+    fpr, tpr = pixel_roc_curve([one_pixel], [constant])
+    np.testing.assert_allclose(fpr, [0, 1])
+    np.testing.assert_allclose(tpr, [0, 1])
+
+
+def test_pixel_roc_curve_integrates_to_pixel_auroc():
+    masks, maps = _random_case(3)
+    fpr, tpr = pixel_roc_curve(masks, maps)
+    assert fpr[0] == 0 and fpr[-1] == 1 and np.all(np.diff(fpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(pixel_auroc(masks, maps), abs=1e-12)
+
+
+def test_paddlex_miou_hand_computed():
+    # 14 good pixels; raw > 0.01 on one defect pixel (ignored) and two good ones (false alarms);
+    # exactly 0.01 is not above the threshold. Radius 0 leaves the mask as it is.
+    mask = np.zeros((4, 4), bool)
+    mask[0, :2] = True
+    amap = np.zeros((4, 4))
+    amap[0, 0] = amap[3, 3] = amap[2, 3] = 0.5
+    amap[1, 1] = 0.01
+    assert paddlex_miou([mask], [amap], opening_radius=0) == pytest.approx(12 / 14)
+    # The opening (radius 4) erases both blobs: every good pixel counts as predicted good.
+    assert paddlex_miou([mask], [amap]) == 1.0
+    # A defect found perfectly does not raise it, a clean map cannot lower it.
+    assert paddlex_miou([mask], [mask * 1.0], opening_radius=0) == 1.0
+    # Areas are summed over images: 14 + 16 good pixels, 2 false alarms.
+    assert paddlex_miou([mask, np.zeros((4, 4), bool)], [amap, np.zeros((4, 4))],
+                        opening_radius=0) == pytest.approx(28 / 30)
+
+
+def test_paddlex_miou_edge_cases():
+    assert paddlex_miou([np.ones((6, 6), bool)], [np.zeros((6, 6))]) is None  # no good pixel
+    assert paddlex_miou([np.zeros((6, 6), bool)], [np.full((6, 6), 0.02)]) == 0.0  # constant, all above
+    assert paddlex_miou([np.zeros((6, 6), bool)], [np.full((6, 6), 0.005)]) == 1.0
+    with pytest.raises(ValueError):
+        paddlex_miou([np.zeros((6, 6), bool)], [np.zeros((5, 6))])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_paddlex_miou_matches_paddleseg_procedure(seed):
+    """Reference: PaddleSeg's steps spelled out with skimage (threshold, opening with disk(4),
+    class-0 IoU with defect pixels ignored)."""
+    morphology = pytest.importorskip("skimage.morphology")
+    rng = np.random.default_rng(seed)
+    masks, maps, tn, good = [], [], 0, 0
+    for _ in range(3):
+        mask = np.zeros((40, 48), bool)
+        mask[rng.integers(0, 30):, rng.integers(0, 40):][:6, :5] = True
+        smooth = np.kron(rng.random((10, 12)), np.ones((4, 4)))  # blobs of many sizes after thresholding
+        amap = 0.02 * smooth
+        binary = (amap > 0.01).astype(np.float32)
+        opened = morphology.opening(binary, morphology.disk(4))
+        label = np.where(mask, 255, 0)
+        pred_good = (opened == 0) & (label != 255)
+        tn += np.count_nonzero(pred_good & (label == 0))
+        good += np.count_nonzero(label == 0)
+        masks.append(mask)
+        maps.append(amap)
+    assert np.array_equal(disk(4), morphology.disk(4).astype(bool))
+    assert paddlex_miou(masks, maps) == pytest.approx(tn / good, abs=1e-12)

@@ -3,8 +3,10 @@
     flawscope -c configs/STFPM.yaml -o Global.mode=train -o Global.dataset_dir=DATA
     flawscope --pipeline anomaly_detection --input IMG|URL|DIR --save_path output [--device cpu]
     flawscope --get_pipeline_config anomaly_detection --save_path ./my_path [--yes]
+    flawscope benchmark --datasets DIR [DIR ...] [--models STFPM ...] [-o Section.key=value] [--output DIR]
 
-Exit status: 0 success, 1 a dataset check that did not pass, 2 a user error (one line on stderr).
+Exit status: 0 success, 1 a dataset check that did not pass (or a benchmark run that failed), 2 a
+user error (one line on stderr).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from flawscope.logs import setup_console
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flawscope", description="Visual anomaly detection for industrial inspection.")
+    p = argparse.ArgumentParser(prog="flawscope", description="Visual anomaly detection for industrial inspection.",
+                                epilog="flawscope benchmark -h: train, evaluate and time models on datasets")
     p.add_argument("-c", "--config", help="module config: a YAML path or a shipped name (STFPM)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="Section.key=value",
                    help="override a config value (repeatable); values parse as YAML scalars")
@@ -54,7 +57,35 @@ def _write_pipeline_config(name: str, save_path: str | None, yes: bool) -> Path:
     return target
 
 
+def _benchmark_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flawscope benchmark",
+                                description="Train, evaluate and time models on datasets; writes "
+                                            "benchmark.md and benchmark.json.")
+    p.add_argument("--datasets", nargs="+", required=True, metavar="DIR", help="dataset directories")
+    p.add_argument("--models", nargs="+", default=["STFPM"], metavar="MODEL",
+                   help="shipped model configs (default: STFPM)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="Section.key=value",
+                   help="override applied to every run's config (repeatable), e.g. Global.device=gpu")
+    p.add_argument("--output", default="output/benchmark", help="where runs and the table go")
+    p.add_argument("--batch_size", type=int, default=8, help="batch N of the latency/throughput timing")
+    p.add_argument("--repeats", type=int, default=20, help="timed repeats per batch size")
+    return p
+
+
+def _benchmark(argv: list[str]) -> int:
+    from flawscope.benchmark import run_benchmark
+
+    args = _benchmark_parser().parse_args(argv)
+    report = run_benchmark(args.datasets, args.models, args.override, args.output, args.batch_size, args.repeats)
+    print(f"benchmark table written to {Path(args.output) / 'benchmark.md'}")
+    return 0 if all(run["status"] == "ok" for run in report["runs"]) else 1
+
+
 def run(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["benchmark"]:
+        setup_console()
+        return _benchmark(argv[1:])
     args = _parser().parse_args(argv)
     if args.version:
         from flawscope import __version__

@@ -99,6 +99,8 @@ SCHEMA: dict[str, Any] = {
         "calibration_fraction": Key(float, ge=0, lt=1, required_for=MODELS),
         "image_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
         "pixel_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
+        "threshold_method": Key(str, "fpr", choices=("fpr", "f1")),
+        "calibration_dir": Key(str, None, nullable=True),
     },
     "Evaluate": {
         "weight_path": Key(str, None, nullable=True),

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 from flawscope.device import parse_device
 from flawscope.errors import FlawscopeError
 from flawscope.inference.result import AnomalyResult
-from flawscope.logs import log, log_to_file
 
 
 def inference_dir(cfg: dict, key: str) -> Path | None:
@@ -35,8 +33,9 @@ def train(cfg: dict) -> dict:
 
 
 def evaluate(cfg: dict) -> dict:
+    """Metrics, thresholds and counts to ``evaluate_result.json``; plots to ``evaluate_report/``."""
     from flawscope.data.layouts import load_dataset
-    from flawscope.evaluation.evaluate import evaluate_samples
+    from flawscope.evaluation.evaluate import evaluate_model
     from flawscope.inference.predictor import Predictor
 
     device = parse_device(cfg["Global"]["device"])[0]
@@ -50,15 +49,7 @@ def evaluate(cfg: dict) -> dict:
     if not dataset.val:
         raise FlawscopeError(f"{dataset.root}: no validation/test images to evaluate on")
     predictor = Predictor.from_dir(model_dir, device)
-    metrics = evaluate_samples(predictor, dataset.val)
-    result = {"done_flag": True, "model_dir": str(model_dir), "dataset_dir": str(dataset.root), "metrics": metrics}
-    output = Path(cfg["Global"]["output"])
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "evaluate_result.json").write_text(json.dumps(result, indent=2))
-    with log_to_file(output / "evaluate.log"):
-        log.info("evaluate %s on %s: image AUROC %s, pixel AUROC %s", model_dir, dataset.root,
-                 metrics["image_auroc"], metrics["pixel_auroc"])
-    return result
+    return evaluate_model(predictor, dataset, Path(cfg["Global"]["output"]), model_dir)
 
 
 def predict(cfg: dict) -> dict:

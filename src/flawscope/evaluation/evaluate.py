@@ -2,8 +2,8 @@
 
 One forward pass per image feeds two kinds of metrics:
 
-- ranking metrics (AUROC, AP, best F1, AUPRO, PaddleX's mIoU) use the *raw* maps and scores:
-  they need the full ordering, which the normalised scores lose where they are clipped to 0 and 1;
+- ranking metrics (AUROC, AP, best F1, AUPRO) and PaddleX's mIoU use the *raw* maps and scores
+  (the normalisation is monotone, so the rankings are the same; PaddleX thresholds raw scores);
 - decision metrics (F1, IoU, precision, recall, FPR at the calibrated threshold) use the
   ``AnomalyResult`` the Predictor returns for that image: ``is_anomaly``, and ``pred``, which is
   empty for an image judged OK. So a defect on an image called OK counts as missed pixels, as it

@@ -318,10 +318,11 @@ def paddlex_miou(
     intersection = predicted area = true negatives and union = all good pixels: the number is
     1 - (pixel false-positive rate) at a fixed raw threshold, areas summed over the split
     (PaddleX's MVTec conversion puts only the defective test images in val.txt; here it is
-    whatever split is evaluated). It says nothing about whether defects are found. Differences: we open the map at each image's
-    own size (PaddleX at the model input, before resizing back), and raw scales differ between
-    implementations (ours halves each level's squared distance), so 0.01 is not the same
-    operating point. None when there is no good pixel (PaddleX prints 0).
+    whatever split is evaluated). It says nothing about whether defects are found.
+    Differences: we open the map at each image's own size (PaddleX at the model input, before
+    resizing back), and raw scales differ between implementations (ours halves each level's
+    squared distance), so 0.01 is not the same operating point. None when there is no good
+    pixel (PaddleX prints 0).
     """
     if len(masks) != len(maps):
         raise ValueError(f"{len(masks)} masks but {len(maps)} maps")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import roc_curve
 
 from flawscope.evaluation import metrics
@@ -38,8 +39,11 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _figure(width: float, height: float) -> Figure:
+    return Figure(figsize=(width, height), layout="constrained")  # makes room for titles and legends
+
+
 def _save(fig: Figure, path: Path) -> str:
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path.name
 
@@ -48,7 +52,7 @@ def plot_roc(outcomes: Sequence, result: dict, path: Path) -> str | None:
     """Image and pixel ROC curves; the dot is where the calibrated image threshold operates."""
     m = result["metrics"]
     labels = np.array([o.sample.label for o in outcomes])
-    fig = Figure(figsize=(5.5, 5))
+    fig = _figure(5.5, 5)
     ax = fig.add_subplot()
     drawn = False
     if m["image_auroc"] is not None:
@@ -84,7 +88,7 @@ def plot_pro(outcomes: Sequence, result: dict, path: Path) -> str | None:
     inside = fpr <= limit
     x = np.append(fpr[inside], limit)
     y = np.append(pro[inside], np.interp(limit, fpr, pro))
-    fig = Figure(figsize=(5.5, 5))
+    fig = _figure(5.5, 5)
     ax = fig.add_subplot()
     ax.plot(x, y, color=_DEFECT, lw=2)
     ax.fill_between(x, y, color=_DEFECT, alpha=0.15, label=f"AUPRO {result['metrics']['aupro']:.3f} (normalised)")
@@ -101,7 +105,7 @@ def plot_histogram(outcomes: Sequence, result: dict, path: Path) -> str:
     defect = [o.raw_score for o in outcomes if o.sample.label == 1]
     everything = good + defect
     bins = np.histogram_bin_edges(everything, bins=min(40, max(10, len(everything) // 3)))
-    fig = Figure(figsize=(7, 4.2))
+    fig = _figure(7, 4.8)
     ax = fig.add_subplot()
     for scores, color, name in ((good, _GOOD, "good"), (defect, _DEFECT, "defective")):
         if scores:
@@ -113,7 +117,8 @@ def plot_histogram(outcomes: Sequence, result: dict, path: Path) -> str:
         ax.axvline(best, color=_THRESHOLD, lw=1.5, ls="--", label="best-F1 threshold on this split")
     ax.set(xlabel="raw image score (max of the anomaly map)", ylabel="images",
            title="Image scores: good vs defective")
-    ax.legend()
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -123,7 +128,7 @@ def plot_grid(predictor: Predictor, chosen: Sequence, title: str, path: Path) ->
     ground-truth outline in cyan."""
     rows = -(-len(chosen) // _COLUMNS)
     cols = min(_COLUMNS, len(chosen))
-    fig = Figure(figsize=(3.2 * cols, 3.4 * rows + 0.4))
+    fig = _figure(max(3.2 * cols, 6.5), 3.4 * rows + 0.5)
     fig.suptitle(title)
     results = predictor.predict([str(o.sample.image) for o in chosen], on_error="raise")
     for index, (outcome, res) in enumerate(zip(chosen, results)):
@@ -131,7 +136,7 @@ def plot_grid(predictor: Predictor, chosen: Sequence, title: str, path: Path) ->
         ax.imshow(res.img["res"])
         if outcome.mask is not None and outcome.mask.any():
             ax.contour(outcome.mask, levels=[0.5], colors="cyan", linewidths=1)
-        ax.set_title(f"{outcome.sample.image.name} ({outcome.sample.defect_type})\nscore {res.score:.2f}",
+        ax.set_title(f"{outcome.sample.image.name} ({outcome.sample.defect_type})\nscore {res.score:.3f}",
                      fontsize=9)
         ax.axis("off")
     return _save(fig, path)
@@ -167,7 +172,7 @@ def write_report(directory: Path, result: dict, outcomes: Sequence, predictor: P
         f"- Dataset: `{result['dataset_dir']}`: {m['num_images']} images, {m['num_good']} good, "
         f"{m['num_defect']} defective, {m['num_with_masks']} with pixel ground truth",
         f"- Written {datetime.datetime.now().isoformat(timespec='seconds')}", "",
-        *[f"> **Warning:** {w}" for w in result["warnings"]],
+        *[line for w in result["warnings"] for line in (f"> **Warning:** {w}", "")],
         "## Image level (is the part defective?)", "",
         *_table([
             ["metric", "value"],
@@ -207,9 +212,12 @@ def write_report(directory: Path, result: dict, outcomes: Sequence, predictor: P
              else "F1-optimal on labelled calibration defects"],
         ]), "",
         f"Fitted on {t['source']} ({details.get('num_good', details.get('num_images', '?'))} good images"
-        f"{', ' + str(details['num_defect']) + ' defective' if details.get('num_defect') else ''}), "
-        "never on this split. Scores are normalised so that 0.5 is the threshold; the model "
-        "directory stores both, so predict, export and serving decide the same way.", "",
+        f"{', ' + str(details['num_defect']) + ' defective' if details.get('num_defect') else ''}). "
+        "Scores are normalised so that 0.5 is the threshold; the model "
+        "directory stores both, so predict, export and serving decide the same way."
+        + (f" A new good part exceeds the image threshold with probability at most "
+           f"{_pct(details['image_fpr_bound'])} (conformal bound from the calibration images)."
+           if details.get("image_fpr_bound") is not None else ""), "",
         "## Confusion counts at the calibrated thresholds", "",
         *_table([["level", "TP", "FP", "FN", "TN"],
                  ["image", *(str(image_c[k]) for k in ("tp", "fp", "fn", "tn"))],
@@ -219,16 +227,16 @@ def write_report(directory: Path, result: dict, outcomes: Sequence, predictor: P
         lines += ["## Per defect type (each with all good images)", "",
                   *_table([["type", "images", "image AUROC", "detected", "pixel AUROC", "AUPRO", "pixel F1", "IoU"],
                            *[[name, str(v["count"]), _fmt(v["image_auroc"]), _pct(v["image_recall"]),
-                              _fmt(v["pixel_auroc"]), _fmt(v["aupro"]), _fmt(v["pixel_f1"]), _fmt(v["pixel_iou"])]
-                             for name, v in m["per_defect_type"].items()]]), ""]
+                              _fmt(v["pixel_auroc"]), _fmt(v["aupro"]), _fmt(v["pixel_f1"]),
+                              _fmt(v["pixel_iou"])] for name, v in m["per_defect_type"].items()]]), ""]
     lines += ["## Plots", ""]
-    for name, plot in (("roc_curve.png", plot_roc), ("pro_curve.png", plot_pro), ("score_histogram.png", plot_histogram)):
+    plots = {"roc_curve.png": plot_roc, "pro_curve.png": plot_pro, "score_histogram.png": plot_histogram}
+    for name, plot in plots.items():
         saved = plot(outcomes, result, directory / name)
-        lines += [f"![{name[:-4]}]({saved})", ""] if saved else [f"{name[:-4]}: n/a (needs good and defective data)", ""]
-    false_pos, false_neg = _worst(outcomes)
-    for heading, chosen, name in (("Worst false positives (good images flagged)", false_pos, "worst_false_positives.png"),
-                                  ("Worst false negatives (defective images passed as OK)", false_neg,
-                                   "worst_false_negatives.png")):
+        lines += [f"![{name[:-4]}]({saved})" if saved else f"{name[:-4]}: n/a (needs good and defective data)", ""]
+    grids = (("Worst false positives (good images flagged)", "worst_false_positives.png"),
+             ("Worst false negatives (defective images passed as OK)", "worst_false_negatives.png"))
+    for (heading, name), chosen in zip(grids, _worst(outcomes)):
         lines += [f"## {heading}", ""]
         if chosen:
             lines += ["Red: predicted outline; cyan: ground truth.", "",

@@ -5,9 +5,10 @@ from __future__ import annotations
 from torch import nn
 
 from flawscope.errors import FlawscopeError
+from flawscope.models.patchcore import PatchCore
 from flawscope.models.stfpm import STFPM
 
-MODELS: dict[str, type[nn.Module]] = {"STFPM": STFPM}
+MODELS: dict[str, type[nn.Module]] = {"STFPM": STFPM, "PatchCore": PatchCore}
 
 
 def build_model(name: str, config: dict, pretrained: bool = True) -> nn.Module:

@@ -1,25 +1,64 @@
-"""Thresholds from good images only: what a line has when it starts inspecting.
+"""Thresholds from images the model was not trained on: what a line has when it starts inspecting.
 
-The image threshold is the ``1 - image_fpr`` quantile of the raw scores of good images held out of
-training, so about ``image_fpr`` of good parts get flagged; the pixel threshold likewise over the
-good pixels. Images the model was fitted on score lower than new good images, so calibrating on
-them (the fallback when nothing is held out) gives thresholds that flag too much: the log says so.
+``Train.threshold_method: fpr`` (default) needs good images only. The image threshold is the
+split-conformal quantile of the raw scores of n good images the model was not trained on: the
+ceil((n+1)(1 - image_fpr))-th smallest, so a new good part is flagged with probability at most
+``image_fpr``. When n is too small for that (n + 1 < 1 / image_fpr), the threshold goes just above
+the highest good score and the bound is 1 / (n + 1), which the log and ``details`` state. The pixel
+threshold likewise over their pixels.
+
+``Train.threshold_method: f1`` picks the thresholds that maximise F1 on good images plus labelled
+defects (images with masks). Those defects must come from ``Train.calibration_dir``: the training
+dataset's own defects are its evaluation split, and thresholds fitted there would make the
+reported numbers optimistic, so that is refused before training starts rather than done silently.
+
+``Train.calibration_dir`` is a folder of good images, or a dataset in any layout (its good images
+and its defects with masks are used); its images must not be in the training dataset. Good images
+held out of training (``Train.calibration_fraction``) are used as well. With neither, the
+training images themselves are used, which flags too much (models score lower on what they were
+fitted on): the log says so.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from flawscope.data.io import read_image
-from flawscope.data.layouts import Sample
+from flawscope.data.io import read_image, read_mask
+from flawscope.data.layouts import Dataset, Sample, load_dataset
+from flawscope.errors import FlawscopeError
+from flawscope.evaluation.evaluate import raw_outputs
+from flawscope.evaluation.metrics import best_f1, pixel_best_f1
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
 
 log = logging.getLogger("flawscope")
 
 _PIXELS_PER_IMAGE = 65536  # subsample of each good map kept for the pixel quantile
+
+
+def fpr_threshold(scores: np.ndarray, fpr: float) -> tuple[float, float]:
+    """(threshold, bound): flagging ``score >= threshold`` flags a new good sample with
+    probability at most ``bound``, which is ``fpr`` unless there are too few scores to reach it."""
+    n = len(scores)
+    rank = math.ceil((n + 1) * (1 - fpr))  # 1-based rank among the sorted scores
+    if rank > n:
+        return float(np.nextafter(np.max(scores), np.inf)), 1 / (n + 1)
+    return float(np.partition(scores, rank - 1)[rank - 1]), (n - rank + 1) / (n + 1)
+
+
+@dataclass
+class CalibrationSet:
+    """The images thresholds are fitted on; none of them was trained on or is evaluated on."""
+
+    good: list[Sample]
+    defects: list[Sample]  # labelled defects (with masks), only from Train.calibration_dir
+    source: str
+    calibration_dir: str | None = None
 
 
 def split_calibration(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -32,23 +71,93 @@ def split_calibration(samples: list[Sample], fraction: float, seed: int) -> tupl
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
 
-def calibrate(predictor: Predictor, samples: list[Sample], image_fpr: float, pixel_fpr: float,
-              source: str, batch_size: int = 8) -> Calibration:
-    """Fit image and pixel thresholds on the raw maps of good ``samples``."""
-    scores, pixels = [], []
-    rng = np.random.default_rng(0)
+def calibration_set(train_cfg: dict, dataset: Dataset, held_out: list[Sample],
+                    fit_samples: list[Sample]) -> CalibrationSet:
+    """Gather and check the calibration images before training, so a config that cannot be
+    calibrated fails in seconds instead of after the training run."""
+    f1 = train_cfg["threshold_method"] == "f1"
+    good, defects, sources = list(held_out), [], ["held-out good training images"] if held_out else []
+    directory = train_cfg["calibration_dir"]
+    if directory:
+        extra_good, labelled = _load_calibration_dir(Path(directory), dataset)
+        good += extra_good
+        defects = labelled if f1 else []  # the FPR method uses good images only
+        sources.append(f"Train.calibration_dir {directory}")
+    if f1 and not defects:
+        raise FlawscopeError(
+            "Train.threshold_method=f1: needs defective images with masks that are not the evaluation "
+            "split; set Train.calibration_dir to a dataset holding some (e.g. test/<type>/ + "
+            "ground_truth/), or use Train.threshold_method=fpr")
+    if not good:
+        return CalibrationSet(list(fit_samples), defects, "training images", directory)
+    return CalibrationSet(good, defects, " + ".join(sources), directory)
+
+
+def _load_calibration_dir(directory: Path, dataset: Dataset) -> tuple[list[Sample], list[Sample]]:
+    """(good images, defects with masks) of a folder or dataset that shares no image with ``dataset``."""
+    try:
+        cal = load_dataset(directory, require_train=False)
+    except FlawscopeError as exc:
+        raise FlawscopeError(f"Train.calibration_dir: {exc}") from None
+    samples = cal.train + cal.val
+    known = {s.image.resolve(): split for split, group in (("training", dataset.train), ("evaluation", dataset.val))
+             for s in group}
+    for sample in samples:
+        split = known.get(sample.image.resolve())
+        if split:
+            raise FlawscopeError(f"Train.calibration_dir: {sample.image} is also in the {split} split of "
+                                 f"{dataset.root}; calibration images must be new to the model and to evaluation")
+    good = [s for s in samples if s.label == 0]
+    defects = [s for s in samples if s.label == 1 and s.mask is not None]
+    if not good and not defects:
+        raise FlawscopeError(f"Train.calibration_dir: {directory}: no images found")
+    skipped = sum(1 for s in samples if s.label == 1 and s.mask is None)
+    if skipped:
+        log.info("calibration_dir: %d defective images without masks are not used", skipped)
+    return good, defects
+
+
+def _maps(predictor: Predictor, samples: list[Sample], batch_size: int) -> list[tuple[np.ndarray, float]]:
+    out = []
     for i in range(0, len(samples), batch_size):
-        images = [read_image(s.image) for s in samples[i:i + batch_size]]
-        for amap in predictor.raw_maps(images):
-            scores.append(float(amap.max()))
-            flat = amap.ravel()
-            pixels.append(flat if flat.size <= _PIXELS_PER_IMAGE else rng.choice(flat, _PIXELS_PER_IMAGE, replace=False))
-    all_pixels = np.concatenate(pixels)
-    if source == "training images":
+        out += raw_outputs(predictor, [read_image(s.image) for s in samples[i:i + batch_size]])
+    return out
+
+
+def calibrate(predictor: Predictor, cal_set: CalibrationSet, image_fpr: float, pixel_fpr: float,
+              method: str = "fpr", batch_size: int = 8) -> Calibration:
+    """Fit the image and pixel thresholds (see the module docstring) on ``cal_set``."""
+    if cal_set.source == "training images":
         log.warning("no good images held out: thresholds fitted on training images will flag too many parts")
-    cal = Calibration(image_threshold=float(np.quantile(scores, 1 - image_fpr)),
-                      pixel_threshold=float(np.quantile(all_pixels, 1 - pixel_fpr)), source=source,
-                      details={"num_images": len(scores), "image_fpr": image_fpr, "pixel_fpr": pixel_fpr})
-    log.info("calibrated on %d %s: image threshold %.5g, pixel threshold %.5g",
-             len(scores), source, cal.image_threshold, cal.pixel_threshold)
+    good = _maps(predictor, cal_set.good, batch_size)
+    scores = np.array([score for _, score in good])
+    rng = np.random.default_rng(0)
+    pixels = np.concatenate([m.ravel() if m.size <= _PIXELS_PER_IMAGE
+                             else rng.choice(m.ravel(), _PIXELS_PER_IMAGE, replace=False) for m, _ in good])
+    details = {"method": method, "num_good": len(scores), "num_defect": len(cal_set.defects),
+               "image_fpr": image_fpr, "pixel_fpr": pixel_fpr, "calibration_dir": cal_set.calibration_dir}
+    if method == "fpr":
+        image_threshold, bound = fpr_threshold(scores, image_fpr)
+        pixel_threshold, _ = fpr_threshold(pixels, pixel_fpr)
+        details["image_fpr_bound"] = round(bound, 6)
+        if bound > image_fpr:
+            log.warning("%d good calibration images are too few for an image FPR of %g: the threshold is just "
+                        "above the highest good score, which a new good part exceeds with probability up to "
+                        "%.3g; hold out more images or set Train.calibration_dir", len(scores), image_fpr, bound)
+    else:
+        defects = _maps(predictor, cal_set.defects, batch_size)
+        labels = [0] * len(good) + [1] * len(defects)
+        image_f1, image_threshold = best_f1(labels, [s for _, s in good + defects])
+        masks = [np.zeros(m.shape, bool) for m, _ in good]
+        masks += [read_mask(s.mask, (m.shape[1], m.shape[0])) for s, (m, _) in zip(cal_set.defects, defects)]
+        best = pixel_best_f1(masks, [m for m, _ in good + defects])
+        if best is None:
+            raise FlawscopeError("Train.calibration_dir: the defect masks mark no pixel (or every pixel); "
+                                 "cannot fit an F1-optimal pixel threshold")
+        pixel_f1, pixel_threshold = best
+        details |= {"image_f1": round(image_f1, 6), "pixel_f1": round(pixel_f1, 6)}
+    cal = Calibration(image_threshold=image_threshold, pixel_threshold=pixel_threshold, source=cal_set.source,
+                      details=details)
+    log.info("calibrated (%s) on %d good + %d defective images from %s: image threshold %.5g, pixel threshold %.5g",
+             method, len(scores), len(cal_set.defects), cal_set.source, cal.image_threshold, cal.pixel_threshold)
     return cal

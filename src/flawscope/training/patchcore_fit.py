@@ -1,13 +1,14 @@
 """Filling a PatchCore memory bank: patch features of the normal images, then a greedy coreset.
 
 The greedy k-center coreset (Sener & Savarese 2018, as PatchCore uses it) repeatedly adds the
-patch farthest from the points chosen so far, so every training patch ends up within the
-coverage radius of the bank. Run naively, each of the k steps updates the distance of all N
-patches: O(kN), 13 minutes for 10% of 731k patches on 2 cores. ``greedy_coreset`` selects exactly
-the same points but first sorts the patches into small spatially coherent blocks with a centre
-and a radius; by the triangle inequality a block whose every point is closer to its chosen
-point than to the new one is skipped whole, so later steps touch only the blocks near the new
-point. Distances are taken in a seeded random projection (default 64-d) of the features.
+patch farthest from those chosen so far, so every training patch ends up within the coverage
+radius of the bank. Run naively, each of the k steps is a matrix-vector product over all N
+patches, bound by memory bandwidth: 88 s for 1% of 731k patches on 2 cores. ``greedy_coreset``
+selects exactly the same points in rounds: the distances of the farthest candidates to each
+other decide, without looking at the other patches, how many of them plain greedy would pick in
+a row, and all N distances are then updated for the whole round in one cache-sized matrix product
+per chunk (about 100 rather than 5 GFLOP/s per core). Distances are taken in a seeded random
+projection (default 64-d) of the features, as in the paper.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from flawscope.models.patchcore import _DISTANCE_ELEMENTS, PatchCore, nearest_neighbors
+from flawscope.models.patchcore import CHUNK_ELEMENTS, PatchCore, nearest_neighbors
 
 _CANDIDATES = 1024  # farthest points examined per round of the batched greedy search
 
@@ -34,7 +35,7 @@ def random_projection(dim: int, projection_dim: int | None, seed: int) -> torch.
 def _update_distances(d2: torch.Tensor, points: torch.Tensor, points_sq: torch.Tensor, chosen: torch.Tensor) -> None:
     """d2 <- min(d2, squared distance to the nearest of ``chosen``), in place, in row chunks."""
     chosen_sq = chosen.pow(2).sum(1)
-    step = max(1, _DISTANCE_ELEMENTS // len(chosen))
+    step = max(1, CHUNK_ELEMENTS // len(chosen))
     for start in range(0, len(points), step):
         rows = slice(start, start + step)
         nearest = torch.addmm(chosen_sq, points[rows], chosen.T, alpha=-2).amin(1).add_(points_sq[rows])
@@ -52,7 +53,7 @@ def greedy_coreset(points: torch.Tensor, k: int, seed: int = 0, start_distances:
     """
     n = len(points)
     k = min(k, n)
-    points_sq = points.pow(2).sum(1)
+    points_sq = torch.linalg.vector_norm(points, dim=1).square_()  # no NxP temporary
     selected: list[int] = []
     if start_distances is None:
         first = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
@@ -79,12 +80,10 @@ def greedy_coreset(points: torch.Tensor, k: int, seed: int = 0, start_distances:
                 break
             picks.append(i)
             torch.minimum(value, pair[i], out=value)
-        if not picks:
+        if not picks:  # everything is within stop_radius
             break
         selected += cand[picks].tolist()
         _update_distances(d2, points, points_sq, c[picks])
-        if float(d2.max()) <= stop2:
-            break
     return torch.tensor(selected, dtype=torch.long), float(d2.max().sqrt())
 
 
@@ -112,38 +111,37 @@ def extract_patches(model: PatchCore, images_uint8: torch.Tensor, normalize: Cal
         if keep < per_image:
             picks = torch.stack([torch.randperm(per_image, generator=gen)[:keep] for _ in range(len(x))])
             rows = rows.view(len(x), per_image, -1)[torch.arange(len(x))[:, None], picks.to(device)].flatten(0, 1)
-        feats[start * keep:start * keep + len(rows)] = rows.half().cpu()
-        proj[start * keep:start * keep + len(rows)] = (rows @ projection).cpu()
+        rows = rows.half()  # the bank keeps float16 values: select among exactly those
+        feats[start * keep:start * keep + len(rows)] = rows.cpu()
+        proj[start * keep:start * keep + len(rows)] = (rows.float() @ projection).cpu()
     return feats, proj
-
-
-def _prepare(model: PatchCore, device: torch.device | str) -> bool:
-    was_training = model.training
-    model.to(device).eval()
-    return was_training
 
 
 @torch.no_grad()
 def fit_patchcore(model: PatchCore, images_uint8: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor],
                   device: torch.device | str = "cpu", coreset_ratio: float = 0.01, seed: int = 0,
-                  batch_size: int = 32, projection_dim: int | None = 64, max_patches: int = 1 << 20) -> dict:
+                  batch_size: int = 4, projection_dim: int | None = 64, max_patches: int = 1 << 20) -> dict:
     """Fill ``model``'s memory bank from normal images NxSxSx3 uint8; returns timings and sizes.
 
     The bank keeps ``coreset_ratio`` of the (at most ``max_patches``) training patches, chosen
     by greedy k-center selection in a ``projection_dim`` random projection seeded by ``seed``.
+    On CPU small batches are fastest: at 256x256 the backbone's activations of 4 images stay in
+    cache, and it runs 4x faster per image than with batches of 16.
     """
     if not 0 < coreset_ratio <= 1:
         raise ValueError(f"coreset_ratio must be in (0, 1], not {coreset_ratio}")
-    was_training = _prepare(model, device)
+    model.to(device).eval()
     t0 = time.perf_counter()
     projection = random_projection(model.embed_dim, projection_dim, seed)
     feats, proj = extract_patches(model, images_uint8, normalize, device, projection, batch_size, max_patches, seed)
     t1 = time.perf_counter()
     k = max(1, math.ceil(coreset_ratio * len(feats)))
-    selected, radius = greedy_coreset(proj, k, seed)
+    if k < len(feats):
+        selected, radius = greedy_coreset(proj.to(device), k, seed)
+    else:
+        selected, radius = torch.arange(len(feats)), 0.0
     t2 = time.perf_counter()
     model.set_memory_bank(feats[selected].float(), projection, radius)
-    model.train(was_training)
     return {"patches": len(feats), "bank_size": len(selected), "coverage_radius": radius,
             "feature_seconds": t1 - t0, "coreset_seconds": t2 - t1}
 
@@ -151,7 +149,7 @@ def fit_patchcore(model: PatchCore, images_uint8: torch.Tensor, normalize: Calla
 @torch.no_grad()
 def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor],
                 device: torch.device | str = "cpu", coreset_ratio: float = 0.01, seed: int = 0,
-                batch_size: int = 32, max_patches: int = 1 << 20) -> dict:
+                batch_size: int = 4, max_patches: int = 1 << 20) -> dict:
     """Extend a fitted bank with more normal images without refitting from scratch.
 
     The coreset continues from the existing bank: new patches start at their distance to it, so
@@ -160,13 +158,13 @@ def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callabl
     """
     if len(model.memory_bank) == 0:
         raise ValueError("add_normals needs a fitted PatchCore (its memory bank is empty)")
-    was_training = _prepare(model, device)
+    model.to(device).eval()
     projection = model.projection.cpu()
     feats, proj = extract_patches(model, images_uint8, normalize, device, projection, batch_size, max_patches, seed)
-    start, _ = nearest_neighbors(proj, model.memory_bank.cpu() @ projection)
+    proj = proj.to(device)
+    start, _ = nearest_neighbors(proj, model.memory_bank @ model.projection)
     radius = float(model.coverage_radius)
     selected, new_radius = greedy_coreset(proj, max(1, math.ceil(coreset_ratio * len(feats))), seed, start, radius)
     bank = torch.cat([model.memory_bank.cpu(), feats[selected].float()])
     model.set_memory_bank(bank, projection, max(radius, new_radius))
-    model.train(was_training)
     return {"patches": len(feats), "added": len(selected), "bank_size": len(bank), "coverage_radius": max(radius, new_radius)}

@@ -31,7 +31,7 @@ from flawscope.inference.model_dir import ModelInfo, save_model_dir
 from flawscope.inference.predictor import Predictor
 from flawscope.logs import log, log_to_file
 from flawscope.models import build_model
-from flawscope.training.calibrate import calibrate, split_calibration
+from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, split_calibration
 from flawscope.training.stfpm_trainer import STFPMTrainConfig, fit_stfpm
 
 
@@ -65,6 +65,7 @@ def train(cfg: dict, devices: list[torch.device]) -> dict:
         raise FlawscopeError("Global.dataset_dir: required for training (-o Global.dataset_dir=PATH)")
     dataset = load_dataset(g["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
     fit_samples, calib_samples = split_calibration(dataset.train, t["calibration_fraction"], g["seed"])
+    calib_set = calibration_set(t, dataset, calib_samples, fit_samples)  # fails here, not after training
     resizer = Resizer(m["input_size"], m["resize_mode"])
     backbone_spec(m["backbone"])  # an unknown backbone fails before anything is loaded
     check_mask_sizes(dataset.val)
@@ -74,10 +75,10 @@ def train(cfg: dict, devices: list[torch.device]) -> dict:
     output = Path(g["output"])
     dump_config(cfg, output / "config.yaml")
     with log_to_file(output / "train.log"):
-        return _train(cfg, dataset, fit_samples, calib_samples, images, devices, output)
+        return _train(cfg, dataset, fit_samples, calib_set, images, devices, output)
 
 
-def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_samples: list[Sample],
+def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: CalibrationSet,
            images: torch.Tensor, devices: list[torch.device], output: Path) -> dict:
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     spec = backbone_spec(m["backbone"])
@@ -101,9 +102,7 @@ def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_samples
     history = fit_stfpm(model, images, train_cfg, device, partial(normalize, mean=spec.mean, std=spec.std),
                         output, evaluate, Path(t["resume_path"]) if t["resume_path"] else None)
 
-    calib_images = calib_samples or fit_samples
-    info.calibration = calibrate(predictor, calib_images, t["image_fpr"], t["pixel_fpr"],
-                                 source="held-out good training images" if calib_samples else "training images")
+    info.calibration = calibrate(predictor, calib_set, t["image_fpr"], t["pixel_fpr"], t["threshold_method"])
     info.provenance = {"dataset": str(dataset.root), "layout": dataset.layout, "train_images": len(fit_samples),
                        "iterations": t["epochs_iters"], "batch_size": t["batch_size"], "seed": g["seed"]}
     model_dir = save_model_dir(output / "best_model" / "inference", model, info)

@@ -1,0 +1,117 @@
+"""Thresholds from images the model never saw: the conformal FPR rule, calibration_dir, the F1
+method, and the refusals that keep the evaluation split out of calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import make_mvtec, tiny_overrides
+from flawscope.cli import main
+from flawscope.config import load_config
+from flawscope.data.io import read_image, read_mask
+from flawscope.data.layouts import load_dataset
+from flawscope.errors import FlawscopeError
+from flawscope.evaluation.evaluate import raw_outputs
+from flawscope.evaluation.metrics import best_f1, pixel_best_f1
+from flawscope.inference.predictor import Predictor
+from flawscope.training.calibrate import calibrate, calibration_set, fpr_threshold
+
+
+def test_fpr_threshold_is_the_conformal_quantile():
+    scores = np.arange(10, 0, -1, dtype=float)  # 1..10, unsorted
+    # rank ceil(11 * 0.8) = 9: threshold 9 flags {9, 10}; bound (10 - 9 + 1) / 11.
+    assert fpr_threshold(scores, 0.2) == (9.0, pytest.approx(2 / 11))
+    # Too few scores for 1%: just above the highest, and the bound says 1/11.
+    threshold, bound = fpr_threshold(scores, 0.01)
+    assert 10 < threshold < 10 + 1e-9 and bound == pytest.approx(1 / 11)
+    assert fpr_threshold(scores, 0.0)[0] > 10
+    assert fpr_threshold(np.full(5, 0.3), 0.5)[0] == 0.3  # constant scores: rank 3 of 5
+
+
+def test_fpr_threshold_bound_holds_on_new_samples():
+    rng = np.random.default_rng(0)
+    flagged = [rng.random() >= fpr_threshold(rng.random(99), 0.1)[0] for _ in range(4000)]
+    assert np.mean(flagged) == pytest.approx(0.1, abs=0.015)
+
+
+def _train_cfg(method: str = "fpr", directory: Path | None = None) -> dict:
+    return {"threshold_method": method, "calibration_dir": str(directory) if directory else None}
+
+
+def test_calibration_set_sources(tmp_path):
+    data = load_dataset(make_mvtec(tmp_path / "data"))
+    held, fit = data.train[:2], data.train[2:]
+    assert calibration_set(_train_cfg(), data, held, fit).source == "held-out good training images"
+    fallback = calibration_set(_train_cfg(), data, [], fit)
+    assert fallback.source == "training images" and fallback.good == fit
+
+    folder = tmp_path / "more_good"
+    folder.mkdir()
+    for sample in data.val[:1]:
+        (folder / "a.png").write_bytes(sample.image.read_bytes())
+    both = calibration_set(_train_cfg(directory=folder), data, held, fit)
+    assert len(both.good) == 3 and both.defects == [] and "calibration_dir" in both.source
+
+    labelled = calibration_set(_train_cfg("f1", make_mvtec(tmp_path / "cal", n_train=2, seed=5)), data, held, fit)
+    assert len(labelled.defects) == 2 and all(s.mask is not None for s in labelled.defects)
+    assert len(labelled.good) == 2 + 2 + 2  # held out + the calibration set's train/good and test/good
+
+
+@pytest.mark.parametrize("case", ["f1_without_defects", "dataset_itself", "missing_dir"])
+def test_calibration_set_refusals(tmp_path, case):
+    root = make_mvtec(tmp_path / "data")
+    data = load_dataset(root)
+    cfg = {"f1_without_defects": _train_cfg("f1"),
+           "dataset_itself": _train_cfg("f1", root),
+           "missing_dir": _train_cfg(directory=tmp_path / "nope")}[case]
+    with pytest.raises(FlawscopeError, match="Train.threshold_method=f1|Train.calibration_dir"):
+        calibration_set(cfg, data, data.train[:2], data.train[2:])
+
+
+def test_f1_thresholds_are_f1_optimal_on_the_calibration_set(trained, tmp_path):
+    dataset, out = trained
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    data = load_dataset(dataset)
+    cal_set = calibration_set(_train_cfg("f1", make_mvtec(tmp_path / "cal", n_train=2, seed=5)), data, [], data.train)
+    cal = calibrate(predictor, cal_set, 0.01, 0.01, "f1")
+    samples = cal_set.good + cal_set.defects
+    outputs = raw_outputs(predictor, [read_image(s.image) for s in samples])
+    assert cal.image_threshold == best_f1([s.label for s in samples], [score for _, score in outputs])[1]
+    masks = [read_mask(s.mask, m.shape[::-1]) if s.mask else np.zeros(m.shape, bool)
+             for s, (m, _) in zip(samples, outputs)]
+    assert cal.pixel_threshold == pytest.approx(pixel_best_f1(masks, [m for m, _ in outputs])[1])
+    assert cal.details["method"] == "f1" and cal.details["num_defect"] == 2
+    assert cal.image_score(cal.image_threshold) == pytest.approx(0.5)
+
+
+def test_train_with_calibration_dir_and_f1(tmp_path):
+    """The user path: thresholds land in the model directory with where they came from."""
+    data, out = make_mvtec(tmp_path / "data"), tmp_path / "out"
+    cal_dir = make_mvtec(tmp_path / "cal", n_train=2, seed=5)
+    assert main(["-c", "STFPM", *[a for o in ["Global.mode=train", *tiny_overrides(data, out, iters=2),
+                                               "Train.threshold_method=f1", f"Train.calibration_dir={cal_dir}"]
+                                  for a in ("-o", o)]]) == 0
+    meta = yaml.safe_load((out / "best_model/inference/inference.yml").read_text())["calibration"]
+    assert meta["details"]["method"] == "f1" and meta["details"]["calibration_dir"] == str(cal_dir)
+    assert "calibration_dir" in json.loads((out / "train_result.json").read_text())["calibration"]["source"]
+
+
+def test_f1_without_labelled_defects_fails_before_training(tmp_path, capsys):
+    data, out = make_mvtec(tmp_path / "data"), tmp_path / "out"
+    args = ["Global.mode=train", *tiny_overrides(data, out), "Train.threshold_method=f1"]
+    assert main(["-c", "STFPM", *[a for o in args for a in ("-o", o)]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: Train.threshold_method=f1")
+    assert not out.exists()
+
+
+def test_config_keys():
+    cfg = load_config("STFPM")
+    assert cfg["Train"]["threshold_method"] == "fpr" and cfg["Train"]["calibration_dir"] is None
+    with pytest.raises(FlawscopeError, match="Train.threshold_method"):
+        load_config("STFPM", ["Train.threshold_method=best"])

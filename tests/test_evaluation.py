@@ -1,0 +1,114 @@
+"""Global.mode=evaluate: the JSON a user reads, the report and its plots, and that evaluated
+decisions are exactly the Predictor's."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from flawscope.cli import main
+from flawscope.data.io import read_image
+from flawscope.data.layouts import load_dataset
+from flawscope.evaluation.evaluate import collect, decide, evaluate_model, evaluate_samples, raw_outputs
+from flawscope.inference.predictor import Predictor
+
+METRICS = ("image_auroc", "image_ap", "image_f1", "image_precision", "image_recall", "image_fpr",
+           "image_best_f1", "pixel_auroc", "aupro", "pixel_f1", "pixel_iou", "pixel_precision",
+           "pixel_recall", "pixel_fpr", "pixel_best_f1", "paddlex_miou")
+PLOTS = ("roc_curve.png", "pro_curve.png", "score_histogram.png")
+
+
+def _valid_png(path: Path) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) >= 300, path
+        image.verify()
+
+
+def test_evaluate_writes_json_and_report(trained) -> None:
+    dataset, out = trained
+    assert main(["-c", "STFPM", "-o", "Global.mode=evaluate", "-o", f"Global.dataset_dir={dataset}",
+                 "-o", f"Global.output={out}"]) == 0
+    result = json.loads((out / "evaluate_result.json").read_text())
+    m = result["metrics"]
+    for key in METRICS:
+        assert m[key] is None or 0 <= m[key] <= 1, key
+    assert m["image_auroc"] is not None and m["aupro"] is not None and m["image_f1"] is not None
+    assert (m["num_images"], m["num_good"], m["num_defect"], m["num_with_masks"]) == (4, 2, 2, 4)
+    image, pixel = m["confusion"]["image"], m["confusion"]["pixel"]
+    assert sum(image.values()) == 4 and sum(pixel.values()) == 4 * 64 * 64
+    assert set(m["per_defect_type"]["scratch"]) >= {"count", "image_auroc", "pixel_auroc", "aupro", "pixel_f1"}
+    thresholds = result["thresholds"]
+    assert thresholds["image"]["normalized"] == 0.5 and thresholds["image"]["raw"] > 0
+    assert thresholds["method"] == "fpr" and thresholds["source"] == "held-out good training images"
+    report = Path(result["report"])
+    assert report == out / "evaluate_report" / "evaluate_report.md"
+    text = report.read_text()
+    assert "AUPRO" in text and "PaddleX-compatible mIoU" in text
+    for name in PLOTS:
+        assert f"]({name})" in text
+        _valid_png(report.parent / name)
+
+
+def test_worst_mistake_grids_and_calibration_warning(trained, tmp_path) -> None:
+    """Thresholds forced to flag everything, then nothing: the grids show the mistakes."""
+    dataset, out = trained
+    data = load_dataset(dataset)
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    cal = predictor.info.calibration
+    for image_threshold, grid in ((1e-9, "worst_false_positives.png"), (1e9, "worst_false_negatives.png")):
+        predictor.info.calibration = dataclasses.replace(
+            cal, image_threshold=image_threshold, details={**cal.details, "calibration_dir": str(dataset)})
+        result = evaluate_model(predictor, data, tmp_path / grid, out / "best_model/inference")
+        report = Path(result["report"])
+        _valid_png(report.parent / grid)
+        assert f"]({grid})" in report.read_text()
+        assert result["warnings"] and "Warning" in report.read_text()
+    assert result["metrics"]["image_recall"] == 0 and result["metrics"]["pixel_f1"] == 0  # judged OK: no outline
+
+
+def test_decisions_are_the_predictors(trained) -> None:
+    dataset, out = trained
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    paths = sorted(str(p) for p in (dataset / "test").rglob("*.png"))
+    images = [read_image(p) for p in paths]
+    same_batches = Predictor(predictor.model, predictor.info, batch_size=len(paths))  # batching moves the last bits
+    for path, image, (raw_map, raw_score), res in zip(paths, images, raw_outputs(predictor, images),
+                                                      same_batches.predict(paths)):
+        ours = decide(predictor, image, raw_map, raw_score)
+        assert (ours.score, ours.is_anomaly, ours.raw_score) == (res.score, res.is_anomaly, res.raw_score), path
+        assert np.array_equal(ours.pred, res.pred) and np.array_equal(ours.map, res.map)
+
+
+def test_uncalibrated_model_gives_ranking_metrics_only(trained) -> None:
+    """What training's periodic evaluation sees, before calibration exists."""
+    dataset, out = trained
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    predictor.info = dataclasses.replace(predictor.info, calibration=None)
+    m = evaluate_samples(predictor, load_dataset(dataset).val)
+    assert m["image_auroc"] is not None and m["pixel_auroc"] is not None
+    assert m["image_f1"] is None and m["pixel_iou"] is None and m["confusion"] is None
+
+
+def test_no_defect_images(trained) -> None:
+    """A split of good images only: no AUROC, no F1, but the false-alarm rates are defined."""
+    dataset, out = trained
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    good = [s for s in load_dataset(dataset).val if s.label == 0]
+    m = evaluate_samples(predictor, good)
+    assert m["image_auroc"] is None and m["aupro"] is None and m["pixel_f1"] is None
+    assert m["image_fpr"] is not None and m["pixel_fpr"] is not None and m["paddlex_miou"] is not None
+    assert m["per_defect_type"] == {}
+
+
+def test_collect_keeps_maps_only_where_there_is_ground_truth(trained, tmp_path) -> None:
+    dataset, out = trained
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    defects = [dataclasses.replace(s, mask=None) for s in load_dataset(dataset).val if s.label == 1]
+    outcomes = collect(predictor, defects)
+    assert all(o.mask is None and o.raw_map is None and o.pred is not None for o in outcomes)
+    assert evaluate_samples(predictor, defects)["num_with_masks"] == 0
+

@@ -1,0 +1,152 @@
+"""PatchCore: the coreset, the scores, saving and loading, extending the bank (random-init backbone, 64x64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import flawscope.training.patchcore_fit as patchcore_fit
+from flawscope.data.transforms import normalize
+from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, save_model_dir
+from flawscope.models.patchcore import PatchCore
+from flawscope.training.patchcore_fit import add_normals, fit_patchcore, greedy_coreset
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+SIZE = 64
+
+
+def norm(batch: torch.Tensor) -> torch.Tensor:
+    return normalize(batch, MEAN, STD)
+
+
+def plain_greedy(points: torch.Tensor, first: int, k: int) -> list[int]:
+    """The textbook k-center greedy, one full distance update per pick."""
+    chosen, d = [first], torch.cdist(points, points[first:first + 1])[:, 0]
+    while len(chosen) < k:
+        chosen.append(int(d.argmax()))
+        d = torch.minimum(d, torch.cdist(points, points[chosen[-1]:chosen[-1] + 1])[:, 0])
+    return chosen
+
+
+def coverage(points: torch.Tensor, chosen: torch.Tensor) -> float:
+    return float(torch.cdist(points, points[chosen]).amin(1).max())
+
+
+def clustered_points(n: int = 3000, dim: int = 8, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(20, dim, generator=gen) * 5
+    return centers[torch.randint(20, (n,), generator=gen)] + torch.randn(n, dim, generator=gen)
+
+
+def textures(kind: str, phases: list[int], seed: int) -> torch.Tensor:
+    """Nx64x64x3 uint8 with a little noise: vertical "stripes" (period 8) or "checks" (period 16),
+    shifted by ``phases`` pixels."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.arange(SIZE)
+    out = []
+    for phase in phases:
+        if kind == "stripes":
+            img = ((x + phase) // 4 % 2).float().expand(SIZE, SIZE) * 160 + 40
+        else:
+            img = (((x[:, None] + phase) // 8 + (x[None] + phase) // 8) % 2).float() * 200 + 20
+        img = img + torch.randn(SIZE, SIZE, generator=gen)
+        out.append(img.clamp(0, 255).to(torch.uint8)[..., None].expand(SIZE, SIZE, 3))
+    return torch.stack(out)
+
+
+def make_model(**kwargs) -> PatchCore:
+    """A random-init PatchCore whose BatchNorm statistics are those of the synthetic images, so its
+    features have unit scale like a pretrained backbone's (default statistics shrink them to
+    denormal floats: useless in float16, and 100x slower)."""
+    torch.manual_seed(0)
+    model = PatchCore(pretrained=False, smooth_sigma=1.0, **kwargs)
+    for module in model.extractor.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average
+    model.extractor.train()
+    with torch.no_grad():
+        model.extractor(norm(torch.cat([textures(kind, list(range(8)), 9) for kind in ("stripes", "checks")])))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def fitted() -> PatchCore:
+    model = make_model()
+    fit_patchcore(model, textures("stripes", list(range(8)), 0), norm, coreset_ratio=0.25, seed=0)
+    return model
+
+
+def test_coreset_is_plain_greedy_and_covers_ever_better(monkeypatch):
+    monkeypatch.setattr(patchcore_fit, "_CANDIDATES", 32)  # many rounds, each cut short by the bound
+    points = clustered_points()
+    chosen, radius = greedy_coreset(points, 80, seed=1)
+    assert chosen.tolist() == plain_greedy(points, int(chosen[0]), 80)
+    radii = [coverage(points, chosen[:i]) for i in (1, 5, 10, 20, 40, 80)]
+    assert all(a >= b for a, b in zip(radii, radii[1:])) and radii[-1] < radii[0] / 2
+    assert radius == pytest.approx(radii[-1], rel=1e-4)
+
+
+def test_coreset_continues_from_existing_points_and_stops_at_radius():
+    points = clustered_points()
+    existing, new = points[:500], points[500:]
+    start = torch.cdist(new, existing).amin(1)
+    chosen, radius = greedy_coreset(new, 10_000, start_distances=start, stop_radius=4.0)
+    assert radius <= 4.0 < float(start.max())
+    assert coverage(torch.cat([existing, new]), torch.cat([torch.arange(500), 500 + chosen])) == pytest.approx(radius, rel=1e-4)
+    alone, _ = greedy_coreset(new, 10_000, stop_radius=4.0)
+    assert len(chosen) < len(alone)  # the existing points already cover part of the new ones
+
+
+def test_embedding_and_map_shapes():
+    model = make_model(feature_dim=32)
+    x = norm(textures("stripes", [0, 1], 0))
+    assert model.embed(x).shape == (2, 32, SIZE // 8, SIZE // 8)
+    assert model.embed_dim == 32 and model.config()["feature_dim"] == 32
+    assert PatchCore(pretrained=False).embed_dim == 40 + 112
+    with pytest.raises(RuntimeError, match="empty memory bank"):
+        model(x)
+
+
+def test_unlike_patch_scores_higher(fitted):
+    normal = norm(textures("stripes", [1, 6], 1))
+    defect = normal.clone()
+    defect[:, :, 24:40, 24:40] = norm(textures("checks", [1, 6], 1))[:, :, 24:40, 24:40]
+    normal_map, normal_score = fitted.map_and_score(normal)
+    defect_map, defect_score = fitted.map_and_score(defect)
+    assert normal_map.shape == (2, 1, SIZE, SIZE) and normal_score.shape == (2,)
+    assert (defect_score > 2 * normal_score.max()).all()
+    peak = defect_map.flatten(1).argmax(1)
+    peak_rows, peak_cols = peak // SIZE, peak % SIZE
+    assert ((peak_rows >= 20) & (peak_rows < 44) & (peak_cols >= 20) & (peak_cols < 44)).all()
+    assert (defect_map[:, :, 28:36, 28:36].mean((1, 2, 3)) > 1.3 * defect_map[:, :, :12].mean((1, 2, 3))).all()
+    assert torch.equal(fitted(defect), defect_map)
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    info = ModelInfo(model="PatchCore", model_config=fitted.config(), input_size=SIZE, resize_mode="resize",
+                     mean=list(MEAN), std=list(STD), calibration=Calibration(1.0, 0.5, 1.0, 0.5))
+    save_model_dir(tmp_path / "pc", fitted, info)
+    with safe_open(str(tmp_path / "pc" / "model.safetensors"), "pt") as f:
+        assert f.get_slice("memory_bank").get_dtype() == "F16"
+    loaded, loaded_info = load_model_dir(tmp_path / "pc")
+    assert loaded_info.model == "PatchCore" and loaded.memory_bank.shape == fitted.memory_bank.shape
+    x = norm(textures("checks", [0, 3], 3))
+    for a, b in zip(loaded.map_and_score(x), fitted.map_and_score(x)):
+        assert torch.equal(a, b)  # the bank holds float16 values already: saving loses nothing
+    assert float(loaded.coverage_radius) == float(fitted.coverage_radius)
+
+
+def test_add_normals_grows_bank_and_learns_the_new_kind(fitted):
+    model = make_model()
+    model.load_state_dict(fitted.state_dict())
+    size = len(model.memory_bank)
+    checks = norm(textures("checks", [2, 5], 5))
+    before = model.map_and_score(checks)[1]
+    again = add_normals(model, textures("stripes", list(range(8)), 0), norm, coreset_ratio=0.25)
+    stats = add_normals(model, textures("checks", list(range(8)), 4), norm, coreset_ratio=0.25)
+    assert again["added"] <= 2 < stats["added"]  # the bank already covers the training images
+    assert len(model.memory_bank) == size + again["added"] + stats["added"] == stats["bank_size"]
+    assert (model.map_and_score(checks)[1] < before / 1.5).all()
