@@ -16,7 +16,6 @@ from flawscope.config import load_config
 from flawscope.data.io import read_image, read_mask
 from flawscope.data.layouts import load_dataset
 from flawscope.errors import FlawscopeError
-from flawscope.evaluation.evaluate import raw_outputs
 from flawscope.evaluation.metrics import best_f1, pixel_best_f1
 from flawscope.inference.predictor import Predictor
 from flawscope.training.calibrate import calibrate, calibration_set, fpr_threshold
@@ -80,7 +79,7 @@ def test_f1_thresholds_are_f1_optimal_on_the_calibration_set(trained, tmp_path):
     cal_set = calibration_set(_train_cfg("f1", make_mvtec(tmp_path / "cal", n_train=2, seed=5)), data, [], data.train)
     cal = calibrate(predictor, cal_set, 0.01, 0.01, "f1")
     samples = cal_set.good + cal_set.defects
-    outputs = raw_outputs(predictor, [read_image(s.image) for s in samples])
+    outputs = predictor.raw_outputs([read_image(s.image) for s in samples])
     assert cal.image_threshold == best_f1([s.label for s in samples], [score for _, score in outputs])[1]
     masks = [read_mask(s.mask, m.shape[::-1]) if s.mask else np.zeros(m.shape, bool)
              for s, (m, _) in zip(samples, outputs)]

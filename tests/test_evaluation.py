@@ -13,7 +13,7 @@ from PIL import Image
 from flawscope.cli import main
 from flawscope.data.io import read_image
 from flawscope.data.layouts import load_dataset
-from flawscope.evaluation.evaluate import collect, decide, evaluate_model, evaluate_samples, raw_outputs
+from flawscope.evaluation.evaluate import collect, evaluate_model, evaluate_samples
 from flawscope.inference.predictor import Predictor
 
 METRICS = ("image_auroc", "image_ap", "image_f1", "image_precision", "image_recall", "image_fpr",
@@ -76,9 +76,9 @@ def test_decisions_are_the_predictors(trained) -> None:
     paths = sorted(str(p) for p in (dataset / "test").rglob("*.png"))
     images = [read_image(p) for p in paths]
     same_batches = Predictor(predictor.model, predictor.info, batch_size=len(paths))  # batching moves the last bits
-    for path, image, (raw_map, raw_score), res in zip(paths, images, raw_outputs(predictor, images),
+    for path, image, (raw_map, raw_score), res in zip(paths, images, predictor.raw_outputs(images),
                                                       same_batches.predict(paths)):
-        ours = decide(predictor, image, raw_map, raw_score)
+        ours = predictor.result(image, raw_map, raw_score)
         assert (ours.score, ours.is_anomaly, ours.raw_score) == (res.score, res.is_anomaly, res.raw_score), path
         assert np.array_equal(ours.pred, res.pred) and np.array_equal(ours.map, res.map)
 

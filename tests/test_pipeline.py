@@ -112,3 +112,26 @@ def test_quick_start_with_the_bundled_model(tmp_path, capsys) -> None:
     res = json.loads((save / "hazelnut_colour_defect_res.json").read_text())
     assert res["is_anomaly"] and res["regions"] and res["size"] == [512, 512]
     assert Image.open(save / "hazelnut_colour_defect_res.png").size == (512, 512)
+
+
+def test_same_file_names_in_two_folders_do_not_overwrite(trained, tmp_path, capsys) -> None:
+    dataset, out = trained
+    save = tmp_path / "out"
+    assert main(["--pipeline", "anomaly_detection", "--model_dir", str(out / "best_model/inference"),
+                 "--input", str(dataset / "test"), "--recursive", "--save_path", str(save)]) == 0
+    # test/good/000.png and test/scratch/000.png both exist
+    written = sorted(p.name for p in save.glob("*_res.json"))
+    assert written == ["000_res.json", "001_res.json", "scratch_000_res.json", "scratch_001_res.json"]
+    sources = {json.loads((save / name).read_text())["input_path"] for name in written}
+    assert len(sources) == 4
+
+
+def test_threshold_override_changes_the_decision_not_the_score(trained) -> None:
+    dataset, out = trained
+    image = dataset / "test" / "scratch" / "000.png"
+    (default,) = create_pipeline(model_dir=str(out / "best_model/inference")).predict(image)
+    (strict,) = create_pipeline(model_dir=str(out / "best_model/inference"),
+                                threshold=min(0.99, default.score + 0.01)).predict(image)
+    assert strict.score == default.score and strict.is_anomaly is False and not strict.regions
+    with pytest.raises(Exception, match="threshold"):
+        create_pipeline(model_dir=str(out / "best_model/inference"), threshold=1.5)

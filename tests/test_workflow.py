@@ -89,9 +89,11 @@ def test_export_onnx_matches_torch(trained, tmp_path) -> None:
                 f"Export.weight_path={out / 'best_model/inference'}") == 0
     model, _ = load_model_dir(out / "best_model/inference")
     x = torch.randn(2, 3, 64, 64)
-    onnx_map = ort.InferenceSession(str(tmp_path / "export/model.onnx")).run(None, {"image": x.numpy()})[0]
+    onnx_map, onnx_score = ort.InferenceSession(str(tmp_path / "export/model.onnx")).run(None, {"image": x.numpy()})
     with torch.no_grad():
-        assert np.allclose(onnx_map, model(x).numpy(), atol=1e-4)
+        torch_map, torch_score = model.map_and_score(x)
+    assert np.allclose(onnx_map, torch_map.numpy(), atol=1e-4)
+    assert np.allclose(onnx_score, torch_score.numpy(), atol=1e-4)
     assert (tmp_path / "export/inference.yml").is_file()
 
 

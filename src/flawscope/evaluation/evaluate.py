@@ -47,24 +47,6 @@ class Outcome:
     pred: np.ndarray | None = None
 
 
-def raw_outputs(predictor: Predictor, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
-    """(raw map, raw image score) per image, as the Predictor scores them (score = max of the map).
-
-    Calibration and evaluation both read scores through here, so a model whose image score is
-    not the map's maximum needs changing in one place only.
-    """
-    return [(amap, float(amap.max())) for amap in predictor.raw_maps(images)]
-
-
-def decide(predictor: Predictor, image: np.ndarray, raw_map: np.ndarray, raw_score: float,
-           name: str | None = None) -> AnomalyResult:
-    """The result ``Predictor.predict`` gives for ``image`` at the calibrated threshold, built
-    from its raw output (same calibration, same ``from_map``; a test holds the two equal)."""
-    cal = predictor.info.calibration
-    return AnomalyResult.from_map(image, cal.pixel_map(raw_map), raw_score, cal.image_score(raw_score),
-                                  predictor.info.model, name, predictor.min_region_area)
-
-
 def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8,
             desc: str = "evaluate") -> list[Outcome]:
     """Run the model once over ``samples``; decisions only when the model is calibrated."""
@@ -73,7 +55,7 @@ def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False, unit="batch"):
         chunk = samples[i:i + batch_size]
         images = [read_image(s.image) for s in chunk]
-        for sample, image, (raw_map, raw_score) in zip(chunk, images, raw_outputs(predictor, images)):
+        for sample, image, (raw_map, raw_score) in zip(chunk, images, predictor.raw_outputs(images)):
             if sample.mask is not None:
                 mask = read_mask(sample.mask, (image.shape[1], image.shape[0]))
             elif sample.label == 0:
@@ -82,7 +64,7 @@ def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8
                 mask = None
             outcome = Outcome(sample, raw_score, mask, raw_map if mask is not None else None)
             if calibrated:
-                res = decide(predictor, image, raw_map, raw_score)
+                res = predictor.result(image, raw_map, raw_score)
                 outcome.score, outcome.is_anomaly, outcome.pred = res.score, res.is_anomaly, res.pred
             outcomes.append(outcome)
     return outcomes

@@ -1,7 +1,7 @@
 """``Global.mode=export``: the inference model as ONNX, for ONNX Runtime or OpenVINO.
 
-The exported graph is the model's own ``forward``: a normalised Bx3xSxS float32 batch in, the raw
-Bx1xSxS anomaly map out. ``inference.yml`` is copied beside it, so the resizing, normalisation and
+The exported graph is the model's ``map_and_score``: a normalised Bx3xSxS float32 batch in, the raw
+Bx1xSxS anomaly map and the B raw image scores out. ``inference.yml`` is copied beside it, so the resizing, normalisation and
 calibrated thresholds travel with the graph and a deployment gives the same decisions.
 """
 
@@ -19,6 +19,17 @@ from flawscope.logs import log
 ONNX_FILE = "model.onnx"
 
 
+class _MapAndScore(torch.nn.Module):
+    """Exports ``map_and_score`` (the exporter traces ``forward`` only)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.map_and_score(x)
+
+
 def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -> dict:
     if fmt != "onnx":
         raise FlawscopeError(f"Export.format: '{fmt}' is not supported yet; use onnx (OpenVINO reads ONNX files)")
@@ -31,9 +42,9 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
     output.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, info.input_size, info.input_size)
     tmp = output / f".{ONNX_FILE}.tmp"
-    torch.onnx.export(model, (example,), str(tmp), input_names=["image"], output_names=["anomaly_map"],
-                      dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}}, opset_version=17,
-                      dynamo=False)
+    torch.onnx.export(_MapAndScore(model), (example,), str(tmp), input_names=["image"],
+                      output_names=["anomaly_map", "image_score"], opset_version=17, dynamo=False,
+                      dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "image_score": {0: "batch"}})
     tmp.replace(output / ONNX_FILE)
     shutil.copy(Path(model_dir) / META_FILE, output / META_FILE)
     log.info("exported %s to %s", model_dir, output / ONNX_FILE)

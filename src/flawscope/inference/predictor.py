@@ -44,22 +44,31 @@ class Predictor:
         return cls(model, info, device, **kwargs)
 
     @torch.no_grad()
-    def raw_maps(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Raw (uncalibrated) anomaly maps at each image's own size, one forward pass."""
+    def raw_outputs(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """(raw map at the image's own size, raw image score) per image, in one forward pass.
+
+        The image score comes from the model (``map_and_score``): the map's maximum for STFPM,
+        the reweighted nearest-neighbour distance for PatchCore.
+        """
         batch = np.stack([self.resizer.to_input(image) for image in images])
         x = normalize(torch.from_numpy(batch).to(self.device), self.info.mean, self.info.std)
-        maps = self.model(x)[:, 0].float().cpu().numpy()
-        return [self.resizer.to_original(m, (img.shape[1], img.shape[0])) for m, img in zip(maps, images)]
+        maps, scores = self.model.map_and_score(x)
+        maps, scores = maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
+        return [(self.resizer.to_original(m, (img.shape[1], img.shape[0])), float(s))
+                for m, s, img in zip(maps, scores, images)]
+
+    def result(self, image: np.ndarray, raw_map: np.ndarray, raw_score: float,
+               name: str | None = None) -> AnomalyResult:
+        """The calibrated decision for one image from its raw outputs."""
+        cal = self.info.calibration
+        return AnomalyResult.from_map(image, cal.pixel_map(raw_map), raw_score, cal.image_score(raw_score),
+                                      self.info.model, name, self.min_region_area, self.outline_ok_images,
+                                      self.threshold)
 
     def _results(self, items: list[tuple[str | None, np.ndarray]]) -> list[AnomalyResult]:
-        cal = self.info.calibration
-        results = []
-        for (name, image), raw in zip(items, self.raw_maps([image for _, image in items])):
-            raw_score = float(raw.max())
-            results.append(AnomalyResult.from_map(image, cal.pixel_map(raw), raw_score, cal.image_score(raw_score),
-                                                  self.info.model, name, self.min_region_area,
-                                                  self.outline_ok_images, self.threshold))
-        return results
+        outputs = self.raw_outputs([image for _, image in items])
+        return [self.result(image, raw_map, raw_score, name)
+                for (name, image), (raw_map, raw_score) in zip(items, outputs)]
 
     def predict(self, inputs: Any, recursive: bool = False, on_error: str = "result") -> Iterator[AnomalyResult]:
         """Yield one result per input image, in order, ``batch_size`` images per forward pass.

@@ -68,3 +68,8 @@ class STFPM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.anomaly_map(self.teacher(x), self.student(x), x.shape[-2:])
+
+    def map_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Bx1xSxS raw anomaly map, B image scores): the score is the smoothed map's maximum."""
+        amap = self(x)
+        return amap, amap.flatten(1).amax(1)

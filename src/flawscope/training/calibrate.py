@@ -31,7 +31,6 @@ import numpy as np
 from flawscope.data.io import read_image, read_mask
 from flawscope.data.layouts import Dataset, Sample, load_dataset
 from flawscope.errors import FlawscopeError
-from flawscope.evaluation.evaluate import raw_outputs
 from flawscope.evaluation.metrics import best_f1, pixel_best_f1
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
@@ -120,7 +119,7 @@ def _load_calibration_dir(directory: Path, dataset: Dataset) -> tuple[list[Sampl
 def _maps(predictor: Predictor, samples: list[Sample], batch_size: int) -> list[tuple[np.ndarray, float]]:
     out = []
     for i in range(0, len(samples), batch_size):
-        out += raw_outputs(predictor, [read_image(s.image) for s in samples[i:i + batch_size]])
+        out += predictor.raw_outputs([read_image(s.image) for s in samples[i:i + batch_size]])
     return out
 
 
