@@ -17,6 +17,16 @@ MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 SIZE = 64
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tensors here are tiny: a second OpenMP thread only adds synchronisation, which stalls
+    when the CPU is shared with other jobs (35x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def norm(batch: torch.Tensor) -> torch.Tensor:
     return normalize(batch, MEAN, STD)
 
@@ -95,12 +105,13 @@ def test_coreset_continues_from_existing_points_and_stops_at_radius():
     start = torch.cdist(new, existing).amin(1)
     chosen, radius = greedy_coreset(new, 10_000, start_distances=start, stop_radius=4.0)
     assert radius <= 4.0 < float(start.max())
-    assert coverage(torch.cat([existing, new]), torch.cat([torch.arange(500), 500 + chosen])) == pytest.approx(radius, rel=1e-4)
+    everything = torch.cat([existing, new])
+    assert coverage(everything, torch.cat([torch.arange(500), 500 + chosen])) == pytest.approx(radius, rel=1e-4)
     alone, _ = greedy_coreset(new, 10_000, stop_radius=4.0)
     assert len(chosen) < len(alone)  # the existing points already cover part of the new ones
 
 
-def test_embedding_and_map_shapes():
+def test_embedding_shapes_and_empty_bank():
     model = make_model(feature_dim=32)
     x = norm(textures("stripes", [0, 1], 0))
     assert model.embed(x).shape == (2, 32, SIZE // 8, SIZE // 8)
@@ -108,6 +119,12 @@ def test_embedding_and_map_shapes():
     assert PatchCore(pretrained=False).embed_dim == 40 + 112
     with pytest.raises(RuntimeError, match="empty memory bank"):
         model(x)
+
+
+def test_fit_takes_an_equal_share_of_each_image_beyond_max_patches():
+    model = make_model()
+    stats = fit_patchcore(model, textures("stripes", list(range(8)), 0), norm, coreset_ratio=0.5, max_patches=200)
+    assert stats["patches"] == 8 * 25 and stats["bank_size"] == 100 == len(model.memory_bank)
 
 
 def test_unlike_patch_scores_higher(fitted):

@@ -88,7 +88,7 @@ def test_export_onnx_matches_torch(trained, tmp_path) -> None:
     assert _cli("Global.mode=export", f"Global.output={tmp_path}",
                 f"Export.weight_path={out / 'best_model/inference'}") == 0
     model, _ = load_model_dir(out / "best_model/inference")
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(1, 3, 64, 64)
     onnx_map, onnx_score = ort.InferenceSession(str(tmp_path / "export/model.onnx")).run(None, {"image": x.numpy()})
     with torch.no_grad():
         torch_map, torch_score = model.map_and_score(x)

@@ -50,6 +50,7 @@ class Key:
 
 
 STFPM_ONLY = ("STFPM",)
+PATCHCORE_ONLY = ("PatchCore",)
 
 SCHEMA: dict[str, Any] = {
     "Global": {
@@ -77,12 +78,13 @@ SCHEMA: dict[str, Any] = {
         "backbone": Key(str, required_for=MODELS),
         "input_size": Key(int, ge=64, multiple_of=32, required_for=MODELS),
         "resize_mode": Key(str, "resize", choices=("resize", "letterbox")),
-        "strides": Key(list[int], subset_of=(4, 8, 16, 32), required_for=STFPM_ONLY),
+        "strides": Key(list[int], subset_of=(4, 8, 16, 32), required_for=MODELS),
         "map_combine": Key(str, choices=("product", "sum"), required_for=STFPM_ONLY),
         "smooth_sigma": Key(float, ge=0, required_for=MODELS),
-        "coreset_ratio": Key(float, gt=0, le=1),
-        "num_neighbors": Key(int, ge=1),
-        "projection_dim": Key(int, nullable=True, ge=1),
+        "coreset_ratio": Key(float, gt=0, le=1, required_for=PATCHCORE_ONLY),
+        "num_neighbors": Key(int, ge=1, required_for=PATCHCORE_ONLY),
+        "projection_dim": Key(int, nullable=True, ge=1, required_for=PATCHCORE_ONLY),
+        "feature_dim": Key(int, None, nullable=True, ge=1),
     },
     "Train": {
         "epochs_iters": Key(int, ge=1, required_for=STFPM_ONLY),
@@ -95,12 +97,12 @@ SCHEMA: dict[str, Any] = {
         "log_interval": Key(int, 10, ge=1),
         "eval_interval": Key(int, 500, ge=1),
         "save_interval": Key(int, 500, ge=1),
-        "num_workers": Key(int, 0, ge=0),
         "calibration_fraction": Key(float, ge=0, lt=1, required_for=MODELS),
         "image_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
         "pixel_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
         "threshold_method": Key(str, "fpr", choices=("fpr", "f1")),
         "calibration_dir": Key(str, None, nullable=True),
+        "add_normals": Key(str, None, nullable=True),  # PatchCore: a model dir whose bank grows
     },
     "Evaluate": {
         "weight_path": Key(str, None, nullable=True),

@@ -1,7 +1,8 @@
 """``Global.mode=export``: the inference model as ONNX, for ONNX Runtime or OpenVINO.
 
 The exported graph is the model's ``map_and_score``: a normalised Bx3xSxS float32 batch in, the raw
-Bx1xSxS anomaly map and the B raw image scores out. ``inference.yml`` is copied beside it, so the resizing, normalisation and
+Bx1xSxS anomaly map and the B raw image scores out, for B = 1: PatchCore's chunked neighbour
+search traces to fixed shapes, and batch 1 is what a CPU inspection station runs. ``inference.yml`` is copied beside it, so the resizing, normalisation and
 calibrated thresholds travel with the graph and a deployment gives the same decisions.
 """
 
@@ -43,8 +44,7 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
     example = torch.zeros(1, 3, info.input_size, info.input_size)
     tmp = output / f".{ONNX_FILE}.tmp"
     torch.onnx.export(_MapAndScore(model), (example,), str(tmp), input_names=["image"],
-                      output_names=["anomaly_map", "image_score"], opset_version=17, dynamo=False,
-                      dynamic_axes={"image": {0: "batch"}, "anomaly_map": {0: "batch"}, "image_score": {0: "batch"}})
+                      output_names=["anomaly_map", "image_score"], opset_version=17, dynamo=False)
     tmp.replace(output / ONNX_FILE)
     shutil.copy(Path(model_dir) / META_FILE, output / META_FILE)
     log.info("exported %s to %s", model_dir, output / ONNX_FILE)

@@ -31,27 +31,29 @@ WEIGHTS_FILE = "model.safetensors"
 class Calibration:
     """Thresholds on the raw scores, and the map to normalised scores where 0.5 is the threshold.
 
-    ``normalize(v) = v / (v + threshold)`` for the non-negative raw scores of our models: 0 stays
-    0, the threshold maps to 0.5, three times the threshold to 0.75, and nothing saturates, so a
-    gross defect still ranks above a slight one. It needs nothing but the threshold, which is all
-    that good images alone can tell.
+    With ``r = max(v - low, 0) / (threshold - low)``, ``normalize(v) = r / (1 + r)``: ``low`` (the
+    lowest good image score; the typical good pixel for maps) maps to 0, the threshold to 0.5, a
+    score twice as far above ``low`` to 0.67, and nothing saturates, so a gross defect still ranks
+    above a slight one. ``low`` removes the offset that distance-based scores (PatchCore) carry.
     """
 
     image_threshold: float
+    image_low: float
     pixel_threshold: float
+    pixel_low: float
     source: str = "normal"  # what the thresholds were fitted on
     details: dict = field(default_factory=dict)
 
     @staticmethod
-    def _normalize(values, threshold: float):
-        values = np.maximum(np.asarray(values, dtype=np.float64), 0.0)
-        return values / (values + max(threshold, 1e-12))
+    def _normalize(values, threshold: float, low: float):
+        ratio = np.maximum(np.asarray(values, dtype=np.float64) - low, 0.0) / max(threshold - low, 1e-12)
+        return ratio / (1.0 + ratio)
 
     def image_score(self, raw: float) -> float:
-        return float(self._normalize(raw, self.image_threshold))
+        return float(self._normalize(raw, self.image_threshold, self.image_low))
 
     def pixel_map(self, raw: np.ndarray) -> np.ndarray:
-        return self._normalize(raw, self.pixel_threshold).astype(np.float32)
+        return self._normalize(raw, self.pixel_threshold, self.pixel_low).astype(np.float32)
 
 
 @dataclass

@@ -29,7 +29,8 @@ def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.
     bank_sq = bank.pow(2).sum(1)
     chunk = max(1, CHUNK_ELEMENTS // max(len(bank), 1))
     dists, indices = [], []
-    for q in queries.split(chunk):
+    for start in range(0, len(queries), chunk):  # slices, not split(): they export to ONNX
+        q = queries[start:start + chunk]
         d2, idx = torch.addmm(bank_sq, q, bank.T, alpha=-2).min(1)
         dists.append((d2 + q.pow(2).sum(1)).clamp_min(0).sqrt())
         indices.append(idx)

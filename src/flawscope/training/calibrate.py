@@ -155,8 +155,11 @@ def calibrate(predictor: Predictor, cal_set: CalibrationSet, image_fpr: float, p
                                  "cannot fit an F1-optimal pixel threshold")
         pixel_f1, pixel_threshold = best
         details |= {"image_f1": round(image_f1, 6), "pixel_f1": round(pixel_f1, 6)}
-    cal = Calibration(image_threshold=image_threshold, pixel_threshold=pixel_threshold, source=cal_set.source,
-                      details=details)
+    # Where normalised scores start: the lowest good image score, and the typical good pixel.
+    image_low = min(float(scores.min()), image_threshold) if scores.size else 0.0
+    pixel_low = min(float(np.median(pixels)), pixel_threshold) if pixels.size else 0.0
+    cal = Calibration(image_threshold=image_threshold, image_low=image_low, pixel_threshold=pixel_threshold,
+                      pixel_low=pixel_low, source=cal_set.source, details=details)
     log.info("calibrated (%s) on %d good + %d defective images from %s: image threshold %.5g, pixel threshold %.5g",
              method, len(scores), len(cal_set.defects), cal_set.source, cal.image_threshold, cal.pixel_threshold)
     return cal

@@ -6,9 +6,9 @@ radius of the bank. Run naively, each of the k steps is a matrix-vector product 
 patches, bound by memory bandwidth: 88 s for 1% of 731k patches on 2 cores. ``greedy_coreset``
 selects exactly the same points in rounds: the distances of the farthest candidates to each
 other decide, without looking at the other patches, how many of them plain greedy would pick in
-a row, and all N distances are then updated for the whole round in one cache-sized matrix product
-per chunk (about 100 rather than 5 GFLOP/s per core). Distances are taken in a seeded random
-projection (default 64-d) of the features, as in the paper.
+a row, and all N distances are then updated for the whole round by cache-sized matrix products,
+which run at the CPU's arithmetic peak (1% of 731k: 9-14 s on one core; 10%: 78 s). Distances are
+taken in a seeded random projection (default 64-d) of the features, as in the paper.
 """
 
 from __future__ import annotations
@@ -164,7 +164,9 @@ def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callabl
     proj = proj.to(device)
     start, _ = nearest_neighbors(proj, model.memory_bank @ model.projection)
     radius = float(model.coverage_radius)
-    selected, new_radius = greedy_coreset(proj, max(1, math.ceil(coreset_ratio * len(feats))), seed, start, radius)
+    k = max(1, math.ceil(coreset_ratio * len(feats)))
+    selected, new_radius = greedy_coreset(proj, k, seed, start_distances=start, stop_radius=radius)
     bank = torch.cat([model.memory_bank.cpu(), feats[selected].float()])
-    model.set_memory_bank(bank, projection, max(radius, new_radius))
-    return {"patches": len(feats), "added": len(selected), "bank_size": len(bank), "coverage_radius": max(radius, new_radius)}
+    radius = max(radius, new_radius)
+    model.set_memory_bank(bank, projection, radius)
+    return {"patches": len(feats), "added": len(selected), "bank_size": len(bank), "coverage_radius": radius}

@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,11 +29,14 @@ from flawscope.data.layouts import Dataset, Sample, load_dataset
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.errors import FlawscopeError
 from flawscope.evaluation.evaluate import evaluate_samples
-from flawscope.inference.model_dir import ModelInfo, save_model_dir
+from flawscope.inference.model_dir import ModelInfo, load_model_dir, save_model_dir
 from flawscope.inference.predictor import Predictor
 from flawscope.logs import log, log_to_file
-from flawscope.models import build_model
+from flawscope.models import MODELS, build_model
+from flawscope.models.patchcore import PatchCore
+from flawscope.models.stfpm import STFPM
 from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, split_calibration
+from flawscope.training.patchcore_fit import add_normals, fit_patchcore
 from flawscope.training.stfpm_trainer import STFPMTrainConfig, fit_stfpm
 
 
@@ -66,7 +71,11 @@ def train(cfg: dict, devices: list[torch.device]) -> dict:
     dataset = load_dataset(g["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
     fit_samples, calib_samples = split_calibration(dataset.train, t["calibration_fraction"], g["seed"])
     calib_set = calibration_set(t, dataset, calib_samples, fit_samples)  # fails here, not after training
-    resizer = Resizer(m["input_size"], m["resize_mode"])
+    base = load_model_dir(t["add_normals"]) if t["add_normals"] else None  # a model whose bank grows
+    if base is not None and not isinstance(base[0], PatchCore):
+        raise FlawscopeError(f"Train.add_normals: {t['add_normals']} is a {base[1].model} model; only PatchCore "
+                             "memory banks can take more normal images (retrain the others)")
+    resizer = Resizer(base[1].input_size, base[1].resize_mode) if base else Resizer(m["input_size"], m["resize_mode"])
     backbone_spec(m["backbone"])  # an unknown backbone fails before anything is loaded
     check_mask_sizes(dataset.val)
     log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
@@ -75,11 +84,12 @@ def train(cfg: dict, devices: list[torch.device]) -> dict:
     output = Path(g["output"])
     dump_config(cfg, output / "config.yaml")
     with log_to_file(output / "train.log"):
-        return _train(cfg, dataset, fit_samples, calib_set, images, devices, output)
+        return _train(cfg, dataset, fit_samples, calib_set, images, devices, output, base)
 
 
 def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: CalibrationSet,
-           images: torch.Tensor, devices: list[torch.device], output: Path) -> dict:
+           images: torch.Tensor, devices: list[torch.device], output: Path,
+           base: tuple[torch.nn.Module, ModelInfo] | None) -> dict:
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     spec = backbone_spec(m["backbone"])
     device = devices[0]
@@ -87,42 +97,82 @@ def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: Ca
         log.warning("Global.device lists %d GPUs: this version trains on the first, %s", len(devices), device)
     torch.manual_seed(g["seed"])
     np.random.seed(g["seed"] % 2**32)
-    model_config = {k: m[k] for k in ("backbone", "strides", "map_combine", "smooth_sigma")}
-    model = build_model(g["model"], model_config, pretrained=t["pretrain_weight_path"] or True)
-    info = ModelInfo(model=g["model"], model_config=model_config, input_size=m["input_size"],
-                     resize_mode=m["resize_mode"], mean=list(spec.mean), std=list(spec.std), calibration=None)
+    if base is not None:
+        model, info = base[0].to(device), base[1]
+    else:
+        model_config = model_config_from(g["model"], m)
+        model = build_model(g["model"], model_config, pretrained=t["pretrain_weight_path"] or True)
+        info = ModelInfo(model=g["model"], model_config=model_config, input_size=m["input_size"],
+                         resize_mode=m["resize_mode"], mean=list(spec.mean), std=list(spec.std), calibration=None)
     predictor = Predictor(model, info, device)
-
+    normalizer = partial(normalize, mean=info.mean, std=info.std)
     evaluate = partial(_evaluate, predictor=predictor, samples=dataset.val) if dataset.val else None
-    train_cfg = STFPMTrainConfig(iterations=t["epochs_iters"], batch_size=t["batch_size"],
-                                 learning_rate=t["learning_rate"], momentum=t["momentum"],
-                                 weight_decay=t["weight_decay"], log_interval=t["log_interval"],
-                                 eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"])
-    t0 = time.time()
-    history = fit_stfpm(model, images, train_cfg, device, partial(normalize, mean=spec.mean, std=spec.std),
-                        output, evaluate, Path(t["resume_path"]) if t["resume_path"] else None)
 
+    t0 = time.time()
+    fit = _fit_stfpm if isinstance(model, STFPM) else _fit_patchcore
+    history = fit(cfg, model, images, device, normalizer, output, evaluate)
     info.calibration = calibrate(predictor, calib_set, t["image_fpr"], t["pixel_fpr"], t["threshold_method"])
     info.provenance = {"dataset": str(dataset.root), "layout": dataset.layout, "train_images": len(fit_samples),
-                       "iterations": t["epochs_iters"], "batch_size": t["batch_size"], "seed": g["seed"]}
+                       "batch_size": t["batch_size"], "seed": g["seed"], **history.get("provenance", {})}
     model_dir = save_model_dir(output / "best_model" / "inference", model, info)
     final = history["eval"][-1] if history["eval"] else {}
     result = {
         "done_flag": True,
-        "model_name": g["model"],
+        "model_name": info.model,
         "train_seconds": round(time.time() - t0, 1),
-        "last_iteration": t["epochs_iters"],
         "metrics": {k: final.get(k) for k in ("image_auroc", "pixel_auroc")},
         "eval_history": history["eval"],
+        "fit": history.get("fit", {}),
         "calibration": {"image_threshold": info.calibration.image_threshold,
                         "pixel_threshold": info.calibration.pixel_threshold,
                         "source": info.calibration.source},
-        "models": {"best": {"inference_model_dir": str(model_dir),
-                            "checkpoint": str(output / f"iter_{t['epochs_iters']}")}},
+        "models": {"best": {"inference_model_dir": str(model_dir), **history.get("files", {})}},
     }
     (output / "train_result.json").write_text(json.dumps(result, indent=2))
     log.info("training done in %.0fs; inference model: %s", result["train_seconds"], model_dir)
     return result
+
+
+def model_config_from(name: str, section: dict) -> dict:
+    """The Model-section keys that model ``name``'s constructor takes (minus ``pretrained``)."""
+    params = inspect.signature(MODELS[name].__init__).parameters
+    return {k: section[k] for k in params if k in section and k != "pretrained"}
+
+
+def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, device: torch.device,
+               normalizer: Callable, output: Path, evaluate: Callable | None) -> dict:
+    g, t = cfg["Global"], cfg["Train"]
+    train_cfg = STFPMTrainConfig(iterations=t["epochs_iters"], batch_size=t["batch_size"],
+                                 learning_rate=t["learning_rate"], momentum=t["momentum"],
+                                 weight_decay=t["weight_decay"], log_interval=t["log_interval"],
+                                 eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"])
+    history = fit_stfpm(model, images, train_cfg, device, normalizer, output, evaluate,
+                        Path(t["resume_path"]) if t["resume_path"] else None)
+    history["provenance"] = {"iterations": t["epochs_iters"]}
+    history["files"] = {"checkpoint": str(output / f"iter_{t['epochs_iters']}")}
+    return history
+
+
+def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: torch.device,
+                   normalizer: Callable, output: Path, evaluate: Callable | None) -> dict:
+    """One pass over the images fills (or, with ``Train.add_normals``, extends) the memory bank."""
+    g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
+    if t["add_normals"]:
+        stats = add_normals(model, images, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"])
+        log.info("added %d of %d new patches to the memory bank of %s: %d entries now", stats["added"],
+                 stats["patches"], t["add_normals"], stats["bank_size"])
+    else:
+        stats = fit_patchcore(model, images, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"],
+                              m["projection_dim"])
+        log.info("memory bank: %d of %d patches (features %.1fs, coreset %.1fs)", stats["bank_size"],
+                 stats["patches"], stats["feature_seconds"], stats["coreset_seconds"])
+    history = {"eval": [], "fit": stats, "provenance": {"coreset_ratio": m["coreset_ratio"],
+                                                         "bank_size": int(len(model.memory_bank))}}
+    if evaluate is not None:
+        metrics = evaluate(model)
+        log.info("eval %s", json.dumps(metrics))
+        history["eval"].append(metrics)
+    return history
 
 
 def _evaluate(model: torch.nn.Module, predictor: Predictor, samples: list[Sample]) -> dict:
