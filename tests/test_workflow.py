@@ -155,3 +155,36 @@ def test_gpu_on_a_cpu_machine(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(make_mvtec(tmp_path / "d"), out),
                    "Global.device=gpu:0", fragment="CUDA")
+
+
+def _patchcore(*overrides: str) -> int:
+    args = ["-c", "PatchCore"]
+    for o in overrides:
+        args += ["-o", o]
+    return main(args)
+
+
+def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> None:
+    dataset, stfpm_out = trained
+    small = ["Model.input_size=64", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25"]
+    first = tmp_path / "pc"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={first}", *small) == 0
+    result = json.loads((first / "train_result.json").read_text())
+    assert result["model_name"] == "PatchCore" and result["fit"]["bank_size"] > 0
+    assert 0 <= result["metrics"]["image_auroc"] <= 1
+    assert _patchcore("Global.mode=evaluate", f"Global.dataset_dir={dataset}", f"Global.output={first}") == 0
+
+    more = make_mvtec(tmp_path / "more", n_train=4, seed=3)
+    grown = tmp_path / "pc2"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={more}", f"Global.output={grown}", *small,
+                      f"Train.add_normals={first / 'best_model/inference'}") == 0
+    before = json.loads((first / "train_result.json").read_text())["fit"]["bank_size"]
+    after = json.loads((grown / "train_result.json").read_text())["fit"]
+    assert after["bank_size"] > before and after["added"] == after["bank_size"] - before
+
+
+def test_add_normals_refuses_an_stfpm_model(trained, tmp_path, capsys) -> None:
+    dataset, stfpm_out = trained
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(dataset, out),
+                   f"Train.add_normals={stfpm_out / 'best_model/inference'}", fragment="only PatchCore")
