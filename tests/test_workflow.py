@@ -188,3 +188,44 @@ def test_add_normals_refuses_an_stfpm_model(trained, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(dataset, out),
                    f"Train.add_normals={stfpm_out / 'best_model/inference'}", fragment="only PatchCore")
+
+
+def test_distributed_training_under_torchrun(trained, tmp_path) -> None:
+    """The several-GPU path (one process per device, DistributedDataParallel) run on CPUs with gloo."""
+    import subprocess
+    import sys
+
+    dataset, _ = trained
+    out = tmp_path / "ddp"
+    overrides = [a for o in tiny_overrides(dataset, out) for a in ("-o", o)]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "flawscope", "-c", "STFPM", "-o", "Global.mode=train", *overrides],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "train_result.json").read_text())
+    assert result["done_flag"] and (out / "best_model/inference/model.safetensors").is_file()
+    log = (out / "train.log").read_text()
+    assert log.count("iter 6/6 loss") == 1  # rank 0 alone logs to the file
+
+
+def test_several_gpus_relaunch_under_torchrun(tmp_path, monkeypatch) -> None:
+    """gpu:2,3 on a plain call becomes two torchrun processes that see those GPUs as 0 and 1."""
+    import torch
+
+    from flawscope.config import load_config
+    from flawscope.training import distributed
+
+    calls = []
+
+    def fake_call(command, env):
+        calls.append((command, env["CUDA_VISIBLE_DEVICES"], Path(command[command.index("-c") + 1]).read_text()))
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "train_result.json").write_text('{"done_flag": true}')
+        return 0
+
+    monkeypatch.setattr(distributed.subprocess, "call", fake_call)
+    cfg = load_config("STFPM", [f"Global.output={tmp_path / 'out'}"])
+    assert distributed.relaunch(cfg, [torch.device("cuda", 2), torch.device("cuda", 3)]) == {"done_flag": True}
+    (command, visible, config_text), = calls
+    assert command[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node=2" in command
+    assert visible == "2,3" and command[-1] == "Global.device=gpu:0,1" and "epochs_iters" in config_text

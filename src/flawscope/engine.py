@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
 from flawscope.device import parse_device
 from flawscope.errors import FlawscopeError
 from flawscope.inference.result import AnomalyResult
+from flawscope.logs import log
 
 
 def inference_dir(cfg: dict, key: str) -> Path | None:
@@ -27,9 +29,26 @@ def check_dataset(cfg: dict) -> dict:
 
 
 def train(cfg: dict) -> dict:
+    """Train on one device, or on several GPUs through torchrun (see ``training.distributed``)."""
+    from flawscope.training import distributed
     from flawscope.training.runner import train as run_training
 
-    return run_training(cfg, parse_device(cfg["Global"]["device"]))
+    devices = parse_device(cfg["Global"]["device"])
+    if distributed.under_torchrun():
+        world = distributed.join(devices)
+        if not world.is_main:
+            log.setLevel(logging.WARNING)
+        try:
+            return run_training(cfg, world)
+        finally:
+            distributed.leave()
+    if len(devices) > 1:
+        if cfg["Global"]["model"] != "STFPM":
+            log.warning("Global.device lists %d GPUs: %s fits on the first, %s", len(devices),
+                        cfg["Global"]["model"], devices[0])
+        else:
+            return distributed.relaunch(cfg, devices)
+    return run_training(cfg, distributed.World(device=devices[0]))
 
 
 def evaluate(cfg: dict) -> dict:

@@ -36,6 +36,7 @@ from flawscope.models import MODELS, build_model
 from flawscope.models.patchcore import PatchCore
 from flawscope.models.stfpm import STFPM
 from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, split_calibration
+from flawscope.training.distributed import World
 from flawscope.training.patchcore_fit import add_normals, fit_patchcore
 from flawscope.training.stfpm_trainer import STFPMTrainConfig, fit_stfpm
 
@@ -63,8 +64,11 @@ def check_mask_sizes(samples: list[Sample]) -> None:
                                  f"{sample.image.name} is {image_size[0]}x{image_size[1]}")
 
 
-def train(cfg: dict, devices: list[torch.device]) -> dict:
-    """Validate and load everything first, so a bad dataset leaves no half-written output."""
+def train(cfg: dict, world: World) -> dict:
+    """Validate and load everything first, so a bad dataset leaves no half-written output.
+
+    In a distributed run (``world.size > 1``) only rank 0 writes anything.
+    """
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     if not g["dataset_dir"]:
         raise FlawscopeError("Global.dataset_dir: required for training (-o Global.dataset_dir=PATH)")
@@ -82,19 +86,19 @@ def train(cfg: dict, devices: list[torch.device]) -> dict:
              dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
     images = load_training_images(fit_samples, resizer)  # reads every image before anything is written
     output = Path(g["output"])
+    if not world.is_main:
+        return _train(cfg, dataset, fit_samples, calib_set, images, world, output, base)
     dump_config(cfg, output / "config.yaml")
     with log_to_file(output / "train.log"):
-        return _train(cfg, dataset, fit_samples, calib_set, images, devices, output, base)
+        return _train(cfg, dataset, fit_samples, calib_set, images, world, output, base)
 
 
 def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: CalibrationSet,
-           images: torch.Tensor, devices: list[torch.device], output: Path,
+           images: torch.Tensor, world: World, output: Path,
            base: tuple[torch.nn.Module, ModelInfo] | None) -> dict:
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     spec = backbone_spec(m["backbone"])
-    device = devices[0]
-    if len(devices) > 1:
-        log.warning("Global.device lists %d GPUs: this version trains on the first, %s", len(devices), device)
+    device = world.device
     torch.manual_seed(g["seed"])
     np.random.seed(g["seed"] % 2**32)
     if base is not None:
@@ -109,8 +113,12 @@ def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: Ca
     evaluate = partial(_evaluate, predictor=predictor, samples=dataset.val) if dataset.val else None
 
     t0 = time.time()
-    fit = _fit_stfpm if isinstance(model, STFPM) else _fit_patchcore
-    history = fit(cfg, model, images, device, normalizer, output, evaluate)
+    if isinstance(model, STFPM):
+        history = _fit_stfpm(cfg, model, images, world, normalizer, output, evaluate)
+    else:
+        history = _fit_patchcore(cfg, model, images, device, normalizer, output, evaluate)
+    if not world.is_main:
+        return {}
     info.calibration = calibrate(predictor, calib_set, t["image_fpr"], t["pixel_fpr"], t["threshold_method"])
     info.provenance = {"dataset": str(dataset.root), "layout": dataset.layout, "train_images": len(fit_samples),
                        "batch_size": t["batch_size"], "seed": g["seed"], **history.get("provenance", {})}
@@ -139,15 +147,15 @@ def model_config_from(name: str, section: dict) -> dict:
     return {k: section[k] for k in params if k in section and k != "pretrained"}
 
 
-def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, device: torch.device,
+def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, world: World,
                normalizer: Callable, output: Path, evaluate: Callable | None) -> dict:
     g, t = cfg["Global"], cfg["Train"]
     train_cfg = STFPMTrainConfig(iterations=t["epochs_iters"], batch_size=t["batch_size"],
                                  learning_rate=t["learning_rate"], momentum=t["momentum"],
                                  weight_decay=t["weight_decay"], log_interval=t["log_interval"],
                                  eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"])
-    history = fit_stfpm(model, images, train_cfg, device, normalizer, output, evaluate,
-                        Path(t["resume_path"]) if t["resume_path"] else None)
+    history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate,
+                        Path(t["resume_path"]) if t["resume_path"] else None, world)
     history["provenance"] = {"iterations": t["epochs_iters"]}
     history["files"] = {"checkpoint": str(output / f"iter_{t['epochs_iters']}")}
     return history

@@ -17,10 +17,12 @@ from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from flawscope.errors import FlawscopeError
 from flawscope.models.stfpm import STFPM, stfpm_loss
+from flawscope.training.distributed import World
 
 log = logging.getLogger("flawscope")
 
@@ -106,10 +108,13 @@ def load_checkpoint(path: Path, model: STFPM, optimizer: torch.optim.Optimizer) 
 
 def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device: torch.device,
               normalize: Callable[[torch.Tensor], torch.Tensor], output: Path,
-              evaluate: Callable[[STFPM], dict] | None = None, resume: Path | None = None) -> dict:
+              evaluate: Callable[[STFPM], dict] | None = None, resume: Path | None = None,
+              world: World = World()) -> dict:
     """Train ``model.student`` on ``images`` (NxSxSx3 uint8); returns the last metrics and losses.
 
-    Checkpoints go to ``output/iter_<N>/`` every ``save_interval`` iterations and at the end.
+    Checkpoints go to ``output/iter_<N>/`` every ``save_interval`` iterations and at the end. In a
+    distributed run every process draws the same global batch of ``batch_size`` images per
+    process and trains on its own slice; rank 0 alone saves and evaluates.
     """
     model.to(device).train()
     optimizer = torch.optim.SGD(model.student.parameters(), lr=cfg.learning_rate,
@@ -117,20 +122,24 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
     start = load_checkpoint(resume, model, optimizer) if resume else 0
     if start >= cfg.iterations:
         log.info("checkpoint is at iteration %d of %d: nothing left to train", start, cfg.iterations)
+    student = model.student
+    if world.size > 1:
+        student = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     cached = _teacher_features(model, images, device, normalize, cfg.cache_limit_bytes)
     history: dict = {"loss": [], "eval": []}
-    t0, bar = time.time(), tqdm(total=cfg.iterations, initial=start, desc="train", unit="it", dynamic_ncols=True)
+    t0 = time.time()
+    bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it", dynamic_ncols=True, disable=not world.is_main)
     for it in range(start, cfg.iterations):
         for group in optimizer.param_groups:
             group["lr"] = cfg.learning_rate * _lr_factor(it, cfg.iterations, cfg.warmup_fraction)
-        idx = _batch_indices(len(images), cfg.batch_size, cfg.seed, it)
+        idx = _batch_indices(len(images), cfg.batch_size * world.size, cfg.seed, it)[world.rank::world.size]
         batch = normalize(images[idx]).to(device)
         if cached is None:
             with torch.no_grad():
                 teacher = model.teacher(batch)
         else:
             teacher = [level[idx].to(device).float() for level in cached]
-        loss = stfpm_loss(teacher, model.student(batch))
+        loss = stfpm_loss(teacher, student(batch))
         if not torch.isfinite(loss):
             raise FlawscopeError(f"training diverged at iteration {it + 1} (loss {loss.item()}); lower Train.learning_rate")
         optimizer.zero_grad(set_to_none=True)
@@ -145,6 +154,8 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
             log.info("iter %d/%d loss %.5f lr %.4g elapsed %.0fs eta %.0fs", done, cfg.iterations, loss.item(),
                      optimizer.param_groups[0]["lr"], elapsed, eta)
             history["loss"].append([done, round(loss.item(), 6)])
+        if not world.is_main:
+            continue
         if done % cfg.save_interval == 0 or done == cfg.iterations:
             save_checkpoint(output / f"iter_{done}", model, optimizer, done)
         if evaluate is not None and (done % cfg.eval_interval == 0 or done == cfg.iterations):
