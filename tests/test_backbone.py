@@ -42,3 +42,14 @@ def test_unknown_backbone_and_stride_are_clear_errors() -> None:
         create_backbone("resnet18", (8,))
     with pytest.raises(ValueError, match="stride 2"):
         EfficientNetLite0((2, 8))
+
+
+def test_folding_batchnorm_keeps_the_features() -> None:
+    model = load_lite0_weights(EfficientNetLite0((4, 8, 16))).eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        before = model(x)
+        after = model.fuse_batchnorm()(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    for a, b in zip(before, after):
+        assert torch.allclose(a, b, atol=1e-4 * a.abs().max())

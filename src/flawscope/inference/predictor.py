@@ -41,6 +41,9 @@ class Predictor:
     @classmethod
     def from_dir(cls, model_dir: str | Path | None = None, device: torch.device | str = "cpu", **kwargs: Any) -> "Predictor":
         model, info = load_model_dir(model_dir or default_model_dir(), device)
+        for module in model.modules():  # a loaded model only predicts: fold its BatchNorms
+            if hasattr(module, "fuse_batchnorm"):
+                module.fuse_batchnorm()
         return cls(model, info, device, **kwargs)
 
     @torch.no_grad()
