@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from contextlib import nullcontext
 import time
 from functools import partial
 from pathlib import Path
@@ -86,10 +87,9 @@ def train(cfg: dict, world: World) -> dict:
              dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
     images = load_training_images(fit_samples, resizer)  # reads every image before anything is written
     output = Path(g["output"])
-    if not world.is_main:
-        return _train(cfg, dataset, fit_samples, calib_set, images, world, output, base)
-    dump_config(cfg, output / "config.yaml")
-    with log_to_file(output / "train.log"):
+    if world.is_main:
+        dump_config(cfg, output / "config.yaml")
+    with log_to_file(output / "train.log") if world.is_main else nullcontext():
         return _train(cfg, dataset, fit_samples, calib_set, images, world, output, base)
 
 
