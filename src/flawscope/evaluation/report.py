@@ -115,7 +115,7 @@ def plot_histogram(outcomes: Sequence, result: dict, path: Path) -> str:
     best = result["metrics"]["best_f1_thresholds"]["image"]
     if best is not None:
         ax.axvline(best, color=_THRESHOLD, lw=1.5, ls="--", label="best-F1 threshold on this split")
-    ax.set(xlabel="raw image score (max of the anomaly map)", ylabel="images",
+    ax.set(xlabel="raw image score (as the model gives it, before normalisation)", ylabel="images",
            title="Image scores: good vs defective")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
