@@ -31,7 +31,7 @@ import yaml
 from flawscope.device import parse_device
 from flawscope.errors import FlawscopeError
 from flawscope.inference.predictor import Predictor
-from flawscope.inference.result import AnomalyResult
+from flawscope.inference.result import THRESHOLD, AnomalyResult
 
 PIPELINES: dict[str, dict[str, Any]] = {
     "anomaly_detection": {
@@ -44,7 +44,7 @@ PIPELINES: dict[str, dict[str, Any]] = {
                 "batch_size": 1,
                 "device": "cpu",
                 "min_region_area": 0,
-                "threshold": 0.5,
+                "threshold": THRESHOLD,
                 "outline_ok_images": False,
                 "recursive": False,
                 "on_error": "result",

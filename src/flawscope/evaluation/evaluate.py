@@ -74,6 +74,16 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
+def auroc_summary(outcomes: Sequence[Outcome]) -> dict:
+    """Image and pixel AUROC only: what training logs at each ``Train.eval_interval``, without
+    the AUPRO, F1 and per-type work of a full evaluation."""
+    pixel = [o for o in outcomes if o.mask is not None]
+    return {
+        "image_auroc": _round(metrics.image_auroc([o.sample.label for o in outcomes], [o.raw_score for o in outcomes])),
+        "pixel_auroc": _round(metrics.pixel_auroc([o.mask for o in pixel], [o.raw_map for o in pixel])),
+    }
+
+
 def summarize(outcomes: Sequence[Outcome], fpr_limit: float = AUPRO_FPR_LIMIT) -> dict:
     """Every metric of ``outcomes`` (flat, rounded, None where undefined) plus the confusion
     counts and the best-F1 thresholds found on them."""

@@ -2,8 +2,9 @@
 
 The exported graph is the model's ``map_and_score``: a normalised Bx3xSxS float32 batch in, the raw
 Bx1xSxS anomaly map and the B raw image scores out, for B = 1: PatchCore's chunked neighbour
-search traces to fixed shapes, and batch 1 is what a CPU inspection station runs. ``inference.yml`` is copied beside it, so the resizing, normalisation and
-calibrated thresholds travel with the graph and a deployment gives the same decisions.
+search traces to fixed shapes, and batch 1 is what a CPU inspection station runs.
+``inference.yml`` is copied beside it, so the resizing, normalisation and calibrated thresholds
+travel with the graph and a deployment gives the same decisions.
 """
 
 from __future__ import annotations

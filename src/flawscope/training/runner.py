@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from contextlib import nullcontext
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -29,7 +29,7 @@ from flawscope.config import dump_config
 from flawscope.data.layouts import Dataset, Sample, load_dataset
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.errors import FlawscopeError
-from flawscope.evaluation.evaluate import evaluate_samples
+from flawscope.evaluation.evaluate import auroc_summary, collect
 from flawscope.inference.model_dir import ModelInfo, load_model_dir, save_model_dir
 from flawscope.inference.predictor import Predictor
 from flawscope.logs import log, log_to_file
@@ -116,7 +116,7 @@ def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: Ca
     if isinstance(model, STFPM):
         history = _fit_stfpm(cfg, model, images, world, normalizer, output, evaluate)
     else:
-        history = _fit_patchcore(cfg, model, images, device, normalizer, output, evaluate)
+        history = _fit_patchcore(cfg, model, images, device, normalizer, evaluate)
     if not world.is_main:
         return {}
     info.calibration = calibrate(predictor, calib_set, t["image_fpr"], t["pixel_fpr"], t["threshold_method"])
@@ -162,7 +162,7 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, world: World,
 
 
 def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: torch.device,
-                   normalizer: Callable, output: Path, evaluate: Callable | None) -> dict:
+                   normalizer: Callable, evaluate: Callable | None) -> dict:
     """One pass over the images fills (or, with ``Train.add_normals``, extends) the memory bank."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     if t["add_normals"]:
@@ -184,5 +184,4 @@ def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: to
 
 
 def _evaluate(model: torch.nn.Module, predictor: Predictor, samples: list[Sample]) -> dict:
-    metrics = evaluate_samples(predictor, samples)
-    return {"image_auroc": metrics["image_auroc"], "pixel_auroc": metrics["pixel_auroc"]}
+    return auroc_summary(collect(predictor, samples))
