@@ -51,6 +51,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dataset")
     ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--resize-mode", default="resize", choices=["resize", "letterbox"])
+    ap.add_argument("--search", default="exact", choices=["exact", "approximate"])
+    ap.add_argument("--nprobe", type=int, default=8)
+    ap.add_argument("--strides", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--coreset-ratio", type=float, default=0.01)
     ap.add_argument("--projection-dim", type=int, default=64)
     ap.add_argument("--max-patches", type=int, default=1 << 20)
@@ -63,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
 
     dataset = load_dataset(args.dataset)
-    resizer = Resizer(args.size)
+    resizer = Resizer(args.size, args.resize_mode)
     spec = backbone_spec("efficientnet_lite0")
     norm = partial(normalize, mean=spec.mean, std=spec.std)
     t = time.perf_counter()
@@ -78,7 +82,8 @@ def main() -> None:
               "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "rss_before_fit_mb": rss_mb("VmRSS")}
     reset_peak_rss()
 
-    model = PatchCore(feature_dim=args.feature_dim)
+    model = PatchCore(strides=tuple(args.strides), feature_dim=args.feature_dim, search=args.search,
+                      search_nprobe=args.nprobe)
     report["fit"] = fit_patchcore(model, train, norm, "cpu", args.coreset_ratio, args.seed, args.batch_size,
                                   args.projection_dim, args.max_patches)
     report["fit_peak_rss_mb"] = rss_mb("VmHWM")

@@ -55,7 +55,7 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
         "convert": {"enable": False, "src_dataset_type": None},
         "split": {"enable": False, "train_percent": None, "val_percent": None, "seed": 42},
     }
-    assert cfg["Model"]["strides"] == [4, 8, 16]
+    assert cfg["Model"]["strides"] == [8, 16, 32]
     assert cfg["Model"]["smooth_sigma"] == 4.0
     assert set(cfg["Train"]) == set(SCHEMA["Train"])
     assert cfg["Export"] == {"weight_path": None, "format": "onnx"}

@@ -68,7 +68,8 @@ def test_normalize(as_tensor):
     batch[1] = 255
     mean, std = (0.5, 0.25, 0.0), (0.5, 0.25, 1.0)
     out = normalize(torch.from_numpy(batch) if as_tensor else batch, mean, std)
-    assert out.shape == (2, 3, 4, 4) and out.dtype == torch.float32 and out.is_contiguous()
+    assert out.shape == (2, 3, 4, 4) and out.dtype == torch.float32
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the fast layout for the backbones
     torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([-1.0, -1.0, 0.0]))
     torch.testing.assert_close(out[1, :, 0, 0], torch.tensor([1.0, 3.0, 1.0]))
 

@@ -171,8 +171,15 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={first}", *small) == 0
     result = json.loads((first / "train_result.json").read_text())
     assert result["model_name"] == "PatchCore" and result["fit"]["bank_size"] > 0
+    embed_dim = 40 + 112  # Lite0 strides 8 and 16
+    assert result["fit"]["bank_mb"] == round(result["fit"]["bank_size"] * embed_dim * 2 / 2**20, 1)
+    assert result["fit"]["peak_rss_mb"] > 100  # torch alone takes more
     assert 0 <= result["metrics"]["image_auroc"] <= 1
     assert _patchcore("Global.mode=evaluate", f"Global.dataset_dir={dataset}", f"Global.output={first}") == 0
+    approximate = tmp_path / "pc_approx"  # faiss's inverted-file search, set at training time
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={approximate}", *small,
+                      "Model.search=approximate") == 0
+    assert "search: approximate" in (approximate / "best_model/inference/inference.yml").read_text()
 
     more = make_mvtec(tmp_path / "more", n_train=4, seed=3)
     grown = tmp_path / "pc2"

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import torch
 from flawscope.config import load_config
 from flawscope.data.io import read_image
 from flawscope.data.layouts import load_dataset
-from flawscope.device import parse_device
+from flawscope.device import parse_device, peak_rss_mb
 from flawscope.engine import evaluate, train
 from flawscope.errors import FlawscopeError
 from flawscope.inference.predictor import Predictor
@@ -48,12 +47,6 @@ COLUMNS = (
     ("peak RSS, MB (train / whole run)", ("peak_rss_train_mb", "peak_rss_mb"), 0),
     ("peak GPU (MB)", ("peak_gpu_mb",), 0), ("model size (MB)", ("model_size_mb",), 1),
 )
-
-
-def _rss_mb() -> float:
-    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _gpu_peak_mb(device: torch.device) -> float | None:
@@ -128,7 +121,7 @@ def run_one(spec: dict) -> dict:
     trained = train(cfg)
     train_wall = time.perf_counter() - start
     out = {"train_wall_s": round(train_wall, 2), "fit_s": trained["train_seconds"],
-           "peak_rss_train_mb": round(_rss_mb(), 1), "peak_gpu_train_mb": _gpu_peak_mb(device)}
+           "peak_rss_train_mb": round(peak_rss_mb(), 1), "peak_gpu_train_mb": _gpu_peak_mb(device)}
     evaluation = evaluate(_run_config(spec, "evaluate"))
     m = evaluation["metrics"]
     model_dir = Path(evaluation["model_dir"])
@@ -141,7 +134,7 @@ def run_one(spec: dict) -> dict:
         "image_f1": m["image_f1"], "pixel_f1": m["pixel_f1"], "paddlex_miou": m["paddlex_miou"],
         "num_eval_images": m["num_images"],
         "model_size_mb": round(sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file()) / 2**20, 2),
-        "peak_rss_mb": round(_rss_mb(), 1), "peak_gpu_mb": _gpu_peak_mb(device),
+        "peak_rss_mb": round(peak_rss_mb(), 1), "peak_gpu_mb": _gpu_peak_mb(device),
         "torch_threads": torch.get_num_threads(), "device": str(device),
         "evaluate_report": evaluation["report"],
     }

@@ -85,6 +85,8 @@ SCHEMA: dict[str, Any] = {
         "num_neighbors": Key(int, ge=1, required_for=PATCHCORE_ONLY),
         "projection_dim": Key(int, nullable=True, ge=1, required_for=PATCHCORE_ONLY),
         "feature_dim": Key(int, None, nullable=True, ge=1),
+        "search": Key(str, "exact", choices=("exact", "approximate")),
+        "search_nprobe": Key(int, 8, ge=1),
     },
     "Train": {
         "epochs_iters": Key(int, ge=1, required_for=STFPM_ONLY),

@@ -4,6 +4,8 @@ torch devices, failing early with the reason when the machine cannot provide the
 from __future__ import annotations
 
 import re
+import resource
+import sys
 
 import torch
 
@@ -42,3 +44,9 @@ def parse_device(spec: str) -> list[torch.device]:
                 f"Global.device: {spec!r} asked for GPU {i} but {count} CUDA device(s) are visible"
             )
     return [torch.device("cuda", i) for i in ids]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

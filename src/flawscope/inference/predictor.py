@@ -34,7 +34,8 @@ class Predictor:
             raise FlawscopeError(f"threshold must be between 0 and 1 (normalised; 0.5 = calibrated), got {threshold}")
         self.threshold, self.outline_ok_images = threshold, outline_ok_images
         self.device = torch.device(device)
-        self.model, self.info = model.to(self.device).eval(), info
+        # NHWC runs the backbones' depthwise convolutions 1.5-2.5x faster on CPU (same maths, rounding aside).
+        self.model, self.info = model.to(self.device, memory_format=torch.channels_last).eval(), info
         self.batch_size, self.min_region_area = batch_size, min_region_area
         self.resizer = Resizer(info.input_size, info.resize_mode)
 

@@ -15,4 +15,7 @@ def build_model(name: str, config: dict, pretrained: bool = True) -> nn.Module:
     """Instantiate model ``name`` from the ``config()`` dict it saved (or the Model section)."""
     if name not in MODELS:
         raise FlawscopeError(f"Global.model: unknown model '{name}'; available: {', '.join(MODELS)}")
-    return MODELS[name](**config, pretrained=pretrained)
+    try:
+        return MODELS[name](**config, pretrained=pretrained)
+    except ValueError as exc:  # a setting this machine cannot honour, e.g. approximate search without faiss
+        raise FlawscopeError(f"Model: {exc}") from None

@@ -14,27 +14,7 @@ from torch import nn
 
 from flawscope.backbones import create_backbone
 from flawscope.models.common import GaussianBlur
-
-# Elements of a distance matrix computed at once: 4 MB stays in cache, which makes the search up to
-# twice as fast on CPU as 64 MB chunks, and bounds its memory.
-CHUNK_ELEMENTS = 1 << 20
-
-
-def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distance and index of each query row's nearest bank row, exact.
-
-    ``|q|^2 - 2 q.b + |b|^2`` as one matrix product per chunk of queries; ``|q|^2`` is the same
-    for a whole row, so it is added after the minimum.
-    """
-    bank_sq = bank.pow(2).sum(1)
-    chunk = max(1, CHUNK_ELEMENTS // max(len(bank), 1))
-    dists, indices = [], []
-    for start in range(0, len(queries), chunk):  # slices, not split(): they export to ONNX
-        q = queries[start:start + chunk]
-        d2, idx = torch.addmm(bank_sq, q, bank.T, alpha=-2).min(1)
-        dists.append((d2 + q.pow(2).sum(1)).clamp_min(0).sqrt())
-        indices.append(idx)
-    return torch.cat(dists), torch.cat(indices)
+from flawscope.models.knn import FaissIndex, check_search, faiss, nearest_neighbors
 
 
 class PatchCore(nn.Module):
@@ -54,12 +34,15 @@ class PatchCore(nn.Module):
 
     def __init__(self, backbone: str = "efficientnet_lite0", strides: tuple[int, ...] = (8, 16),
                  feature_dim: int | None = None, num_neighbors: int = 9, smooth_sigma: float = 4.0,
-                 pretrained: bool = True) -> None:
+                 search: str = "exact", search_nprobe: int = 8, pretrained: bool = True) -> None:
         super().__init__()
         if len(strides) < 1:
             raise ValueError("PatchCore needs at least one backbone stride")
         if num_neighbors < 1:
             raise ValueError(f"num_neighbors must be >= 1, not {num_neighbors}")
+        check_search(search)
+        self.search, self.search_nprobe = search, int(search_nprobe)
+        self._index: FaissIndex | None = None  # over the current bank, built on first use
         self.backbone, self.strides = backbone, tuple(sorted(strides))
         self.feature_dim = None if feature_dim is None else int(feature_dim)
         self.num_neighbors, self.smooth_sigma = int(num_neighbors), float(smooth_sigma)
@@ -73,7 +56,8 @@ class PatchCore(nn.Module):
 
     def config(self) -> dict:
         return {"backbone": self.backbone, "strides": list(self.strides), "feature_dim": self.feature_dim,
-                "num_neighbors": self.num_neighbors, "smooth_sigma": self.smooth_sigma}
+                "num_neighbors": self.num_neighbors, "smooth_sigma": self.smooth_sigma,
+                "search": self.search, "search_nprobe": self.search_nprobe}
 
     def train(self, mode: bool = True) -> "PatchCore":
         """The extractor stays in eval mode: its BatchNorm statistics are ImageNet's."""
@@ -108,6 +92,7 @@ class PatchCore(nn.Module):
         if bank.ndim != 2 or bank.shape[1] != self.embed_dim:
             raise ValueError(f"memory bank must be Kx{self.embed_dim}, not {tuple(bank.shape)}")
         device = self.coverage_radius.device
+        self._index = None
         self.memory_bank = bank.to(device, torch.float16).float()
         self.projection = projection.to(device, torch.float32)
         self.coverage_radius = torch.tensor(float(coverage_radius), device=device)
@@ -118,6 +103,7 @@ class PatchCore(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         """The bank's size is only known after fitting: take the saved tensors' shapes."""
+        self._index = None
         for name in self._SIZED_ON_LOAD:
             saved = state_dict.get(prefix + name)
             if saved is not None:
@@ -131,8 +117,23 @@ class PatchCore(nn.Module):
         if len(self.memory_bank) == 0:
             raise RuntimeError("PatchCore has an empty memory bank: fit it first")
         b, _, h, w = emb.shape
-        dist, idx = nearest_neighbors(self.patch_rows(emb), self.memory_bank)
+        dist, idx = self._search(self.patch_rows(emb))
         return dist.view(b, h, w), idx.view(b, h, w)
+
+    def _search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """faiss on CPU where installed; torch on a GPU, without faiss and while exporting."""
+        bank = self.memory_bank
+        exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+        if faiss is None or bank.device.type != "cpu" or exporting:
+            return nearest_neighbors(queries, bank)
+        if self._index is None:
+            self._index = FaissIndex(bank, self.search, self.search_nprobe)
+        return self._index.search(queries)
+
+    def _apply(self, fn, *args, **kwargs) -> "PatchCore":
+        """``to()``, ``cuda()``, ``half()``... replace the bank: the index must be rebuilt."""
+        self._index = None
+        return super()._apply(fn, *args, **kwargs)
 
     def image_score(self, emb: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The paper's image score: the largest patch distance s*, damped when its nearest bank

@@ -29,9 +29,13 @@ def stfpm_loss(teacher_feats: list[torch.Tensor], student_feats: list[torch.Tens
 
 
 class STFPM(nn.Module):
-    """Normalised image batch Bx3xSxS in, raw anomaly map Bx1xSxS out."""
+    """Normalised image batch Bx3xSxS in, raw anomaly map Bx1xSxS out.
 
-    def __init__(self, backbone: str = "efficientnet_lite0", strides: tuple[int, ...] = (4, 8, 16),
+    The paper taps ResNet18 at strides 4/8/16; on EfficientNet-Lite0, whose early stages are much
+    narrower, strides 8/16/32 are the comparable depth and the better default (docs/benchmarks.md).
+    """
+
+    def __init__(self, backbone: str = "efficientnet_lite0", strides: tuple[int, ...] = (8, 16, 32),
                  map_combine: str = "product", smooth_sigma: float = 4.0, pretrained: bool = True) -> None:
         super().__init__()
         if map_combine not in ("product", "sum"):

@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 
-from flawscope.models.patchcore import CHUNK_ELEMENTS, PatchCore, nearest_neighbors
+from flawscope.models.knn import CHUNK_ELEMENTS, nearest_neighbors
+from flawscope.models.patchcore import PatchCore
 
 _CANDIDATES = 1024  # farthest points examined per round of the batched greedy search
 

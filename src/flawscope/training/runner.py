@@ -28,6 +28,7 @@ from flawscope.backbones import backbone_spec
 from flawscope.config import dump_config
 from flawscope.data.layouts import Dataset, Sample, load_dataset
 from flawscope.data.transforms import Resizer, normalize
+from flawscope.device import peak_rss_mb
 from flawscope.errors import FlawscopeError
 from flawscope.evaluation.evaluate import auroc_summary, collect
 from flawscope.inference.model_dir import ModelInfo, load_model_dir, save_model_dir
@@ -174,6 +175,9 @@ def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: to
                               m["projection_dim"])
         log.info("memory bank: %d of %d patches (features %.1fs, coreset %.1fs)", stats["bank_size"],
                  stats["patches"], stats["feature_seconds"], stats["coreset_seconds"])
+    stats["bank_mb"] = round(model.memory_bank.numel() * 2 / 2**20, 1)  # saved as float16
+    stats["peak_rss_mb"] = round(peak_rss_mb(), 1)  # this process so far: loading the images included
+    log.info("memory bank %.1f MB; peak memory so far %.0f MB", stats["bank_mb"], stats["peak_rss_mb"])
     history = {"eval": [], "fit": stats, "provenance": {"coreset_ratio": m["coreset_ratio"],
                                                          "bank_size": int(len(model.memory_bank))}}
     if evaluate is not None:

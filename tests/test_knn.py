@@ -1,0 +1,86 @@
+"""Nearest-neighbour search of PatchCore: faiss (exact and approximate) against the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flawscope.models.patchcore as patchcore
+from flawscope.errors import FlawscopeError
+from flawscope.models import build_model
+from flawscope.models.knn import FaissIndex, nearest_neighbors
+
+
+def clustered(n: int, dim: int = 16, clusters: int = 40, seed: int = 0) -> torch.Tensor:
+    """Points around ``clusters`` centres: the structure of real patch features, which IVF exploits."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(clusters, dim, generator=gen) * 4
+    return centers[torch.randint(clusters, (n,), generator=gen)] + torch.randn(n, dim, generator=gen) * 0.5
+
+
+def test_torch_search_is_brute_force():
+    bank, queries = torch.randn(300, 8), torch.randn(50, 8)
+    dist, idx = nearest_neighbors(queries, bank)
+    ref = torch.cdist(queries, bank)
+    torch.testing.assert_close(dist, ref.amin(1), rtol=1e-4, atol=1e-4)
+    assert torch.equal(idx, ref.argmin(1))
+
+
+def test_faiss_exact_matches_torch():
+    bank, queries = clustered(3000), clustered(500, seed=1)
+    dist, idx = FaissIndex(bank, "exact").search(queries)
+    ref_dist, ref_idx = nearest_neighbors(queries, bank)
+    assert (idx == ref_idx).float().mean() > 0.999  # ties aside
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-4)
+
+
+def test_approximate_search_overestimates_only_and_is_exact_with_all_cells():
+    bank, queries = clustered(4000), clustered(1000, seed=1)
+    ref_dist, ref_idx = nearest_neighbors(queries, bank)
+    approx = FaissIndex(bank, "approximate", nprobe=4)
+    assert approx.index.nlist == 63  # about sqrt(4000) cells
+    dist, idx = approx.search(queries)
+    assert (dist >= ref_dist - 1e-4).all()  # a real bank entry: never closer than the nearest one
+    assert (idx == ref_idx).float().mean() > 0.9
+    torch.testing.assert_close(dist, torch.cdist(queries, bank)[torch.arange(len(idx)), idx], rtol=1e-4, atol=1e-4)
+    dist, idx = FaissIndex(bank, "approximate", nprobe=10_000).search(queries)  # every cell scanned
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-4)
+
+
+def small_patchcore(**kwargs) -> patchcore.PatchCore:
+    torch.manual_seed(0)
+    model = patchcore.PatchCore(pretrained=False, smooth_sigma=0, **kwargs).eval()
+    bank = clustered(2000, dim=model.embed_dim)
+    model.set_memory_bank(bank, torch.eye(model.embed_dim), 1.0)
+    return model
+
+
+def test_model_scores_the_same_with_faiss_and_without(monkeypatch):
+    model = small_patchcore(strides=(8,))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = model.map_and_score(x)
+        assert model._index is not None  # faiss answered
+        monkeypatch.setattr(patchcore, "faiss", None)
+        fallback = model.map_and_score(x)
+    for a, b in zip(fast, fallback):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_index_follows_a_new_bank():
+    model = small_patchcore(strides=(8,))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+        model.set_memory_bank(clustered(2000, dim=model.embed_dim, seed=5) + 3, torch.eye(model.embed_dim), 1.0)
+        after = model(x)
+        torch.testing.assert_close(after, model.anomaly_map(
+            nearest_neighbors(model.patch_rows(model.embed(x)), model.memory_bank)[0].view(1, 8, 8), (64, 64)))
+    assert not torch.allclose(before, after)
+
+
+def test_approximate_without_faiss_is_a_clear_error(monkeypatch):
+    import flawscope.models.knn as knn
+    monkeypatch.setattr(knn, "faiss", None)
+    with pytest.raises(FlawscopeError, match="approximate.*pip install faiss-cpu"):
+        build_model("PatchCore", {"strides": [8], "search": "approximate"}, pretrained=False)
