@@ -78,23 +78,25 @@ def test_predict_writes_json_and_picture_at_the_image_size(trained, tmp_path, ca
     assert str(image) in capsys.readouterr().out
 
 
-def test_export_onnx_matches_torch(trained, tmp_path) -> None:
-    ort = pytest.importorskip("onnxruntime")
+def _assert_onnx_matches_torch(model_dir: Path, output: Path, cli=_cli) -> None:
+    import onnxruntime as ort
     import torch
 
     from flawscope.inference.model_dir import load_model_dir
 
-    _, out = trained
-    assert _cli("Global.mode=export", f"Global.output={tmp_path}",
-                f"Export.weight_path={out / 'best_model/inference'}") == 0
-    model, _ = load_model_dir(out / "best_model/inference")
+    assert cli("Global.mode=export", f"Global.output={output}", f"Export.weight_path={model_dir}") == 0
+    model, _ = load_model_dir(model_dir)
     x = torch.randn(1, 3, 64, 64)
-    onnx_map, onnx_score = ort.InferenceSession(str(tmp_path / "export/model.onnx")).run(None, {"image": x.numpy()})
+    onnx_map, onnx_score = ort.InferenceSession(str(output / "export/model.onnx")).run(None, {"image": x.numpy()})
     with torch.no_grad():
         torch_map, torch_score = model.map_and_score(x)
     assert np.allclose(onnx_map, torch_map.numpy(), atol=1e-4)
     assert np.allclose(onnx_score, torch_score.numpy(), atol=1e-4)
-    assert (tmp_path / "export/inference.yml").is_file()
+    assert (output / "export/inference.yml").is_file()
+
+
+def test_export_onnx_matches_torch(trained, tmp_path) -> None:
+    _assert_onnx_matches_torch(trained[1] / "best_model/inference", tmp_path)
 
 
 def _fails_cleanly(capsys, output: Path, *overrides: str, fragment: str) -> None:
@@ -176,6 +178,7 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     assert result["fit"]["peak_rss_mb"] > 100  # torch alone takes more
     assert 0 <= result["metrics"]["image_auroc"] <= 1
     assert _patchcore("Global.mode=evaluate", f"Global.dataset_dir={dataset}", f"Global.output={first}") == 0
+    _assert_onnx_matches_torch(first / "best_model/inference", tmp_path / "pc_export", _patchcore)  # faiss vs torch
     approximate = tmp_path / "pc_approx"  # faiss's inverted-file search, set at training time
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={approximate}", *small,
                       "Model.search=approximate") == 0
