@@ -10,6 +10,7 @@ the gloo backend, which is how the tests exercise it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,8 +56,6 @@ def join(devices: list[torch.device]) -> World:
 
 def relaunch(cfg: dict, devices: list[torch.device]) -> dict:
     """Run this training as ``len(devices)`` torchrun processes; returns rank 0's train_result."""
-    import json
-
     with tempfile.TemporaryDirectory() as tmp:
         config = dump_config(cfg, Path(tmp) / "config.yaml")
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(d.index) for d in devices))
