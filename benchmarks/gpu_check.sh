@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one go: the benchmark (train, evaluate, latency, GPU memory)
+# of both models on GPU, the quick start and a resumed training on GPU, an export of a GPU-trained
+# model, and an STFPM run at 512x512 that the CPU is too slow for.
+#
+#   bash benchmarks/gpu_check.sh DATA_ROOT OUT   # DATA_ROOT holds hazelnut_toy/ and glassfiber/
+#
+# PY (default python3) and DEVICE (default gpu) choose the interpreter and device; with DEVICE=cpu
+# and ITERS=20 the script checks itself on a CPU machine in a minute.
+set -uo pipefail
+DATA=${1:?DATA_ROOT}; OUT=${2:?OUT}; PY=${PY:-python3}; DEVICE=${DEVICE:-gpu}; ITERS=${ITERS:-2000}
+RUNS=${RUNS:-/tmp/flawscope_gpu_check}
+export PYTHONUNBUFFERED=1
+rm -rf "$RUNS"; mkdir -p "$RUNS" "$OUT"
+step() { echo; echo "=== $* ($(date +%T))"; }
+fs() { "$PY" -m flawscope "$@"; }
+
+step machine
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+"$PY" -c "import torch, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__,
+'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, 'threads', torch.get_num_threads())"
+
+step "benchmark: STFPM and PatchCore, shipped configs, Global.device=$DEVICE"
+fs benchmark --datasets "$DATA/hazelnut_toy" "$DATA/glassfiber" --models STFPM PatchCore \
+   -o Global.device="$DEVICE" -o Train.epochs_iters="$ITERS" --output "$RUNS/bench"
+cp "$RUNS/bench/benchmark.md" "$RUNS/bench/benchmark.json" "$OUT/" 2>/dev/null
+for log in "$RUNS"/bench/*/*/benchmark.log; do echo "--- $log"; tail -n 3 "$log"; done
+
+step "quick start on $DEVICE with the bundled model"
+fs --pipeline anomaly_detection --input src/flawscope/assets/demo --save_path "$RUNS/quick" --device "$DEVICE"
+
+step "train 40 iterations, then resume from iteration 20, on $DEVICE"
+common=(-c configs/STFPM.yaml -o Global.device="$DEVICE" -o Global.dataset_dir="$DATA/hazelnut_toy"
+        -o Train.epochs_iters=40 -o Train.save_interval=20 -o Train.eval_interval=20)
+fs "${common[@]}" -o Global.mode=train -o Global.output="$RUNS/resume_a" | tail -n 2
+fs "${common[@]}" -o Global.mode=train -o Global.output="$RUNS/resume_b" \
+   -o Train.resume_path="$RUNS/resume_a/iter_20" | tail -n 2
+
+step "export the GPU-trained glassfiber STFPM model to ONNX and predict with it"
+fs -c configs/STFPM.yaml -o Global.mode=export -o Global.device="$DEVICE" \
+   -o Global.output="$RUNS/bench/glassfiber/STFPM" && ls -l "$RUNS/bench/glassfiber/STFPM/export"
+
+step "STFPM on glassfiber at 512x512 (evaluated every 250 iterations), on $DEVICE"
+start=$(date +%s)
+fs -c configs/STFPM.yaml -o Global.mode=train -o Global.device="$DEVICE" -o Global.dataset_dir="$DATA/glassfiber" \
+   -o Model.input_size=512 -o Train.epochs_iters="$ITERS" -o Train.eval_interval=250 \
+   -o Global.output="$RUNS/stfpm512" | tail -n 1
+echo "wall $(( $(date +%s) - start )) s"
+cp "$RUNS/stfpm512/train_result.json" "$OUT/stfpm512_train_result.json" 2>/dev/null
+
+step done
+cat "$OUT/benchmark.md" 2>/dev/null
