@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/patchcore_probe.py ../shared/data/mvtec_transistor
     OMP_NUM_THREADS=1 python benchmarks/patchcore_probe.py ../shared/data/magnetic_tile --bank-images 1000 --fit-only
 
-Image AUROC is reported for the model's reweighted image score, for the largest patch distance
+Image AUROC is reported for the model's image score (with ``--global-score``, combined with the
+image-level distance), for the paper's reweighted score, for the largest patch distance
 (the same without reweighting) and for the max of the smoothed map; pixel AUROC at the original
 image size (what ``flawscope evaluate`` reports) and at the 256 model input (what anomalib
 reports). ``--bank-images`` pads the training set with mirrored and flipped copies to time a
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--projection-dim", type=int, default=64)
     ap.add_argument("--max-patches", type=int, default=1 << 20)
     ap.add_argument("--feature-dim", type=int, default=None)
+    ap.add_argument("--global-score", action="store_true", help="the shipped config's Model.global_score")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bank-images", type=int, default=0, help="pad the training set to this many images")
@@ -84,7 +86,7 @@ def main() -> None:
     reset_peak_rss()
 
     model = PatchCore(args.backbone, strides=tuple(args.strides), feature_dim=args.feature_dim, search=args.search,
-                      search_nprobe=args.nprobe)
+                      search_nprobe=args.nprobe, global_score=args.global_score)
     report["fit"] = fit_patchcore(model, train, norm, "cpu", args.coreset_ratio, args.seed, args.batch_size,
                                   args.projection_dim, args.max_patches)
     report["fit_peak_rss_mb"] = rss_mb("VmHWM")
@@ -99,22 +101,24 @@ def main() -> None:
 
 @torch.no_grad()
 def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
-    labels, reweighted, patch_max, map_max, embed_s, score_s = [], [], [], [], 0.0, 0.0
+    labels, combined, reweighted, patch_max, map_max, embed_s, score_s = [], [], [], [], [], 0.0, 0.0
     masks, maps, masks_in, maps_in = [], [], [], []
     for i in range(0, len(samples), args.batch_size):
         chunk = samples[i:i + args.batch_size]
         images = [read_image(s.image) for s in chunk]
         x = norm(torch.from_numpy(np.stack([resizer.to_input(im) for im in images])))
         t0 = time.perf_counter()
-        emb = model.embed(x)
+        emb, descriptor = model.features(x)
         t1 = time.perf_counter()
         scores, indices = model.patch_scores(emb)
         amap, image_score = model.anomaly_map(scores, x.shape[-2:]), model.image_score(emb, scores, indices)
+        score = model.combined_score(image_score, descriptor)
         score_s += time.perf_counter() - t1
         embed_s += t1 - t0
-        for sample, image, m, s, p in zip(chunk, images, amap[:, 0].numpy(), image_score.tolist(),
-                                          scores.flatten(1).amax(1).tolist()):
+        for sample, image, m, c, s, p in zip(chunk, images, amap[:, 0].numpy(), score.tolist(), image_score.tolist(),
+                                             scores.flatten(1).amax(1).tolist()):
             labels.append(sample.label)
+            combined.append(c)
             reweighted.append(s)
             patch_max.append(p)
             map_max.append(float(m.max()))
@@ -129,15 +133,16 @@ def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
     for sample in samples[:args.latency_images]:
         x = norm(torch.from_numpy(resizer.to_input(read_image(sample.image))[None]))
         t0 = time.perf_counter()
-        emb = model.embed(x)
+        emb, descriptor = model.features(x)
         t1 = time.perf_counter()
         scores, indices = model.patch_scores(emb)
         model.anomaly_map(scores, x.shape[-2:])
-        model.image_score(emb, scores, indices)
+        model.combined_score(model.image_score(emb, scores, indices), descriptor)
         latency.append((t1 - t0, time.perf_counter() - t1))
     lat = np.array(latency).reshape(-1, 2) * 1e3
     return {
         "test_images": n,
+        "image_auroc": image_auroc(labels, combined),
         "image_auroc_reweighted": image_auroc(labels, reweighted),
         "image_auroc_map_max": image_auroc(labels, map_max),
         "image_auroc_patch_max": image_auroc(labels, patch_max),

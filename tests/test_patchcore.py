@@ -50,19 +50,19 @@ def clustered_points(n: int = 3000, dim: int = 8, seed: int = 0) -> torch.Tensor
     return centers[torch.randint(20, (n,), generator=gen)] + torch.randn(n, dim, generator=gen)
 
 
-def textures(kind: str, phases: list[int], seed: int) -> torch.Tensor:
+def textures(kind: str, phases: list[int], seed: int, size: int = SIZE) -> torch.Tensor:
     """Nx64x64x3 uint8 with a little noise: vertical "stripes" (period 8) or "checks" (period 16),
     shifted by ``phases`` pixels."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.arange(SIZE)
+    x = torch.arange(size)
     out = []
     for phase in phases:
         if kind == "stripes":
-            img = ((x + phase) // 4 % 2).float().expand(SIZE, SIZE) * 160 + 40
+            img = ((x + phase) // 4 % 2).float().expand(size, size) * 160 + 40
         else:
             img = (((x[:, None] + phase) // 8 + (x[None] + phase) // 8) % 2).float() * 200 + 20
-        img = img + torch.randn(SIZE, SIZE, generator=gen)
-        out.append(img.clamp(0, 255).to(torch.uint8)[..., None].expand(SIZE, SIZE, 3))
+        img = img + torch.randn(size, size, generator=gen)
+        out.append(img.clamp(0, 255).to(torch.uint8)[..., None].expand(size, size, 3))
     return torch.stack(out)
 
 
@@ -167,3 +167,89 @@ def test_add_normals_grows_bank_and_learns_the_new_kind(fitted):
     assert again["added"] <= 2 < stats["added"]  # the bank already covers the training images
     assert len(model.memory_bank) == size + again["added"] + stats["added"] == stats["bank_size"]
     assert (model.map_and_score(checks)[1] < before / 1.5).all()
+
+
+
+# The global score needs features that mean something at stride 32: the ImageNet weights, at 128x128.
+GLOBAL_SIZE = 128
+
+
+def half_and_half(splits: list[int], seed: int) -> torch.Tensor:
+    """Stripes and checks side by side, split at column ``split``, stripes on the left in the even
+    images and on the right in the odd ones: every image shows both textures, and each texture
+    appears at every position in the set."""
+    out = textures("stripes", list(range(len(splits))), seed, GLOBAL_SIZE).clone()
+    checks = textures("checks", list(range(len(splits))), seed + 1, GLOBAL_SIZE)
+    for i, split in enumerate(splits):
+        side = slice(split, None) if i % 2 == 0 else slice(None, split)
+        out[i, :, side] = checks[i, :, side]
+    return out
+
+
+def only_stripes(seed: int) -> torch.Tensor:
+    return textures("stripes", [1, 5], seed, GLOBAL_SIZE)
+
+
+@pytest.fixture(scope="module")
+def fitted_global() -> PatchCore:
+    model = PatchCore(global_score=True, smooth_sigma=1.0).eval()
+    fit_patchcore(model, half_and_half([48, 56, 64, 72, 80, 52, 60, 68, 76, 50], 0), norm, coreset_ratio=0.5)
+    return model
+
+
+def spreads_above(model: PatchCore, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(patch score, global distance) of each image, in leave-one-out spreads above their means."""
+    emb, descriptor = model.features(norm(x))
+    patch = model.image_score(emb, *model.patch_scores(emb))
+    p_mean, p_std, g_mean, g_std = model.score_reference
+    return (patch - p_mean) / p_std, (torch.cdist(descriptor, model.image_bank).amin(1) - g_mean) / g_std
+
+
+def test_global_score_flags_an_image_made_only_of_normal_patches(fitted_global):
+    normal = half_and_half([52, 68, 76], 7)
+    patch_z, global_z = spreads_above(fitted_global, only_stripes(7))
+    assert (patch_z < 2).all()  # every patch is like a training patch...
+    assert (global_z > 4).all()  # ...but no training image is all stripes
+    score_normal, score_stripes = (fitted_global.map_and_score(norm(x))[1] for x in (normal, only_stripes(7)))
+    assert torch.allclose(score_stripes, torch.maximum(patch_z, global_z), atol=1e-4)
+    assert score_stripes.min() > score_normal.max() + 2
+
+
+def test_global_score_is_measured_in_leave_one_out_spreads(fitted_global):
+    """New normal images score no higher than the training images did when each was left out of
+    the bank (a bank one image smaller, so if anything lower); scored against their own patches,
+    the training images would have made every new normal image look many spreads anomalous."""
+    assert len(fitted_global.image_bank) == 10 and len(fitted_global.reference_scores) == 10
+    assert (fitted_global.score_reference > 0).all()
+    new_normals = half_and_half([49, 54, 58, 62, 66, 70, 74, 78], 11)
+    patch_z, global_z = spreads_above(fitted_global, new_normals)
+    assert patch_z.max() < 1.5 and global_z.max() < 1.5
+    emb = fitted_global.embed(norm(half_and_half([48, 56, 64, 72, 80, 52, 60, 68, 76, 50], 0)))  # the training set
+    own = fitted_global.image_score(emb, *fitted_global.patch_scores(emb))
+    emb = fitted_global.embed(norm(new_normals))
+    naive_z = (fitted_global.image_score(emb, *fitted_global.patch_scores(emb)) - own.mean()) / own.std()
+    assert naive_z.min() > 3
+
+
+def test_global_score_round_trip_and_add_normals(fitted_global, tmp_path):
+    info = ModelInfo(model="PatchCore", model_config=fitted_global.config(), input_size=GLOBAL_SIZE,
+                     resize_mode="resize", mean=list(MEAN), std=list(STD), calibration=Calibration(1.0, 0.5, 1.0, 0.5))
+    save_model_dir(tmp_path / "pc", fitted_global, info)
+    loaded, _ = load_model_dir(tmp_path / "pc")
+    x = norm(torch.cat([half_and_half([60], 3), only_stripes(3)]))
+    assert torch.equal(loaded.map_and_score(x)[1], fitted_global.map_and_score(x)[1])
+    assert torch.equal(loaded.score_reference, fitted_global.score_reference)
+
+    before = loaded.map_and_score(norm(only_stripes(7)))[1]
+    add_normals(loaded, textures("stripes", list(range(8)), 8, GLOBAL_SIZE), norm, coreset_ratio=0.25)
+    assert len(loaded.image_bank) == 18 and len(loaded.reference_scores) == 18
+    assert (loaded.map_and_score(norm(only_stripes(7)))[1] < before - 2).all()  # all stripes is normal now
+
+
+def test_global_score_needs_two_training_images():
+    model = PatchCore(global_score=True, smooth_sigma=1.0).eval()
+    fit_patchcore(model, half_and_half([64], 0), norm, coreset_ratio=0.5)
+    assert len(model.image_bank) == 0  # no spread to measure: the paper's score alone
+    x = norm(only_stripes(1))
+    emb, _ = model.features(x)
+    assert torch.equal(model.map_and_score(x)[1], model.image_score(emb, *model.patch_scores(emb)))

@@ -87,6 +87,7 @@ SCHEMA: dict[str, Any] = {
         "feature_dim": Key(int, None, nullable=True, ge=1),
         "search": Key(str, "exact", choices=("exact", "approximate")),
         "search_nprobe": Key(int, 8, ge=1),
+        "global_score": Key(bool, required_for=PATCHCORE_ONLY),
     },
     "Train": {
         "epochs_iters": Key(int, ge=1, required_for=STFPM_ONLY),

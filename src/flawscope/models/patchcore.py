@@ -4,6 +4,12 @@ A frozen ImageNet backbone describes every patch of an image by its locally aggr
 features. The memory bank holds a coreset of the patch features of the normal training images; a
 test patch's anomaly score is its distance to the nearest bank entry. Nothing is trained: fitting
 (``flawscope.training.patchcore_fit``) only fills the bank.
+
+With ``global_score``, the image score also asks whether the image *as a whole* resembles a
+training image: the distance of its pooled deepest (stride 32) features to the nearest training
+image's. That catches anomalies of the whole layout that no single patch shows (a fibre layer
+laid at the wrong angle is made of normal-looking fibre patches). The two distances are put on
+one scale by their leave-one-out distribution over the training images, and the larger wins.
 """
 
 from __future__ import annotations
@@ -21,20 +27,25 @@ class PatchCore(nn.Module):
     """Normalised image batch Bx3xSxS in, raw anomaly map Bx1xSxS out (patch distances to the bank).
 
     The image score is the paper's reweighted nearest-neighbour distance of the most anomalous
-    patch, not the max of the (smoothed) map: use ``map_and_score``.
+    patch (with ``global_score``, combined with the global distance), not the max of the
+    (smoothed) map: use ``map_and_score``.
 
     Buffers (all in ``state_dict``, sized on load): ``memory_bank`` KxC (values rounded to
     float16 and saved as float16, so a saved model scores exactly like the fitted one),
     ``projection`` CxP (the random projection the coreset was selected in) and
     ``coverage_radius`` (the largest projected distance of a training patch to the bank), the
-    latter two for ``add_normals``.
+    latter two for ``add_normals``. With ``global_score``: ``image_bank`` NxG (the training
+    images' pooled stride-32 features), ``reference_scores`` (leave-one-out patch scores of
+    training images) and ``score_reference`` (mean and spread of the patch and of the global
+    leave-one-out distances: what the image score is measured in).
     """
 
-    _SIZED_ON_LOAD = ("memory_bank", "projection")
+    _SIZED_ON_LOAD = ("memory_bank", "projection", "image_bank", "reference_scores")
 
     def __init__(self, backbone: str = "efficientnet_lite0", strides: tuple[int, ...] = (8, 16),
                  feature_dim: int | None = None, num_neighbors: int = 9, smooth_sigma: float = 4.0,
-                 search: str = "exact", search_nprobe: int = 8, pretrained: bool = True) -> None:
+                 search: str = "exact", search_nprobe: int = 8, global_score: bool = False,
+                 pretrained: bool = True) -> None:
         super().__init__()
         if len(strides) < 1:
             raise ValueError("PatchCore needs at least one backbone stride")
@@ -46,18 +57,24 @@ class PatchCore(nn.Module):
         self.backbone, self.strides = backbone, tuple(sorted(strides))
         self.feature_dim = None if feature_dim is None else int(feature_dim)
         self.num_neighbors, self.smooth_sigma = int(num_neighbors), float(smooth_sigma)
-        self.extractor = create_backbone(backbone, self.strides, pretrained=pretrained).eval()
+        self.global_score = bool(global_score)
+        levels = sorted(set(self.strides) | ({32} if self.global_score else set()))
+        self.extractor = create_backbone(backbone, tuple(levels), pretrained=pretrained).eval()
         self.extractor.requires_grad_(False)
-        self.embed_dim = self.feature_dim or sum(self.extractor.out_channels)
+        self._patch_levels = [levels.index(s) for s in self.strides]
+        self.embed_dim = self.feature_dim or sum(self.extractor.out_channels[i] for i in self._patch_levels)
         self.blur = GaussianBlur(smooth_sigma)
         self.register_buffer("memory_bank", torch.empty(0, self.embed_dim))
         self.register_buffer("projection", torch.empty(self.embed_dim, 0))
         self.register_buffer("coverage_radius", torch.zeros(()))
+        self.register_buffer("image_bank", torch.empty(0, self.extractor.out_channels[-1]))
+        self.register_buffer("reference_scores", torch.empty(0))
+        self.register_buffer("score_reference", torch.tensor([0.0, 1.0, 0.0, 1.0]))
 
     def config(self) -> dict:
         return {"backbone": self.backbone, "strides": list(self.strides), "feature_dim": self.feature_dim,
                 "num_neighbors": self.num_neighbors, "smooth_sigma": self.smooth_sigma,
-                "search": self.search, "search_nprobe": self.search_nprobe}
+                "search": self.search, "search_nprobe": self.search_nprobe, "global_score": self.global_score}
 
     def train(self, mode: bool = True) -> "PatchCore":
         """The extractor stays in eval mode: its BatchNorm statistics are ImageNet's."""
@@ -66,13 +83,19 @@ class PatchCore(nn.Module):
         return self
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Locally aware patch features BxCxhxw at the finest stride's resolution.
+        """Locally aware patch features BxCxhxw at the finest stride's resolution."""
+        return self.features(x)[0]
 
-        Each level is averaged over its 3x3 neighbourhood (context without losing resolution),
-        deeper levels are upsampled to the finest one and all are concatenated; with
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(patch features BxCxhxw, pooled stride-32 features BxG or None without ``global_score``).
+
+        Each patch level is averaged over its 3x3 neighbourhood (context without losing
+        resolution), deeper levels are upsampled to the finest one and all are concatenated; with
         ``feature_dim``, channels are average-pooled down to it, as the paper does.
         """
-        feats = [F.avg_pool2d(f, 3, stride=1, padding=1) for f in self.extractor(x)]
+        levels = self.extractor(x)
+        descriptor = levels[-1].mean((2, 3)) if self.global_score else None
+        feats = [F.avg_pool2d(levels[i], 3, stride=1, padding=1) for i in self._patch_levels]
         size = feats[0].shape[-2:]
         emb = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                                       for f in feats[1:]], dim=1)
@@ -80,7 +103,7 @@ class PatchCore(nn.Module):
             b, c, h, w = emb.shape
             rows = emb.permute(0, 2, 3, 1).reshape(-1, 1, c)
             emb = F.adaptive_avg_pool1d(rows, self.feature_dim).view(b, h, w, -1).permute(0, 3, 1, 2)
-        return emb
+        return emb, descriptor
 
     @staticmethod
     def patch_rows(emb: torch.Tensor) -> torch.Tensor:
@@ -97,6 +120,23 @@ class PatchCore(nn.Module):
         self.projection = projection.to(device, torch.float32)
         self.coverage_radius = torch.tensor(float(coverage_radius), device=device)
 
+    def set_image_bank(self, descriptors: torch.Tensor, reference_scores: torch.Tensor) -> None:
+        """Install the training images' pooled features and the leave-one-out patch scores of some
+        of them; the global leave-one-out distances are computed here. With fewer than two of
+        either there is no spread to measure, and the image score stays the patch score alone.
+        """
+        device = self.coverage_radius.device
+        descriptors, reference_scores = descriptors.to(device).float(), reference_scores.to(device).float()
+        if len(descriptors) < 2 or len(reference_scores) < 2:
+            descriptors, reference_scores = descriptors[:0], reference_scores[:0]
+            self.score_reference = torch.tensor([0.0, 1.0, 0.0, 1.0], device=device)
+        else:
+            between = torch.cdist(descriptors, descriptors).fill_diagonal_(torch.inf)
+            loo = between.min(1).values
+            self.score_reference = torch.stack([reference_scores.mean(), reference_scores.std().clamp_min(1e-6),
+                                                loo.mean(), loo.std().clamp_min(1e-6)])
+        self.image_bank, self.reference_scores = descriptors, reference_scores
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "memory_bank"] = destination[prefix + "memory_bank"].half()
@@ -111,13 +151,14 @@ class PatchCore(nn.Module):
                 setattr(self, name, torch.empty(saved.shape, dtype=own.dtype, device=own.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def patch_scores(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def patch_scores(self, emb: torch.Tensor, bank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Bxhxw distances of the patches of ``embed``'s output to their nearest bank entries, and
-        those entries' indices."""
+        those entries' indices. ``bank``: search this one (exactly) instead of the memory bank."""
         if len(self.memory_bank) == 0:
             raise RuntimeError("PatchCore has an empty memory bank: fit it first")
         b, _, h, w = emb.shape
-        dist, idx = self._search(self.patch_rows(emb))
+        rows = self.patch_rows(emb)
+        dist, idx = self._search(rows) if bank is None else nearest_neighbors(rows, bank)
         return dist.view(b, h, w), idx.view(b, h, w)
 
     def _search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,23 +176,34 @@ class PatchCore(nn.Module):
         self._index = None
         return super()._apply(fn, *args, **kwargs)
 
-    def image_score(self, emb: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def image_score(self, emb: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor,
+                    bank: torch.Tensor | None = None) -> torch.Tensor:
         """The paper's image score: the largest patch distance s*, damped when its nearest bank
         entry m* sits in a dense region of the bank, i.e. when the test patch is about as far
         from m*'s neighbours as from m* itself (weight ``1 - softmax(distances to N_b(m*))[m*]``).
         """
+        bank = self.memory_bank if bank is None else bank
         s_star, worst = scores.flatten(1).max(1)
-        b = min(self.num_neighbors, len(self.memory_bank))
+        b = min(self.num_neighbors, len(bank))
         if b == 1:
             return s_star
         batch = torch.arange(len(scores), device=scores.device)
         m_star = indices.flatten(1)[batch, worst]
-        to_m_star = torch.cdist(self.memory_bank[m_star], self.memory_bank)
+        to_m_star = torch.cdist(bank[m_star], bank)
         to_m_star[batch, m_star] = torch.inf
         support = torch.cat([m_star[:, None], to_m_star.topk(b - 1, largest=False).indices], 1)  # m*, N_b(m*)
         patch = emb.flatten(2)[batch, :, worst]  # B x C
-        dists = torch.cdist(patch.unsqueeze(1), self.memory_bank[support]).squeeze(1)  # B x b
+        dists = torch.cdist(patch.unsqueeze(1), bank[support]).squeeze(1)  # B x b
         return (1 - torch.softmax(dists, dim=1)[:, 0]) * s_star
+
+    def combined_score(self, patch_score: torch.Tensor, descriptor: torch.Tensor | None) -> torch.Tensor:
+        """The larger of the patch score and the global distance, each in leave-one-out standard
+        deviations above its training mean; the patch score alone without an image bank."""
+        if descriptor is None or len(self.image_bank) == 0:
+            return patch_score
+        global_dist = nearest_neighbors(descriptor, self.image_bank)[0]
+        p_mean, p_std, g_mean, g_std = self.score_reference
+        return torch.maximum((patch_score - p_mean) / p_std, (global_dist - g_mean) / g_std)
 
     def anomaly_map(self, scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Patch distances upsampled to the input size and smoothed: Bx1xSxS."""
@@ -160,9 +212,10 @@ class PatchCore(nn.Module):
 
     def map_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Bx1xSxS raw anomaly map, B image scores): what prediction and calibration should use."""
-        emb = self.embed(x)
+        emb, descriptor = self.features(x)
         scores, indices = self.patch_scores(emb)
-        return self.anomaly_map(scores, x.shape[-2:]), self.image_score(emb, scores, indices)
+        score = self.combined_score(self.image_score(emb, scores, indices), descriptor)
+        return self.anomaly_map(scores, x.shape[-2:]), score
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.anomaly_map(self.patch_scores(self.embed(x))[0], x.shape[-2:])

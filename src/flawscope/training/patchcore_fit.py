@@ -23,6 +23,7 @@ from flawscope.models.knn import CHUNK_ELEMENTS, nearest_neighbors
 from flawscope.models.patchcore import PatchCore
 
 _CANDIDATES = 1024  # farthest points examined per round of the batched greedy search
+REFERENCE_IMAGES = 64  # training images scored leave-one-out to put the global score on the patch score's scale
 
 
 def random_projection(dim: int, projection_dim: int | None, seed: int) -> torch.Tensor:
@@ -91,18 +92,22 @@ def greedy_coreset(points: torch.Tensor, k: int, seed: int = 0, start_distances:
 @torch.no_grad()
 def extract_patches(model: PatchCore, images_uint8: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor],
                     device: torch.device | str, projection: torch.Tensor, batch_size: int,
-                    max_patches: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    max_patches: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(features float16 MxC, projected float32 MxP) of all patches, or of an equal random share
-    of each image's patches when there are more than ``max_patches``: memory stays bounded by
-    ``max_patches`` whatever the number of images.
+    of each image's patches when there are more than ``max_patches`` (memory stays bounded by
+    ``max_patches`` whatever the number of images); the images are consecutive blocks of equal
+    size. Third: the images' pooled stride-32 features NxG with ``global_score``, else None.
     """
     n = len(images_uint8)
     gen = torch.Generator().manual_seed(seed)
     projection = projection.to(device)
     feats = proj = keep = None
+    descriptors = []
     for start in range(0, n, batch_size):
         x = normalize(images_uint8[start:start + batch_size].to(device))
-        emb = model.embed(x)
+        emb, descriptor = model.features(x)
+        if descriptor is not None:
+            descriptors.append(descriptor.cpu())
         per_image = emb.shape[2] * emb.shape[3]
         rows = model.patch_rows(emb)
         if feats is None:
@@ -115,7 +120,27 @@ def extract_patches(model: PatchCore, images_uint8: torch.Tensor, normalize: Cal
         rows = rows.half()  # the bank keeps float16 values: select among exactly those
         feats[start * keep:start * keep + len(rows)] = rows.cpu()
         proj[start * keep:start * keep + len(rows)] = (rows.float() @ projection).cpu()
-    return feats, proj
+    return feats, proj, torch.cat(descriptors) if descriptors else None
+
+
+@torch.no_grad()
+def leave_one_out_scores(model: PatchCore, images_uint8: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor],
+                         device: torch.device | str, owner: torch.Tensor, seed: int) -> torch.Tensor:
+    """Patch image scores of up to ``REFERENCE_IMAGES`` of the images, each against the memory bank
+    without the entries that image contributed (``owner``: each bank row's image, -1 for rows
+    from earlier fits): how a new good image scores, measured on the training set itself."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(images_uint8), generator=gen)[:REFERENCE_IMAGES].tolist()
+    bank, owner = model.memory_bank, owner.to(model.memory_bank.device)
+    scores = []
+    for i in picks:
+        others = bank[owner != i]
+        if len(others) == 0:
+            continue
+        emb = model.embed(normalize(images_uint8[i:i + 1].to(device)))
+        dist, idx = model.patch_scores(emb, bank=others)
+        scores.append(model.image_score(emb, dist, idx, bank=others).cpu())
+    return torch.cat(scores) if scores else torch.empty(0)
 
 
 @torch.no_grad()
@@ -134,7 +159,8 @@ def fit_patchcore(model: PatchCore, images_uint8: torch.Tensor, normalize: Calla
     model.to(device).eval()
     t0 = time.perf_counter()
     projection = random_projection(model.embed_dim, projection_dim, seed)
-    feats, proj = extract_patches(model, images_uint8, normalize, device, projection, batch_size, max_patches, seed)
+    feats, proj, descriptors = extract_patches(model, images_uint8, normalize, device, projection, batch_size,
+                                               max_patches, seed)
     t1 = time.perf_counter()
     k = max(1, math.ceil(coreset_ratio * len(feats)))
     if k < len(feats):
@@ -143,8 +169,13 @@ def fit_patchcore(model: PatchCore, images_uint8: torch.Tensor, normalize: Calla
         selected, radius = torch.arange(len(feats)), 0.0
     t2 = time.perf_counter()
     model.set_memory_bank(feats[selected].float(), projection, radius)
-    return {"patches": len(feats), "bank_size": len(selected), "coverage_radius": radius,
-            "feature_seconds": t1 - t0, "coreset_seconds": t2 - t1}
+    stats = {"patches": len(feats), "bank_size": len(selected), "coverage_radius": radius,
+             "feature_seconds": t1 - t0, "coreset_seconds": t2 - t1}
+    if descriptors is not None:
+        owner = selected // (len(feats) // len(images_uint8))
+        model.set_image_bank(descriptors, leave_one_out_scores(model, images_uint8, normalize, device, owner, seed))
+        stats["reference_seconds"] = time.perf_counter() - t2
+    return stats
 
 
 @torch.no_grad()
@@ -161,13 +192,22 @@ def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callabl
         raise ValueError("add_normals needs a fitted PatchCore (its memory bank is empty)")
     model.to(device).eval()
     projection = model.projection.cpu()
-    feats, proj = extract_patches(model, images_uint8, normalize, device, projection, batch_size, max_patches, seed)
+    feats, proj, descriptors = extract_patches(model, images_uint8, normalize, device, projection, batch_size,
+                                               max_patches, seed)
     proj = proj.to(device)
     start, _ = nearest_neighbors(proj, model.memory_bank @ model.projection)
     radius = float(model.coverage_radius)
     k = max(1, math.ceil(coreset_ratio * len(feats)))
     selected, new_radius = greedy_coreset(proj, k, seed, start_distances=start, stop_radius=radius)
+    old_size = len(model.memory_bank)
     bank = torch.cat([model.memory_bank.cpu(), feats[selected].float()])
     radius = max(radius, new_radius)
     model.set_memory_bank(bank, projection, radius)
+    if descriptors is not None and len(model.image_bank):
+        # The new images are scored leave-one-out against the grown bank; the references of the
+        # first fit are kept (they were measured against the smaller bank, so slightly high).
+        owner = torch.cat([torch.full((old_size,), -1), selected // (len(feats) // len(images_uint8))])
+        new_refs = leave_one_out_scores(model, images_uint8, normalize, device, owner, seed)
+        model.set_image_bank(torch.cat([model.image_bank.cpu(), descriptors]),
+                             torch.cat([model.reference_scores.cpu(), new_refs]))
     return {"patches": len(feats), "added": len(selected), "bank_size": len(bank), "coverage_radius": radius}
