@@ -52,7 +52,7 @@ def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8
     """Run the model once over ``samples``; decisions only when the model is calibrated."""
     calibrated = predictor.info.calibration is not None
     outcomes = []
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False, unit="batch"):
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False, unit="batch", disable=None):
         chunk = samples[i:i + batch_size]
         images = [read_image(s.image) for s in chunk]
         for sample, image, (raw_map, raw_score) in zip(chunk, images, predictor.raw_outputs(images)):

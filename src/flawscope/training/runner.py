@@ -46,7 +46,7 @@ from flawscope.training.stfpm_trainer import STFPMTrainConfig, fit_stfpm
 def load_training_images(samples: list[Sample], resizer: Resizer) -> torch.Tensor:
     """Decode and resize every training image once (NxSxSx3 uint8, a quarter of float32's memory)."""
     out = torch.empty((len(samples), resizer.size, resizer.size, 3), dtype=torch.uint8)
-    for i, sample in enumerate(tqdm(samples, desc="load images", leave=False, unit="img")):
+    for i, sample in enumerate(tqdm(samples, desc="load images", leave=False, unit="img", disable=None)):
         out[i] = torch.from_numpy(resizer.to_input(read_image(sample.image)))
     return out
 

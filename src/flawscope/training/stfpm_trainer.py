@@ -70,7 +70,7 @@ def _teacher_features(model: STFPM, images: torch.Tensor, device: torch.device,
         return None
     feats: list[list[torch.Tensor]] = []
     with torch.no_grad():
-        for i in tqdm(range(0, len(images), 32), desc="teacher features", leave=False):
+        for i in tqdm(range(0, len(images), 32), desc="teacher features", leave=False, disable=None):
             batch = normalize(images[i:i + 32]).to(device)
             feats.append([f.half() for f in model.teacher(batch)])
     return [torch.cat(level) for level in zip(*feats)]
@@ -129,7 +129,9 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
     cached = _teacher_features(model, images, device, normalize, cfg.cache_limit_bytes)
     history: dict = {"loss": [], "eval": []}
     t0 = time.time()
-    bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it", dynamic_ncols=True, disable=not world.is_main)
+    # A bar only on a terminal: piped to a file, the log line every log_interval carries the progress.
+    bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it", dynamic_ncols=True,
+               disable=True if not world.is_main else None)
     for it in range(start, cfg.iterations):
         for group in optimizer.param_groups:
             group["lr"] = cfg.learning_rate * _lr_factor(it, cfg.iterations, cfg.warmup_fraction)
