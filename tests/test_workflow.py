@@ -78,6 +78,14 @@ def test_predict_writes_json_and_picture_at_the_image_size(trained, tmp_path, ca
     assert str(image) in capsys.readouterr().out
 
 
+def test_predict_says_when_it_falls_back_to_the_bundled_model(trained, tmp_path, capsys) -> None:
+    dataset, _ = trained
+    save = tmp_path / "never_trained"
+    assert _cli("Global.mode=predict", f"Global.output={save}", f"Predict.input={dataset / 'test/good'}") == 0
+    err = capsys.readouterr().err
+    assert "bundled default model" in err and str(save) in err
+
+
 def _assert_onnx_matches_torch(model_dir: Path, output: Path, cli=_cli) -> None:
     import onnxruntime as ort
     import torch

@@ -78,6 +78,9 @@ def predict(cfg: dict) -> dict:
     if not p["input"]:
         raise FlawscopeError("Predict.input: required for prediction (-o Predict.input=IMG_OR_DIR)")
     model_dir = inference_dir(cfg, "Predict.model_dir")
+    if model_dir is None:
+        log.warning("no Predict.model_dir and no trained model in %s/best_model/inference: predicting with the "
+                    "bundled default model (STFPM, hazelnuts only)", cfg["Global"]["output"])
     predictor = Predictor.from_dir(model_dir, parse_device(cfg["Global"]["device"])[0], batch_size=p["batch_size"])
     return save_results(predictor.predict(p["input"]), Path(cfg["Global"]["output"]))
 
