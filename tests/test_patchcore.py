@@ -51,8 +51,8 @@ def clustered_points(n: int = 3000, dim: int = 8, seed: int = 0) -> torch.Tensor
 
 
 def textures(kind: str, phases: list[int], seed: int, size: int = SIZE) -> torch.Tensor:
-    """Nx64x64x3 uint8 with a little noise: vertical "stripes" (period 8) or "checks" (period 16),
-    shifted by ``phases`` pixels."""
+    """N x size x size x 3 uint8 with a little noise: vertical "stripes" (period 8) or "checks"
+    (period 16), shifted by ``phases`` pixels."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.arange(size)
     out = []
@@ -186,6 +186,9 @@ def half_and_half(splits: list[int], seed: int) -> torch.Tensor:
     return out
 
 
+TRAIN_SPLITS = [48, 56, 64, 72, 80, 52, 60, 68, 76, 50]
+
+
 def only_stripes(seed: int) -> torch.Tensor:
     return textures("stripes", [1, 5], seed, GLOBAL_SIZE)
 
@@ -193,7 +196,7 @@ def only_stripes(seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def fitted_global() -> PatchCore:
     model = PatchCore(global_score=True, smooth_sigma=1.0).eval()
-    fit_patchcore(model, half_and_half([48, 56, 64, 72, 80, 52, 60, 68, 76, 50], 0), norm, coreset_ratio=0.5)
+    fit_patchcore(model, half_and_half(TRAIN_SPLITS, 0), norm, coreset_ratio=0.5)
     return model
 
 
@@ -224,7 +227,7 @@ def test_global_score_is_measured_in_leave_one_out_spreads(fitted_global):
     new_normals = half_and_half([49, 54, 58, 62, 66, 70, 74, 78], 11)
     patch_z, global_z = spreads_above(fitted_global, new_normals)
     assert patch_z.max() < 1.5 and global_z.max() < 1.5
-    emb = fitted_global.embed(norm(half_and_half([48, 56, 64, 72, 80, 52, 60, 68, 76, 50], 0)))  # the training set
+    emb = fitted_global.embed(norm(half_and_half(TRAIN_SPLITS, 0)))  # the training set
     own = fitted_global.image_score(emb, *fitted_global.patch_scores(emb))
     emb = fitted_global.embed(norm(new_normals))
     naive_z = (fitted_global.image_score(emb, *fitted_global.patch_scores(emb)) - own.mean()) / own.std()
