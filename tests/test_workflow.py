@@ -46,6 +46,29 @@ def test_resume_reproduces_an_uninterrupted_run(trained, tmp_path) -> None:
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_select_best_keeps_the_best_evaluated_student(trained, tmp_path) -> None:
+    """With Train.select_best the inference model is the student of the best evaluation, like
+    PaddleX's best_model; by default it is the last iteration's."""
+    dataset, _ = trained
+    out = tmp_path / "best"
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=9), "Train.eval_interval=3",
+                "Train.select_best=true", "Train.learning_rate=2.0") == 0
+    result = json.loads((out / "train_result.json").read_text())
+    history = result["eval_history"]
+    assert [e["iteration"] for e in history] == [3, 6, 9]
+    best = max(history, key=lambda e: (e["image_auroc"], e["pixel_auroc"], -e["iteration"]))
+    assert best["iteration"] != 9  # a run whose last evaluation is not its best (lr 2.0 makes it unsteady)
+    assert result["selected_iteration"] == best["iteration"]
+    assert result["metrics"] == {k: best[k] for k in ("image_auroc", "pixel_auroc")}
+    saved = load_file(str(out / "best_model/inference/model.safetensors"))
+    for it in (3, 6, 9):
+        checkpoint = load_file(str(out / f"iter_{it}/checkpoint.safetensors"))
+        same = all(np.array_equal(saved[k], checkpoint[f"model.{k[len('student.'):]}"])
+                   for k in saved if k.startswith("student."))
+        assert same == (it == best["iteration"]), it
+    assert "best evaluation" in (out / "train.log").read_text()
+
+
 def test_same_seed_same_model_other_seed_other_model(trained, tmp_path) -> None:
     dataset, first = trained
     assert _cli("Global.mode=train", *tiny_overrides(dataset, tmp_path / "again")) == 0

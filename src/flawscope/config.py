@@ -100,6 +100,7 @@ SCHEMA: dict[str, Any] = {
         "log_interval": Key(int, 10, ge=1),
         "eval_interval": Key(int, 500, ge=1),
         "save_interval": Key(int, 500, ge=1),
+        "select_best": Key(bool, False),
         "calibration_fraction": Key(float, ge=0, lt=1, required_for=MODELS),
         "image_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
         "pixel_fpr": Key(float, ge=0, lt=1, required_for=MODELS),

@@ -124,13 +124,16 @@ def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: Ca
     info.provenance = {"dataset": str(dataset.root), "layout": dataset.layout, "train_images": len(fit_samples),
                        "batch_size": t["batch_size"], "seed": g["seed"], **history.get("provenance", {})}
     model_dir = save_model_dir(output / "best_model" / "inference", model, info)
-    final = history["eval"][-1] if history["eval"] else {}
+    selected = history.get("selected_iteration")
+    final = next((e for e in history["eval"] if e.get("iteration") == selected), None) if selected else None
+    final = final or (history["eval"][-1] if history["eval"] else {})
     result = {
         "done_flag": True,
         "model_name": info.model,
         "train_seconds": round(time.time() - t0, 1),
         "metrics": {k: final.get(k) for k in ("image_auroc", "pixel_auroc")},
         "eval_history": history["eval"],
+        "selected_iteration": selected,
         "fit": history.get("fit", {}),
         "calibration": {"image_threshold": info.calibration.image_threshold,
                         "pixel_threshold": info.calibration.pixel_threshold,
@@ -154,10 +157,11 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, world: World,
     train_cfg = STFPMTrainConfig(iterations=t["epochs_iters"], batch_size=t["batch_size"],
                                  learning_rate=t["learning_rate"], momentum=t["momentum"],
                                  weight_decay=t["weight_decay"], log_interval=t["log_interval"],
-                                 eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"])
+                                 eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"],
+                                 select_best=t["select_best"])
     history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate,
                         Path(t["resume_path"]) if t["resume_path"] else None, world)
-    history["provenance"] = {"iterations": t["epochs_iters"]}
+    history["provenance"] = {"iterations": history.get("selected_iteration", t["epochs_iters"])}
     history["files"] = {"checkpoint": str(output / f"iter_{t['epochs_iters']}")}
     return history
 

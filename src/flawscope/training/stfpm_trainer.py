@@ -38,6 +38,7 @@ class STFPMTrainConfig:
     eval_interval: int
     save_interval: int
     seed: int
+    select_best: bool = False
     warmup_fraction: float = 0.05
     cache_limit_bytes: int = 4 << 30
 
@@ -110,7 +111,11 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
               normalize: Callable[[torch.Tensor], torch.Tensor], output: Path,
               evaluate: Callable[[STFPM], dict] | None = None, resume: Path | None = None,
               world: World = World()) -> dict:
-    """Train ``model.student`` on ``images`` (NxSxSx3 uint8); returns the last metrics and losses.
+    """Train ``model.student`` on ``images`` (NxSxSx3 uint8); returns the metrics and losses.
+
+    With ``cfg.select_best`` the student ends with the weights of the evaluation that scored best
+    (image AUROC, then pixel AUROC; the earliest on ties), as PaddleX's best_model does; otherwise
+    with the last iteration's.
 
     Checkpoints go to ``output/iter_<N>/`` every ``save_interval`` iterations and at the end. In a
     distributed run every process draws the same global batch of ``batch_size`` images per
@@ -128,6 +133,7 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
         student = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
     cached = _teacher_features(model, images, device, normalize, cfg.cache_limit_bytes)
     history: dict = {"loss": [], "eval": []}
+    best: tuple[tuple[float, float], int, dict] | None = None  # (key, iteration, student weights)
     t0 = time.time()
     # A bar only on a terminal: piped to a file, the log line every log_interval carries the progress.
     bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it", dynamic_ncols=True,
@@ -167,7 +173,15 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
             model.train()
             log.info("iter %d eval %s", done, json.dumps(metrics))
             history["eval"].append({"iteration": done, **metrics})
+            key = (metrics.get("image_auroc") or 0.0, metrics.get("pixel_auroc") or 0.0)
+            if cfg.select_best and (best is None or key > best[0]):
+                best = key, done, {k: v.detach().clone() for k, v in model.student.state_dict().items()}
     bar.close()
+    if best is not None:
+        model.student.load_state_dict(best[2])
+        history["selected_iteration"] = best[1]
+        log.info("keeping the student of iteration %d, the best evaluation (chosen on the evaluation split: "
+                 "its metrics there are optimistic)", best[1])
     model.eval()
     history["train_seconds"] = round(time.time() - t0, 1)
     return history
