@@ -4,11 +4,11 @@
     OMP_NUM_THREADS=1 python benchmarks/patchcore_probe.py ../shared/data/magnetic_tile --bank-images 1000 --fit-only
 
 Image AUROC is reported for the model's image score (with ``--global-score``, combined with the
-image-level distance), for the paper's reweighted score, for the largest patch distance
-(the same without reweighting) and for the max of the smoothed map; pixel AUROC at the original
-image size (what ``flawscope evaluate`` reports) and at the 256 model input (what anomalib
-reports). ``--bank-images`` pads the training set with mirrored and flipped copies to time a
-bank of that many images. On a CPU shared with other jobs, one thread gives steadier timings:
+image descriptors' distances), for each descriptor's distance alone, for the paper's reweighted
+score, for the largest patch distance (the same without reweighting) and for the max of the
+smoothed map; pixel AUROC at the original image size (what ``flawscope evaluate`` reports) and
+at the 256 model input (what anomalib reports). ``--bank-images`` pads the training set with
+mirrored and flipped copies to time a bank of that many images. On a CPU shared with other jobs, one thread gives steadier timings:
 two OpenMP threads stall whenever one of them is descheduled.
 """
 
@@ -102,6 +102,7 @@ def main() -> None:
 @torch.no_grad()
 def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
     labels, combined, reweighted, patch_max, map_max, embed_s, score_s = [], [], [], [], [], 0.0, 0.0
+    descriptor_distances = []  # with --global-score: each descriptor's distance to the nearest training image
     masks, maps, masks_in, maps_in = [], [], [], []
     for i in range(0, len(samples), args.batch_size):
         chunk = samples[i:i + args.batch_size]
@@ -114,6 +115,10 @@ def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
         amap, image_score = model.anomaly_map(scores, x.shape[-2:]), model.image_score(emb, scores, indices)
         score = model.combined_score(image_score, descriptor)
         score_s += time.perf_counter() - t1
+        if descriptor is not None and len(model.image_bank):
+            g = model.descriptor_dim
+            descriptor_distances.append(torch.stack([torch.cdist(descriptor[:, i:i + g], model.image_bank[:, i:i + g]).amin(1)
+                                                     for i in range(0, model.image_bank.shape[1], g)], 1))
         embed_s += t1 - t0
         for sample, image, m, c, s, p in zip(chunk, images, amap[:, 0].numpy(), score.tolist(), image_score.tolist(),
                                              scores.flatten(1).amax(1).tolist()):
@@ -140,12 +145,14 @@ def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
         model.combined_score(model.image_score(emb, scores, indices), descriptor)
         latency.append((t1 - t0, time.perf_counter() - t1))
     lat = np.array(latency).reshape(-1, 2) * 1e3
+    alone = torch.cat(descriptor_distances).T.tolist() if descriptor_distances else []
     return {
         "test_images": n,
         "image_auroc": image_auroc(labels, combined),
         "image_auroc_reweighted": image_auroc(labels, reweighted),
         "image_auroc_map_max": image_auroc(labels, map_max),
         "image_auroc_patch_max": image_auroc(labels, patch_max),
+        **{f"image_auroc_{name}_descriptor_alone": image_auroc(labels, d) for name, d in zip(("mean", "spread"), alone)},
         "pixel_auroc_original_size": pixel_auroc(masks, maps),
         "pixel_auroc_input_size": pixel_auroc(masks_in, maps_in),
         f"batch{args.batch_size}_ms_per_image": {"backbone_embed": embed_s / n * 1e3, "scoring": score_s / n * 1e3},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import flawscope.training.patchcore_fit as patchcore_fit
@@ -200,21 +201,25 @@ def fitted_global() -> PatchCore:
     return model
 
 
-def spreads_above(model: PatchCore, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(patch score, global distance) of each image, in leave-one-out spreads above their means."""
+def spreads_above(model: PatchCore, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(patch score, mean descriptor's distance, spread descriptor's distance) of each image, in
+    leave-one-out spreads above their means."""
     emb, descriptor = model.features(norm(x))
     patch = model.image_score(emb, *model.patch_scores(emb))
-    p_mean, p_std, g_mean, g_std = model.score_reference
-    return (patch - p_mean) / p_std, (torch.cdist(descriptor, model.image_bank).amin(1) - g_mean) / g_std
+    g = model.descriptor_dim
+    mean_d, spread_d = (torch.cdist(descriptor[:, part], model.image_bank[:, part]).amin(1)
+                        for part in (slice(None, g), slice(g, None)))
+    p_mean, p_std, m_mean, m_std, s_mean, s_std = model.score_reference
+    return (patch - p_mean) / p_std, (mean_d - m_mean) / m_std, (spread_d - s_mean) / s_std
 
 
 def test_global_score_flags_an_image_made_only_of_normal_patches(fitted_global):
     normal = half_and_half([52, 68, 76], 7)
-    patch_z, global_z = spreads_above(fitted_global, only_stripes(7))
+    patch_z, mean_z, spread_z = spreads_above(fitted_global, only_stripes(7))
     assert (patch_z < 2).all()  # every patch is like a training patch...
-    assert (global_z > 4).all()  # ...but no training image is all stripes
+    assert (mean_z > 4).all()  # ...but no training image is all stripes
     score_normal, score_stripes = (fitted_global.map_and_score(norm(x))[1] for x in (normal, only_stripes(7)))
-    assert torch.allclose(score_stripes, torch.maximum(patch_z, global_z), atol=1e-4)
+    assert torch.allclose(score_stripes, torch.stack([patch_z, mean_z, spread_z]).amax(0), atol=1e-4)
     assert score_stripes.min() > score_normal.max() + 2
 
 
@@ -223,10 +228,9 @@ def test_global_score_is_measured_in_leave_one_out_spreads(fitted_global):
     the bank (a bank one image smaller, so if anything lower); scored against their own patches,
     the training images would have made every new normal image look many spreads anomalous."""
     assert len(fitted_global.image_bank) == 10 and len(fitted_global.reference_scores) == 10
-    assert (fitted_global.score_reference > 0).all()
+    assert fitted_global.score_reference.shape == (6,) and (fitted_global.score_reference > 0).all()
     new_normals = half_and_half([49, 54, 58, 62, 66, 70, 74, 78], 11)
-    patch_z, global_z = spreads_above(fitted_global, new_normals)
-    assert patch_z.max() < 1.5 and global_z.max() < 1.5
+    assert all(z.max() < 2 for z in spreads_above(fitted_global, new_normals))
     emb = fitted_global.embed(norm(half_and_half(TRAIN_SPLITS, 0)))  # the training set
     own = fitted_global.image_score(emb, *fitted_global.patch_scores(emb))
     emb = fitted_global.embed(norm(new_normals))
@@ -247,6 +251,25 @@ def test_global_score_round_trip_and_add_normals(fitted_global, tmp_path):
     add_normals(loaded, textures("stripes", list(range(8)), 8, GLOBAL_SIZE), norm, coreset_ratio=0.25)
     assert len(loaded.image_bank) == 18 and len(loaded.reference_scores) == 18
     assert (loaded.map_and_score(norm(only_stripes(7)))[1] < before - 2).all()  # all stripes is normal now
+
+
+def test_a_model_saved_before_the_spread_descriptor_scores_with_the_mean_alone(fitted_global, tmp_path):
+    """Model directories written before the spread descriptor (image bank NxG, four reference
+    values) load, score with the patch and mean distances, and grow with add_normals."""
+    info = ModelInfo(model="PatchCore", model_config=fitted_global.config(), input_size=GLOBAL_SIZE,
+                     resize_mode="resize", mean=list(MEAN), std=list(STD), calibration=Calibration(1.0, 0.5, 1.0, 0.5))
+    save_model_dir(tmp_path / "old", fitted_global, info)
+    weights = tmp_path / "old" / "model.safetensors"
+    state = load_file(str(weights))
+    state["image_bank"] = state["image_bank"][:, :fitted_global.descriptor_dim].contiguous()
+    state["score_reference"] = state["score_reference"][:4].contiguous()
+    save_file(state, str(weights))
+    old, _ = load_model_dir(tmp_path / "old")
+    x = torch.cat([half_and_half([60], 3), only_stripes(3)])
+    patch_z, mean_z, _ = spreads_above(fitted_global, x)
+    assert torch.allclose(old.map_and_score(norm(x))[1], torch.maximum(patch_z, mean_z), atol=1e-4)
+    add_normals(old, textures("stripes", list(range(4)), 8, GLOBAL_SIZE), norm, coreset_ratio=0.25)
+    assert old.image_bank.shape == (14, fitted_global.descriptor_dim) and old.score_reference.shape == (4,)
 
 
 def test_global_score_needs_two_training_images():

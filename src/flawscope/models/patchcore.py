@@ -6,10 +6,12 @@ test patch's anomaly score is its distance to the nearest bank entry. Nothing is
 (``flawscope.training.patchcore_fit``) only fills the bank.
 
 With ``global_score``, the image score also asks whether the image *as a whole* resembles a
-training image: the distance of its pooled deepest (stride 32) features to the nearest training
-image's. That catches anomalies of the whole layout that no single patch shows (a fibre layer
-laid at the wrong angle is made of normal-looking fibre patches). The two distances are put on
-one scale by their leave-one-out distribution over the training images, and the larger wins.
+training image, by two descriptors of its deepest (stride 32) features: their mean over the image
+(what it shows: a fibre layer laid at the wrong angle is made of normal-looking fibre patches, but
+no training image has that layer) and their spread over the image, scaled to unit length (how it
+varies, whatever the exposure: a hairline crack on a tile raises the spread of a few channels).
+Each descriptor's distance to the nearest training image's and the patch score are put on one
+scale by their leave-one-out distributions over the training images, and the largest wins.
 """
 
 from __future__ import annotations
@@ -27,20 +29,21 @@ class PatchCore(nn.Module):
     """Normalised image batch Bx3xSxS in, raw anomaly map Bx1xSxS out (patch distances to the bank).
 
     The image score is the paper's reweighted nearest-neighbour distance of the most anomalous
-    patch (with ``global_score``, combined with the global distance), not the max of the
+    patch (with ``global_score``, combined with the global distances), not the max of the
     (smoothed) map: use ``map_and_score``.
 
     Buffers (all in ``state_dict``, sized on load): ``memory_bank`` KxC (values rounded to
     float16 and saved as float16, so a saved model scores exactly like the fitted one),
     ``projection`` CxP (the random projection the coreset was selected in) and
     ``coverage_radius`` (the largest projected distance of a training patch to the bank), the
-    latter two for ``add_normals``. With ``global_score``: ``image_bank`` NxG (the training
-    images' pooled stride-32 features), ``reference_scores`` (leave-one-out patch scores of
-    training images) and ``score_reference`` (mean and spread of the patch and of the global
-    leave-one-out distances: what the image score is measured in).
+    latter two for ``add_normals``. With ``global_score``: ``image_bank`` Nx2G (the training
+    images' descriptors: G mean, then G spread columns; models saved before the spread have only
+    the mean), ``reference_scores`` (leave-one-out patch scores of training images) and
+    ``score_reference`` (mean and spread of the leave-one-out patch scores, then of each
+    descriptor's leave-one-out distances: what the image score is measured in).
     """
 
-    _SIZED_ON_LOAD = ("memory_bank", "projection", "image_bank", "reference_scores")
+    _SIZED_ON_LOAD = ("memory_bank", "projection", "image_bank", "reference_scores", "score_reference")
 
     def __init__(self, backbone: str = "efficientnet_lite0", strides: tuple[int, ...] = (8, 16),
                  feature_dim: int | None = None, num_neighbors: int = 9, smooth_sigma: float = 4.0,
@@ -67,9 +70,10 @@ class PatchCore(nn.Module):
         self.register_buffer("memory_bank", torch.empty(0, self.embed_dim))
         self.register_buffer("projection", torch.empty(self.embed_dim, 0))
         self.register_buffer("coverage_radius", torch.zeros(()))
-        self.register_buffer("image_bank", torch.empty(0, self.extractor.out_channels[-1]))
+        self.descriptor_dim = self.extractor.out_channels[-1]  # G: the columns of one descriptor
+        self.register_buffer("image_bank", torch.empty(0, 2 * self.descriptor_dim))
         self.register_buffer("reference_scores", torch.empty(0))
-        self.register_buffer("score_reference", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        self.register_buffer("score_reference", torch.tensor([0.0, 1.0]))
 
     def config(self) -> dict:
         return {"backbone": self.backbone, "strides": list(self.strides), "feature_dim": self.feature_dim,
@@ -87,14 +91,16 @@ class PatchCore(nn.Module):
         return self.features(x)[0]
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(patch features BxCxhxw, pooled stride-32 features BxG or None without ``global_score``).
+        """(patch features BxCxhxw, image descriptors Bx2G or None without ``global_score``).
 
         Each patch level is averaged over its 3x3 neighbourhood (context without losing
         resolution), deeper levels are upsampled to the finest one and all are concatenated; with
         ``feature_dim``, channels are average-pooled down to it, as the paper does.
         """
         levels = self.extractor(x)
-        descriptor = levels[-1].mean((2, 3)) if self.global_score else None
+        deep = levels[-1]
+        descriptor = (torch.cat([deep.mean((2, 3)), F.normalize(deep.std((2, 3), correction=0), dim=1)], dim=1)
+                      if self.global_score else None)
         feats = [F.avg_pool2d(levels[i], 3, stride=1, padding=1) for i in self._patch_levels]
         size = feats[0].shape[-2:]
         emb = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
@@ -121,20 +127,20 @@ class PatchCore(nn.Module):
         self.coverage_radius = torch.tensor(float(coverage_radius), device=device)
 
     def set_image_bank(self, descriptors: torch.Tensor, reference_scores: torch.Tensor) -> None:
-        """Install the training images' pooled features and the leave-one-out patch scores of some
-        of them; the global leave-one-out distances are computed here. With fewer than two of
+        """Install the training images' descriptors and the leave-one-out patch scores of some of
+        them; each descriptor's leave-one-out distances are computed here. With fewer than two of
         either there is no spread to measure, and the image score stays the patch score alone.
         """
         device = self.coverage_radius.device
         descriptors, reference_scores = descriptors.to(device).float(), reference_scores.to(device).float()
         if len(descriptors) < 2 or len(reference_scores) < 2:
             descriptors, reference_scores = descriptors[:0], reference_scores[:0]
-            self.score_reference = torch.tensor([0.0, 1.0, 0.0, 1.0], device=device)
+            self.score_reference = torch.tensor([0.0, 1.0], device=device)
         else:
-            between = torch.cdist(descriptors, descriptors).fill_diagonal_(torch.inf)
-            loo = between.min(1).values
-            self.score_reference = torch.stack([reference_scores.mean(), reference_scores.std().clamp_min(1e-6),
-                                                loo.mean(), loo.std().clamp_min(1e-6)])
+            reference = [reference_scores]
+            for part in descriptors.split(self.descriptor_dim, dim=1):
+                reference.append(torch.cdist(part, part).fill_diagonal_(torch.inf).min(1).values)
+            self.score_reference = torch.stack([v for r in reference for v in (r.mean(), r.std().clamp_min(1e-6))])
         self.image_bank, self.reference_scores = descriptors, reference_scores
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
@@ -197,13 +203,17 @@ class PatchCore(nn.Module):
         return (1 - torch.softmax(dists, dim=1)[:, 0]) * s_star
 
     def combined_score(self, patch_score: torch.Tensor, descriptor: torch.Tensor | None) -> torch.Tensor:
-        """The larger of the patch score and the global distance, each in leave-one-out standard
-        deviations above its training mean; the patch score alone without an image bank."""
+        """The largest of the patch score and the descriptors' distances to the nearest training
+        image, each in leave-one-out standard deviations above its training mean; the patch score
+        alone without an image bank."""
         if descriptor is None or len(self.image_bank) == 0:
             return patch_score
-        global_dist = nearest_neighbors(descriptor, self.image_bank)[0]
-        p_mean, p_std, g_mean, g_std = self.score_reference
-        return torch.maximum((patch_score - p_mean) / p_std, (global_dist - g_mean) / g_std)
+        scores = [patch_score]
+        banks = self.image_bank.split(self.descriptor_dim, dim=1)  # one part in models saved before the spread
+        for part, bank in zip(descriptor.split(self.descriptor_dim, dim=1), banks):
+            scores.append(nearest_neighbors(part, bank)[0])
+        mean, std = self.score_reference.view(-1, 2).unbind(1)
+        return ((torch.stack(scores, 1) - mean) / std).amax(1)
 
     def anomaly_map(self, scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Patch distances upsampled to the input size and smoothed: Bx1xSxS."""

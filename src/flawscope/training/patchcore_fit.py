@@ -96,7 +96,7 @@ def extract_patches(model: PatchCore, images_uint8: torch.Tensor, normalize: Cal
     """(features float16 MxC, projected float32 MxP) of all patches, or of an equal random share
     of each image's patches when there are more than ``max_patches`` (memory stays bounded by
     ``max_patches`` whatever the number of images); the images are consecutive blocks of equal
-    size. Third: the images' pooled stride-32 features NxG with ``global_score``, else None.
+    size. Third: the images' descriptors Nx2G with ``global_score``, else None.
     """
     n = len(images_uint8)
     gen = torch.Generator().manual_seed(seed)
@@ -208,6 +208,7 @@ def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callabl
         # first fit are kept (they were measured against the smaller bank, so slightly high).
         owner = torch.cat([torch.full((old_size,), -1), selected // (len(feats) // len(images_uint8))])
         new_refs = leave_one_out_scores(model, images_uint8, normalize, device, owner, seed)
-        model.set_image_bank(torch.cat([model.image_bank.cpu(), descriptors]),
+        width = model.image_bank.shape[1]  # a model saved before the spread descriptor keeps the mean only
+        model.set_image_bank(torch.cat([model.image_bank.cpu(), descriptors[:, :width]]),
                              torch.cat([model.reference_scores.cpu(), new_refs]))
     return {"patches": len(feats), "added": len(selected), "bank_size": len(bank), "coverage_radius": radius}
