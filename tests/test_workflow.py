@@ -224,6 +224,35 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     assert after["bank_size"] > before and after["added"] == after["bank_size"] - before
 
 
+def test_a_resnet_backbone_from_a_torchvision_weights_file(trained, tmp_path, capsys) -> None:
+    """``Model.backbone=resnet18`` with a torchvision weights file: both models train with
+    ImageNet's normalisation, PatchCore exports like with Lite0, and a missing file is one error."""
+    import torch
+    import yaml
+
+    from flawscope.backbones.resnet import ResNet
+
+    dataset, _ = trained
+    weights = tmp_path / "resnet18-f37072fd.pth"  # torchvision's names and shapes (tests/test_backbone.py)
+    torch.save(ResNet(classifier=True, arch="resnet18").state_dict(), weights)
+    resnet = ["Model.backbone=resnet18", f"Train.pretrain_weight_path={weights}"]
+    patchcore = tmp_path / "pc"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={patchcore}", *resnet,
+                      "Model.input_size=64", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25") == 0
+    info = yaml.safe_load((patchcore / "best_model/inference/inference.yml").read_text())
+    assert info["model_config"]["backbone"] == "resnet18"
+    assert info["mean"] == [0.485, 0.456, 0.406] and info["std"] == [0.229, 0.224, 0.225]
+    _assert_onnx_matches_torch(patchcore / "best_model/inference", tmp_path / "pc_export", _patchcore)
+
+    stfpm = tmp_path / "stfpm"
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, stfpm), *resnet) == 0
+    assert _cli("Global.mode=predict", f"Global.output={stfpm}", f"Predict.input={dataset / 'test/scratch'}") == 0
+    assert len(list(stfpm.glob("*_res.json"))) == len(list((dataset / "test/scratch").iterdir()))
+    bad = tmp_path / "bad"
+    _fails_cleanly(capsys, bad, "Global.mode=train", *tiny_overrides(dataset, bad), "Model.backbone=resnet18",
+                   f"Train.pretrain_weight_path={tmp_path / 'none.pth'}", fragment="none.pth: backbone weights file not found")
+
+
 def test_add_normals_refuses_an_stfpm_model(trained, tmp_path, capsys) -> None:
     dataset, stfpm_out = trained
     out = tmp_path / "out"

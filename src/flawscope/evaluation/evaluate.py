@@ -26,7 +26,7 @@ from flawscope.data.io import read_image, read_mask
 from flawscope.data.layouts import Dataset, Sample
 from flawscope.evaluation import metrics
 from flawscope.inference.predictor import Predictor
-from flawscope.inference.result import THRESHOLD, AnomalyResult
+from flawscope.inference.result import THRESHOLD
 from flawscope.logs import log, log_to_file
 
 AUPRO_FPR_LIMIT = 0.3

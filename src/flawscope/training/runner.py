@@ -82,8 +82,10 @@ def train(cfg: dict, world: World) -> dict:
         raise FlawscopeError(f"Train.add_normals: {t['add_normals']} is a {base[1].model} model; only PatchCore "
                              "memory banks can take more normal images (retrain the others)")
     resizer = Resizer(base[1].input_size, base[1].resize_mode) if base else Resizer(m["input_size"], m["resize_mode"])
-    backbone_spec(m["backbone"])  # an unknown backbone fails before anything is loaded
     check_mask_sizes(dataset.val)
+    torch.manual_seed(g["seed"])  # the student's initial weights
+    np.random.seed(g["seed"] % 2**32)
+    model, info = base or _new_model(cfg)  # reads the backbone's weights before anything is written
     log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
              dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
     images = load_training_images(fit_samples, resizer)  # reads every image before anything is written
@@ -91,24 +93,23 @@ def train(cfg: dict, world: World) -> dict:
     if world.is_main:
         dump_config(cfg, output / "config.yaml")
     with log_to_file(output / "train.log") if world.is_main else nullcontext():
-        return _train(cfg, dataset, fit_samples, calib_set, images, world, output, base)
+        return _train(cfg, dataset, fit_samples, calib_set, images, world, output, model.to(world.device), info)
+
+
+def _new_model(cfg: dict) -> tuple[torch.nn.Module, ModelInfo]:
+    """The configured model with its pretrained backbone, and the inference description to fill."""
+    g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
+    spec = backbone_spec(m["backbone"])
+    model_config = model_config_from(g["model"], m)
+    model = build_model(g["model"], model_config, pretrained=t["pretrain_weight_path"] or True)
+    return model, ModelInfo(model=g["model"], model_config=model_config, input_size=m["input_size"],
+                            resize_mode=m["resize_mode"], mean=list(spec.mean), std=list(spec.std), calibration=None)
 
 
 def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: CalibrationSet,
-           images: torch.Tensor, world: World, output: Path,
-           base: tuple[torch.nn.Module, ModelInfo] | None) -> dict:
-    g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
-    spec = backbone_spec(m["backbone"])
+           images: torch.Tensor, world: World, output: Path, model: torch.nn.Module, info: ModelInfo) -> dict:
+    g, t = cfg["Global"], cfg["Train"]
     device = world.device
-    torch.manual_seed(g["seed"])
-    np.random.seed(g["seed"] % 2**32)
-    if base is not None:
-        model, info = base[0].to(device), base[1]
-    else:
-        model_config = model_config_from(g["model"], m)
-        model = build_model(g["model"], model_config, pretrained=t["pretrain_weight_path"] or True)
-        info = ModelInfo(model=g["model"], model_config=model_config, input_size=m["input_size"],
-                         resize_mode=m["resize_mode"], mean=list(spec.mean), std=list(spec.std), calibration=None)
     predictor = Predictor(model, info, device)
     normalizer = partial(normalize, mean=info.mean, std=info.std)
     evaluate = partial(_evaluate, predictor=predictor, samples=dataset.val) if dataset.val else None
