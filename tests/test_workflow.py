@@ -126,8 +126,29 @@ def _assert_onnx_matches_torch(model_dir: Path, output: Path, cli=_cli) -> None:
     assert (output / "export/inference.yml").is_file()
 
 
-def test_export_onnx_matches_torch(trained, tmp_path) -> None:
-    _assert_onnx_matches_torch(trained[1] / "best_model/inference", tmp_path)
+def _assert_openvino_matches_torch(model_dir: Path, output: Path, cli=_cli) -> None:
+    """The IR keeps float32 weights: compiled with the f32 hint it scores like torch."""
+    import openvino as ov
+    import torch
+
+    from flawscope.inference.model_dir import load_model_dir
+
+    assert cli("Global.mode=export", f"Global.output={output}", f"Export.weight_path={model_dir}",
+               "Export.format=openvino") == 0
+    assert sorted(p.name for p in (output / "export").iterdir()) == ["inference.yml", "model.bin", "model.xml"]
+    compiled = ov.Core().compile_model(str(output / "export/model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    model, _ = load_model_dir(model_dir)
+    x = torch.randn(1, 3, 64, 64)
+    outputs = compiled(x.numpy())
+    with torch.no_grad():
+        torch_map, torch_score = model.map_and_score(x)
+    assert np.allclose(outputs[compiled.output("anomaly_map")], torch_map.numpy(), atol=1e-4)
+    assert np.allclose(outputs[compiled.output("image_score")], torch_score.numpy(), atol=1e-4)
+
+
+def test_export_onnx_and_openvino_match_torch(trained, tmp_path) -> None:
+    _assert_onnx_matches_torch(trained[1] / "best_model/inference", tmp_path / "onnx")
+    _assert_openvino_matches_torch(trained[1] / "best_model/inference", tmp_path / "openvino")
 
 
 def _fails_cleanly(capsys, output: Path, *overrides: str, fragment: str) -> None:
@@ -210,6 +231,7 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     assert 0 <= result["metrics"]["image_auroc"] <= 1
     assert _patchcore("Global.mode=evaluate", f"Global.dataset_dir={dataset}", f"Global.output={first}") == 0
     _assert_onnx_matches_torch(first / "best_model/inference", tmp_path / "pc_export", _patchcore)  # faiss vs torch
+    _assert_openvino_matches_torch(first / "best_model/inference", tmp_path / "pc_openvino", _patchcore)
     approximate = tmp_path / "pc_approx"  # faiss's inverted-file search, set at training time
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={approximate}", *small,
                       "Model.search=approximate") == 0

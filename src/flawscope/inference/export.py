@@ -1,10 +1,14 @@
-"""``Global.mode=export``: the inference model as ONNX, for ONNX Runtime or OpenVINO.
+"""``Global.mode=export``: the inference model as ONNX (for ONNX Runtime) or as OpenVINO IR.
 
 The exported graph is the model's ``map_and_score``: a normalised Bx3xSxS float32 batch in, the raw
 Bx1xSxS anomaly map and the B raw image scores out, for B = 1: PatchCore's chunked neighbour
 search traces to fixed shapes, and batch 1 is what a CPU inspection station runs.
 ``inference.yml`` is copied beside it, so the resizing, normalisation and calibrated thresholds
 travel with the graph and a deployment gives the same decisions.
+
+The OpenVINO IR (``model.xml`` + ``model.bin``) is converted from the ONNX graph with float32
+weights: OpenVINO's default float16 compression, like its default bf16 inference on recent CPUs,
+changes the scores. Compile it with ``{"INFERENCE_PRECISION_HINT": "f32"}`` for the same reason.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from flawscope.inference.model_dir import META_FILE, load_model_dir
 from flawscope.logs import log
 
 ONNX_FILE = "model.onnx"
+OPENVINO_FILE = "model.xml"  # and model.bin beside it
 
 
 class _MapAndScore(torch.nn.Module):
@@ -33,20 +38,34 @@ class _MapAndScore(torch.nn.Module):
 
 
 def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -> dict:
-    if fmt != "onnx":
-        raise FlawscopeError(f"Export.format: '{fmt}' is not supported yet; use onnx (OpenVINO reads ONNX files)")
+    """Write ``output/model.onnx`` (``fmt="onnx"``) or ``output/model.xml`` + ``.bin``
+    (``fmt="openvino"``), and ``output/inference.yml``."""
     try:
         import onnx  # noqa: F401 - torch's exporter needs it
     except ImportError:
         raise FlawscopeError("Export: the onnx package is missing; pip install 'flawscope[export]'") from None
+    if fmt == "openvino":
+        try:
+            import openvino
+        except ImportError:
+            raise FlawscopeError("Export.format=openvino: the openvino package is missing; "
+                                 "pip install 'flawscope[openvino]'") from None
     model, info = load_model_dir(model_dir)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, info.input_size, info.input_size)
     tmp = output / f".{ONNX_FILE}.tmp"
-    torch.onnx.export(_MapAndScore(model), (example,), str(tmp), input_names=["image"],
-                      output_names=["anomaly_map", "image_score"], opset_version=17, dynamo=False)
-    tmp.replace(output / ONNX_FILE)
+    try:
+        torch.onnx.export(_MapAndScore(model), (example,), str(tmp), input_names=["image"],
+                          output_names=["anomaly_map", "image_score"], opset_version=17, dynamo=False)
+        if fmt == "openvino":
+            target = output / OPENVINO_FILE
+            openvino.save_model(openvino.convert_model(str(tmp)), str(target), compress_to_fp16=False)
+        else:
+            target = output / ONNX_FILE
+            tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
     shutil.copy(Path(model_dir) / META_FILE, output / META_FILE)
-    log.info("exported %s to %s", model_dir, output / ONNX_FILE)
-    return {"done_flag": True, "format": fmt, "model_file": str(output / ONNX_FILE)}
+    log.info("exported %s to %s", model_dir, target)
+    return {"done_flag": True, "format": fmt, "model_file": str(target)}
