@@ -137,9 +137,12 @@ def test_resnet_weights_come_from_torchs_cache_or_a_clear_error(tmp_path, monkey
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     cached = tmp_path / "torch/hub/checkpoints/resnet18-f37072fd.pth"
-    with pytest.raises(FlawscopeError, match=f"cannot download {URLS['resnet18']} .*no network.*{cached}"):
+    with pytest.raises(FlawscopeError, match=f"cannot download or read {URLS['resnet18']} .*no network.*{cached}"):
         create_backbone("resnet18", (8,))
     cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(b"half a download")
+    with pytest.raises(FlawscopeError, match=f"cannot download or read {URLS['resnet18']} .*{cached}"):
+        create_backbone("resnet18", (8,))
     state = torchvision_file("resnet18", cached, seed=1)
     model = create_backbone("resnet18", (8,))
     assert torch.equal(model.conv1.weight, state["conv1.weight"])

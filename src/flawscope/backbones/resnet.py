@@ -151,8 +151,9 @@ def load_resnet_weights(model: ResNet, path: str | Path | None = None) -> ResNet
     url = URLS[model.arch]
     try:
         state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
-    except (OSError, RuntimeError) as exc:  # no network (URLError), or a download that fails its hash check
+    except Exception as exc:  # no network, a download failing its hash check, a damaged cached file
         cache = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
-        raise FlawscopeError(f"pretrained {model.arch} weights: cannot download {url} ({exc}); offline, copy "
-                             f"that file to {cache} or pass it as Train.pretrain_weight_path") from None
+        problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FlawscopeError(f"pretrained {model.arch} weights: cannot download or read {url} ({problem}); "
+                             f"offline, copy that file to {cache} or pass it as Train.pretrain_weight_path") from None
     return load_matching(model, state, url)
