@@ -8,8 +8,8 @@ image descriptors' distances), for each descriptor's distance alone, for the pap
 score, for the largest patch distance (the same without reweighting) and for the max of the
 smoothed map; pixel AUROC at the original image size (what ``flawscope evaluate`` reports) and
 at the 256 model input (what anomalib reports). ``--bank-images`` pads the training set with
-mirrored and flipped copies to time a bank of that many images. On a CPU shared with other jobs, one thread gives steadier timings:
-two OpenMP threads stall whenever one of them is descheduled.
+mirrored and flipped copies to time a bank of that many images. On a CPU shared with other jobs,
+one thread gives steadier timings: two OpenMP threads stall whenever one of them is descheduled.
 """
 
 from __future__ import annotations
@@ -116,9 +116,7 @@ def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
         score = model.combined_score(image_score, descriptor)
         score_s += time.perf_counter() - t1
         if descriptor is not None and len(model.image_bank):
-            g = model.descriptor_dim
-            descriptor_distances.append(torch.stack([torch.cdist(descriptor[:, i:i + g], model.image_bank[:, i:i + g]).amin(1)
-                                                     for i in range(0, model.image_bank.shape[1], g)], 1))
+            descriptor_distances.append(model.descriptor_distances(descriptor))
         embed_s += t1 - t0
         for sample, image, m, c, s, p in zip(chunk, images, amap[:, 0].numpy(), score.tolist(), image_score.tolist(),
                                              scores.flatten(1).amax(1).tolist()):

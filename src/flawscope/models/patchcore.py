@@ -202,18 +202,22 @@ class PatchCore(nn.Module):
         dists = torch.cdist(patch.unsqueeze(1), bank[support]).squeeze(1)  # B x b
         return (1 - torch.softmax(dists, dim=1)[:, 0]) * s_star
 
+    def descriptor_distances(self, descriptor: torch.Tensor) -> torch.Tensor:
+        """BxK: each image descriptor's distance to the nearest training image's (K = 2: mean and
+        spread; 1 in models saved before the spread, whose image bank holds the mean only)."""
+        banks = self.image_bank.split(self.descriptor_dim, dim=1)
+        return torch.stack([nearest_neighbors(part, bank)[0]
+                            for part, bank in zip(descriptor.split(self.descriptor_dim, dim=1), banks)], dim=1)
+
     def combined_score(self, patch_score: torch.Tensor, descriptor: torch.Tensor | None) -> torch.Tensor:
         """The largest of the patch score and the descriptors' distances to the nearest training
         image, each in leave-one-out standard deviations above its training mean; the patch score
         alone without an image bank."""
         if descriptor is None or len(self.image_bank) == 0:
             return patch_score
-        scores = [patch_score]
-        banks = self.image_bank.split(self.descriptor_dim, dim=1)  # one part in models saved before the spread
-        for part, bank in zip(descriptor.split(self.descriptor_dim, dim=1), banks):
-            scores.append(nearest_neighbors(part, bank)[0])
+        scores = torch.cat([patch_score[:, None], self.descriptor_distances(descriptor)], dim=1)
         mean, std = self.score_reference.view(-1, 2).unbind(1)
-        return ((torch.stack(scores, 1) - mean) / std).amax(1)
+        return ((scores - mean) / std).amax(1)
 
     def anomaly_map(self, scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Patch distances upsampled to the input size and smoothed: Bx1xSxS."""
