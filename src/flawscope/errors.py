@@ -7,3 +7,10 @@ class FlawscopeError(Exception):
     The message names the file or key and the problem on one line; the CLI prints it as
     ``error: <message>`` and exits with status 2, without a traceback.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if it has none): the part of a
+    library's multi-line error that fits into a one-line ``FlawscopeError``."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from flawscope.device import parse_device
-from flawscope.errors import FlawscopeError
+from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.predictor import Predictor
 from flawscope.inference.result import THRESHOLD, AnomalyResult
 
@@ -73,7 +73,7 @@ def load_pipeline_config(pipeline: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise FlawscopeError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        raise FlawscopeError(f"{path}: invalid YAML ({first_line(exc)})") from None
     name = data.get("pipeline_name") if isinstance(data, dict) else None
     if name not in PIPELINES:
         raise FlawscopeError(f"{path}: pipeline_name must be one of {', '.join(PIPELINES)}, got {name!r}")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flawscope.backbones.weights import fold_batchnorm, load_matching, read_weights
-from flawscope.errors import FlawscopeError
+from flawscope.errors import FlawscopeError, first_line
 
 # torchvision's IMAGENET1K_V1 weights: the ones the STFPM and PatchCore papers used.
 URLS = {"resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -153,7 +153,6 @@ def load_resnet_weights(model: ResNet, path: str | Path | None = None) -> ResNet
         state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
     except Exception as exc:  # no network, a download failing its hash check, a damaged cached file
         cache = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
-        problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise FlawscopeError(f"pretrained {model.arch} weights: cannot download or read {url} ({problem}); "
+        raise FlawscopeError(f"pretrained {model.arch} weights: cannot download or read {url} ({first_line(exc)}); "
                              f"offline, copy that file to {cache} or pass it as Train.pretrain_weight_path") from None
     return load_matching(model, state, url)

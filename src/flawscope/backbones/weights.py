@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from flawscope.errors import FlawscopeError
+from flawscope.errors import FlawscopeError, first_line
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -23,8 +23,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise FlawscopeError(f"{path}: not a weights file that loads safely ({problem})") from None
+        raise FlawscopeError(f"{path}: not a weights file that loads safely ({first_line(exc)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise FlawscopeError(f"{path}: not a state dict (a mapping of names to tensors)")
     return state

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flawscope import __version__
-from flawscope.errors import FlawscopeError
+from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
 
 META_FILE = "inference.yml"
@@ -110,5 +110,5 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tupl
     try:
         model.load_state_dict(load_file(str(weights_path)))
     except Exception as exc:  # safetensors raises its own error types
-        raise FlawscopeError(f"{weights_path}: weights do not fit model {info.model} ({str(exc).splitlines()[0]})") from None
+        raise FlawscopeError(f"{weights_path}: weights do not fit model {info.model} ({first_line(exc)})") from None
     return model.to(device).eval(), info

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from flawscope.errors import FlawscopeError
+from flawscope.errors import FlawscopeError, first_line
 from flawscope.models.stfpm import STFPM, stfpm_loss
 from flawscope.training.distributed import World
 
@@ -99,7 +99,7 @@ def load_checkpoint(path: Path, model: STFPM, optimizer: torch.optim.Optimizer) 
     try:
         model.student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     except RuntimeError as exc:
-        raise FlawscopeError(f"Train.resume_path: {path} does not fit this model ({str(exc).splitlines()[0]})") from None
+        raise FlawscopeError(f"Train.resume_path: {path} does not fit this model ({first_line(exc)})") from None
     device = next(model.student.parameters()).device
     for i, p in enumerate(model.student.parameters()):
         if f"momentum.{i}" in tensors:
