@@ -70,11 +70,11 @@ def main() -> None:
         logits, expected = ours(x), reference(x)
         report = {"logits_max_abs_diff": float((logits - expected).abs().max()),
                   "logits_scale": float(expected.abs().max())}
-        for i, (a, b) in enumerate(zip(trunk(x), tv_features(reference, x))):
+        expected_features = tv_features(reference, x)
+        for i, (a, b) in enumerate(zip(trunk(x), expected_features)):
             report[f"stride{4 << i}_max_rel_diff"] = float((a - b).abs().max() / b.abs().max())
-        fused = [f for f in trunk.fuse_batchnorm()(x)]
         report["fused_max_rel_diff"] = max(float((a - b).abs().max() / b.abs().max())
-                                           for a, b in zip(fused, tv_features(reference, x)))
+                                           for a, b in zip(trunk.fuse_batchnorm()(x), expected_features))
         report["same_keys_and_shapes"] = {k: list(v.shape) for k, v in ours.state_dict().items()} == fixture[arch]
         report["torchvision_url"] = getattr(torchvision.models, {"resnet18": "ResNet18_Weights",
                                             "wide_resnet50_2": "Wide_ResNet50_2_Weights"}[arch]).IMAGENET1K_V1.url
