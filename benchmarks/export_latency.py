@@ -1,71 +1,80 @@
-"""Batch-1 latency of an inference model directory in torch, and exported, in ONNX Runtime and OpenVINO.
+"""Batch-1 latency of an inference model directory on each prediction backend: torch, ONNX Runtime, OpenVINO.
 
-    python benchmarks/export_latency.py output/best_model/inference [--threads 2]
+    python benchmarks/export_latency.py output/best_model/inference [--images DIR] [--threads 2]
 
-Times the model's ``map_and_score`` on one normalised input (decoding and resizing excluded): in
-torch as the Predictor runs it (BatchNorms folded, channels-last, faiss search where installed),
-then the graphs that ``Global.mode=export`` writes (``Export.format=onnx`` and ``openvino``),
-OpenVINO compiled with the float32 precision hint. Prints the median of each and the image scores,
-which must agree.
+For each backend (``Predictor.from_dir(..., backend=...)``: torch as the Predictor runs it, with
+BatchNorms folded, channels-last and faiss search where installed; the exported graphs, OpenVINO
+compiled with the float32 precision hint) it times:
+
+- the model alone: ``map_and_score`` on one normalised input (decoding and resizing excluded);
+- with ``--images``, prediction end to end: a decoded image to its ``AnomalyResult`` at batch 1
+  (resizing, the model, the map back at the image's size, calibration, regions), over the images.
+
+The backends take turns in blocks of calls, so a slow spell of a shared machine falls on all of
+them alike; the first calls of a block are not timed, as the threads of the runtime before may
+still be spinning. Prints the medians, and each backend's image scores, which must agree.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
-import openvino as ov
 import torch
 
-from flawscope.inference.export import ONNX_FILE, OPENVINO_FILE, export_model
+from flawscope.data.io import read_image
 from flawscope.inference.predictor import Predictor
 
+BACKENDS = ("torch", "onnxruntime", "openvino")
 
-def median_ms(run: Callable[[], object], repeats: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1e3)
+
+def _seconds(run, *args) -> float:
+    start = time.perf_counter()
+    run(*args)
+    return time.perf_counter() - start
 
 
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
+    ap.add_argument("--images", help="a folder of images (searched recursively) to time prediction end to end on")
+    ap.add_argument("--max-images", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--blocks", type=int, default=5)
+    ap.add_argument("--calls", type=int, default=10, help="timed calls per backend per block")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    predictor = Predictor.from_dir(args.model_dir)
-    model, info = predictor.model, predictor.info
+    predictors = {b: Predictor.from_dir(args.model_dir, backend=b) for b in BACKENDS}
+    info = predictors["torch"].info
     x = torch.randn(1, 3, info.input_size, info.input_size, generator=torch.Generator().manual_seed(0))
-    x_nhwc = x.contiguous(memory_format=torch.channels_last)  # what the Predictor's normalised batch is
-    report = {"model_dir": args.model_dir, "model": info.model, "input_size": info.input_size, "threads": args.threads,
-              "torch_ms": median_ms(lambda: model.map_and_score(x_nhwc), args.repeats),
-              "score_torch": float(model.map_and_score(x_nhwc)[1][0])}
-    with tempfile.TemporaryDirectory() as tmp:
-        export_model(args.model_dir, Path(tmp) / "onnx", "onnx")
-        export_model(args.model_dir, Path(tmp) / "openvino", "openvino")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        session = ort.InferenceSession(str(Path(tmp) / "onnx" / ONNX_FILE), options)
-        feed = {"image": x.numpy()}
-        report["onnxruntime_ms"] = median_ms(lambda: session.run(None, feed), args.repeats)
-        report["score_onnxruntime"] = float(session.run(None, feed)[1][0])
-        compiled = ov.Core().compile_model(str(Path(tmp) / "openvino" / OPENVINO_FILE), "CPU",
-                                           {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": args.threads})
-        report["openvino_ms"] = median_ms(lambda: compiled(x.numpy()), args.repeats)
-        report["score_openvino"] = float(compiled(x.numpy())[compiled.output("image_score")][0])
+    x = x.contiguous(memory_format=torch.channels_last)  # what the Predictor's normalised batch is
+    paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")) \
+        if args.images else []
+    images = [read_image(p) for p in paths[: args.max_images]]
+    model_s = {b: [] for b in BACKENDS}
+    predict_s = {b: [] for b in BACKENDS}
+    for _ in range(args.blocks):
+        for backend, predictor in predictors.items():
+            for i in range(args.calls + 3):  # the first 3 calls of a block let other runtimes' threads go idle
+                t = _seconds(predictor.model.map_and_score, x)
+                if i >= 3:
+                    model_s[backend].append(t)
+            for i in range(args.calls + 3 if images else 0):
+                image = images[i % len(images)]
+                t = _seconds(lambda p, i: list(p.predict([i])), predictor, image)
+                if i >= 3:
+                    predict_s[backend].append(t)
+    report = {"model_dir": args.model_dir, "model": info.model, "input_size": info.input_size,
+              "threads": args.threads, "timed_calls": args.blocks * args.calls,
+              "model_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in model_s.items()},
+              "score": {b: float(p.model.map_and_score(x)[1][0]) for b, p in predictors.items()}}
+    if images:
+        report |= {"images": len(images), "image_size": f"{images[0].shape[1]}x{images[0].shape[0]}",
+                   "predict_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in predict_s.items()}}
     print(json.dumps(report, indent=1))
 
 

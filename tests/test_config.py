@@ -59,7 +59,7 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     assert cfg["Model"]["smooth_sigma"] == 4.0
     assert set(cfg["Train"]) == set(SCHEMA["Train"])
     assert cfg["Export"] == {"weight_path": None, "format": "onnx"}
-    assert cfg["Predict"] == {"model_dir": None, "input": None, "batch_size": 1}
+    assert cfg["Predict"] == {"model_dir": None, "input": None, "batch_size": 1, "backend": "auto"}
     # PatchCore-only keys have no default and stay absent from an STFPM config.
     assert "coreset_ratio" not in cfg["Model"]
 

@@ -7,7 +7,8 @@ Each (dataset, model) runs in a fresh child process (``python -m flawscope.bench
 its peak memory (the process's ``ru_maxrss`` high-water mark) is its own. In
 ``<output>/<dataset>/<model>/`` the child trains with the model's shipped config plus the
 overrides (``Global.device`` among them), evaluates (``evaluate_result.json`` and the report), then
-times the Predictor from decoded image to ``AnomalyResult`` (disk reads are not timed) at batch 1
+times the Predictor (on ``Predict.backend``: ``-o Predict.backend=openvino`` times the exported
+graph) from decoded image to ``AnomalyResult`` (disk reads are not timed) at batch 1
 and batch N: median and 95th percentile per image after warm-up, and throughput at batch N.
 The parent writes ``benchmark.json`` (everything, with the machine) and ``benchmark.md`` (the table).
 """
@@ -31,6 +32,7 @@ from flawscope.data.layouts import load_dataset
 from flawscope.device import parse_device, peak_rss_mb
 from flawscope.engine import evaluate, train
 from flawscope.errors import FlawscopeError
+from flawscope.inference.backends import choose_backend
 from flawscope.inference.predictor import Predictor
 
 RUN_FILE = "benchmark_run.json"
@@ -40,7 +42,7 @@ WARMUP = 3
 COLUMNS = (
     ("dataset", ("dataset",), None), ("model", ("model",), None),
     ("image AUROC", ("image_auroc",), 3), ("pixel AUROC", ("pixel_auroc",), 3), ("AUPRO", ("aupro",), 3),
-    ("train (s)", ("train_wall_s",), 1),
+    ("train (s)", ("train_wall_s",), 1), ("backend", ("backend",), None),
     ("latency b1, ms/img (median / p95)", ("latency_b1_median_ms", "latency_b1_p95_ms"), 1),
     ("latency bN, ms/img (median / p95)", ("latency_bn_median_ms", "latency_bn_p95_ms"), 1),
     ("throughput bN (img/s)", ("throughput_img_s",), 1),
@@ -125,10 +127,11 @@ def run_one(spec: dict) -> dict:
     evaluation = evaluate(_run_config(spec, "evaluate"))
     m = evaluation["metrics"]
     model_dir = Path(evaluation["model_dir"])
-    predictor = Predictor.from_dir(model_dir, device)
+    backend = choose_backend(model_dir, cfg["Predict"]["backend"])
+    predictor = Predictor.from_dir(model_dir, device, backend)
     samples = load_dataset(spec["dataset_dir"], cfg["CheckDataset"]["dataset_type"]).val
     images = [read_image(s.image) for s in samples[:max(spec["batch_size"], spec["repeats"])]]
-    out |= time_inference(predictor, images, spec["batch_size"], spec["repeats"], spec["warmup"])
+    out |= {"backend": backend} | time_inference(predictor, images, spec["batch_size"], spec["repeats"], spec["warmup"])
     out |= {
         "image_auroc": m["image_auroc"], "pixel_auroc": m["pixel_auroc"], "aupro": m["aupro"],
         "image_f1": m["image_f1"], "pixel_f1": m["pixel_f1"], "paddlex_miou": m["paddlex_miou"],

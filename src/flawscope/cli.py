@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save_path", help="where to save results (or the pipeline config)")
     p.add_argument("--device", help="cpu | gpu | gpu:0 | gpu:0,1")
     p.add_argument("--batch_size", type=int, help="images per forward pass")
+    p.add_argument("--backend", help="torch | onnxruntime | openvino (faster on a CPU) | auto (default: what "
+                   "the model directory holds)")
     p.add_argument("--model_dir", help="inference model directory (default: the bundled model)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-directories of --input")
     p.add_argument("--get_pipeline_config", metavar="NAME", help="write the config of pipeline NAME to --save_path")
@@ -103,7 +105,8 @@ def run(argv: list[str] | None = None) -> int:
         if not args.input:
             raise FlawscopeError("--input: required with --pipeline (an image, URL, directory or glob)")
         settings = {k: v for k, v in (("batch_size", args.batch_size), ("model_dir", args.model_dir),
-                                      ("recursive", args.recursive or None)) if v is not None}
+                                      ("backend", args.backend), ("recursive", args.recursive or None))
+                    if v is not None}
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
         counts = save_results(pipeline.predict(args.input), Path(args.save_path or "output"),
                               pipeline.json_arrays, pipeline.save_extra)

@@ -23,6 +23,7 @@ from flawscope.errors import FlawscopeError
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODELS = ("STFPM", "PatchCore")
 MODES = ("check_dataset", "train", "evaluate", "predict", "export")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")  # where prediction runs: flawscope.inference.backends
 
 _NO_DEFAULT = object()
 
@@ -119,6 +120,7 @@ SCHEMA: dict[str, Any] = {
         "model_dir": Key(str, None, nullable=True),
         "input": Key(str, None, nullable=True),
         "batch_size": Key(int, 1, ge=1),
+        "backend": Key(str, "auto", choices=BACKENDS),
     },
 }
 

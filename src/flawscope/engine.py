@@ -81,7 +81,8 @@ def predict(cfg: dict) -> dict:
     if model_dir is None:
         log.warning("no Predict.model_dir and no trained model in %s/best_model/inference: predicting with the "
                     "bundled default model (STFPM, hazelnuts only)", cfg["Global"]["output"])
-    predictor = Predictor.from_dir(model_dir, parse_device(cfg["Global"]["device"])[0], batch_size=p["batch_size"])
+    predictor = Predictor.from_dir(model_dir, parse_device(cfg["Global"]["device"])[0], p["backend"],
+                                   batch_size=p["batch_size"])
     return save_results(predictor.predict(p["input"]), Path(cfg["Global"]["output"]))
 
 

@@ -10,6 +10,7 @@ A pipeline config is a small YAML file::
         model_dir: null        # null = the bundled default model
         batch_size: 1
         device: cpu
+        backend: auto          # torch | onnxruntime | openvino (CPU) | auto: what model_dir holds
         min_region_area: 0     # drop predicted defect regions smaller than this (pixels)
         threshold: 0.5         # normalised decision threshold; 0.5 = the calibrated one
         outline_ok_images: false  # also outline regions on images judged OK
@@ -43,6 +44,7 @@ PIPELINES: dict[str, dict[str, Any]] = {
                 "model_dir": None,
                 "batch_size": 1,
                 "device": "cpu",
+                "backend": "auto",
                 "min_region_area": 0,
                 "threshold": THRESHOLD,
                 "outline_ok_images": False,
@@ -102,7 +104,8 @@ class AnomalyDetectionPipeline:
         self.config = config
         sub = config["SubModules"]["AnomalyDetection"]
         device = parse_device(str(sub["device"]))[0]
-        self.predictor = Predictor.from_dir(sub["model_dir"], device, batch_size=int(sub["batch_size"]),
+        self.predictor = Predictor.from_dir(sub["model_dir"], device, str(sub["backend"]),
+                                            batch_size=int(sub["batch_size"]),
                                             min_region_area=int(sub["min_region_area"]),
                                             threshold=float(sub["threshold"]),
                                             outline_ok_images=bool(sub["outline_ok_images"]))

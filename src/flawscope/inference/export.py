@@ -14,6 +14,7 @@ changes the scores. Compile it with ``{"INFERENCE_PRECISION_HINT": "f32"}`` for 
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,8 +57,13 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
     example = torch.zeros(1, 3, info.input_size, info.input_size)
     tmp = output / f".{ONNX_FILE}.tmp"
     try:
-        torch.onnx.export(_MapAndScore(model), (example,), str(tmp), input_names=["image"],
-                          output_names=["anomaly_map", "image_score"], opset_version=17, dynamo=False)
+        with warnings.catch_warnings():
+            # The trace fixes the input size and the bank's size on purpose (see above); the
+            # exporter's warnings about exactly that would only alarm users.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", r"(Constant folding|Exporting aten::index)", UserWarning)
+            torch.onnx.export(_MapAndScore(model), (example,), str(tmp), input_names=["image"],
+                              output_names=["anomaly_map", "image_score"], opset_version=17, dynamo=False)
         if fmt == "openvino":
             target = output / OPENVINO_FILE
             openvino.save_model(openvino.convert_model(str(tmp)), str(target), compress_to_fp16=False)

@@ -3,6 +3,9 @@
     inference.yml        model name and config, input size, resize mode, normalisation,
                          calibrated thresholds and score normalisation, provenance
     model.safetensors    the weights (no pickle: safe to load from anyone)
+
+``Global.mode=export`` writes the same ``inference.yml`` beside ``model.onnx`` or ``model.xml``;
+``inference/backends.py`` runs those.
 """
 
 from __future__ import annotations
@@ -93,19 +96,26 @@ def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo) -> Path:
     return path
 
 
-def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelInfo]:
-    """Rebuild the model from ``inference.yml`` and load its weights, ready for inference."""
+def read_model_info(path: str | Path) -> ModelInfo:
+    """The ``inference.yml`` of a model directory, trained (safetensors) or exported (ONNX, OpenVINO)."""
     path = Path(path)
-    meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
+    meta_path = path / META_FILE
     if not path.is_dir():
         raise FlawscopeError(f"{path}: model directory does not exist")
-    for required in (meta_path, weights_path):
-        if not required.is_file():
-            raise FlawscopeError(f"{path}: not an inference model directory (missing {required.name})")
+    if not meta_path.is_file():
+        raise FlawscopeError(f"{path}: not an inference model directory (missing {META_FILE})")
     try:
-        info = ModelInfo.from_dict(yaml.safe_load(meta_path.read_text()))
+        return ModelInfo.from_dict(yaml.safe_load(meta_path.read_text()))
     except (yaml.YAMLError, TypeError, KeyError) as exc:
         raise FlawscopeError(f"{meta_path}: unreadable model description ({exc.__class__.__name__})") from None
+
+
+def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the model from ``inference.yml`` and load its weights, ready for inference."""
+    info = read_model_info(path)
+    weights_path = Path(path) / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FlawscopeError(f"{path}: not an inference model directory (missing {WEIGHTS_FILE})")
     model = build_model(info.model, info.model_config, pretrained=False)
     try:
         model.load_state_dict(load_file(str(weights_path)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,8 @@ from torch import nn
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.errors import FlawscopeError
 from flawscope.inference.inputs import expand_inputs, load_input
-from flawscope.inference.model_dir import ModelInfo, load_model_dir
+from flawscope.inference.backends import ExportedModel, load_backend
+from flawscope.inference.model_dir import ModelInfo
 from flawscope.inference.result import THRESHOLD, AnomalyResult
 
 
@@ -25,7 +27,7 @@ def default_model_dir() -> Path:
 class Predictor:
     """Batched prediction with one model; ``predict`` accepts every input type of ``expand_inputs``."""
 
-    def __init__(self, model: nn.Module, info: ModelInfo, device: torch.device | str = "cpu",
+    def __init__(self, model: nn.Module | ExportedModel, info: ModelInfo, device: torch.device | str = "cpu",
                  batch_size: int = 1, min_region_area: int = 0, threshold: float = THRESHOLD,
                  outline_ok_images: bool = False) -> None:
         if batch_size < 1:
@@ -34,17 +36,22 @@ class Predictor:
             raise FlawscopeError(f"threshold must be between 0 and 1 (normalised; 0.5 = calibrated), got {threshold}")
         self.threshold, self.outline_ok_images = threshold, outline_ok_images
         self.device = torch.device(device)
-        # NHWC runs the backbones' depthwise convolutions 1.5-2.5x faster on CPU (same maths, rounding aside).
-        self.model, self.info = model.to(self.device, memory_format=torch.channels_last).eval(), info
+        if isinstance(model, nn.Module):
+            # NHWC runs the backbones' depthwise convolutions 1.5-2.5x faster on CPU (same maths, rounding aside).
+            model = model.to(self.device, memory_format=torch.channels_last).eval()
+        self.model, self.info = model, info
         self.batch_size, self.min_region_area = batch_size, min_region_area
         self.resizer = Resizer(info.input_size, info.resize_mode)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path | None = None, device: torch.device | str = "cpu", **kwargs: Any) -> "Predictor":
-        model, info = load_model_dir(model_dir or default_model_dir(), device)
-        for module in model.modules():  # a loaded model only predicts: fold its BatchNorms
-            if hasattr(module, "fuse_batchnorm"):
-                module.fuse_batchnorm()
+    def from_dir(cls, model_dir: str | Path | None = None, device: torch.device | str = "cpu",
+                 backend: str = "auto", **kwargs: Any) -> "Predictor":
+        """The model of a trained or exported directory on ``backend`` (see ``inference.backends``)."""
+        model, info = load_backend(model_dir or default_model_dir(), backend, device)
+        if isinstance(model, nn.Module):
+            for module in model.modules():  # a loaded model only predicts: fold its BatchNorms
+                if hasattr(module, "fuse_batchnorm"):
+                    module.fuse_batchnorm()
         return cls(model, info, device, **kwargs)
 
     @torch.no_grad()
@@ -54,12 +61,27 @@ class Predictor:
         The image score comes from the model (``map_and_score``): the map's maximum for STFPM,
         the reweighted nearest-neighbour distance for PatchCore.
         """
-        batch = np.stack([self.resizer.to_input(image) for image in images])
-        x = normalize(torch.from_numpy(batch).to(self.device), self.info.mean, self.info.std)
-        maps, scores = self.model.map_and_score(x)
-        maps, scores = maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
-        return [(self.resizer.to_original(m, (img.shape[1], img.shape[0])), float(s))
-                for m, s, img in zip(maps, scores, images)]
+        with self._torch_threads():
+            batch = np.stack([self.resizer.to_input(image) for image in images])
+            x = normalize(torch.from_numpy(batch).to(self.device), self.info.mean, self.info.std)
+            maps, scores = self.model.map_and_score(x)
+            maps, scores = maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
+            return [(self.resizer.to_original(m, (img.shape[1], img.shape[0])), float(s))
+                    for m, s, img in zip(maps, scores, images)]
+
+    @contextmanager
+    def _torch_threads(self) -> Iterator[None]:
+        """One torch thread around an exported graph: the runtime has its own threads, and torch's
+        idle ones spinning beside them cost 25-50% latency on a 2-core machine."""
+        if isinstance(self.model, nn.Module):
+            yield
+            return
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def result(self, image: np.ndarray, raw_map: np.ndarray, raw_score: float,
                name: str | None = None) -> AnomalyResult:

@@ -1,0 +1,122 @@
+"""Where a model runs: in torch, or as its exported graph in ONNX Runtime or OpenVINO.
+
+Every backend offers the torch models' ``map_and_score``: a normalised Bx3xSxS float32 batch in,
+the raw Bx1xSxS anomaly maps and B image scores out. So the Predictor, evaluation and the benchmark
+work the same on each, and an exported directory (``Global.mode=export``) predicts and evaluates
+like the trained one. On a CPU the exported graphs run the model 1.3-4x faster than torch
+(docs/benchmarks.md); torch is the default because it also runs on GPUs and needs no extra package.
+
+``backend="auto"`` runs what the directory holds: the torch weights, else ``model.xml``, else
+``model.onnx``. Naming ``onnxruntime`` or ``openvino`` for a trained directory exports it first,
+into a temporary folder, in the few seconds that export takes.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from flawscope.config import BACKENDS
+from flawscope.errors import FlawscopeError, first_line
+from flawscope.inference.export import ONNX_FILE, OPENVINO_FILE, export_model
+from flawscope.inference.model_dir import (
+    WEIGHTS_FILE,
+    ModelInfo,
+    load_model_dir,
+    read_model_info,
+)
+from flawscope.logs import log
+
+_GRAPH_FILES = {"onnxruntime": ONNX_FILE, "openvino": OPENVINO_FILE}
+_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+GraphRun = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class ExportedModel:
+    """An exported graph with the torch models' ``map_and_score``; the graph takes one image, so
+    a batch runs image by image (batch 1 is also what these runtimes are fastest at on a CPU)."""
+
+    def __init__(self, run: GraphRun, backend: str) -> None:
+        self._run, self.backend = run, backend
+
+    def map_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = [self._run(np.ascontiguousarray(x[i : i + 1].cpu().numpy(), dtype=np.float32))
+                   for i in range(len(x))]
+        maps = np.concatenate([m for m, _ in outputs])
+        scores = np.concatenate([np.reshape(s, (-1,)) for _, s in outputs])
+        return torch.from_numpy(maps), torch.from_numpy(scores)
+
+
+def _onnxruntime(path: Path) -> GraphRun:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: tuple(session.run(["anomaly_map", "image_score"], {"image": x}))
+
+
+def _openvino(path: Path) -> GraphRun:
+    import openvino as ov
+
+    # f32: OpenVINO's default bf16 on recent CPUs changes the scores; LATENCY: one image at a time.
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                          "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    maps, scores = compiled.output("anomaly_map"), compiled.output("image_score")
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = request.infer({"image": x})
+        return out[maps].copy(), out[scores].copy()  # the request reuses its buffers
+
+    return run
+
+
+def _load_graph(path: Path, backend: str) -> ExportedModel:
+    try:
+        __import__(_PACKAGES[backend])
+    except ImportError:
+        raise FlawscopeError(f"backend {backend}: the {_PACKAGES[backend]} package is missing; "
+                             f"pip install 'flawscope[{'openvino' if backend == 'openvino' else 'export'}]'") from None
+    try:
+        run = _onnxruntime(path) if backend == "onnxruntime" else _openvino(path)
+    except Exception as exc:  # the runtimes raise their own error types for a damaged graph
+        raise FlawscopeError(f"{path}: cannot be loaded by {backend} ({first_line(exc)})") from None
+    return ExportedModel(run, backend)
+
+
+def choose_backend(model_dir: Path, backend: str) -> str:
+    """The backend ``auto`` stands for in ``model_dir``: the first of torch, openvino, onnxruntime it holds."""
+    if backend not in BACKENDS:
+        raise FlawscopeError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    for name, file in (("torch", WEIGHTS_FILE), ("openvino", OPENVINO_FILE), ("onnxruntime", ONNX_FILE)):
+        if (model_dir / file).is_file():
+            return name
+    raise FlawscopeError(f"{model_dir}: no model here (none of {WEIGHTS_FILE}, {OPENVINO_FILE}, {ONNX_FILE})")
+
+
+def load_backend(model_dir: str | Path, backend: str = "auto",
+                 device: torch.device | str = "cpu") -> tuple[nn.Module | ExportedModel, ModelInfo]:
+    """The model of ``model_dir`` on ``backend``, and its description."""
+    model_dir = Path(model_dir)
+    info = read_model_info(model_dir)
+    backend = choose_backend(model_dir, backend)
+    if backend == "torch":
+        return load_model_dir(model_dir, device)
+    if torch.device(device).type != "cpu":
+        raise FlawscopeError(f"backend {backend} runs on the CPU; use device cpu, or backend torch for {device}")
+    graph = model_dir / _GRAPH_FILES[backend]
+    if graph.is_file():
+        return _load_graph(graph, backend), info
+    if not (model_dir / WEIGHTS_FILE).is_file():
+        raise FlawscopeError(f"{model_dir}: no {graph.name} for backend {backend}, and no {WEIGHTS_FILE} to export it from")
+    log.info("exporting %s for %s", model_dir, backend)
+    with tempfile.TemporaryDirectory(prefix="flawscope_export_") as tmp:
+        export_model(model_dir, tmp, "openvino" if backend == "openvino" else "onnx")
+        return _load_graph(Path(tmp) / graph.name, backend), info

@@ -1,0 +1,117 @@
+"""Prediction on ONNX Runtime and OpenVINO: the same decisions as torch, from a trained directory
+(exported on the fly) or an exported one, through the Python API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_mvtec
+from flawscope.cli import main
+from flawscope.errors import FlawscopeError
+from flawscope.inference.backends import ExportedModel
+from flawscope.inference.predictor import Predictor
+
+GRAPHS = ("onnxruntime", "openvino")
+
+
+def _images(dataset: Path) -> list[str]:
+    return sorted(str(p) for p in (dataset / "test").glob("*/*.png"))
+
+
+def _assert_same_results(expected, got) -> None:
+    for a, b in zip(expected, got, strict=True):
+        assert a.input_path == b.input_path
+        assert b.raw_score == pytest.approx(a.raw_score, rel=1e-4, abs=1e-5)
+        assert b.is_anomaly == a.is_anomaly
+        assert np.abs(a.map - b.map).max() < 1e-3
+        assert (a.pred != b.pred).mean() < 1e-3  # pixels exactly at the threshold may flip
+
+
+@pytest.fixture(scope="module")
+def patchcore_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("patchcore")
+    dataset = make_mvtec(base / "data")
+    assert main(["-c", "PatchCore", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={dataset}",
+                 "-o", f"Global.output={base / 'out'}", "-o", "Model.input_size=64",
+                 "-o", "Model.coreset_ratio=0.5", "-o", "Train.calibration_fraction=0.25"]) == 0
+    return dataset, base / "out/best_model/inference"
+
+
+@pytest.mark.parametrize("model", ["STFPM", "PatchCore"])
+def test_exported_graphs_decide_like_torch(trained, patchcore_dir, model) -> None:
+    dataset, model_dir = (trained[0], trained[1] / "best_model/inference") if model == "STFPM" else patchcore_dir
+    images = _images(dataset)
+    expected = list(Predictor.from_dir(model_dir, backend="torch").predict(images))
+    assert any(r.is_anomaly for r in expected) and not all(r.is_anomaly for r in expected)
+    threads = torch.get_num_threads()
+    for backend in GRAPHS:
+        predictor = Predictor.from_dir(model_dir, backend=backend, batch_size=3)  # batches run image by image
+        assert isinstance(predictor.model, ExportedModel) and predictor.model.backend == backend
+        _assert_same_results(expected, list(predictor.predict(images)))
+        assert torch.get_num_threads() == threads  # torch's thread count is only lowered while a graph runs
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_an_exported_directory_predicts_and_evaluates_like_the_trained_one(trained, tmp_path, fmt) -> None:
+    dataset, out = trained
+    model_dir, exported = out / "best_model/inference", tmp_path / "export"
+    common = ["-c", "STFPM", "-o", f"Global.dataset_dir={dataset}"]
+    assert main([*common, "-o", "Global.mode=export", "-o", f"Global.output={tmp_path}",
+                 "-o", f"Export.weight_path={model_dir}", "-o", f"Export.format={fmt}"]) == 0
+    assert not (exported / "model.safetensors").exists()
+    runs = {}
+    for name, directory in (("torch", model_dir), ("exported", exported)):
+        run_out = tmp_path / name
+        assert main([*common, "-o", "Global.mode=predict", "-o", f"Global.output={run_out}",
+                     "-o", f"Predict.model_dir={directory}", "-o", f"Predict.input={dataset / 'test'}"]) == 0
+        assert main([*common, "-o", "Global.mode=evaluate", "-o", f"Global.output={run_out}",
+                     "-o", f"Evaluate.weight_path={directory}"]) == 0
+        runs[name] = run_out
+    for result in sorted(runs["torch"].glob("*_res.json")):
+        a, b = json.loads(result.read_text()), json.loads((runs["exported"] / result.name).read_text())
+        assert b["is_anomaly"] == a["is_anomaly"] and b["score"] == pytest.approx(a["score"], abs=1e-4)
+    metrics = [json.loads((runs[n] / "evaluate_result.json").read_text())["metrics"] for n in ("torch", "exported")]
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], abs=1e-3)
+
+
+def test_quick_start_with_a_backend(trained, tmp_path, capsys) -> None:
+    image = _images(trained[0])[-1]
+    assert main(["--pipeline", "anomaly_detection", "--input", image, "--save_path", str(tmp_path),
+                 "--model_dir", str(trained[1] / "best_model/inference"), "--backend", "openvino"]) == 0
+    assert f"{image}\tscore=" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("*_res.json"))) == 1
+
+
+def test_backend_errors_name_the_directory_and_the_problem(trained, tmp_path) -> None:
+    model_dir = trained[1] / "best_model/inference"
+    graphless = tmp_path / "only_description"
+    graphless.mkdir()
+    shutil.copy(model_dir / "inference.yml", graphless)
+    with pytest.raises(FlawscopeError, match="no model here"):
+        Predictor.from_dir(graphless)
+    with pytest.raises(FlawscopeError, match=r"no model\.onnx for backend onnxruntime, and no model\.safetensors"):
+        Predictor.from_dir(graphless, backend="onnxruntime")
+    with pytest.raises(FlawscopeError, match="missing model.safetensors"):
+        Predictor.from_dir(graphless, backend="torch")
+    with pytest.raises(FlawscopeError, match="unknown backend 'tensorrt'"):
+        Predictor.from_dir(model_dir, backend="tensorrt")
+    with pytest.raises(FlawscopeError, match="runs on the CPU"):
+        Predictor.from_dir(model_dir, "cuda", backend="openvino")
+    (graphless / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(FlawscopeError, match=f"{graphless / 'model.onnx'}: cannot be loaded by onnxruntime") as info:
+        Predictor.from_dir(graphless)
+    assert "\n" not in str(info.value)
+
+
+def test_a_bad_backend_in_the_config_is_a_config_error(tmp_path, capsys) -> None:
+    assert main(["-c", "STFPM", "-o", "Global.mode=predict", "-o", "Predict.backend=tensorrt",
+                 "-o", f"Global.output={tmp_path / 'out'}"]) == 2
+    assert "Predict.backend" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
