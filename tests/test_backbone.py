@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from flawscope.backbones import create_backbone
-from flawscope.backbones.efficientnet_lite import EfficientNetLite, load_lite_weights
+from flawscope.backbones.efficientnet_lite import EfficientNetLite, SameConv2d, load_lite_weights
 from flawscope.backbones.resnet import URLS, ResNet
 from flawscope.errors import FlawscopeError
 
@@ -37,6 +37,19 @@ def test_pretrained_lite_recognises_a_cat_and_an_espresso(variant: int) -> None:
     """Also checks the scaled-up Lite1/Lite2 architectures: a wrong width or depth would not load."""
     assert _classify(skimage_data.chelsea(), variant) in CATS
     assert _classify(skimage_data.coffee(), variant) == ESPRESSO
+
+
+@pytest.mark.parametrize(("kernel", "stride", "size"), [(3, 1, 16), (5, 1, 15), (3, 2, 16), (5, 2, 16), (3, 2, 15)])
+def test_same_padding_is_tensorflows(kernel: int, stride: int, size: int) -> None:
+    """Zero padding of ceil(size / stride) outputs, the extra row and column (if any) at the end,
+    whether the convolution pads itself (symmetric cases) or pads first."""
+    conv = SameConv2d(4, 4, kernel, stride, groups=4, bias=False)
+    x = torch.randn(1, 4, size, size)
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    padded = torch.nn.functional.pad(x, [total // 2, total - total // 2] * 2)
+    expected = torch.nn.functional.conv2d(padded, conv.weight, None, stride, 0, 1, 4)
+    assert expected.shape[-1] == -(-size // stride)
+    assert torch.allclose(conv(x), expected, atol=1e-6)
 
 
 def test_feature_pyramid_strides_and_channels() -> None:

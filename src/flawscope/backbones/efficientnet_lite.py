@@ -40,6 +40,8 @@ class SameConv2d(nn.Conv2d):
         for size, k, s in zip(x.shape[-2:][::-1], self.kernel_size[::-1], self.stride[::-1]):
             total = max((math.ceil(int(size) / s) - 1) * s + k - int(size), 0)
             pads += [total // 2, total - total // 2]
+        if pads[0] == pads[1] and pads[2] == pads[3]:  # symmetric (every stride-1 conv): no separate pad
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
         return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 

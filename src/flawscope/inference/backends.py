@@ -3,7 +3,7 @@
 Every backend offers the torch models' ``map_and_score``: a normalised Bx3xSxS float32 batch in,
 the raw Bx1xSxS anomaly maps and B image scores out. So the Predictor, evaluation and the benchmark
 work the same on each, and an exported directory (``Global.mode=export``) predicts and evaluates
-like the trained one. On a CPU the exported graphs run the model 1.3-4x faster than torch
+like the trained one. On a CPU the exported graphs run the model 1.5-4x faster than torch
 (docs/benchmarks.md); torch is the default because it also runs on GPUs and needs no extra package.
 
 ``backend="auto"`` runs what the directory holds: the torch weights, else ``model.xml``, else

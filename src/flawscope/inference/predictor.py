@@ -59,7 +59,7 @@ class Predictor:
         """(raw map at the image's own size, raw image score) per image, in one forward pass.
 
         The image score comes from the model (``map_and_score``): the map's maximum for STFPM,
-        the reweighted nearest-neighbour distance for PatchCore.
+        the largest of the patch and image-level distances for PatchCore (``combined_score``).
         """
         with self._torch_threads():
             batch = np.stack([self.resizer.to_input(image) for image in images])
