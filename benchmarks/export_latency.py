@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("model_dir")
     ap.add_argument("--images", help="a folder of images (searched recursively) to time prediction end to end on")
     ap.add_argument("--max-images", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch's threads, which the runtimes also get")
     ap.add_argument("--blocks", type=int, default=5)
     ap.add_argument("--calls", type=int, default=10, help="timed calls per backend per block")
     args = ap.parse_args()
@@ -57,15 +57,16 @@ def main() -> None:
     images = [read_image(p) for p in paths[: args.max_images]]
     model_s = {b: [] for b in BACKENDS}
     predict_s = {b: [] for b in BACKENDS}
-    for _ in range(args.blocks):
+    for block in range(args.blocks):
         for backend, predictor in predictors.items():
-            for i in range(args.calls + 3):  # the first 3 calls of a block let other runtimes' threads go idle
-                t = _seconds(predictor.model.map_and_score, x)
-                if i >= 3:
-                    model_s[backend].append(t)
+            with predictor.torch_threads():  # as the Predictor runs the model
+                for i in range(args.calls + 3):  # the first 3 calls let other runtimes' threads go idle
+                    t = _seconds(predictor.model.map_and_score, x)
+                    if i >= 3:
+                        model_s[backend].append(t)
             for i in range(args.calls + 3 if images else 0):
-                image = images[i % len(images)]
-                t = _seconds(lambda p, i: list(p.predict([i])), predictor, image)
+                image = images[(block * args.calls + i) % len(images)]  # each block moves on through the images
+                t = _seconds(lambda p, im: list(p.predict([im])), predictor, image)
                 if i >= 3:
                     predict_s[backend].append(t)
     report = {"model_dir": args.model_dir, "model": info.model, "input_size": info.input_size,

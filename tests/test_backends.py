@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_mvtec
+
+from flawscope import pipeline as pipeline_module
 from flawscope.cli import main
 from flawscope.errors import FlawscopeError
 from flawscope.inference.backends import ExportedModel
 from flawscope.inference.predictor import Predictor
+from flawscope.pipeline import create_pipeline
 
 GRAPHS = ("onnxruntime", "openvino")
 
@@ -49,12 +51,30 @@ def test_exported_graphs_decide_like_torch(trained, patchcore_dir, model) -> Non
     images = _images(dataset)
     expected = list(Predictor.from_dir(model_dir, backend="torch").predict(images))
     assert any(r.is_anomaly for r in expected) and not all(r.is_anomaly for r in expected)
-    threads = torch.get_num_threads()
     for backend in GRAPHS:
         predictor = Predictor.from_dir(model_dir, backend=backend, batch_size=3)  # batches run image by image
         assert isinstance(predictor.model, ExportedModel) and predictor.model.backend == backend
         _assert_same_results(expected, list(predictor.predict(images)))
-        assert torch.get_num_threads() == threads  # torch's thread count is only lowered while a graph runs
+
+
+def test_torch_runs_single_threaded_only_while_a_graph_predicts(trained, monkeypatch) -> None:
+    """The runtime's threads must not compete with torch's; afterwards, even after an error, torch
+    has its own count back."""
+    predictor = Predictor.from_dir(trained[1] / "best_model/inference", backend="onnxruntime")
+    threads, seen = torch.get_num_threads(), []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on a 2-core machine, wherever this runs
+    set_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n) or set_threads(n))
+
+    def failing(x):
+        seen.append(("inside", torch._C.get_num_threads()))
+        raise RuntimeError("runtime failed")
+
+    monkeypatch.setattr(predictor.model, "map_and_score", failing)
+    with pytest.raises(RuntimeError, match="runtime failed"):
+        predictor.raw_outputs([np.zeros((64, 64, 3), np.uint8)])
+    assert seen == [1, ("inside", 1), 2]
+    set_threads(threads)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
@@ -69,11 +89,13 @@ def test_an_exported_directory_predicts_and_evaluates_like_the_trained_one(train
     for name, directory in (("torch", model_dir), ("exported", exported)):
         run_out = tmp_path / name
         assert main([*common, "-o", "Global.mode=predict", "-o", f"Global.output={run_out}",
-                     "-o", f"Predict.model_dir={directory}", "-o", f"Predict.input={dataset / 'test'}"]) == 0
+                     "-o", f"Predict.model_dir={directory}", "-o", f"Predict.input={dataset}/test/*/*.png"]) == 0
         assert main([*common, "-o", "Global.mode=evaluate", "-o", f"Global.output={run_out}",
                      "-o", f"Evaluate.weight_path={directory}"]) == 0
         runs[name] = run_out
-    for result in sorted(runs["torch"].glob("*_res.json")):
+    results = sorted(runs["torch"].glob("*_res.json"))
+    assert len(results) == len(_images(dataset))
+    for result in results:
         a, b = json.loads(result.read_text()), json.loads((runs["exported"] / result.name).read_text())
         assert b["is_anomaly"] == a["is_anomaly"] and b["score"] == pytest.approx(a["score"], abs=1e-4)
     metrics = [json.loads((runs[n] / "evaluate_result.json").read_text())["metrics"] for n in ("torch", "exported")]
@@ -81,12 +103,17 @@ def test_an_exported_directory_predicts_and_evaluates_like_the_trained_one(train
         assert metrics[1][key] == pytest.approx(metrics[0][key], abs=1e-3)
 
 
-def test_quick_start_with_a_backend(trained, tmp_path, capsys) -> None:
+def test_quick_start_with_a_backend(trained, tmp_path, capsys, monkeypatch) -> None:
     image = _images(trained[0])[-1]
+    built, real = [], pipeline_module.AnomalyDetectionPipeline
+    monkeypatch.setattr(pipeline_module, "AnomalyDetectionPipeline", lambda cfg: built.append(real(cfg)) or built[-1])
     assert main(["--pipeline", "anomaly_detection", "--input", image, "--save_path", str(tmp_path),
                  "--model_dir", str(trained[1] / "best_model/inference"), "--backend", "openvino"]) == 0
+    assert built[0].predictor.model.backend == "openvino"
     assert f"{image}\tscore=" in capsys.readouterr().out
     assert len(list(tmp_path.glob("*_res.json"))) == 1
+    with pytest.raises(FlawscopeError, match="pipeline setting backend: unknown backend 'tensorrt'"):
+        create_pipeline(backend="tensorrt")
 
 
 def test_backend_errors_name_the_directory_and_the_problem(trained, tmp_path) -> None:
@@ -102,12 +129,16 @@ def test_backend_errors_name_the_directory_and_the_problem(trained, tmp_path) ->
         Predictor.from_dir(graphless, backend="torch")
     with pytest.raises(FlawscopeError, match="unknown backend 'tensorrt'"):
         Predictor.from_dir(model_dir, backend="tensorrt")
-    with pytest.raises(FlawscopeError, match="runs on the CPU"):
+    with pytest.raises(FlawscopeError, match=f"{model_dir}: backend openvino runs on the CPU only"):
         Predictor.from_dir(model_dir, "cuda", backend="openvino")
     (graphless / "model.onnx").write_bytes(b"not a graph")
-    with pytest.raises(FlawscopeError, match=f"{graphless / 'model.onnx'}: cannot be loaded by onnxruntime") as info:
-        Predictor.from_dir(graphless)
-    assert "\n" not in str(info.value)
+    (graphless / "model.xml").write_text("<net>broken")
+    (graphless / "model.bin").write_bytes(b"")
+    for backend, graph in (("onnxruntime", "model.onnx"), ("openvino", "model.xml")):
+        with pytest.raises(FlawscopeError, match=f"{graphless / graph}: cannot be loaded by {backend} ") as info:
+            Predictor.from_dir(graphless, backend=backend)
+        message = str(info.value)
+        assert "\n" not in message and "Exception from" not in message
 
 
 def test_a_bad_backend_in_the_config_is_a_config_error(tmp_path, capsys) -> None:

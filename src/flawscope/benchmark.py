@@ -7,10 +7,11 @@ Each (dataset, model) runs in a fresh child process (``python -m flawscope.bench
 its peak memory (the process's ``ru_maxrss`` high-water mark) is its own. In
 ``<output>/<dataset>/<model>/`` the child trains with the model's shipped config plus the
 overrides (``Global.device`` among them), evaluates (``evaluate_result.json`` and the report), then
-times the Predictor (on ``Predict.backend``: ``-o Predict.backend=openvino`` times the exported
-graph) from decoded image to ``AnomalyResult`` (disk reads are not timed) at batch 1
+times the Predictor from decoded image to ``AnomalyResult`` (disk reads are not timed) at batch 1
 and batch N: median and 95th percentile per image after warm-up, and throughput at batch N.
-The parent writes ``benchmark.json`` (everything, with the machine) and ``benchmark.md`` (the table).
+Evaluation and timing run on ``Predict.backend`` (``-o Predict.backend=onnxruntime``: the
+exported graph). The parent writes ``benchmark.json`` (everything, with the machine) and
+``benchmark.md`` (the table).
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ def run_one(spec: dict) -> dict:
     train_wall = time.perf_counter() - start
     out = {"train_wall_s": round(train_wall, 2), "fit_s": trained["train_seconds"],
            "peak_rss_train_mb": round(peak_rss_mb(), 1), "peak_gpu_train_mb": _gpu_peak_mb(device)}
-    evaluation = evaluate(_run_config(spec, "evaluate"))
+    eval_cfg = _run_config(spec, "evaluate")
+    eval_cfg["Evaluate"]["backend"] = cfg["Predict"]["backend"]  # metrics and timings from the same backend
+    evaluation = evaluate(eval_cfg)
     m = evaluation["metrics"]
     model_dir = Path(evaluation["model_dir"])
     backend = choose_backend(model_dir, cfg["Predict"]["backend"])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from flawscope.config import BACKENDS
 from flawscope.errors import FlawscopeError
 from flawscope.logs import setup_console
 
@@ -32,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--save_path", help="where to save results (or the pipeline config)")
     p.add_argument("--device", help="cpu | gpu | gpu:0 | gpu:0,1")
     p.add_argument("--batch_size", type=int, help="images per forward pass")
-    p.add_argument("--backend", help="torch | onnxruntime | openvino (faster on a CPU) | auto (default: what "
-                   "the model directory holds)")
+    p.add_argument("--backend", choices=BACKENDS, help="torch, onnxruntime or openvino (faster on a CPU); "
+                   "default auto: what the model directory holds")
     p.add_argument("--model_dir", help="inference model directory (default: the bundled model)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-directories of --input")
     p.add_argument("--get_pipeline_config", metavar="NAME", help="write the config of pipeline NAME to --save_path")

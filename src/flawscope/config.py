@@ -111,6 +111,7 @@ SCHEMA: dict[str, Any] = {
     },
     "Evaluate": {
         "weight_path": Key(str, None, nullable=True),
+        "backend": Key(str, "auto", choices=BACKENDS),
     },
     "Export": {
         "weight_path": Key(str, None, nullable=True),

@@ -67,7 +67,7 @@ def evaluate(cfg: dict) -> dict:
     dataset = load_dataset(cfg["Global"]["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
     if not dataset.val:
         raise FlawscopeError(f"{dataset.root}: no validation/test images to evaluate on")
-    predictor = Predictor.from_dir(model_dir, device)
+    predictor = Predictor.from_dir(model_dir, device, cfg["Evaluate"]["backend"])
     return evaluate_model(predictor, dataset, Path(cfg["Global"]["output"]), model_dir)
 
 

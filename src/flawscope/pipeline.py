@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from flawscope.config import BACKENDS
 from flawscope.device import parse_device
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.predictor import Predictor
@@ -104,6 +105,9 @@ class AnomalyDetectionPipeline:
         self.config = config
         sub = config["SubModules"]["AnomalyDetection"]
         device = parse_device(str(sub["device"]))[0]
+        if sub["backend"] not in BACKENDS:
+            raise FlawscopeError(f"pipeline setting backend: unknown backend {sub['backend']!r}; "
+                                 f"available: {', '.join(BACKENDS)}")
         self.predictor = Predictor.from_dir(sub["model_dir"], device, str(sub["backend"]),
                                             batch_size=int(sub["batch_size"]),
                                             min_region_area=int(sub["min_region_area"]),

@@ -3,8 +3,11 @@
 Every backend offers the torch models' ``map_and_score``: a normalised Bx3xSxS float32 batch in,
 the raw Bx1xSxS anomaly maps and B image scores out. So the Predictor, evaluation and the benchmark
 work the same on each, and an exported directory (``Global.mode=export``) predicts and evaluates
-like the trained one. On a CPU the exported graphs run the model 1.5-4x faster than torch
-(docs/benchmarks.md); torch is the default because it also runs on GPUs and needs no extra package.
+like the trained one. On a CPU the exported graphs run the model up to 4x faster than torch,
+depending on the model and the runtime (docs/benchmarks.md); torch is the default because it also
+runs on GPUs and needs no extra package. The runtimes use as many threads as torch is set to.
+An exported PatchCore searches its bank exactly, also when ``Model.search=approximate`` made torch
+use faiss's approximate index.
 
 ``backend="auto"`` runs what the directory holds: the torch weights, else ``model.xml``, else
 ``model.onnx``. Naming ``onnxruntime`` or ``openvino`` for a trained directory exports it first,
@@ -22,7 +25,7 @@ import torch
 from torch import nn
 
 from flawscope.config import BACKENDS
-from flawscope.errors import FlawscopeError, first_line
+from flawscope.errors import FlawscopeError
 from flawscope.inference.export import ONNX_FILE, OPENVINO_FILE, export_model
 from flawscope.inference.model_dir import (
     WEIGHTS_FILE,
@@ -33,7 +36,7 @@ from flawscope.inference.model_dir import (
 from flawscope.logs import log
 
 _GRAPH_FILES = {"onnxruntime": ONNX_FILE, "openvino": OPENVINO_FILE}
-_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+_EXTRAS = {"onnxruntime": "export", "openvino": "openvino"}  # the pip extra that installs each runtime
 
 GraphRun = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -53,39 +56,55 @@ class ExportedModel:
         return torch.from_numpy(maps), torch.from_numpy(scores)
 
 
-def _onnxruntime(path: Path) -> GraphRun:
+def _onnxruntime(path: Path, threads: int) -> GraphRun:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: tuple(session.run(["anomaly_map", "image_score"], {"image": x}))
 
 
-def _openvino(path: Path) -> GraphRun:
+def _openvino(path: Path, threads: int) -> GraphRun:
     import openvino as ov
 
+    core = ov.Core()
+    # Read into memory, not mapped from disk: an on-the-fly export's folder is deleted after loading.
+    model = core.read_model(model=path.read_bytes(), weights=path.with_suffix(".bin").read_bytes())
     # f32: OpenVINO's default bf16 on recent CPUs changes the scores; LATENCY: one image at a time.
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                          "PERFORMANCE_HINT": "LATENCY"})
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                                                 "INFERENCE_NUM_THREADS": threads})
     request = compiled.create_infer_request()
     maps, scores = compiled.output("anomaly_map"), compiled.output("image_score")
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = request.infer({"image": x})
-        return out[maps].copy(), out[scores].copy()  # the request reuses its buffers
+        return out[maps].copy(), out[scores].copy()  # a batch's later images may reuse the request's buffers
 
     return run
 
 
-def _load_graph(path: Path, backend: str) -> ExportedModel:
+def _require(backend: str) -> None:
     try:
-        __import__(_PACKAGES[backend])
+        __import__(backend)
     except ImportError:
-        raise FlawscopeError(f"backend {backend}: the {_PACKAGES[backend]} package is missing; "
-                             f"pip install 'flawscope[{'openvino' if backend == 'openvino' else 'export'}]'") from None
+        raise FlawscopeError(f"backend {backend}: the {backend} package is missing; "
+                             f"pip install 'flawscope[{_EXTRAS[backend]}]'") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The line of a runtime's error that says what is wrong (OpenVINO's first lines say where)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    telling = [line for line in lines if not line.startswith("Exception from")]
+    return (telling or lines or [type(exc).__name__])[0]
+
+
+def _load_graph(path: Path, backend: str) -> ExportedModel:
+    threads = torch.get_num_threads()  # the same thread budget as torch (and faiss) get
     try:
-        run = _onnxruntime(path) if backend == "onnxruntime" else _openvino(path)
+        run = _onnxruntime(path, threads) if backend == "onnxruntime" else _openvino(path, threads)
     except Exception as exc:  # the runtimes raise their own error types for a damaged graph
-        raise FlawscopeError(f"{path}: cannot be loaded by {backend} ({first_line(exc)})") from None
+        raise FlawscopeError(f"{path}: cannot be loaded by {backend} ({_reason(exc)})") from None
     return ExportedModel(run, backend)
 
 
@@ -101,8 +120,8 @@ def choose_backend(model_dir: Path, backend: str) -> str:
     raise FlawscopeError(f"{model_dir}: no model here (none of {WEIGHTS_FILE}, {OPENVINO_FILE}, {ONNX_FILE})")
 
 
-def load_backend(model_dir: str | Path, backend: str = "auto",
-                 device: torch.device | str = "cpu") -> tuple[nn.Module | ExportedModel, ModelInfo]:
+def load_backend(model_dir: str | Path, device: torch.device | str = "cpu",
+                 backend: str = "auto") -> tuple[nn.Module | ExportedModel, ModelInfo]:
     """The model of ``model_dir`` on ``backend``, and its description."""
     model_dir = Path(model_dir)
     info = read_model_info(model_dir)
@@ -110,7 +129,8 @@ def load_backend(model_dir: str | Path, backend: str = "auto",
     if backend == "torch":
         return load_model_dir(model_dir, device)
     if torch.device(device).type != "cpu":
-        raise FlawscopeError(f"backend {backend} runs on the CPU; use device cpu, or backend torch for {device}")
+        raise FlawscopeError(f"{model_dir}: backend {backend} runs on the CPU only, not on {device}")
+    _require(backend)
     graph = model_dir / _GRAPH_FILES[backend]
     if graph.is_file():
         return _load_graph(graph, backend), info

@@ -47,7 +47,7 @@ class Predictor:
     def from_dir(cls, model_dir: str | Path | None = None, device: torch.device | str = "cpu",
                  backend: str = "auto", **kwargs: Any) -> "Predictor":
         """The model of a trained or exported directory on ``backend`` (see ``inference.backends``)."""
-        model, info = load_backend(model_dir or default_model_dir(), backend, device)
+        model, info = load_backend(model_dir or default_model_dir(), device, backend)
         if isinstance(model, nn.Module):
             for module in model.modules():  # a loaded model only predicts: fold its BatchNorms
                 if hasattr(module, "fuse_batchnorm"):
@@ -61,7 +61,7 @@ class Predictor:
         The image score comes from the model (``map_and_score``): the map's maximum for STFPM,
         the largest of the patch and image-level distances for PatchCore (``combined_score``).
         """
-        with self._torch_threads():
+        with self.torch_threads():
             batch = np.stack([self.resizer.to_input(image) for image in images])
             x = normalize(torch.from_numpy(batch).to(self.device), self.info.mean, self.info.std)
             maps, scores = self.model.map_and_score(x)
@@ -70,9 +70,14 @@ class Predictor:
                     for m, s, img in zip(maps, scores, images)]
 
     @contextmanager
-    def _torch_threads(self) -> Iterator[None]:
-        """One torch thread around an exported graph: the runtime has its own threads, and torch's
-        idle ones spinning beside them cost 25-50% latency on a 2-core machine."""
+    def torch_threads(self) -> Iterator[None]:
+        """One torch thread while an exported graph predicts: the runtime has its own threads, and
+        torch's idle ones spinning beside them cost 25-50% latency on a 2-core machine.
+
+        torch's thread count is per process: Predictors of exported graphs predicting in parallel
+        Python threads, or beside torch work, would slow that work down (and could leave torch
+        at one thread); give such a process one Predictor at a time, or the torch backend.
+        """
         if isinstance(self.model, nn.Module):
             yield
             return

@@ -1,4 +1,4 @@
-"""The one result type that flows from prediction to JSON, images, the HTTP service and the metrics.
+"""The one result type that flows from prediction to JSON, images and the metrics.
 
 Conventions (relied on by every consumer, so they live here and nowhere else):
 
