@@ -8,7 +8,9 @@ compiled with the float32 precision hint) it times:
 
 - the model alone: ``map_and_score`` on one normalised input (decoding and resizing excluded);
 - with ``--images``, prediction end to end: a decoded image to its ``AnomalyResult`` at batch 1
-  (resizing, the model, the map back at the image's size, calibration, regions), over the images.
+  (resizing, the model, the map back at the image's size, calibration, regions), over the images;
+- and the same from the file's path, reading and decoding it included (what a peer's prediction
+  over a folder of images times).
 
 The backends take turns in blocks of calls, so a slow spell of a shared machine falls on all of
 them alike; the first calls of a block are not timed, as the threads of the runtime before may
@@ -54,9 +56,11 @@ def main() -> None:
     x = x.contiguous(memory_format=torch.channels_last)  # what the Predictor's normalised batch is
     paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")) \
         if args.images else []
-    images = [read_image(p) for p in paths[: args.max_images]]
+    paths = paths[: args.max_images]
+    images = [read_image(p) for p in paths]
     model_s = {b: [] for b in BACKENDS}
     predict_s = {b: [] for b in BACKENDS}
+    from_file_s = {b: [] for b in BACKENDS}
     for block in range(args.blocks):
         for backend, predictor in predictors.items():
             with predictor.torch_threads():  # as the Predictor runs the model
@@ -65,17 +69,20 @@ def main() -> None:
                     if i >= 3:
                         model_s[backend].append(t)
             for i in range(args.calls + 3 if images else 0):
-                image = images[(block * args.calls + i) % len(images)]  # each block moves on through the images
-                t = _seconds(lambda p, im: list(p.predict([im])), predictor, image)
+                k = (block * args.calls + i) % len(images)  # each block moves on through the images
+                t = _seconds(lambda p, im: list(p.predict([im])), predictor, images[k])
+                t_file = _seconds(lambda p, path: list(p.predict([str(path)])), predictor, paths[k])
                 if i >= 3:
                     predict_s[backend].append(t)
+                    from_file_s[backend].append(t_file)
     report = {"model_dir": args.model_dir, "model": info.model, "input_size": info.input_size,
               "threads": args.threads, "timed_calls": args.blocks * args.calls,
               "model_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in model_s.items()},
               "score": {b: float(p.model.map_and_score(x)[1][0]) for b, p in predictors.items()}}
     if images:
         report |= {"images": len(images), "image_size": f"{images[0].shape[1]}x{images[0].shape[0]}",
-                   "predict_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in predict_s.items()}}
+                   "predict_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in predict_s.items()},
+                   "predict_from_file_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in from_file_s.items()}}
     print(json.dumps(report, indent=1))
 
 
