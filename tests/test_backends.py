@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,34 @@ def test_torch_runs_single_threaded_only_while_a_graph_predicts(trained, monkeyp
         predictor.raw_outputs([np.zeros((64, 64, 3), np.uint8)])
     assert seen == [1, ("inside", 1), 2]
     set_threads(threads)
+
+
+def test_graphs_predict_one_at_a_time_across_threads(trained, monkeypatch) -> None:
+    """Two threads must not interleave lowering and restoring torch's (per-process) thread count."""
+    predictor = Predictor.from_dir(trained[1] / "best_model/inference", backend="onnxruntime")
+    threads, entered, release, order = torch.get_num_threads(), threading.Event(), threading.Event(), []
+    real = predictor.model.map_and_score
+
+    def slow_first(x):
+        order.append(threading.current_thread().name)
+        if len(order) == 1:
+            entered.set()
+            release.wait(10)
+        return real(x)
+
+    monkeypatch.setattr(predictor.model, "map_and_score", slow_first)
+    image = np.zeros((64, 64, 3), np.uint8)
+    first = threading.Thread(target=predictor.raw_outputs, args=([image],), name="first")
+    second = threading.Thread(target=predictor.raw_outputs, args=([image],), name="second")
+    first.start()
+    assert entered.wait(10)
+    second.start()
+    second.join(0.3)
+    assert order == ["first"], "the second thread ran its graph while the first one held torch's threads"
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert order == ["first", "second"] and torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,10 +14,14 @@ from torch import nn
 
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.errors import FlawscopeError
-from flawscope.inference.inputs import expand_inputs, load_input
 from flawscope.inference.backends import ExportedModel, load_backend
+from flawscope.inference.inputs import expand_inputs, load_input
 from flawscope.inference.model_dir import ModelInfo
 from flawscope.inference.result import THRESHOLD, AnomalyResult
+
+# Held while an exported graph predicts, so that two threads cannot interleave saving and restoring
+# torch's thread count (and leave it at one). Re-entrant: a caller may nest predictions.
+_GRAPH_LOCK = threading.RLock()
 
 
 def default_model_dir() -> Path:
@@ -74,19 +79,20 @@ class Predictor:
         """One torch thread while an exported graph predicts: the runtime has its own threads, and
         torch's idle ones spinning beside them cost 25-50% latency on a 2-core machine.
 
-        torch's thread count is per process: Predictors of exported graphs predicting in parallel
-        Python threads, or beside torch work, would slow that work down (and could leave torch
-        at one thread); give such a process one Predictor at a time, or the torch backend.
+        torch's thread count is per process, so exported graphs predict one at a time across a
+        process's Python threads (the runtime already uses every core it is given); torch work in
+        other threads meanwhile runs on one thread too.
         """
         if isinstance(self.model, nn.Module):
             yield
             return
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+        with _GRAPH_LOCK:
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                yield
+            finally:
+                torch.set_num_threads(threads)
 
     def result(self, image: np.ndarray, raw_map: np.ndarray, raw_score: float,
                name: str | None = None) -> AnomalyResult:
