@@ -111,8 +111,8 @@ def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
         t0 = time.perf_counter()
         emb, descriptor = model.features(x)
         t1 = time.perf_counter()
-        scores, indices = model.patch_scores(emb)
-        amap, image_score = model.anomaly_map(scores, x.shape[-2:]), model.image_score(emb, scores, indices)
+        scores = model.patch_scores(emb)
+        amap, image_score = model.anomaly_map(scores, x.shape[-2:]), model.image_score(emb, scores)
         score = model.combined_score(image_score, descriptor)
         score_s += time.perf_counter() - t1
         if descriptor is not None and len(model.image_bank):
@@ -138,9 +138,9 @@ def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
         t0 = time.perf_counter()
         emb, descriptor = model.features(x)
         t1 = time.perf_counter()
-        scores, indices = model.patch_scores(emb)
+        scores = model.patch_scores(emb)
         model.anomaly_map(scores, x.shape[-2:])
-        model.combined_score(model.image_score(emb, scores, indices), descriptor)
+        model.combined_score(model.image_score(emb, scores), descriptor)
         latency.append((t1 - t0, time.perf_counter() - t1))
     lat = np.array(latency).reshape(-1, 2) * 1e3
     alone = torch.cat(descriptor_distances).T.tolist() if descriptor_distances else []

@@ -205,7 +205,7 @@ def spreads_above(model: PatchCore, x: torch.Tensor) -> tuple[torch.Tensor, torc
     """(patch score, mean descriptor's distance, spread descriptor's distance) of each image, in
     leave-one-out spreads above their means."""
     emb, descriptor = model.features(norm(x))
-    patch = model.image_score(emb, *model.patch_scores(emb))
+    patch = model.image_score(emb, model.patch_scores(emb))
     g = model.descriptor_dim
     mean_d, spread_d = (torch.cdist(descriptor[:, part], model.image_bank[:, part]).amin(1)
                         for part in (slice(None, g), slice(g, None)))
@@ -232,9 +232,9 @@ def test_global_score_is_measured_in_leave_one_out_spreads(fitted_global):
     new_normals = half_and_half([49, 54, 58, 62, 66, 70, 74, 78], 11)
     assert all(z.max() < 2 for z in spreads_above(fitted_global, new_normals))
     emb = fitted_global.embed(norm(half_and_half(TRAIN_SPLITS, 0)))  # the training set
-    own = fitted_global.image_score(emb, *fitted_global.patch_scores(emb))
+    own = fitted_global.image_score(emb, fitted_global.patch_scores(emb))
     emb = fitted_global.embed(norm(new_normals))
-    naive_z = (fitted_global.image_score(emb, *fitted_global.patch_scores(emb)) - own.mean()) / own.std()
+    naive_z = (fitted_global.image_score(emb, fitted_global.patch_scores(emb)) - own.mean()) / own.std()
     assert naive_z.min() > 3
 
 
@@ -278,4 +278,4 @@ def test_global_score_needs_two_training_images():
     assert len(model.image_bank) == 0  # no spread to measure: the paper's score alone
     x = norm(only_stripes(1))
     emb, _ = model.features(x)
-    assert torch.equal(model.map_and_score(x)[1], model.image_score(emb, *model.patch_scores(emb)))
+    assert torch.equal(model.map_and_score(x)[1], model.image_score(emb, model.patch_scores(emb)))

@@ -25,21 +25,28 @@ SEARCH_MODES = ("exact", "approximate")
 CHUNK_ELEMENTS = 1 << 20
 
 
-def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor,
+                      with_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Euclidean distance and index of each query row's nearest bank row, exact, in torch.
 
     ``|q|^2 - 2 q.b + |b|^2`` as one matrix product per chunk of queries; ``|q|^2`` is the same
-    for a whole row, so it is added after the minimum.
+    for a whole row, so it is added after the minimum. ``with_indices=False`` returns None for
+    the indices and skips their arg-min, which in an exported graph over a large bank costs
+    OpenVINO more than all the rest of PatchCore.
     """
     bank_sq = bank.pow(2).sum(1)
     chunk = max(1, CHUNK_ELEMENTS // max(len(bank), 1))
     dists, indices = [], []
     for start in range(0, len(queries), chunk):  # slices, not split(): they export to ONNX
         q = queries[start:start + chunk]
-        d2, idx = torch.addmm(bank_sq, q, bank.T, alpha=-2).min(1)
+        d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2)
+        if with_indices:
+            d2, idx = d2.min(1)
+            indices.append(idx)
+        else:
+            d2 = d2.amin(1)
         dists.append((d2 + q.pow(2).sum(1)).clamp_min(0).sqrt())
-        indices.append(idx)
-    return torch.cat(dists), torch.cat(indices)
+    return torch.cat(dists), torch.cat(indices) if with_indices else None
 
 
 def check_search(mode: str) -> None:

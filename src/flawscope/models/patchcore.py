@@ -157,36 +157,38 @@ class PatchCore(nn.Module):
                 setattr(self, name, torch.empty(saved.shape, dtype=own.dtype, device=own.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def patch_scores(self, emb: torch.Tensor, bank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bxhxw distances of the patches of ``embed``'s output to their nearest bank entries, and
-        those entries' indices. ``bank``: search this one (exactly) instead of the memory bank."""
+    def patch_scores(self, emb: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
+        """Bxhxw distances of the patches of ``embed``'s output to their nearest bank entries.
+        ``bank``: search this one (exactly) instead of the memory bank."""
         if len(self.memory_bank) == 0:
             raise RuntimeError("PatchCore has an empty memory bank: fit it first")
         b, _, h, w = emb.shape
         rows = self.patch_rows(emb)
-        dist, idx = self._search(rows) if bank is None else nearest_neighbors(rows, bank)
-        return dist.view(b, h, w), idx.view(b, h, w)
+        dist = self._search(rows) if bank is None else nearest_neighbors(rows, bank, with_indices=False)[0]
+        return dist.view(b, h, w)
 
-    def _search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, queries: torch.Tensor) -> torch.Tensor:
         """faiss on CPU where installed; torch on a GPU, without faiss and while exporting."""
         bank = self.memory_bank
         exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
         if faiss is None or bank.device.type != "cpu" or exporting:
-            return nearest_neighbors(queries, bank)
+            return nearest_neighbors(queries, bank, with_indices=False)[0]
         if self._index is None:
             self._index = FaissIndex(bank, self.search, self.search_nprobe)
-        return self._index.search(queries)
+        return self._index.search(queries)[0]
 
     def _apply(self, fn, *args, **kwargs) -> "PatchCore":
         """``to()``, ``cuda()``, ``half()``... replace the bank: the index must be rebuilt."""
         self._index = None
         return super()._apply(fn, *args, **kwargs)
 
-    def image_score(self, emb: torch.Tensor, scores: torch.Tensor, indices: torch.Tensor,
-                    bank: torch.Tensor | None = None) -> torch.Tensor:
+    def image_score(self, emb: torch.Tensor, scores: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
         """The paper's image score: the largest patch distance s*, damped when its nearest bank
         entry m* sits in a dense region of the bank, i.e. when the test patch is about as far
         from m*'s neighbours as from m* itself (weight ``1 - softmax(distances to N_b(m*))[m*]``).
+
+        m* is searched again for the one worst patch of each image rather than kept for every
+        patch: the same entry, at a thousandth of the arg-min's cost.
         """
         bank = self.memory_bank if bank is None else bank
         s_star, worst = scores.flatten(1).max(1)
@@ -194,11 +196,11 @@ class PatchCore(nn.Module):
         if b == 1:
             return s_star
         batch = torch.arange(len(scores), device=scores.device)
-        m_star = indices.flatten(1)[batch, worst]
+        patch = emb.flatten(2)[batch, :, worst]  # B x C
+        m_star = nearest_neighbors(patch, bank)[1]
         to_m_star = torch.cdist(bank[m_star], bank)
         to_m_star[batch, m_star] = torch.inf
         support = torch.cat([m_star[:, None], to_m_star.topk(b - 1, largest=False).indices], 1)  # m*, N_b(m*)
-        patch = emb.flatten(2)[batch, :, worst]  # B x C
         dists = torch.cdist(patch.unsqueeze(1), bank[support]).squeeze(1)  # B x b
         return (1 - torch.softmax(dists, dim=1)[:, 0]) * s_star
 
@@ -227,9 +229,9 @@ class PatchCore(nn.Module):
     def map_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Bx1xSxS raw anomaly map, B image scores): what prediction and calibration should use."""
         emb, descriptor = self.features(x)
-        scores, indices = self.patch_scores(emb)
-        score = self.combined_score(self.image_score(emb, scores, indices), descriptor)
+        scores = self.patch_scores(emb)
+        score = self.combined_score(self.image_score(emb, scores), descriptor)
         return self.anomaly_map(scores, x.shape[-2:]), score
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.anomaly_map(self.patch_scores(self.embed(x))[0], x.shape[-2:])
+        return self.anomaly_map(self.patch_scores(self.embed(x)), x.shape[-2:])

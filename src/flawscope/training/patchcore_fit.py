@@ -138,8 +138,7 @@ def leave_one_out_scores(model: PatchCore, images_uint8: torch.Tensor, normalize
         if len(others) == 0:
             continue
         emb = model.embed(normalize(images_uint8[i:i + 1].to(device)))
-        dist, idx = model.patch_scores(emb, bank=others)
-        scores.append(model.image_score(emb, dist, idx, bank=others).cpu())
+        scores.append(model.image_score(emb, model.patch_scores(emb, bank=others), bank=others).cpu())
     return torch.cat(scores) if scores else torch.empty(0)
 
 
