@@ -24,6 +24,8 @@ def test_torch_search_is_brute_force():
     ref = torch.cdist(queries, bank)
     torch.testing.assert_close(dist, ref.amin(1), rtol=1e-4, atol=1e-4)
     assert torch.equal(idx, ref.argmin(1))
+    only, none = nearest_neighbors(queries, bank, with_indices=False)  # what PatchCore's patch search uses
+    assert none is None and torch.equal(only, dist)
 
 
 def test_faiss_exact_matches_torch():
