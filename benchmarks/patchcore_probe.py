@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--max-patches", type=int, default=1 << 20)
     ap.add_argument("--feature-dim", type=int, default=None)
     ap.add_argument("--global-score", action="store_true", help="the shipped config's Model.global_score")
+    ap.add_argument("--global-grid", type=int, default=4, help="Model.global_grid (shipped: 4)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bank-images", type=int, default=0, help="pad the training set to this many images")
@@ -86,7 +87,8 @@ def main() -> None:
     reset_peak_rss()
 
     model = PatchCore(args.backbone, strides=tuple(args.strides), feature_dim=args.feature_dim, search=args.search,
-                      search_nprobe=args.nprobe, global_score=args.global_score)
+                      search_nprobe=args.nprobe, global_score=args.global_score,
+                      global_grid=args.global_grid)
     report["fit"] = fit_patchcore(model, train, norm, "cpu", args.coreset_ratio, args.seed, args.batch_size,
                                   args.projection_dim, args.max_patches)
     report["fit_peak_rss_mb"] = rss_mb("VmHWM")

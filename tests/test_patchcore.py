@@ -279,3 +279,22 @@ def test_global_score_needs_two_training_images():
     x = norm(only_stripes(1))
     emb, _ = model.features(x)
     assert torch.equal(model.map_and_score(x)[1], model.image_score(emb, model.patch_scores(emb)))
+
+
+def test_grid_descriptors_are_each_cells_mean_and_spread():
+    """One cell is the whole image's mean and spread; a 2x2 grid is those of each quarter, side by
+    side, and a grid that does not divide the map is refused."""
+    deep = torch.randn(3, 5, 4, 6)
+    whole = PatchCore(pretrained=False, strides=(8,), global_score=True).describe(deep)
+    assert torch.allclose(whole, torch.cat([deep.mean((2, 3)), nn.functional.normalize(
+        deep.std((2, 3), correction=0), dim=1)], dim=1), atol=1e-6)
+    grid = PatchCore(pretrained=False, strides=(8,), global_score=True, global_grid=2)
+    assert grid.descriptor_dim == grid.extractor.out_channels[-1] * 4
+    got = grid.describe(deep)
+    top_right = deep[:, :, :2, 3:]  # cell (0, 1): columns 1, 1 + 4, ... of each half
+    assert torch.allclose(got[:, 1:20:4], top_right.mean((2, 3)), atol=1e-6)
+    spread = torch.stack([deep[:, :, r:r + 2, c:c + 3].std((2, 3), correction=0)
+                          for r in (0, 2) for c in (0, 3)], dim=2).flatten(1)
+    assert torch.allclose(got[:, 20:], nn.functional.normalize(spread, dim=1), atol=1e-6)
+    with pytest.raises(ValueError, match="global_grid 4 does not divide the 4x6 map"):
+        PatchCore(pretrained=False, strides=(8,), global_score=True, global_grid=4).describe(deep)

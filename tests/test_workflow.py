@@ -220,7 +220,7 @@ def _patchcore(*overrides: str) -> int:
 
 def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> None:
     dataset, stfpm_out = trained
-    small = ["Model.input_size=64", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25"]
+    small = ["Model.input_size=64", "Model.global_grid=2", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25"]
     first = tmp_path / "pc"
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={first}", *small) == 0
     result = json.loads((first / "train_result.json").read_text())
@@ -260,7 +260,8 @@ def test_a_resnet_backbone_from_a_torchvision_weights_file(trained, tmp_path, ca
     resnet = ["Model.backbone=resnet18", f"Train.pretrain_weight_path={weights}"]
     patchcore = tmp_path / "pc"
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={patchcore}", *resnet,
-                      "Model.input_size=64", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25") == 0
+                      "Model.input_size=64", "Model.global_grid=2", "Model.coreset_ratio=0.5",
+                      "Train.calibration_fraction=0.25") == 0
     info = yaml.safe_load((patchcore / "best_model/inference/inference.yml").read_text())
     assert info["model_config"]["backbone"] == "resnet18"
     assert info["mean"] == [0.485, 0.456, 0.406] and info["std"] == [0.229, 0.224, 0.225]
@@ -273,6 +274,15 @@ def test_a_resnet_backbone_from_a_torchvision_weights_file(trained, tmp_path, ca
     bad = tmp_path / "bad"
     _fails_cleanly(capsys, bad, "Global.mode=train", *tiny_overrides(dataset, bad), "Model.backbone=resnet18",
                    f"Train.pretrain_weight_path={tmp_path / 'none.pth'}", fragment="none.pth: backbone weights file not found")
+
+
+def test_a_global_grid_that_does_not_divide_the_feature_map_is_one_error(trained, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={trained[0]}", f"Global.output={out}",
+                      "Model.input_size=64") == 2  # the shipped 4x4 grid on a 2x2 map
+    err = capsys.readouterr().err
+    assert "error: Model.global_grid: 4 does not divide the 2x2 map" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_add_normals_refuses_an_stfpm_model(trained, tmp_path, capsys) -> None:

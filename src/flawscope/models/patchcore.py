@@ -37,8 +37,8 @@ class PatchCore(nn.Module):
     ``projection`` CxP (the random projection the coreset was selected in) and
     ``coverage_radius`` (the largest projected distance of a training patch to the bank), the
     latter two for ``add_normals``. With ``global_score``: ``image_bank`` Nx2G (the training
-    images' descriptors: G mean, then G spread columns; models saved before the spread have only
-    the mean), ``reference_scores`` (leave-one-out patch scores of training images) and
+    images' descriptors: G mean, then G spread columns, G = channels x ``global_grid``²; models
+    saved before the spread have only the mean), ``reference_scores`` (leave-one-out patch scores of training images) and
     ``score_reference`` (mean and spread of the leave-one-out patch scores, then of each
     descriptor's leave-one-out distances: what the image score is measured in).
     """
@@ -48,19 +48,21 @@ class PatchCore(nn.Module):
     def __init__(self, backbone: str = "efficientnet_lite0", strides: tuple[int, ...] = (8, 16),
                  feature_dim: int | None = None, num_neighbors: int = 9, smooth_sigma: float = 4.0,
                  search: str = "exact", search_nprobe: int = 8, global_score: bool = False,
-                 pretrained: bool = True) -> None:
+                 global_grid: int = 1, pretrained: bool = True) -> None:
         super().__init__()
         if len(strides) < 1:
             raise ValueError("PatchCore needs at least one backbone stride")
         if num_neighbors < 1:
             raise ValueError(f"num_neighbors must be >= 1, not {num_neighbors}")
+        if global_grid < 1:
+            raise ValueError(f"global_grid must be >= 1, not {global_grid}")
         check_search(search)
         self.search, self.search_nprobe = search, int(search_nprobe)
         self._index: FaissIndex | None = None  # over the current bank, built on first use
         self.backbone, self.strides = backbone, tuple(sorted(strides))
         self.feature_dim = None if feature_dim is None else int(feature_dim)
         self.num_neighbors, self.smooth_sigma = int(num_neighbors), float(smooth_sigma)
-        self.global_score = bool(global_score)
+        self.global_score, self.global_grid = bool(global_score), int(global_grid)
         levels = sorted(set(self.strides) | ({32} if self.global_score else set()))
         self.extractor = create_backbone(backbone, tuple(levels), pretrained=pretrained).eval()
         self.extractor.requires_grad_(False)
@@ -70,7 +72,7 @@ class PatchCore(nn.Module):
         self.register_buffer("memory_bank", torch.empty(0, self.embed_dim))
         self.register_buffer("projection", torch.empty(self.embed_dim, 0))
         self.register_buffer("coverage_radius", torch.zeros(()))
-        self.descriptor_dim = self.extractor.out_channels[-1]  # G: the columns of one descriptor
+        self.descriptor_dim = self.extractor.out_channels[-1] * self.global_grid ** 2  # G: one descriptor's columns
         self.register_buffer("image_bank", torch.empty(0, 2 * self.descriptor_dim))
         self.register_buffer("reference_scores", torch.empty(0))
         self.register_buffer("score_reference", torch.tensor([0.0, 1.0]))
@@ -78,7 +80,8 @@ class PatchCore(nn.Module):
     def config(self) -> dict:
         return {"backbone": self.backbone, "strides": list(self.strides), "feature_dim": self.feature_dim,
                 "num_neighbors": self.num_neighbors, "smooth_sigma": self.smooth_sigma,
-                "search": self.search, "search_nprobe": self.search_nprobe, "global_score": self.global_score}
+                "search": self.search, "search_nprobe": self.search_nprobe, "global_score": self.global_score,
+                "global_grid": self.global_grid}
 
     def train(self, mode: bool = True) -> "PatchCore":
         """The extractor stays in eval mode: its BatchNorm statistics are ImageNet's."""
@@ -98,9 +101,7 @@ class PatchCore(nn.Module):
         ``feature_dim``, channels are average-pooled down to it, as the paper does.
         """
         levels = self.extractor(x)
-        deep = levels[-1]
-        descriptor = (torch.cat([deep.mean((2, 3)), F.normalize(deep.std((2, 3), correction=0), dim=1)], dim=1)
-                      if self.global_score else None)
+        descriptor = self.describe(levels[-1]) if self.global_score else None
         feats = [F.avg_pool2d(levels[i], 3, stride=1, padding=1) for i in self._patch_levels]
         size = feats[0].shape[-2:]
         emb = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
@@ -110,6 +111,19 @@ class PatchCore(nn.Module):
             rows = emb.permute(0, 2, 3, 1).reshape(-1, 1, c)
             emb = F.adaptive_avg_pool1d(rows, self.feature_dim).view(b, h, w, -1).permute(0, 3, 1, 2)
         return emb, descriptor
+
+    def describe(self, deep: torch.Tensor) -> torch.Tensor:
+        """Bx2G image descriptors from the stride-32 features: their mean over each cell of a
+        ``global_grid`` x ``global_grid`` grid, then their spread over each cell, at unit length so
+        that exposure does not count. One cell (the whole image) judges what the image shows and
+        how much it varies; finer cells also where (a misplaced layer) and in which part (a crack
+        changes the spread of one area, not of the whole tile)."""
+        b, c, h, w = deep.shape
+        g = self.global_grid
+        if h % g or w % g:
+            raise ValueError(f"global_grid {g} does not divide the {h}x{w} map of stride-32 features")
+        cells = deep.reshape(b, c, g, h // g, g, w // g).permute(0, 1, 2, 4, 3, 5).flatten(4)
+        return torch.cat([cells.mean(-1).flatten(1), F.normalize(cells.std(-1, correction=0).flatten(1), dim=1)], dim=1)
 
     @staticmethod
     def patch_rows(emb: torch.Tensor) -> torch.Tensor:
@@ -130,9 +144,12 @@ class PatchCore(nn.Module):
         """Install the training images' descriptors and the leave-one-out patch scores of some of
         them; each descriptor's leave-one-out distances are computed here. With fewer than two of
         either there is no spread to measure, and the image score stays the patch score alone.
+        Descriptors are rounded to float16 values, as the patch bank is: a grid's cells make the
+        image bank large (20k values an image at 4x4), and saved as float16 it loses nothing.
         """
         device = self.coverage_radius.device
-        descriptors, reference_scores = descriptors.to(device).float(), reference_scores.to(device).float()
+        descriptors = descriptors.to(device, torch.float16).float()
+        reference_scores = reference_scores.to(device).float()
         if len(descriptors) < 2 or len(reference_scores) < 2:
             descriptors, reference_scores = descriptors[:0], reference_scores[:0]
             self.score_reference = torch.tensor([0.0, 1.0], device=device)
@@ -146,6 +163,7 @@ class PatchCore(nn.Module):
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "memory_bank"] = destination[prefix + "memory_bank"].half()
+        destination[prefix + "image_bank"] = destination[prefix + "image_bank"].half()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         """The bank's size is only known after fitting: take the saved tensors' shapes."""
