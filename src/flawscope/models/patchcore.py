@@ -37,10 +37,11 @@ class PatchCore(nn.Module):
     ``projection`` CxP (the random projection the coreset was selected in) and
     ``coverage_radius`` (the largest projected distance of a training patch to the bank), the
     latter two for ``add_normals``. With ``global_score``: ``image_bank`` Nx2G (the training
-    images' descriptors: G mean, then G spread columns, G = channels x ``global_grid``²; models
-    saved before the spread have only the mean), ``reference_scores`` (leave-one-out patch scores of training images) and
-    ``score_reference`` (mean and spread of the leave-one-out patch scores, then of each
-    descriptor's leave-one-out distances: what the image score is measured in).
+    images' descriptors, float16 values: G mean, then G spread columns, G = channels x
+    ``global_grid``²; models saved before the spread have only the mean), ``reference_scores``
+    (leave-one-out patch scores of training images) and ``score_reference`` (mean and spread of
+    the leave-one-out patch scores, then of each descriptor's leave-one-out distances: what the
+    image score is measured in).
     """
 
     _SIZED_ON_LOAD = ("memory_bank", "projection", "image_bank", "reference_scores", "score_reference")
@@ -145,7 +146,7 @@ class PatchCore(nn.Module):
         them; each descriptor's leave-one-out distances are computed here. With fewer than two of
         either there is no spread to measure, and the image score stays the patch score alone.
         Descriptors are rounded to float16 values, as the patch bank is: a grid's cells make the
-        image bank large (20k values an image at 4x4), and saved as float16 it loses nothing.
+        image bank large (10k values an image with Lite0 at 4x4), and saved as float16 it loses nothing.
         """
         device = self.coverage_radius.device
         descriptors = descriptors.to(device, torch.float16).float()
