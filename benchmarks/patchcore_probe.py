@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--max-patches", type=int, default=1 << 20)
     ap.add_argument("--feature-dim", type=int, default=None)
     ap.add_argument("--global-score", action="store_true", help="the shipped config's Model.global_score")
-    ap.add_argument("--global-grid", type=int, default=4, help="Model.global_grid (shipped: 4)")
+    ap.add_argument("--global-grid", type=int, default=1, help="Model.global_grid (shipped: 4; 1: the whole image)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bank-images", type=int, default=0, help="pad the training set to this many images")

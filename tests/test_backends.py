@@ -41,7 +41,7 @@ def patchcore_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     base = tmp_path_factory.mktemp("patchcore")
     dataset = make_mvtec(base / "data")
     assert main(["-c", "PatchCore", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={dataset}",
-                 "-o", f"Global.output={base / 'out'}", "-o", "Model.input_size=64", "-o", "Model.global_grid=2",
+                 "-o", f"Global.output={base / 'out'}", "-o", "Model.input_size=128", "-o", "Model.global_grid=2",
                  "-o", "Model.coreset_ratio=0.5", "-o", "Train.calibration_fraction=0.25"]) == 0
     return dataset, base / "out/best_model/inference"
 

@@ -116,8 +116,8 @@ def _assert_onnx_matches_torch(model_dir: Path, output: Path, cli=_cli) -> None:
     from flawscope.inference.model_dir import load_model_dir
 
     assert cli("Global.mode=export", f"Global.output={output}", f"Export.weight_path={model_dir}") == 0
-    model, _ = load_model_dir(model_dir)
-    x = torch.randn(1, 3, 64, 64)
+    model, info = load_model_dir(model_dir)
+    x = torch.randn(1, 3, info.input_size, info.input_size)
     onnx_map, onnx_score = ort.InferenceSession(str(output / "export/model.onnx")).run(None, {"image": x.numpy()})
     with torch.no_grad():
         torch_map, torch_score = model.map_and_score(x)
@@ -137,8 +137,8 @@ def _assert_openvino_matches_torch(model_dir: Path, output: Path, cli=_cli) -> N
                "Export.format=openvino") == 0
     assert sorted(p.name for p in (output / "export").iterdir()) == ["inference.yml", "model.bin", "model.xml"]
     compiled = ov.Core().compile_model(str(output / "export/model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    model, _ = load_model_dir(model_dir)
-    x = torch.randn(1, 3, 64, 64)
+    model, info = load_model_dir(model_dir)
+    x = torch.randn(1, 3, info.input_size, info.input_size)
     outputs = compiled(x.numpy())
     with torch.no_grad():
         torch_map, torch_score = model.map_and_score(x)
@@ -220,7 +220,7 @@ def _patchcore(*overrides: str) -> int:
 
 def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> None:
     dataset, stfpm_out = trained
-    small = ["Model.input_size=64", "Model.global_grid=2", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25"]
+    small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25"]
     first = tmp_path / "pc"
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={first}", *small) == 0
     result = json.loads((first / "train_result.json").read_text())
@@ -260,7 +260,7 @@ def test_a_resnet_backbone_from_a_torchvision_weights_file(trained, tmp_path, ca
     resnet = ["Model.backbone=resnet18", f"Train.pretrain_weight_path={weights}"]
     patchcore = tmp_path / "pc"
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={patchcore}", *resnet,
-                      "Model.input_size=64", "Model.global_grid=2", "Model.coreset_ratio=0.5",
+                      "Model.input_size=64", "Model.global_grid=1", "Model.coreset_ratio=0.5",
                       "Train.calibration_fraction=0.25") == 0
     info = yaml.safe_load((patchcore / "best_model/inference/inference.yml").read_text())
     assert info["model_config"]["backbone"] == "resnet18"
@@ -279,9 +279,10 @@ def test_a_resnet_backbone_from_a_torchvision_weights_file(trained, tmp_path, ca
 def test_a_global_grid_that_does_not_divide_the_feature_map_is_one_error(trained, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={trained[0]}", f"Global.output={out}",
-                      "Model.input_size=64") == 2  # the shipped 4x4 grid on a 2x2 map
+                      "Model.input_size=128") == 2  # the shipped 4x4 grid on a 4x4 map: cells of one feature
     err = capsys.readouterr().err
-    assert "error: Model.global_grid: 4 does not divide the 2x2 map" in err and "Traceback" not in err
+    assert "error: Model.global_grid: 4 does not split the 4x4 map" in err and "(use 1, 2)" in err
+    assert "Traceback" not in err
     assert not out.exists()
 
 

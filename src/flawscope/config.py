@@ -89,7 +89,7 @@ SCHEMA: dict[str, Any] = {
         "search": Key(str, "exact", choices=("exact", "approximate")),
         "search_nprobe": Key(int, 8, ge=1),
         "global_score": Key(bool, required_for=PATCHCORE_ONLY),
-        "global_grid": Key(int, ge=1, required_for=PATCHCORE_ONLY),
+        "global_grid": Key(int, 1, ge=1),  # 1: configs written before the grid train as they did
     },
     "Train": {
         "epochs_iters": Key(int, ge=1, required_for=STFPM_ONLY),

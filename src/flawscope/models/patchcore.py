@@ -121,8 +121,9 @@ class PatchCore(nn.Module):
         changes the spread of one area, not of the whole tile)."""
         b, c, h, w = deep.shape
         g = self.global_grid
-        if h % g or w % g:
-            raise ValueError(f"global_grid {g} does not divide the {h}x{w} map of stride-32 features")
+        if h % g or w % g or h // g < 2 or w // g < 2:  # one feature a cell has no spread
+            raise ValueError(f"global_grid {g} does not split the {h}x{w} map of stride-32 features "
+                             "into cells of 2x2 or more")
         cells = deep.reshape(b, c, g, h // g, g, w // g).permute(0, 1, 2, 4, 3, 5).flatten(4)
         return torch.cat([cells.mean(-1).flatten(1), F.normalize(cells.std(-1, correction=0).flatten(1), dim=1)], dim=1)
 

@@ -99,10 +99,11 @@ def train(cfg: dict, world: World) -> dict:
 def _new_model(cfg: dict) -> tuple[torch.nn.Module, ModelInfo]:
     """The configured model with its pretrained backbone, and the inference description to fill."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
-    if g["model"] == "PatchCore" and m["global_score"] and (m["input_size"] // 32) % m["global_grid"]:
-        raise FlawscopeError(f"Model.global_grid: {m['global_grid']} does not divide the {m['input_size'] // 32}x"
-                             f"{m['input_size'] // 32} map of stride-32 features of a {m['input_size']}-pixel input "
-                             f"(use a divisor of {m['input_size'] // 32})")
+    side = m["input_size"] // 32  # the stride-32 feature map is side x side
+    if g["model"] == "PatchCore" and m["global_score"] and (side % m["global_grid"] or side // m["global_grid"] < 2):
+        fits = ", ".join(str(d) for d in range(1, side // 2 + 1) if side % d == 0 and side // d >= 2)
+        raise FlawscopeError(f"Model.global_grid: {m['global_grid']} does not split the {side}x{side} map of stride-32 "
+                             f"features of a {m['input_size']}-pixel input into cells of 2x2 or more (use {fits})")
     spec = backbone_spec(m["backbone"])
     model_config = model_config_from(g["model"], m)
     model = build_model(g["model"], model_config, pretrained=t["pretrain_weight_path"] or True)
