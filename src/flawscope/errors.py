@@ -11,6 +11,8 @@ class FlawscopeError(Exception):
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none): the part of a
-    library's multi-line error that fits into a one-line ``FlawscopeError``."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    library's multi-line error that fits into a one-line ``FlawscopeError``. OpenVINO's errors
+    open with ``Exception from <source file>`` lines that say where, not what: those are skipped."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    telling = [line for line in lines if not line.startswith("Exception from")]
+    return (telling or lines or [type(exc).__name__])[0]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from flawscope.config import BACKENDS
-from flawscope.errors import FlawscopeError
+from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.export import ONNX_FILE, OPENVINO_FILE, export_model
 from flawscope.inference.model_dir import (
     WEIGHTS_FILE,
@@ -92,19 +92,12 @@ def _require(backend: str) -> None:
                              f"pip install 'flawscope[{_EXTRAS[backend]}]'") from None
 
 
-def _reason(exc: BaseException) -> str:
-    """The line of a runtime's error that says what is wrong (OpenVINO's first lines say where)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    telling = [line for line in lines if not line.startswith("Exception from")]
-    return (telling or lines or [type(exc).__name__])[0]
-
-
 def _load_graph(path: Path, backend: str) -> ExportedModel:
     threads = torch.get_num_threads()  # the same thread budget as torch (and faiss) get
     try:
         run = _onnxruntime(path, threads) if backend == "onnxruntime" else _openvino(path, threads)
     except Exception as exc:  # the runtimes raise their own error types for a damaged graph
-        raise FlawscopeError(f"{path}: cannot be loaded by {backend} ({_reason(exc)})") from None
+        raise FlawscopeError(f"{path}: cannot be loaded by {backend} ({first_line(exc)})") from None
     return ExportedModel(run, backend)
 
 
