@@ -25,6 +25,12 @@ from flawscope.models.common import GaussianBlur
 from flawscope.models.knn import FaissIndex, check_search, faiss, nearest_neighbors
 
 
+def grid_splits(side: int, grid: int) -> bool:
+    """Whether ``grid`` cells split ``side`` stride-32 features into equal cells of 2 or more: one
+    feature a cell has no spread, and the ONNX export needs equal cells."""
+    return side % grid == 0 and side // grid >= 2
+
+
 class PatchCore(nn.Module):
     """Normalised image batch Bx3xSxS in, raw anomaly map Bx1xSxS out (patch distances to the bank).
 
@@ -121,7 +127,7 @@ class PatchCore(nn.Module):
         changes the spread of one area, not of the whole tile)."""
         b, c, h, w = deep.shape
         g = self.global_grid
-        if h % g or w % g or h // g < 2 or w // g < 2:  # one feature a cell has no spread
+        if not (grid_splits(h, g) and grid_splits(w, g)):
             raise ValueError(f"global_grid {g} does not split the {h}x{w} map of stride-32 features "
                              "into cells of 2x2 or more")
         cells = deep.reshape(b, c, g, h // g, g, w // g).permute(0, 1, 2, 4, 3, 5).flatten(4)

@@ -35,7 +35,7 @@ from flawscope.inference.model_dir import ModelInfo, load_model_dir, save_model_
 from flawscope.inference.predictor import Predictor
 from flawscope.logs import log, log_to_file
 from flawscope.models import MODELS, build_model
-from flawscope.models.patchcore import PatchCore
+from flawscope.models.patchcore import PatchCore, grid_splits
 from flawscope.models.stfpm import STFPM
 from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, split_calibration
 from flawscope.training.distributed import World
@@ -100,8 +100,8 @@ def _new_model(cfg: dict) -> tuple[torch.nn.Module, ModelInfo]:
     """The configured model with its pretrained backbone, and the inference description to fill."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     side = m["input_size"] // 32  # the stride-32 feature map is side x side
-    if g["model"] == "PatchCore" and m["global_score"] and (side % m["global_grid"] or side // m["global_grid"] < 2):
-        fits = ", ".join(str(d) for d in range(1, side // 2 + 1) if side % d == 0 and side // d >= 2)
+    if g["model"] == "PatchCore" and m["global_score"] and not grid_splits(side, m["global_grid"]):
+        fits = ", ".join(str(d) for d in range(1, side + 1) if grid_splits(side, d))
         raise FlawscopeError(f"Model.global_grid: {m['global_grid']} does not split the {side}x{side} map of stride-32 "
                              f"features of a {m['input_size']}-pixel input into cells of 2x2 or more (use {fits})")
     spec = backbone_spec(m["backbone"])
