@@ -9,8 +9,9 @@ compiled with the float32 precision hint) it times:
 - the model alone: ``map_and_score`` on one normalised input (decoding and resizing excluded);
 - with ``--images``, prediction end to end: a decoded image to its ``AnomalyResult`` at batch 1
   (resizing, the model, the map back at the image's size, calibration, regions), over the images;
-- and the same from the file's path, reading and decoding it included (what a peer's prediction
-  over a folder of images times).
+- the same from the file's path, reading and decoding it included;
+- and a folder: ``predict`` over all the image files, per image, where the next images are read
+  while the model runs (what a peer's prediction over a folder of images times).
 
 The backends take turns in blocks of calls, so a slow spell of a shared machine falls on all of
 them alike; the first calls of a block are not timed, as the threads of the runtime before may
@@ -61,6 +62,7 @@ def main() -> None:
     model_s = {b: [] for b in BACKENDS}
     predict_s = {b: [] for b in BACKENDS}
     from_file_s = {b: [] for b in BACKENDS}
+    folder_s = {b: [] for b in BACKENDS}
     for block in range(args.blocks):
         for backend, predictor in predictors.items():
             with predictor.torch_threads():  # as the Predictor runs the model
@@ -75,6 +77,9 @@ def main() -> None:
                 if i >= 3:
                     predict_s[backend].append(t)
                     from_file_s[backend].append(t_file)
+            if paths:
+                folder_s[backend].append(_seconds(lambda p: list(p.predict([str(f) for f in paths])), predictor)
+                                         / len(paths))
     report = {"model_dir": args.model_dir, "model": info.model, "input_size": info.input_size,
               "threads": args.threads, "timed_calls": args.blocks * args.calls,
               "model_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in model_s.items()},
@@ -82,7 +87,8 @@ def main() -> None:
     if images:
         report |= {"images": len(images), "image_size": f"{images[0].shape[1]}x{images[0].shape[0]}",
                    "predict_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in predict_s.items()},
-                   "predict_from_file_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in from_file_s.items()}}
+                   "predict_from_file_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in from_file_s.items()},
+                   "folder_ms_per_image": {b: round(float(np.median(v)) * 1e3, 2) for b, v in folder_s.items()}}
     print(json.dumps(report, indent=1))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from PIL import Image, ImageFile
 
 import flawscope.data.io as fio
-from flawscope.data.io import is_image_file, read_image, read_mask
+from flawscope.data.io import is_image_file, read_ahead, read_image, read_mask
 from flawscope.errors import FlawscopeError
 
 
@@ -182,3 +184,42 @@ def test_mask_size_mismatch(tmp_path):
 
 def test_mask_errors_name_path(tmp_path):
     _error(tmp_path / "missing_mask.png", "does not exist", read=read_mask)
+
+
+def test_read_ahead_keeps_order_and_loads_in_the_background():
+    loaders, started = [], []
+
+    def load(i: int) -> int:
+        started.append(i)
+        loaders.append(threading.get_ident())
+        time.sleep(0.002 * (i % 3))  # uneven load times must not reorder the items
+        if i == 3:
+            raise FlawscopeError(f"item {i}: broken")
+        return i * i
+
+    seen = []
+    for k, (item, loading) in enumerate(read_ahead(load, range(8), depth=2)):
+        assert item == k
+        assert len(started) <= k + 3  # never more than ``depth`` items beyond the one handed out
+        if item == 3:
+            with pytest.raises(FlawscopeError, match="item 3"):
+                loading.result()
+        else:
+            seen.append(loading.result())
+    assert seen == [i * i for i in range(8) if i != 3]
+    assert threading.get_ident() not in loaders
+
+
+def test_read_ahead_stops_loading_when_the_caller_stops():
+    started = []
+    items = read_ahead(lambda i: started.append(i) or time.sleep(0.01), range(100), depth=2)
+    next(items)
+    items.close()
+    count = len(started)
+    time.sleep(0.05)
+    assert count == len(started) <= 3
+
+
+def test_read_ahead_depth():
+    with pytest.raises(ValueError, match="depth"):
+        next(read_ahead(lambda i: i, range(3), depth=0))

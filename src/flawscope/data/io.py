@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from flawscope.errors import FlawscopeError
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 """Lower-case file suffixes (with the dot) treated as images; compare ``Path.suffix.lower()``."""
@@ -117,7 +123,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 def _rgb(img: Image.Image) -> np.ndarray:
     if img.mode.startswith("I") or img.mode == "F":
         return np.repeat(_to_uint8(img)[:, :, None], 3, axis=2)
-    return np.array(img.convert("RGB"))  # a writable copy, unlike np.asarray
+    # A writable copy, unlike np.asarray; convert() would copy an RGB image once more (1 ms at 512x512).
+    return np.array(img if img.mode == "RGB" else img.convert("RGB"))
 
 
 def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> np.ndarray:
@@ -141,3 +148,24 @@ def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None)
         return np.asarray(img.convert("RGB")).any(axis=2)
 
     return _decode(path, to_bool)
+
+
+def read_ahead(load: Callable[[T], R], items: Iterable[T], depth: int) -> Iterator[tuple[T, Future[R]]]:
+    """(item, future of ``load(item)``) for each item, in order, loading up to ``depth`` items
+    ahead in one background thread. Decoding a file (6 ms for a 512x512 PNG) then overlaps the
+    model, which releases the GIL; ``future.result()`` re-raises what ``load`` raised. Loads not
+    started when the caller stops iterating are cancelled."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, not {depth}")
+    with ThreadPoolExecutor(1, thread_name_prefix="flawscope-read") as pool:
+        ahead: deque[tuple[T, Future[R]]] = deque()
+        try:
+            for item in items:
+                ahead.append((item, pool.submit(load, item)))
+                if len(ahead) > depth:
+                    yield ahead.popleft()
+            while ahead:
+                yield ahead.popleft()
+        finally:
+            for _, future in ahead:
+                future.cancel()

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from flawscope.data.io import read_image, read_mask
+from flawscope.data.io import read_ahead, read_image, read_mask
 from flawscope.data.layouts import Dataset, Sample
 from flawscope.evaluation import metrics
 from flawscope.inference.predictor import Predictor
@@ -47,21 +47,25 @@ class Outcome:
     pred: np.ndarray | None = None
 
 
+def _read(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
+    """An image and its mask: the given one, all-clear for a good image, None for a defect without."""
+    image = read_image(sample.image)
+    if sample.mask is not None:
+        return image, read_mask(sample.mask, (image.shape[1], image.shape[0]))
+    return image, np.zeros(image.shape[:2], dtype=bool) if sample.label == 0 else None
+
+
 def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8,
             desc: str = "evaluate") -> list[Outcome]:
-    """Run the model once over ``samples``; decisions only when the model is calibrated."""
+    """Run the model once over ``samples``, reading the next chunk meanwhile; decisions only when
+    the model is calibrated."""
     calibrated = predictor.info.calibration is not None
+    chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    reads = read_ahead(lambda chunk: [_read(s) for s in chunk], chunks, 1)
     outcomes = []
-    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False, unit="batch", disable=None):
-        chunk = samples[i:i + batch_size]
-        images = [read_image(s.image) for s in chunk]
-        for sample, image, (raw_map, raw_score) in zip(chunk, images, predictor.raw_outputs(images)):
-            if sample.mask is not None:
-                mask = read_mask(sample.mask, (image.shape[1], image.shape[0]))
-            elif sample.label == 0:
-                mask = np.zeros(image.shape[:2], dtype=bool)
-            else:
-                mask = None
+    for chunk, reading in tqdm(reads, total=len(chunks), desc=desc, leave=False, unit="batch", disable=None):
+        images, masks = zip(*reading.result())
+        for sample, image, mask, (raw_map, raw_score) in zip(chunk, images, masks, predictor.raw_outputs(images)):
             outcome = Outcome(sample, raw_score, mask, raw_map if mask is not None else None)
             if calibrated:
                 res = predictor.result(image, raw_map, raw_score)
