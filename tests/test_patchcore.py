@@ -253,6 +253,26 @@ def test_global_score_round_trip_and_add_normals(fitted_global, tmp_path):
     assert (loaded.map_and_score(norm(only_stripes(7)))[1] < before - 2).all()  # all stripes is normal now
 
 
+def test_add_normals_leaves_out_images_the_model_already_holds(fitted_global):
+    """Adding the training images again (here with two new ones) must not add their zero
+    leave-one-out distances: the image score's scale would collapse and every image look anomalous."""
+    model = PatchCore(global_score=True, smooth_sigma=1.0).eval()
+    model.load_state_dict(fitted_global.state_dict())
+    again = add_normals(model, half_and_half(TRAIN_SPLITS, 0), norm, coreset_ratio=0.25)
+    assert again["known_images"] == 10 and again["added"] == 0
+    for name, value in fitted_global.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name  # nothing changed
+
+    new = half_and_half([54, 70], 21)
+    stats = add_normals(model, torch.cat([half_and_half(TRAIN_SPLITS, 0), new]), norm, coreset_ratio=0.25)
+    assert stats["known_images"] == 10 and stats["images"] == 2
+    assert len(model.image_bank) == 12 and len(model.reference_scores) == 12
+    before, after = fitted_global.score_reference.view(-1, 2), model.score_reference.view(-1, 2)
+    assert (after[:, 1] > 0.5 * before[:, 1]).all()  # the spreads keep their size
+    x = norm(half_and_half([58, 74], 5))
+    assert (model.map_and_score(x)[1] < 2).all()  # new normal images still look normal
+
+
 def test_a_model_saved_before_the_spread_descriptor_scores_with_the_mean_alone(fitted_global, tmp_path):
     """Model directories written before the spread descriptor (image bank NxG, four reference
     values) load, score with the patch and mean distances, and grow with add_normals."""

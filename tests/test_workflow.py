@@ -219,6 +219,8 @@ def _patchcore(*overrides: str) -> int:
 
 
 def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> None:
+    import yaml
+
     dataset, stfpm_out = trained
     small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25"]
     first = tmp_path / "pc"
@@ -244,6 +246,18 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     before = json.loads((first / "train_result.json").read_text())["fit"]["bank_size"]
     after = json.loads((grown / "train_result.json").read_text())["fit"]
     assert after["bank_size"] > before and after["added"] == after["bank_size"] - before
+    assert after["known_images"] == 0
+
+    again = tmp_path / "pc3"  # the first model's own training images: nothing to add
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={again}", *small,
+                      f"Train.add_normals={first / 'best_model/inference'}") == 0
+    fit = json.loads((again / "train_result.json").read_text())["fit"]
+    first_info, again_info = (yaml.safe_load((d / "best_model/inference/inference.yml").read_text())
+                              for d in (first, again))
+    assert fit["known_images"] == first_info["provenance"]["train_images"] and fit["images"] == 0
+    assert fit["added"] == 0 and fit["bank_size"] == before
+    assert "already in the model" in (again / "train.log").read_text()
+    assert again_info["calibration"]["image_threshold"] == pytest.approx(first_info["calibration"]["image_threshold"])
 
 
 def test_a_resnet_backbone_from_a_torchvision_weights_file(trained, tmp_path, capsys) -> None:
