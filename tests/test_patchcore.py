@@ -265,7 +265,7 @@ def test_add_normals_leaves_out_images_the_model_already_holds(fitted_global):
 
     new = half_and_half([54, 70], 21)
     stats = add_normals(model, torch.cat([half_and_half(TRAIN_SPLITS, 0), new]), norm, coreset_ratio=0.25)
-    assert stats["known_images"] == 10 and stats["images"] == 2
+    assert stats["known_images"] == 10 and stats["new_images"] == 2
     assert len(model.image_bank) == 12 and len(model.reference_scores) == 12
     before, after = fitted_global.score_reference.view(-1, 2), model.score_reference.view(-1, 2)
     assert (after[:, 1] > 0.5 * before[:, 1]).all()  # the spreads keep their size

@@ -254,7 +254,7 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     fit = json.loads((again / "train_result.json").read_text())["fit"]
     first_info, again_info = (yaml.safe_load((d / "best_model/inference/inference.yml").read_text())
                               for d in (first, again))
-    assert fit["known_images"] == first_info["provenance"]["train_images"] and fit["images"] == 0
+    assert fit["known_images"] == first_info["provenance"]["train_images"] and fit["new_images"] == 0
     assert fit["added"] == 0 and fit["bank_size"] == before
     assert "already in the model" in (again / "train.log").read_text()
     assert again_info["calibration"]["image_threshold"] == pytest.approx(first_info["calibration"]["image_threshold"])

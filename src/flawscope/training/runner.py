@@ -181,7 +181,7 @@ def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: to
         if stats["known_images"]:
             log.warning("%d of the %d good images are already in the model %s: not added again%s",
                         stats["known_images"], len(images), t["add_normals"],
-                        "" if stats["images"] else "; the memory bank is unchanged")
+                        "" if stats["new_images"] else "; the memory bank is unchanged")
         log.info("added %d of %d new patches to the memory bank of %s: %d entries now", stats["added"],
                  stats["patches"], t["add_normals"], stats["bank_size"])
     else:
