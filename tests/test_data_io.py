@@ -212,14 +212,59 @@ def test_read_ahead_keeps_order_and_loads_in_the_background():
 
 def test_read_ahead_stops_loading_when_the_caller_stops():
     started = []
-    items = read_ahead(lambda i: started.append(i) or time.sleep(0.01), range(100), depth=2)
-    next(items)
+    items = read_ahead(lambda i: started.append(i) or time.sleep(0.2), range(100), depth=5)
+    next(items)  # 0 is loaded; 1 is loading, 2-5 wait
+    begin = time.perf_counter()
     items.close()
-    count = len(started)
-    time.sleep(0.05)
-    assert count == len(started) <= 3
+    assert time.perf_counter() - begin < 0.15  # not waiting for the load in progress
+    time.sleep(0.5)
+    assert len(started) <= 2  # the waiting ones were cancelled
 
 
-def test_read_ahead_depth():
+def test_read_ahead_can_be_finalised_in_its_own_reader_thread():
+    """The garbage collector may finalise an abandoned generator in any thread, the reader's too:
+    that must not wait for the reader (a deadlock, or "cannot join current thread")."""
+    box: dict = {"done": threading.Event()}
+
+    def load(i: int) -> int:
+        if i == 1:
+            try:
+                box["items"].close()
+            except Exception as exc:
+                box["error"] = exc
+            box["done"].set()
+        return i
+
+    box["items"] = read_ahead(load, range(5), depth=1)
+    assert next(box["items"])[0] == 0
+    assert box["done"].wait(5) and "error" not in box
+
+
+def test_read_ahead_hands_out_what_was_loaded_before_the_items_fail():
+    def items():
+        yield from (1, 2)
+        raise OSError("the listing failed")
+
+    got = []
+    with pytest.raises(OSError, match="listing failed"):
+        for item, loading in read_ahead(lambda i: -i, items(), depth=4):
+            got.append(loading.result())
+    assert got == [-1, -2]
+
+
+def test_read_ahead_depth_zero_loads_in_the_callers_thread_when_handed_out():
+    started = []
+
+    def load(i: int) -> int:
+        started.append((i, threading.get_ident()))
+        if i == 1:
+            raise FlawscopeError("item 1: broken")
+        return -i
+
+    items = read_ahead(load, range(3), depth=0)
+    assert next(items)[1].result() == 0 and started == [(0, threading.get_ident())]
+    with pytest.raises(FlawscopeError, match="item 1"):
+        next(items)[1].result()
+    assert next(items)[1].result() == -2 and len(started) == 3
     with pytest.raises(ValueError, match="depth"):
-        next(read_ahead(lambda i: i, range(3), depth=0))
+        next(read_ahead(load, range(3), depth=-1))

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from flawscope.cli import main
-from flawscope.data.io import read_image
+from flawscope.data.io import read_image, read_mask
 from flawscope.data.layouts import load_dataset
 from flawscope.evaluation.evaluate import collect, evaluate_model, evaluate_samples
 from flawscope.inference.predictor import Predictor
@@ -112,3 +112,14 @@ def test_collect_keeps_maps_only_where_there_is_ground_truth(trained, tmp_path) 
     assert all(o.mask is None and o.raw_map is None and o.pred is not None for o in outcomes)
     assert evaluate_samples(predictor, defects)["num_with_masks"] == 0
 
+
+
+def test_collect_pairs_each_image_with_its_own_mask(trained) -> None:
+    dataset, out = trained
+    samples = load_dataset(dataset).val
+    outcomes = collect(Predictor.from_dir(out / "best_model/inference"), samples, batch_size=4)
+    assert [o.sample for o in outcomes] == samples
+    defects = [o for o in outcomes if o.sample.mask is not None]
+    assert len(defects) == 2 and not np.array_equal(*(read_mask(o.sample.mask) for o in defects))
+    for o in defects:
+        assert np.array_equal(o.mask, read_mask(o.sample.mask))

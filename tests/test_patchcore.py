@@ -264,9 +264,17 @@ def test_add_normals_leaves_out_images_the_model_already_holds(fitted_global):
         assert torch.equal(model.state_dict()[name], value), name  # nothing changed
 
     new = half_and_half([54, 70], 21)
-    stats = add_normals(model, torch.cat([half_and_half(TRAIN_SPLITS, 0), new]), norm, coreset_ratio=0.25)
+    size = len(model.memory_bank)
+    known = half_and_half(TRAIN_SPLITS, 0)
+    stats = add_normals(model, torch.cat([new[:1], known, new[1:]]), norm, coreset_ratio=1.0)
     assert stats["known_images"] == 10 and stats["new_images"] == 2
     assert len(model.image_bank) == 12 and len(model.reference_scores) == 12
+    added = model.memory_bank[size:]
+    to_new, to_known = (torch.cdist(added, model.patch_rows(model.embed(norm(x)))).amin(1) for x in (new, known))
+    assert stats["added"] > 0 and to_new.max() < 0.5 and to_known.min() > 2  # the new images' patches only...
+    projected = model.patch_rows(model.embed(norm(new))) @ model.projection
+    covered = torch.cdist(projected, model.memory_bank @ model.projection).amin(1)
+    assert covered.max() < 1.1 * model.coverage_radius  # ...all of them (coreset_ratio 1 stops at the radius)
     before, after = fitted_global.score_reference.view(-1, 2), model.score_reference.view(-1, 2)
     assert (after[:, 1] > 0.5 * before[:, 1]).all()  # the spreads keep their size
     x = norm(half_and_half([58, 74], 5))

@@ -63,6 +63,42 @@ def test_directory_list_and_bad_items(pipeline, trained, http_root, tmp_path) ->
         list(pipeline.predict(str(broken), on_error="raise"))
 
 
+def test_a_bad_item_mid_batch_keeps_its_place(trained, tmp_path) -> None:
+    dataset, out = trained
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    good = sorted(str(p) for p in (dataset / "test").rglob("*.png"))
+    items = [good[0], good[1], str(broken), good[2], "x" * 5000]  # the last: a name too long to stat
+    results = list(create_pipeline(model_dir=str(out / "best_model/inference"), batch_size=3).predict(items))
+    assert [r.input_path for r in results] == items
+    assert [r.error is None for r in results] == [True, True, False, True, False]
+
+
+def test_a_generator_is_read_as_results_are_taken(trained) -> None:
+    """A camera loop may refill one buffer per frame and wait for each result: nothing is read
+    ahead of it, and each image is scored as it was when it was handed over."""
+    _, out = trained
+    produced = []
+
+    def frames(buffer: np.ndarray):
+        for value in (0, 255, 0, 255):
+            buffer[:] = value
+            produced.append(value)
+            yield buffer
+
+    fresh = [np.full((64, 64, 3), v, np.uint8) for v in (0, 255, 0, 255)]
+    for batch_size in (1, 3):
+        predictor = create_pipeline(model_dir=str(out / "best_model/inference"), batch_size=batch_size)
+        expected = [r.score for r in predictor.predict(fresh)]
+        produced.clear()
+        scores = []
+        for result in predictor.predict(frames(np.zeros((64, 64, 3), np.uint8))):
+            scores.append(result.score)
+            if batch_size == 1:
+                assert len(produced) == len(scores)
+        assert scores == pytest.approx(expected) and expected[0] != pytest.approx(expected[1])
+
+
 def test_batch_of_four_equals_batch_of_one(trained) -> None:
     dataset, out = trained
     images = sorted((dataset / "test").rglob("*.png"))

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from flawscope.config import BACKENDS
 from flawscope.errors import FlawscopeError
@@ -124,6 +126,9 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # flawscope's own limit (data.io.MAX_PIXELS) decides which images are too large: Pillow's warning
+    # for images over its lower one would only precede that decision. The command owns its process.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         return run(argv)
     except FlawscopeError as exc:

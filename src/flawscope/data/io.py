@@ -9,7 +9,6 @@ Every problem with a file becomes one ``FlawscopeError("<path>: <problem>")``.
 from __future__ import annotations
 
 import os
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,10 +58,10 @@ def _decode(path: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndar
     if path.stat().st_size == 0:
         raise FlawscopeError(f"{path}: file is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            # Our own MAX_PIXELS check below decides; Pillow's hard limit still raises.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+        # Our own MAX_PIXELS check below decides. Pillow warns above its lower limit (89 MP) and
+        # raises above twice that; its warning is not silenced here, as ``warnings.catch_warnings``
+        # is not thread-safe and images are read in a background thread (the CLI silences it).
+        img = Image.open(path)
     except Image.DecompressionBombError as exc:
         raise FlawscopeError(f"{path}: image is too large ({_one_line(exc)})") from exc
     except UnidentifiedImageError as exc:
@@ -152,20 +151,43 @@ def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None)
 
 def read_ahead(load: Callable[[T], R], items: Iterable[T], depth: int) -> Iterator[tuple[T, Future[R]]]:
     """(item, future of ``load(item)``) for each item, in order, loading up to ``depth`` items
-    ahead in one background thread. Decoding a file (6 ms for a 512x512 PNG) then overlaps the
-    model, which releases the GIL; ``future.result()`` re-raises what ``load`` raised. Loads not
-    started when the caller stops iterating are cancelled."""
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, not {depth}")
-    with ThreadPoolExecutor(1, thread_name_prefix="flawscope-read") as pool:
-        ahead: deque[tuple[T, Future[R]]] = deque()
+    ahead in one background thread: decoding a file (6 ms for a 512x512 PNG) then overlaps the
+    model, which releases the GIL. ``future.result()`` re-raises what ``load`` raised; an error
+    while iterating ``items`` is raised after the items loaded before it. ``depth`` 0 loads each
+    item in the caller's thread as it is handed out.
+
+    When the caller stops early, loads not started are cancelled and the one running is not
+    waited for: the generator may be finalised by the garbage collector in any thread, the
+    reader's own included, where waiting for it would deadlock.
+    """
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, not {depth}")
+    if depth == 0:
+        for item in items:
+            yield item, _load_now(load, item)
+        return
+    pool = ThreadPoolExecutor(1, thread_name_prefix="flawscope-read")
+    ahead: deque[tuple[T, Future[R]]] = deque()
+    try:
         try:
             for item in items:
                 ahead.append((item, pool.submit(load, item)))
                 if len(ahead) > depth:
                     yield ahead.popleft()
+        except Exception:  # ``items`` raised: hand out what was loaded before it first
             while ahead:
                 yield ahead.popleft()
-        finally:
-            for _, future in ahead:
-                future.cancel()
+            raise
+        while ahead:
+            yield ahead.popleft()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _load_now(load: Callable[[T], R], item: T) -> Future[R]:
+    future: Future[R] = Future()
+    try:
+        future.set_result(load(item))
+    except Exception as exc:  # handed over like a background load's, at its own item
+        future.set_exception(exc)
+    return future

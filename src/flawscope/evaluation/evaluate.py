@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,14 +64,16 @@ def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8
     chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     reads = read_ahead(lambda chunk: [_read(s) for s in chunk], chunks, 1)
     outcomes = []
-    for chunk, reading in tqdm(reads, total=len(chunks), desc=desc, leave=False, unit="batch", disable=None):
-        images, masks = zip(*reading.result())
-        for sample, image, mask, (raw_map, raw_score) in zip(chunk, images, masks, predictor.raw_outputs(images)):
-            outcome = Outcome(sample, raw_score, mask, raw_map if mask is not None else None)
-            if calibrated:
-                res = predictor.result(image, raw_map, raw_score)
-                outcome.score, outcome.is_anomaly, outcome.pred = res.score, res.is_anomaly, res.pred
-            outcomes.append(outcome)
+    with closing(reads):
+        for chunk, reading in tqdm(reads, total=len(chunks), desc=desc, leave=False, unit="batch", disable=None):
+            images, masks = zip(*reading.result())
+            for sample, image, mask, (raw_map, raw_score) in zip(chunk, images, masks,
+                                                                predictor.raw_outputs(images)):
+                outcome = Outcome(sample, raw_score, mask, raw_map if mask is not None else None)
+                if calibrated:
+                    res = predictor.result(image, raw_map, raw_score)
+                    outcome.score, outcome.is_anomaly, outcome.pred = res.score, res.is_anomaly, res.pred
+                outcomes.append(outcome)
     return outcomes
 
 

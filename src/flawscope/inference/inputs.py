@@ -40,7 +40,7 @@ def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
         raise FlawscopeError(f"{name}: array must be HxW or HxWx3 (RGB), got shape {array.shape}")
     if array.dtype != np.uint8:
         raise FlawscopeError(f"{name}: array must be uint8, got {array.dtype}")
-    return np.ascontiguousarray(array[:, :, :3])
+    return np.array(array[:, :, :3])  # a copy: the caller may refill its buffer for the next frame
 
 
 def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | None, Any]]:
@@ -48,9 +48,14 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
     if isinstance(inputs, (str, os.PathLike)):
         text = str(inputs)
         path = Path(text)
-        if text.startswith(("http://", "https://")) or path.is_file():
+        try:
+            is_file, is_dir = path.is_file(), path.is_dir()
+        except OSError as exc:  # e.g. a name too long for the file system
+            yield text, FlawscopeError(f"{text}: cannot be opened ({exc.strerror or exc})")
+            return
+        if text.startswith(("http://", "https://")) or is_file:
             yield text, text
-        elif path.is_dir():
+        elif is_dir:
             pattern = "**/*" if recursive else "*"
             files = sorted(p for p in path.glob(pattern) if p.is_file() and is_image_file(p))
             if not files:

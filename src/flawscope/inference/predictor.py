@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -109,9 +110,11 @@ class Predictor:
                 for (name, image), (raw_map, raw_score) in zip(items, outputs)]
 
     def predict(self, inputs: Any, recursive: bool = False, on_error: str = "result") -> Iterator[AnomalyResult]:
-        """Yield one result per input image, in order, ``batch_size`` images per forward pass,
-        while the next two batches are read in a background thread (over a folder of PNGs on 2
-        cores, OpenVINO took 13.4 ms per image instead of 18.8; torch gained little).
+        """Yield one result per input image, in order, ``batch_size`` images per forward pass.
+
+        Over a file, folder, glob or list, the next two batches are read in a background thread
+        meanwhile (over a folder of PNGs on 2 cores, OpenVINO took 13.4 ms per image instead of
+        18.8; torch gained little); other iterables are read as they are consumed.
 
         An input that cannot be read yields a result with ``error`` set (``on_error="result"``) or
         raises FlawscopeError (``on_error="raise"``).
@@ -119,20 +122,24 @@ class Predictor:
         if on_error not in ("result", "raise"):
             raise ValueError(f"on_error must be 'result' or 'raise', not {on_error!r}")
         pending: list[tuple[str | None, np.ndarray]] = []
-        items = read_ahead(lambda item: load_input(*item), expand_inputs(inputs, recursive), 2 * self.batch_size)
-        for (name, _), loading in items:
-            try:
-                image = loading.result()
-            except FlawscopeError as exc:
-                if on_error == "raise":
-                    raise
+        # Read ahead only over inputs known up front: a generator may reuse its buffer for the
+        # next frame, or wait for a result before it produces one (a camera loop).
+        depth = 2 * self.batch_size if isinstance(inputs, (str, os.PathLike, list, tuple)) else 0
+        items = read_ahead(lambda item: load_input(*item), expand_inputs(inputs, recursive), depth)
+        with closing(items):
+            for (name, _), loading in items:
+                # Raised here only when it must be: its traceback would tie this frame into a cycle.
+                error = loading.exception()
+                if error is None:
+                    pending.append((name, loading.result()))
+                    if len(pending) == self.batch_size:
+                        yield from self._flush(pending)
+                    continue
+                if on_error == "raise" or not isinstance(error, FlawscopeError):
+                    raise error
                 yield from self._flush(pending)
-                yield AnomalyResult.from_error(name, str(exc), self.info.model)
-                continue
-            pending.append((name, image))
-            if len(pending) == self.batch_size:
-                yield from self._flush(pending)
-        yield from self._flush(pending)
+                yield AnomalyResult.from_error(name, str(error), self.info.model)
+            yield from self._flush(pending)
 
     def _flush(self, pending: list[tuple[str | None, np.ndarray]]) -> Iterator[AnomalyResult]:
         if pending:
