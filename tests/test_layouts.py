@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flawscope.data.layouts import Sample, load_dataset
+from flawscope.data.layouts import Sample, load_dataset, unique_images
 from flawscope.errors import FlawscopeError
 
 
@@ -152,3 +152,15 @@ def test_named_layout_that_does_not_match(tmp_path):
     _image(tmp_path / "good" / "0.png")
     assert str(tmp_path) in _raises(tmp_path, "does not match the MVTec layout", layout="MVTec")
     _raises(tmp_path, "unknown dataset layout", layout="VOC")
+
+
+def test_unique_images_keeps_the_first_of_byte_identical_files(tmp_path):
+    def sample(name: str, content: bytes) -> Sample:
+        (tmp_path / name).write_bytes(content)
+        return Sample(tmp_path / name, None, 0, "good")
+
+    a, b, a_copy, c = sample("a.png", b"one"), sample("b.png", b"two"), sample("a2.png", b"one"), sample("c.png", b"onE")
+    unique, copies = unique_images([a, b, a_copy, c])
+    assert unique == [a, b, c] and copies == [(a_copy, a)]
+    with pytest.raises(FlawscopeError, match="missing.png: cannot read file"):
+        unique_images([a, Sample(tmp_path / "missing.png", None, 0, "good")])

@@ -259,7 +259,7 @@ def test_add_normals_leaves_out_images_the_model_already_holds(fitted_global):
     model = PatchCore(global_score=True, smooth_sigma=1.0).eval()
     model.load_state_dict(fitted_global.state_dict())
     again = add_normals(model, half_and_half(TRAIN_SPLITS, 0), norm, coreset_ratio=0.25)
-    assert again["known_images"] == 10 and again["added"] == 0
+    assert again["repeated_images"] == 10 and again["added"] == 0
     for name, value in fitted_global.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name  # nothing changed
 
@@ -267,7 +267,7 @@ def test_add_normals_leaves_out_images_the_model_already_holds(fitted_global):
     size = len(model.memory_bank)
     known = half_and_half(TRAIN_SPLITS, 0)
     stats = add_normals(model, torch.cat([new[:1], known, new[1:]]), norm, coreset_ratio=1.0)
-    assert stats["known_images"] == 10 and stats["new_images"] == 2
+    assert stats["repeated_images"] == 10 and stats["new_images"] == 2
     assert len(model.image_bank) == 12 and len(model.reference_scores) == 12
     added = model.memory_bank[size:]
     to_new, to_known = (torch.cdist(added, model.patch_rows(model.embed(norm(x)))).amin(1) for x in (new, known))
@@ -279,6 +279,21 @@ def test_add_normals_leaves_out_images_the_model_already_holds(fitted_global):
     assert (after[:, 1] > 0.5 * before[:, 1]).all()  # the spreads keep their size
     x = norm(half_and_half([58, 74], 5))
     assert (model.map_and_score(x)[1] < 2).all()  # new normal images still look normal
+
+
+def test_repeated_images_are_fitted_once(fitted_global):
+    """A training set holding some images twice fits the model it would without the copies; added
+    normals that repeat each other are added once."""
+    train = half_and_half(TRAIN_SPLITS, 0)
+    model = PatchCore(global_score=True, smooth_sigma=1.0).eval()
+    stats = fit_patchcore(model, torch.cat([train, train[[4, 0, 7]]]), norm, coreset_ratio=0.5)
+    assert stats["repeated_images"] == 3
+    for name, value in fitted_global.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+    new = half_and_half([54, 70], 21)
+    stats = add_normals(model, torch.cat([new, new[[1]], new]), norm, coreset_ratio=0.25)
+    assert stats["new_images"] == 2 and stats["repeated_images"] == 3 and len(model.image_bank) == 12
 
 
 def test_a_model_saved_before_the_spread_descriptor_scores_with_the_mean_alone(fitted_global, tmp_path):

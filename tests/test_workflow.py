@@ -246,7 +246,7 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     before = json.loads((first / "train_result.json").read_text())["fit"]["bank_size"]
     after = json.loads((grown / "train_result.json").read_text())["fit"]
     assert after["bank_size"] > before and after["added"] == after["bank_size"] - before
-    assert after["known_images"] == 0
+    assert after["repeated_images"] == 0
 
     again = tmp_path / "pc3"  # the first model's own training images: nothing to add
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={again}", *small,
@@ -254,10 +254,33 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     fit = json.loads((again / "train_result.json").read_text())["fit"]
     first_info, again_info = (yaml.safe_load((d / "best_model/inference/inference.yml").read_text())
                               for d in (first, again))
-    assert fit["known_images"] == first_info["provenance"]["train_images"] and fit["new_images"] == 0
+    assert fit["repeated_images"] == first_info["provenance"]["train_images"] and fit["new_images"] == 0
     assert fit["added"] == 0 and fit["bank_size"] == before
-    assert "already in the model" in (again / "train.log").read_text()
+    assert "in the model" in (again / "train.log").read_text()
     assert again_info["calibration"]["image_threshold"] == pytest.approx(first_info["calibration"]["image_threshold"])
+
+
+def test_copied_training_images_are_used_once(tmp_path, capsys) -> None:
+    """A copy of a training image is neither fitted twice nor held out for calibration, where it
+    would score like the image it copies: the model is the one without the copies."""
+    import shutil
+
+    import yaml
+
+    plain = make_mvtec(tmp_path / "plain", n_train=8)
+    copied = tmp_path / "copied"
+    shutil.copytree(plain, copied)
+    for image in sorted((plain / "train/good").iterdir())[:3]:
+        shutil.copy(image, copied / "train/good" / f"copy_{image.name}")
+    small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25"]
+    for data in (plain, copied):
+        assert _patchcore("Global.mode=train", f"Global.dataset_dir={data}", f"Global.output={data}_out", *small) == 0
+    assert "3 training images are copies of others" in capsys.readouterr().err
+    plain_info, copied_info = (yaml.safe_load(Path(f"{d}_out/best_model/inference/inference.yml").read_text())
+                               for d in (plain, copied))
+    assert copied_info["provenance"]["train_images"] == plain_info["provenance"]["train_images"] == 6
+    assert copied_info["calibration"]["details"]["num_good"] == 2
+    assert copied_info["calibration"]["image_threshold"] == pytest.approx(plain_info["calibration"]["image_threshold"])
 
 
 def test_a_resnet_backbone_from_a_torchvision_weights_file(trained, tmp_path, capsys) -> None:

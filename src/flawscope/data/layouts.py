@@ -14,6 +14,7 @@ directory always gives the same splits.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -192,6 +193,25 @@ def detect_layout(root: str | os.PathLike[str], layout: str = "auto") -> str:
     if not is_it(root):
         raise FlawscopeError(f"{root}: does not match the {name} layout (expected {needs})")
     return name
+
+
+def unique_images(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Sample, Sample]]]:
+    """(the samples whose image file is no byte-for-byte copy of an earlier one's, (copy,
+    original) pairs). Reads every file: a copy trained on twice, or held out for calibration while
+    its original is trained on, would make new good images look more anomalous than they are."""
+    first: dict[bytes, Sample] = {}
+    unique, copies = [], []
+    for sample in samples:
+        try:
+            digest = hashlib.blake2b(sample.image.read_bytes(), digest_size=16).digest()
+        except OSError as exc:
+            raise FlawscopeError(f"{sample.image}: cannot read file ({exc.strerror or exc})") from None
+        if digest in first:
+            copies.append((sample, first[digest]))
+        else:
+            first[digest] = sample
+            unique.append(sample)
+    return unique, copies
 
 
 def load_dataset(

@@ -160,6 +160,12 @@ def fit_patchcore(model: PatchCore, images_uint8: torch.Tensor, normalize: Calla
     projection = random_projection(model.embed_dim, projection_dim, seed)
     feats, proj, descriptors = extract_patches(model, images_uint8, normalize, device, projection, batch_size,
                                                max_patches, seed)
+    repeats = 0
+    if descriptors is not None:
+        repeated = repeated_images(descriptors, descriptors[:0]).cpu()
+        repeats = int(repeated.sum())
+        if repeats:
+            images_uint8, feats, proj, descriptors = _keep_images(~repeated, images_uint8, feats, proj, descriptors)
     t1 = time.perf_counter()
     k = max(1, math.ceil(coreset_ratio * len(feats)))
     if k < len(feats):
@@ -168,8 +174,8 @@ def fit_patchcore(model: PatchCore, images_uint8: torch.Tensor, normalize: Calla
         selected, radius = torch.arange(len(feats)), 0.0
     t2 = time.perf_counter()
     model.set_memory_bank(feats[selected].float(), projection, radius)
-    stats = {"patches": len(feats), "bank_size": len(selected), "coverage_radius": radius,
-             "feature_seconds": t1 - t0, "coreset_seconds": t2 - t1}
+    stats = {"patches": len(feats), "repeated_images": repeats, "bank_size": len(selected),
+             "coverage_radius": radius, "feature_seconds": t1 - t0, "coreset_seconds": t2 - t1}
     if descriptors is not None:
         owner = selected // (len(feats) // len(images_uint8))
         model.set_image_bank(descriptors, leave_one_out_scores(model, images_uint8, normalize, device, owner, seed))
@@ -177,14 +183,30 @@ def fit_patchcore(model: PatchCore, images_uint8: torch.Tensor, normalize: Calla
     return stats
 
 
-def known_images(descriptors: torch.Tensor, image_bank: torch.Tensor) -> torch.Tensor:
-    """Which images (rows of ``descriptors``, as wide as ``image_bank``) the image bank already
-    holds: within 1% of their length of a bank row. The same file again lands within 0.08% (other
-    batches, float16 rounding); different images lie 9-50% apart on the four benchmark sets, and
-    so does an image saved again as a JPEG of quality 90 (11-21%): that counts as a new image."""
+def repeated_images(descriptors: torch.Tensor, image_bank: torch.Tensor) -> torch.Tensor:
+    """Which images (rows of ``descriptors``, as wide as ``image_bank``) the image bank holds
+    already or repeat an earlier row: within 1% of their length of it. The same file again lands
+    within 0.08% (other batches, float16 rounding); different images lie 9-50% apart on the four
+    benchmark sets, and so does an image saved again as a JPEG of quality 90 (11-21%): that
+    counts as a new image. A repeat's leave-one-out distance would be zero, shrinking the spreads
+    the image score is measured in."""
     rounded = descriptors.to(image_bank.device, torch.float16).float()  # as the bank holds them
-    nearest = nearest_neighbors(rounded, image_bank, with_indices=False)[0]
-    return nearest <= 0.01 * torch.linalg.vector_norm(rounded, dim=1)
+    tolerance = 0.01 * torch.linalg.vector_norm(rounded, dim=1)
+    repeated = torch.zeros(len(rounded), dtype=torch.bool, device=rounded.device)
+    if len(image_bank):
+        repeated |= nearest_neighbors(rounded, image_bank, with_indices=False)[0] <= tolerance
+    for start in range(0, len(rounded), 1024):  # against the earlier rows, 1024 rows at a time
+        rows = slice(start, start + 1024)
+        close = torch.cdist(rounded[rows], rounded[:start + 1024]) <= tolerance[rows, None]
+        repeated[rows] |= close.tril(diagonal=start - 1).any(1)
+    return repeated
+
+
+def _keep_images(keep: torch.Tensor, images: torch.Tensor, feats: torch.Tensor, proj: torch.Tensor,
+                 descriptors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The images of ``keep`` (N bools), with their blocks of patch rows."""
+    rows = keep.repeat_interleave(len(feats) // len(images))
+    return images[keep], feats[rows], proj[rows], descriptors[keep]
 
 
 @torch.no_grad()
@@ -197,9 +219,9 @@ def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callabl
     patches the bank already covers are never picked. Up to ``coreset_ratio`` of the new patches
     are added, fewer when all are within the bank's coverage radius from the original fit.
 
-    With an image bank, images it already holds are left out (``known``): their leave-one-out
-    distances would be zero, shrinking the spreads the image score is measured in (a hazelnut
-    model's image threshold went from 1.36 to 3257 when its own training images were added again).
+    With an image bank, images it holds already or that repeat another are left out
+    (``repeated_images``): a hazelnut model's image threshold went from 1.36 to 3257 when its own
+    training images were added again.
     """
     if len(model.memory_bank) == 0:
         raise ValueError("add_normals needs a fitted PatchCore (its memory bank is empty)")
@@ -207,17 +229,15 @@ def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callabl
     projection = model.projection.cpu()
     feats, proj, descriptors = extract_patches(model, images_uint8, normalize, device, projection, batch_size,
                                                max_patches, seed)
-    known = 0
+    repeats = 0
     if descriptors is not None and len(model.image_bank):
         width = model.image_bank.shape[1]  # a model saved before the spread descriptor keeps the mean only
         descriptors = descriptors[:, :width]
-        new = ~known_images(descriptors, model.image_bank).cpu()
-        known = int((~new).sum())
-        per_image = len(feats) // len(images_uint8)
-        rows = new.repeat_interleave(per_image)
-        images_uint8, descriptors, feats, proj = images_uint8[new], descriptors[new], feats[rows], proj[rows]
+        repeated = repeated_images(descriptors, model.image_bank).cpu()
+        repeats = int(repeated.sum())
+        images_uint8, feats, proj, descriptors = _keep_images(~repeated, images_uint8, feats, proj, descriptors)
     old_size = len(model.memory_bank)
-    stats = {"new_images": len(images_uint8), "known_images": known, "patches": len(feats), "added": 0,
+    stats = {"new_images": len(images_uint8), "repeated_images": repeats, "patches": len(feats), "added": 0,
              "bank_size": old_size, "coverage_radius": float(model.coverage_radius)}
     if len(images_uint8) == 0:
         return stats

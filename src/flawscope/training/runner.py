@@ -26,7 +26,7 @@ from tqdm import tqdm
 from flawscope.data.io import read_image
 from flawscope.backbones import backbone_spec
 from flawscope.config import dump_config
-from flawscope.data.layouts import Dataset, Sample, load_dataset
+from flawscope.data.layouts import Dataset, Sample, load_dataset, unique_images
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
 from flawscope.errors import FlawscopeError
@@ -75,7 +75,12 @@ def train(cfg: dict, world: World) -> dict:
     if not g["dataset_dir"]:
         raise FlawscopeError("Global.dataset_dir: required for training (-o Global.dataset_dir=PATH)")
     dataset = load_dataset(g["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
-    fit_samples, calib_samples = split_calibration(dataset.train, t["calibration_fraction"], g["seed"])
+    train_samples, copies = unique_images(dataset.train)
+    if copies:
+        copy, original = copies[0]
+        log.warning("%d training images are copies of others (%s of %s%s): each image is used once", len(copies),
+                    copy.image, original.image, ", ..." if len(copies) > 1 else "")
+    fit_samples, calib_samples = split_calibration(train_samples, t["calibration_fraction"], g["seed"])
     calib_set = calibration_set(t, dataset, calib_samples, fit_samples)  # fails here, not after training
     base = load_model_dir(t["add_normals"]) if t["add_normals"] else None  # a model whose bank grows
     if base is not None and not isinstance(base[0], PatchCore):
@@ -178,15 +183,18 @@ def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: to
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     if t["add_normals"]:
         stats = add_normals(model, images, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"])
-        if stats["known_images"]:
-            log.warning("%d of the %d good images are already in the model %s: not added again%s",
-                        stats["known_images"], len(images), t["add_normals"],
+        if stats["repeated_images"]:
+            log.warning("%d of the %d good images are in the model %s already or repeat another: not added "
+                        "again%s", stats["repeated_images"], len(images), t["add_normals"],
                         "" if stats["new_images"] else "; the memory bank is unchanged")
         log.info("added %d of %d new patches to the memory bank of %s: %d entries now", stats["added"],
                  stats["patches"], t["add_normals"], stats["bank_size"])
     else:
         stats = fit_patchcore(model, images, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"],
                               m["projection_dim"])
+        if stats["repeated_images"]:
+            log.warning("%d of the %d training images repeat another: each is fitted once",
+                        stats["repeated_images"], len(images))
         log.info("memory bank: %d of %d patches (features %.1fs, coreset %.1fs)", stats["bank_size"],
                  stats["patches"], stats["feature_seconds"], stats["coreset_seconds"])
     stats["bank_mb"] = round(model.memory_bank.numel() * 2 / 2**20, 1)  # saved as float16
