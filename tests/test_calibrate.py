@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
-from conftest import make_mvtec, tiny_overrides
+from conftest import make_mvtec, texture, tiny_overrides
 from flawscope.cli import main
 from flawscope.config import load_config
 from flawscope.data.io import read_image, read_mask
@@ -51,8 +52,7 @@ def test_calibration_set_sources(tmp_path):
 
     folder = tmp_path / "more_good"
     folder.mkdir()
-    for sample in data.val[:1]:
-        (folder / "a.png").write_bytes(sample.image.read_bytes())
+    Image.fromarray(texture(np.random.default_rng(99))).save(folder / "a.png")
     both = calibration_set(_train_cfg(directory=folder), data, held, fit)
     assert len(both.good) == 3 and both.defects == [] and "calibration_dir" in both.source
 
@@ -61,15 +61,22 @@ def test_calibration_set_sources(tmp_path):
     assert len(labelled.good) == 2 + 2 + 2  # held out + the calibration set's train/good and test/good
 
 
-@pytest.mark.parametrize("case", ["f1_without_defects", "dataset_itself", "missing_dir"])
+@pytest.mark.parametrize("case", ["f1_without_defects", "dataset_itself", "missing_dir", "copies"])
 def test_calibration_set_refusals(tmp_path, case):
     root = make_mvtec(tmp_path / "data")
     data = load_dataset(root)
+    copies = tmp_path / "copies"  # good images under new names: a copy scores like the image it copies
+    copies.mkdir()
+    for i, sample in enumerate((data.train[3], data.val[0])):
+        (copies / f"new_{i}.png").write_bytes(sample.image.read_bytes())
     cfg = {"f1_without_defects": _train_cfg("f1"),
            "dataset_itself": _train_cfg("f1", root),
-           "missing_dir": _train_cfg(directory=tmp_path / "nope")}[case]
-    with pytest.raises(FlawscopeError, match="Train.threshold_method=f1|Train.calibration_dir"):
+           "missing_dir": _train_cfg(directory=tmp_path / "nope"),
+           "copies": _train_cfg(directory=copies)}[case]
+    with pytest.raises(FlawscopeError, match="Train.threshold_method=f1|Train.calibration_dir") as error:
         calibration_set(cfg, data, data.train[:2], data.train[2:])
+    if case == "copies":
+        assert f"new_0.png is the same image as {data.train[3].image} in the training split" in str(error.value)
 
 
 def test_f1_thresholds_are_f1_optimal_on_the_calibration_set(trained, tmp_path):

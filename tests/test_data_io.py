@@ -224,10 +224,11 @@ def test_read_ahead_stops_loading_when_the_caller_stops():
 def test_read_ahead_can_be_finalised_in_its_own_reader_thread():
     """The garbage collector may finalise an abandoned generator in any thread, the reader's too:
     that must not wait for the reader (a deadlock, or "cannot join current thread")."""
-    box: dict = {"done": threading.Event()}
+    box: dict = {"handed_out": threading.Event(), "done": threading.Event()}
 
     def load(i: int) -> int:
         if i == 1:
+            box["handed_out"].wait(5)  # the generator is suspended at its yield by now
             try:
                 box["items"].close()
             except Exception as exc:
@@ -237,7 +238,14 @@ def test_read_ahead_can_be_finalised_in_its_own_reader_thread():
 
     box["items"] = read_ahead(load, range(5), depth=1)
     assert next(box["items"])[0] == 0
+    box["handed_out"].set()
     assert box["done"].wait(5) and "error" not in box
+
+
+def test_read_ahead_keeps_every_future_it_handed_out():
+    """Exhausting the generator before asking for the results must not cancel any of them."""
+    pairs = list(read_ahead(lambda i: time.sleep(0.01) or -i, range(6), depth=2))
+    assert [loading.result() for _, loading in pairs] == [0, -1, -2, -3, -4, -5]
 
 
 def test_read_ahead_hands_out_what_was_loaded_before_the_items_fail():

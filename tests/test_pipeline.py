@@ -43,7 +43,8 @@ def test_every_input_type_gives_the_same_result(pipeline, trained, http_root) ->
     path = dataset / "test" / "scratch" / "000.png"
     array = np.asarray(Image.open(path).convert("RGB"))
     inputs = [str(path), path, f"{http_root}/test/scratch/000.png", array, Image.open(path),
-              str(dataset / "test" / "scratch" / "000.*")]
+              str(dataset / "test" / "scratch" / "000.*"),
+              f"{http_root}/test/scratch/000.png?token={'A' * 4100}"]  # longer than any file name
     results = [list(pipeline.predict(item)) for item in inputs]
     assert all(len(r) == 1 and r[0].error is None for r in results)
     reference = results[0][0]
@@ -72,6 +73,29 @@ def test_a_bad_item_mid_batch_keeps_its_place(trained, tmp_path) -> None:
     results = list(create_pipeline(model_dir=str(out / "best_model/inference"), batch_size=3).predict(items))
     assert [r.input_path for r in results] == items
     assert [r.error is None for r in results] == [True, True, False, True, False]
+
+
+def test_results_read_before_the_inputs_fail_come_first(trained) -> None:
+    """A camera that disconnects, or a listing that fails, after some images: their results are
+    yielded, then the error is raised."""
+    dataset, out = trained
+    good = sorted(str(p) for p in (dataset / "test").rglob("*.png"))[:2]
+
+    def camera():
+        yield from good
+        raise OSError("camera disconnected")
+
+    class Listing:
+        def __iter__(self):
+            return camera()
+
+    predictor = create_pipeline(model_dir=str(out / "best_model/inference"), batch_size=4)
+    for inputs in (camera(), Listing()):
+        results = []
+        with pytest.raises(OSError, match="disconnected"):
+            for result in predictor.predict(inputs):
+                results.append(result)
+        assert [r.input_path for r in results] == good
 
 
 def test_a_generator_is_read_as_results_are_taken(trained) -> None:

@@ -276,6 +276,7 @@ def test_copied_training_images_are_used_once(tmp_path, capsys) -> None:
     for data in (plain, copied):
         assert _patchcore("Global.mode=train", f"Global.dataset_dir={data}", f"Global.output={data}_out", *small) == 0
     assert "3 training images are copies of others" in capsys.readouterr().err
+    assert "3 training images are copies of others" in Path(f"{copied}_out/train.log").read_text()
     plain_info, copied_info = (yaml.safe_load(Path(f"{d}_out/best_model/inference/inference.yml").read_text())
                                for d in (plain, copied))
     assert copied_info["provenance"]["train_images"] == plain_info["provenance"]["train_images"] == 6

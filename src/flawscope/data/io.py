@@ -168,20 +168,25 @@ def read_ahead(load: Callable[[T], R], items: Iterable[T], depth: int) -> Iterat
         return
     pool = ThreadPoolExecutor(1, thread_name_prefix="flawscope-read")
     ahead: deque[tuple[T, Future[R]]] = deque()
+    iterator, finished = iter(items), False
     try:
-        try:
-            for item in items:
-                ahead.append((item, pool.submit(load, item)))
-                if len(ahead) > depth:
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            except Exception:  # the listing failed: what was loaded before it comes first
+                while ahead:
                     yield ahead.popleft()
-        except Exception:  # ``items`` raised: hand out what was loaded before it first
-            while ahead:
+                raise
+            ahead.append((item, pool.submit(load, item)))
+            if len(ahead) > depth:
                 yield ahead.popleft()
-            raise
         while ahead:
             yield ahead.popleft()
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        finished = True
+    finally:  # cancel only what a caller who stopped early will never ask for
+        pool.shutdown(wait=False, cancel_futures=not finished)
 
 
 def _load_now(load: Callable[[T], R], item: T) -> Future[R]:

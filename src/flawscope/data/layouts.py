@@ -203,7 +203,7 @@ def unique_images(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Sampl
     unique, copies = [], []
     for sample in samples:
         try:
-            digest = hashlib.blake2b(sample.image.read_bytes(), digest_size=16).digest()
+            digest = _digest(sample.image)
         except OSError as exc:
             raise FlawscopeError(f"{sample.image}: cannot read file ({exc.strerror or exc})") from None
         if digest in first:
@@ -212,6 +212,14 @@ def unique_images(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Sampl
             first[digest] = sample
             unique.append(sample)
     return unique, copies
+
+
+def _digest(path: Path) -> bytes:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
 
 
 def load_dataset(

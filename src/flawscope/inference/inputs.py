@@ -34,13 +34,12 @@ def _fetch(url: str) -> bytes:
 
 
 def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
+    """A copy in HxWx3 RGB: the caller may refill its buffer for the next frame."""
+    if array.ndim not in (2, 3) or array.ndim == 3 and array.shape[2] not in (3, 4):
         raise FlawscopeError(f"{name}: array must be HxW or HxWx3 (RGB), got shape {array.shape}")
     if array.dtype != np.uint8:
         raise FlawscopeError(f"{name}: array must be uint8, got {array.dtype}")
-    return np.array(array[:, :, :3])  # a copy: the caller may refill its buffer for the next frame
+    return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else np.array(array[:, :, :3])
 
 
 def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | None, Any]]:
@@ -48,12 +47,15 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
     if isinstance(inputs, (str, os.PathLike)):
         text = str(inputs)
         path = Path(text)
+        if text.startswith(("http://", "https://")):
+            yield text, text
+            return
         try:
             is_file, is_dir = path.is_file(), path.is_dir()
         except OSError as exc:  # e.g. a name too long for the file system
             yield text, FlawscopeError(f"{text}: cannot be opened ({exc.strerror or exc})")
             return
-        if text.startswith(("http://", "https://")) or is_file:
+        if is_file:
             yield text, text
         elif is_dir:
             pattern = "**/*" if recursive else "*"

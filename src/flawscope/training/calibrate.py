@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from flawscope.data.io import read_image, read_mask
-from flawscope.data.layouts import Dataset, Sample, load_dataset
+from flawscope.data.layouts import Dataset, Sample, load_dataset, unique_images
 from flawscope.errors import FlawscopeError
 from flawscope.evaluation.metrics import best_f1, pixel_best_f1
 from flawscope.inference.model_dir import Calibration
@@ -99,13 +99,15 @@ def _load_calibration_dir(directory: Path, dataset: Dataset) -> tuple[list[Sampl
     except FlawscopeError as exc:
         raise FlawscopeError(f"Train.calibration_dir: {exc}") from None
     samples = cal.train + cal.val
-    known = {s.image.resolve(): split for split, group in (("training", dataset.train), ("evaluation", dataset.val))
-             for s in group}
-    for sample in samples:
-        split = known.get(sample.image.resolve())
-        if split:
-            raise FlawscopeError(f"Train.calibration_dir: {sample.image} is also in the {split} split of "
-                                 f"{dataset.root}; calibration images must be new to the model and to evaluation")
+    split_of = {id(s): split for split, group in (("training", dataset.train), ("evaluation", dataset.val))
+                for s in group}
+    # By content, not path: a copy of a training image scores like the image it copies.
+    for copy, original in unique_images(dataset.train + dataset.val + samples)[1]:
+        split = split_of.get(id(original))
+        if split and id(copy) not in split_of:
+            raise FlawscopeError(f"Train.calibration_dir: {copy.image} is the same image as {original.image} in "
+                                 f"the {split} split of {dataset.root}; calibration images must be new to the "
+                                 "model and to evaluation")
     good = [s for s in samples if s.label == 0]
     defects = [s for s in samples if s.label == 1 and s.mask is not None]
     if not good and not defects:

@@ -235,7 +235,8 @@ def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callabl
         descriptors = descriptors[:, :width]
         repeated = repeated_images(descriptors, model.image_bank).cpu()
         repeats = int(repeated.sum())
-        images_uint8, feats, proj, descriptors = _keep_images(~repeated, images_uint8, feats, proj, descriptors)
+        if repeats:
+            images_uint8, feats, proj, descriptors = _keep_images(~repeated, images_uint8, feats, proj, descriptors)
     old_size = len(model.memory_bank)
     stats = {"new_images": len(images_uint8), "repeated_images": repeats, "patches": len(feats), "added": 0,
              "bank_size": old_size, "coverage_radius": float(model.coverage_radius)}

@@ -76,10 +76,6 @@ def train(cfg: dict, world: World) -> dict:
         raise FlawscopeError("Global.dataset_dir: required for training (-o Global.dataset_dir=PATH)")
     dataset = load_dataset(g["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
     train_samples, copies = unique_images(dataset.train)
-    if copies:
-        copy, original = copies[0]
-        log.warning("%d training images are copies of others (%s of %s%s): each image is used once", len(copies),
-                    copy.image, original.image, ", ..." if len(copies) > 1 else "")
     fit_samples, calib_samples = split_calibration(train_samples, t["calibration_fraction"], g["seed"])
     calib_set = calibration_set(t, dataset, calib_samples, fit_samples)  # fails here, not after training
     base = load_model_dir(t["add_normals"]) if t["add_normals"] else None  # a model whose bank grows
@@ -98,6 +94,10 @@ def train(cfg: dict, world: World) -> dict:
     if world.is_main:
         dump_config(cfg, output / "config.yaml")
     with log_to_file(output / "train.log") if world.is_main else nullcontext():
+        if copies:
+            copy, original = copies[0]
+            log.warning("%d training images are copies of others (%s of %s%s): each image is used once",
+                        len(copies), copy.image, original.image, ", ..." if len(copies) > 1 else "")
         return _train(cfg, dataset, fit_samples, calib_set, images, world, output, model.to(world.device), info)
 
 
