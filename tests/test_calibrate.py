@@ -15,7 +15,7 @@ from conftest import make_mvtec, texture, tiny_overrides
 from flawscope.cli import main
 from flawscope.config import load_config
 from flawscope.data.io import read_image, read_mask
-from flawscope.data.layouts import load_dataset
+from flawscope.data.layouts import Sample, load_dataset
 from flawscope.errors import FlawscopeError
 from flawscope.evaluation.metrics import best_f1, pixel_best_f1
 from flawscope.inference.predictor import Predictor
@@ -61,22 +61,37 @@ def test_calibration_set_sources(tmp_path):
     assert len(labelled.good) == 2 + 2 + 2  # held out + the calibration set's train/good and test/good
 
 
-@pytest.mark.parametrize("case", ["f1_without_defects", "dataset_itself", "missing_dir", "copies"])
+@pytest.mark.parametrize("case", ["f1_without_defects", "dataset_itself", "missing_dir", "training_copy",
+                                  "evaluation_copy"])
 def test_calibration_set_refusals(tmp_path, case):
     root = make_mvtec(tmp_path / "data")
     data = load_dataset(root)
-    copies = tmp_path / "copies"  # good images under new names: a copy scores like the image it copies
-    copies.mkdir()
-    for i, sample in enumerate((data.train[3], data.val[0])):
-        (copies / f"new_{i}.png").write_bytes(sample.image.read_bytes())
+    copies = {"training_copy": (data.train[3], "training"), "evaluation_copy": (data.val[0], "evaluation")}
+    folder = tmp_path / "copies"  # a good image under a new name: a copy scores like the image it copies
+    folder.mkdir()
+    if case in copies:
+        (folder / "new.png").write_bytes(copies[case][0].image.read_bytes())
     cfg = {"f1_without_defects": _train_cfg("f1"),
            "dataset_itself": _train_cfg("f1", root),
-           "missing_dir": _train_cfg(directory=tmp_path / "nope"),
-           "copies": _train_cfg(directory=copies)}[case]
+           "missing_dir": _train_cfg(directory=tmp_path / "nope")}.get(case, _train_cfg(directory=folder))
     with pytest.raises(FlawscopeError, match="Train.threshold_method=f1|Train.calibration_dir") as error:
         calibration_set(cfg, data, data.train[:2], data.train[2:])
-    if case == "copies":
-        assert f"new_0.png is the same image as {data.train[3].image} in the training split" in str(error.value)
+    if case in copies:
+        original, split = copies[case]
+        assert f"new.png is the same image as {original.image}, in the {split} split" in str(error.value)
+    if case == "dataset_itself":
+        assert "is in the training split" in str(error.value)
+
+
+def test_calibration_dir_copies_count_once_and_dataset_copies_are_no_reason_to_refuse(tmp_path):
+    data = load_dataset(make_mvtec(tmp_path / "data"))
+    data.train.append(Sample(data.train[0].image, None, 0, "good"))  # the dataset repeats itself
+    folder = tmp_path / "more_good"
+    folder.mkdir()
+    Image.fromarray(texture(np.random.default_rng(99))).save(folder / "a.png")
+    (folder / "b.png").write_bytes((folder / "a.png").read_bytes())
+    cal = calibration_set(_train_cfg(directory=folder), data, data.train[:2], data.train[2:])
+    assert [s.image.name for s in cal.good[2:]] == ["a.png"]
 
 
 def test_f1_thresholds_are_f1_optimal_on_the_calibration_set(trained, tmp_path):

@@ -110,17 +110,22 @@ def test_a_generator_is_read_as_results_are_taken(trained) -> None:
             produced.append(value)
             yield buffer
 
+    class Camera:  # an iterable that is not itself an iterator
+        def __iter__(self):
+            return frames(np.zeros((64, 64, 3), np.uint8))
+
     fresh = [np.full((64, 64, 3), v, np.uint8) for v in (0, 255, 0, 255)]
     for batch_size in (1, 3):
         predictor = create_pipeline(model_dir=str(out / "best_model/inference"), batch_size=batch_size)
         expected = [r.score for r in predictor.predict(fresh)]
-        produced.clear()
-        scores = []
-        for result in predictor.predict(frames(np.zeros((64, 64, 3), np.uint8))):
-            scores.append(result.score)
-            if batch_size == 1:
-                assert len(produced) == len(scores)
-        assert scores == pytest.approx(expected) and expected[0] != pytest.approx(expected[1])
+        for camera in (frames(np.zeros((64, 64, 3), np.uint8)), Camera()):
+            produced.clear()
+            scores = []
+            for result in predictor.predict(camera):
+                scores.append(result.score)
+                if batch_size == 1:
+                    assert len(produced) == len(scores)
+            assert scores == pytest.approx(expected) and expected[0] != pytest.approx(expected[1])
 
 
 def test_batch_of_four_equals_batch_of_one(trained) -> None:
@@ -132,6 +137,18 @@ def test_batch_of_four_equals_batch_of_one(trained) -> None:
     for a, b in zip(one, four):
         assert a.input_path == b.input_path
         assert np.allclose(a.map, b.map, atol=1e-5) and a.is_anomaly == b.is_anomaly
+
+
+def test_array_inputs_of_every_accepted_shape_and_the_refused_ones(pipeline) -> None:
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    gray = rgb[:, :, 1]
+    as_rgb = list(pipeline.predict([rgb, np.dstack([rgb, np.full((40, 30), 7, np.uint8)]), np.asfortranarray(rgb)]))
+    assert all(r.error is None and r.score == pytest.approx(as_rgb[0].score) for r in as_rgb)
+    (from_gray,) = pipeline.predict(gray)
+    (gray_rgb,) = pipeline.predict(np.repeat(gray[:, :, None], 3, axis=2))
+    assert from_gray.score == pytest.approx(gray_rgb.score)
+    bad = list(pipeline.predict([np.zeros((4, 4, 2), np.uint8), np.zeros((4, 4, 3), np.float32)]))
+    assert "array must be HxW or HxWx3" in bad[0].error and "array must be uint8" in bad[1].error
 
 
 def test_result_maps_and_masks_have_the_images_own_size(pipeline) -> None:

@@ -168,7 +168,7 @@ def read_ahead(load: Callable[[T], R], items: Iterable[T], depth: int) -> Iterat
         return
     pool = ThreadPoolExecutor(1, thread_name_prefix="flawscope-read")
     ahead: deque[tuple[T, Future[R]]] = deque()
-    iterator, finished = iter(items), False
+    iterator = iter(items)
     try:
         while True:
             try:
@@ -184,9 +184,10 @@ def read_ahead(load: Callable[[T], R], items: Iterable[T], depth: int) -> Iterat
                 yield ahead.popleft()
         while ahead:
             yield ahead.popleft()
-        finished = True
-    finally:  # cancel only what a caller who stopped early will never ask for
-        pool.shutdown(wait=False, cancel_futures=not finished)
+    finally:
+        for _, future in ahead:  # never handed out: a caller who stopped early will not ask for them
+            future.cancel()
+        pool.shutdown(wait=False)
 
 
 def _load_now(load: Callable[[T], R], item: T) -> Future[R]:

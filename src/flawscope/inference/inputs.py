@@ -39,7 +39,7 @@ def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
         raise FlawscopeError(f"{name}: array must be HxW or HxWx3 (RGB), got shape {array.shape}")
     if array.dtype != np.uint8:
         raise FlawscopeError(f"{name}: array must be uint8, got {array.dtype}")
-    return np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else np.array(array[:, :, :3])
+    return np.repeat(np.asarray(array)[:, :, None], 3, axis=2) if array.ndim == 2 else np.array(array[:, :, :3])
 
 
 def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | None, Any]]:

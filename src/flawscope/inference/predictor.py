@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
@@ -111,9 +112,9 @@ class Predictor:
     def predict(self, inputs: Any, recursive: bool = False, on_error: str = "result") -> Iterator[AnomalyResult]:
         """Yield one result per input image, in order, ``batch_size`` images per forward pass.
 
-        The next two batches are read in a background thread meanwhile (over a folder of PNGs on
-        2 cores, OpenVINO took 13.4 ms per image instead of 18.8; torch gained little), except
-        from a generator or other iterator, which is read as it is consumed.
+        From a path, folder, glob or list, the next two batches are read in a background thread
+        meanwhile (over a folder of PNGs on 2 cores, OpenVINO took 13.4 ms per image instead of
+        18.8; torch gained little); any other iterable is read as it is consumed.
 
         An input that cannot be read yields a result with ``error`` set (``on_error="result"``) or
         raises FlawscopeError (``on_error="raise"``).
@@ -121,9 +122,10 @@ class Predictor:
         if on_error not in ("result", "raise"):
             raise ValueError(f"on_error must be 'result' or 'raise', not {on_error!r}")
         pending: list[tuple[str | None, np.ndarray]] = []
-        # A one-shot iterator is read as it is consumed: a camera loop may refill its buffer for
-        # the next frame, or wait for a result before producing one (at batch size 1).
-        depth = 0 if isinstance(inputs, Iterator) else 2 * self.batch_size
+        # Only inputs known up front are read ahead. Any other iterable is read as it is consumed:
+        # a camera loop may refill its buffer for the next frame, or wait for a result before
+        # producing one (at batch size 1).
+        depth = 2 * self.batch_size if isinstance(inputs, (str, os.PathLike, list, tuple)) else 0
         items = read_ahead(lambda item: load_input(*item), expand_inputs(inputs, recursive), depth)
         with closing(items):
             while True:

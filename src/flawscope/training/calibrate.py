@@ -102,12 +102,17 @@ def _load_calibration_dir(directory: Path, dataset: Dataset) -> tuple[list[Sampl
     split_of = {id(s): split for split, group in (("training", dataset.train), ("evaluation", dataset.val))
                 for s in group}
     # By content, not path: a copy of a training image scores like the image it copies.
+    repeats = set()
     for copy, original in unique_images(dataset.train + dataset.val + samples)[1]:
         split = split_of.get(id(original))
-        if split and id(copy) not in split_of:
-            raise FlawscopeError(f"Train.calibration_dir: {copy.image} is the same image as {original.image} in "
-                                 f"the {split} split of {dataset.root}; calibration images must be new to the "
-                                 "model and to evaluation")
+        if split is None:  # a calibration image that repeats another: counted once
+            repeats.add(id(copy))
+        elif id(copy) not in split_of:
+            what = "is" if copy.image.resolve() == original.image.resolve() else \
+                f"is the same image as {original.image},"
+            raise FlawscopeError(f"Train.calibration_dir: {copy.image} {what} in the {split} split of "
+                                 f"{dataset.root}; calibration images must be new to the model and to evaluation")
+    samples = [s for s in samples if id(s) not in repeats]
     good = [s for s in samples if s.label == 0]
     defects = [s for s in samples if s.label == 1 and s.mask is not None]
     if not good and not defects:
