@@ -34,6 +34,10 @@ from flawscope.inference.predictor import Predictor
 BACKENDS = ("torch", "onnxruntime", "openvino")
 
 
+def _medians_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {backend: round(float(np.median(t)) * 1e3, 2) for backend, t in times.items()}
+
+
 def _seconds(run, *args) -> float:
     start = time.perf_counter()
     run(*args)
@@ -82,13 +86,12 @@ def main() -> None:
                                          / len(paths))
     report = {"model_dir": args.model_dir, "model": info.model, "input_size": info.input_size,
               "threads": args.threads, "timed_calls": args.blocks * args.calls,
-              "model_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in model_s.items()},
+              "model_ms": _medians_ms(model_s),
               "score": {b: float(p.model.map_and_score(x)[1][0]) for b, p in predictors.items()}}
     if images:
         report |= {"images": len(images), "image_size": f"{images[0].shape[1]}x{images[0].shape[0]}",
-                   "predict_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in predict_s.items()},
-                   "predict_from_file_ms": {b: round(float(np.median(v)) * 1e3, 2) for b, v in from_file_s.items()},
-                   "folder_ms_per_image": {b: round(float(np.median(v)) * 1e3, 2) for b, v in folder_s.items()}}
+                   "predict_ms": _medians_ms(predict_s), "predict_from_file_ms": _medians_ms(from_file_s),
+                   "folder_ms_per_image": _medians_ms(folder_s)}
     print(json.dumps(report, indent=1))
 
 

@@ -162,10 +162,8 @@ def fit_patchcore(model: PatchCore, images_uint8: torch.Tensor, normalize: Calla
                                                max_patches, seed)
     repeats = 0
     if descriptors is not None:
-        repeated = repeated_images(descriptors, descriptors[:0]).cpu()
-        repeats = int(repeated.sum())
-        if repeats:
-            images_uint8, feats, proj, descriptors = _keep_images(~repeated, images_uint8, feats, proj, descriptors)
+        images_uint8, feats, proj, descriptors, repeats = _drop_repeated(descriptors[:0], images_uint8, feats, proj,
+                                                                         descriptors)
     t1 = time.perf_counter()
     k = max(1, math.ceil(coreset_ratio * len(feats)))
     if k < len(feats):
@@ -202,11 +200,17 @@ def repeated_images(descriptors: torch.Tensor, image_bank: torch.Tensor) -> torc
     return repeated
 
 
-def _keep_images(keep: torch.Tensor, images: torch.Tensor, feats: torch.Tensor, proj: torch.Tensor,
-                 descriptors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The images of ``keep`` (N bools), with their blocks of patch rows."""
+def _drop_repeated(image_bank: torch.Tensor, images: torch.Tensor, feats: torch.Tensor, proj: torch.Tensor,
+                   descriptors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(images, their blocks of patch rows, projected rows, descriptors) without the
+    ``repeated_images``, and how many those were."""
+    repeated = repeated_images(descriptors, image_bank).cpu()
+    repeats = int(repeated.sum())
+    if not repeats:
+        return images, feats, proj, descriptors, 0
+    keep = ~repeated
     rows = keep.repeat_interleave(len(feats) // len(images))
-    return images[keep], feats[rows], proj[rows], descriptors[keep]
+    return images[keep], feats[rows], proj[rows], descriptors[keep], repeats
 
 
 @torch.no_grad()
@@ -232,11 +236,8 @@ def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callabl
     repeats = 0
     if descriptors is not None and len(model.image_bank):
         width = model.image_bank.shape[1]  # a model saved before the spread descriptor keeps the mean only
-        descriptors = descriptors[:, :width]
-        repeated = repeated_images(descriptors, model.image_bank).cpu()
-        repeats = int(repeated.sum())
-        if repeats:
-            images_uint8, feats, proj, descriptors = _keep_images(~repeated, images_uint8, feats, proj, descriptors)
+        images_uint8, feats, proj, descriptors, repeats = _drop_repeated(model.image_bank, images_uint8, feats, proj,
+                                                                         descriptors[:, :width])
     old_size = len(model.memory_bank)
     stats = {"new_images": len(images_uint8), "repeated_images": repeats, "patches": len(feats), "added": 0,
              "bank_size": old_size, "coverage_radius": float(model.coverage_radius)}
