@@ -13,6 +13,11 @@ compiled with the float32 precision hint) it times:
 - and a folder: ``predict`` over all the image files, per image, where the next images are read
   while the model runs (what a peer's prediction over a folder of images times).
 
+For PatchCore it also times the scoring alone, the backbone excluded (``score_features``: the
+bank search, the image score, the map): in torch as the Predictor runs it, and as a graph of
+just that part exported to ONNX Runtime and OpenVINO the way ``Global.mode=export`` exports
+the whole model.
+
 The backends take turns in blocks of calls, so a slow spell of a shared machine falls on all of
 them alike; the first calls of a block are not timed, as the threads of the runtime before may
 still be spinning. Prints the medians, and each backend's image scores, which must agree.
@@ -22,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from flawscope.data.io import read_image
 from flawscope.inference.predictor import Predictor
@@ -42,6 +50,41 @@ def _seconds(run, *args) -> float:
     start = time.perf_counter()
     run(*args)
     return time.perf_counter() - start
+
+
+class _Scoring(nn.Module):
+    """PatchCore after its backbone, as one graph: patch features (and image descriptors) in."""
+
+    def __init__(self, model: nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.model, self.size = model, size
+
+    def forward(self, emb: torch.Tensor, *descriptor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.score_features(emb, descriptor[0] if descriptor else None, self.size)
+
+
+def _scoring_runs(model: nn.Module, x: torch.Tensor, threads: int, folder: str) -> dict[str, Callable[[], float]]:
+    """Per backend, a call that scores ``x``'s backbone features and returns the image score."""
+    import onnxruntime as ort
+    import openvino as ov
+
+    emb, descriptor = model.features(x)
+    inputs = (emb,) if descriptor is None else (emb, descriptor)
+    names = ["emb", "descriptor"][:len(inputs)]
+    path = Path(folder) / "scoring.onnx"
+    torch.onnx.export(_Scoring(model, tuple(x.shape[-2:])), inputs, str(path), input_names=names,
+                      output_names=["anomaly_map", "image_score"], dynamo=False)
+    feeds = {name: np.ascontiguousarray(t.numpy()) for name, t in zip(names, inputs)}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                           "PERFORMANCE_HINT": "LATENCY",
+                                                           "INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    return {"torch": lambda: float(model.score_features(emb, descriptor, x.shape[-2:])[1][0]),
+            "onnxruntime": lambda: float(session.run(["image_score"], feeds)[0].reshape(-1)[0]),
+            "openvino": lambda: float(np.reshape(request.infer(feeds)[compiled.output("image_score")], -1)[0])}
 
 
 @torch.no_grad()
@@ -63,6 +106,10 @@ def main() -> None:
         if args.images else []
     paths = paths[: args.max_images]
     images = [read_image(p) for p in paths]
+    scratch = tempfile.TemporaryDirectory()
+    scoring = _scoring_runs(predictors["torch"].model, x, args.threads, scratch.name) \
+        if hasattr(predictors["torch"].model, "score_features") else {}
+    scoring_s = {b: [] for b in scoring}
     model_s = {b: [] for b in BACKENDS}
     predict_s = {b: [] for b in BACKENDS}
     from_file_s = {b: [] for b in BACKENDS}
@@ -74,6 +121,10 @@ def main() -> None:
                     t = _seconds(predictor.model.map_and_score, x)
                     if i >= 3:
                         model_s[backend].append(t)
+                for i in range(args.calls + 3 if scoring else 0):
+                    t = _seconds(scoring[backend])
+                    if i >= 3:
+                        scoring_s[backend].append(t)
             for i in range(args.calls + 3 if images else 0):
                 k = (block * args.calls + i) % len(images)  # each block moves on through the images
                 t = _seconds(lambda p, im: list(p.predict([im])), predictor, images[k])
@@ -88,6 +139,8 @@ def main() -> None:
               "threads": args.threads, "timed_calls": args.blocks * args.calls,
               "model_ms": _medians_ms(model_s),
               "score": {b: float(p.model.map_and_score(x)[1][0]) for b, p in predictors.items()}}
+    if scoring:
+        report |= {"scoring_ms": _medians_ms(scoring_s), "scoring_score": {b: run() for b, run in scoring.items()}}
     if images:
         report |= {"images": len(images), "image_size": f"{images[0].shape[1]}x{images[0].shape[0]}",
                    "predict_ms": _medians_ms(predict_s), "predict_from_file_ms": _medians_ms(from_file_s),

@@ -140,9 +140,7 @@ def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
         t0 = time.perf_counter()
         emb, descriptor = model.features(x)
         t1 = time.perf_counter()
-        scores = model.patch_scores(emb)
-        model.anomaly_map(scores, x.shape[-2:])
-        model.combined_score(model.image_score(emb, scores), descriptor)
+        model.score_features(emb, descriptor, x.shape[-2:])
         latency.append((t1 - t0, time.perf_counter() - t1))
     lat = np.array(latency).reshape(-1, 2) * 1e3
     alone = torch.cat(descriptor_distances).T.tolist() if descriptor_distances else []

@@ -58,11 +58,12 @@ def small_patchcore(**kwargs) -> patchcore.PatchCore:
 
 
 def test_model_scores_the_same_with_faiss_and_without(monkeypatch):
-    model = small_patchcore(strides=(8,))
+    model = small_patchcore(strides=(8,), global_score=True)
+    model.set_image_bank(torch.randn(30, model.image_bank.shape[1]), torch.randn(20))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         fast = model.map_and_score(x)
-        assert model._index is not None  # faiss answered
+        assert set(model._indexes) == {"patches", "descriptor 0", "descriptor 1"}  # faiss answered, for both banks
         monkeypatch.setattr(patchcore, "faiss", None)
         fallback = model.map_and_score(x)
     for a, b in zip(fast, fallback):
@@ -78,6 +79,21 @@ def test_index_follows_a_new_bank():
         after = model(x)
         torch.testing.assert_close(after, model.anomaly_map(
             nearest_neighbors(model.patch_rows(model.embed(x)), model.memory_bank)[0].view(1, 8, 8), (64, 64)))
+    assert not torch.allclose(before, after)
+
+
+def test_descriptor_indexes_follow_a_new_image_bank():
+    model = small_patchcore(strides=(8,), global_score=True)
+    model.set_image_bank(torch.randn(30, model.image_bank.shape[1]), torch.randn(20))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        _, descriptor = model.features(x)
+        before = model.descriptor_distances(descriptor)
+        model.set_image_bank(torch.randn(30, model.image_bank.shape[1]) + 5, torch.randn(20))
+        after = model.descriptor_distances(descriptor)
+    reference = [nearest_neighbors(part, bank)[0] for part, bank in
+                 zip(descriptor.split(model.descriptor_dim, 1), model.image_bank.split(model.descriptor_dim, 1))]
+    torch.testing.assert_close(after, torch.stack(reference, 1), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(before, after)
 
 

@@ -48,15 +48,17 @@ class Calibration:
     details: dict = field(default_factory=dict)
 
     @staticmethod
-    def _normalize(values, threshold: float, low: float):
-        ratio = np.maximum(np.asarray(values, dtype=np.float64) - low, 0.0) / max(threshold - low, 1e-12)
-        return ratio / (1.0 + ratio)
+    def _normalize(values: np.ndarray, threshold: float, low: float) -> np.ndarray:
+        dtype = values.dtype.type
+        ratio = np.maximum(values - dtype(low), 0) / dtype(max(threshold - low, 1e-12))
+        return ratio / (1 + ratio)
 
     def image_score(self, raw: float) -> float:
-        return float(self._normalize(raw, self.image_threshold, self.image_low))
+        return float(self._normalize(np.float64(raw), self.image_threshold, self.image_low))
 
     def pixel_map(self, raw: np.ndarray) -> np.ndarray:
-        return self._normalize(raw, self.pixel_threshold, self.pixel_low).astype(np.float32)
+        """In float32, the map's own precision: in float64 this took 2 ms of a 512x512 prediction."""
+        return self._normalize(np.asarray(raw, dtype=np.float32), self.pixel_threshold, self.pixel_low)
 
 
 @dataclass

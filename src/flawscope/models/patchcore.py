@@ -65,7 +65,8 @@ class PatchCore(nn.Module):
             raise ValueError(f"global_grid must be >= 1, not {global_grid}")
         check_search(search)
         self.search, self.search_nprobe = search, int(search_nprobe)
-        self._index: FaissIndex | None = None  # over the current bank, built on first use
+        # faiss indexes over the memory bank and the image bank's descriptor parts, built on first use
+        self._indexes: dict[str, FaissIndex] = {}
         self.backbone, self.strides = backbone, tuple(sorted(strides))
         self.feature_dim = None if feature_dim is None else int(feature_dim)
         self.num_neighbors, self.smooth_sigma = int(num_neighbors), float(smooth_sigma)
@@ -143,7 +144,7 @@ class PatchCore(nn.Module):
         if bank.ndim != 2 or bank.shape[1] != self.embed_dim:
             raise ValueError(f"memory bank must be Kx{self.embed_dim}, not {tuple(bank.shape)}")
         device = self.coverage_radius.device
-        self._index = None
+        self._indexes = {}
         self.memory_bank = bank.to(device, torch.float16).float()
         self.projection = projection.to(device, torch.float32)
         self.coverage_radius = torch.tensor(float(coverage_radius), device=device)
@@ -156,6 +157,7 @@ class PatchCore(nn.Module):
         image bank large (10k values an image with Lite0 at 4x4), and saved as float16 it loses nothing.
         """
         device = self.coverage_radius.device
+        self._indexes = {}
         descriptors = descriptors.to(device, torch.float16).float()
         reference_scores = reference_scores.to(device).float()
         if len(descriptors) < 2 or len(reference_scores) < 2:
@@ -175,7 +177,7 @@ class PatchCore(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         """The bank's size is only known after fitting: take the saved tensors' shapes."""
-        self._index = None
+        self._indexes = {}
         for name in self._SIZED_ON_LOAD:
             saved = state_dict.get(prefix + name)
             if saved is not None:
@@ -190,22 +192,27 @@ class PatchCore(nn.Module):
             raise RuntimeError("PatchCore has an empty memory bank: fit it first")
         b, _, h, w = emb.shape
         rows = self.patch_rows(emb)
-        dist = self._search(rows) if bank is None else nearest_neighbors(rows, bank, with_indices=False)[0]
+        if bank is None:
+            dist = self._nearest(rows, "patches", self.memory_bank, self.search)
+        else:
+            dist = nearest_neighbors(rows, bank, with_indices=False)[0]
         return dist.view(b, h, w)
 
-    def _search(self, queries: torch.Tensor) -> torch.Tensor:
-        """faiss on CPU where installed; torch on a GPU, without faiss and while exporting."""
-        bank = self.memory_bank
+    def _nearest(self, queries: torch.Tensor, name: str, bank: torch.Tensor, mode: str = "exact") -> torch.Tensor:
+        """Each query's distance to its nearest row of ``bank``: through the faiss index kept under
+        ``name`` on a CPU where faiss is installed (it also keeps the bank's norms, which torch
+        recomputes on every call: 2 ms an image for a 4x4 grid's image bank); torch on a GPU,
+        without faiss and while exporting."""
         exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
         if faiss is None or bank.device.type != "cpu" or exporting:
             return nearest_neighbors(queries, bank, with_indices=False)[0]
-        if self._index is None:
-            self._index = FaissIndex(bank, self.search, self.search_nprobe)
-        return self._index.search(queries)[0]
+        if name not in self._indexes:
+            self._indexes[name] = FaissIndex(bank, mode, self.search_nprobe)
+        return self._indexes[name].search(queries)[0]
 
     def _apply(self, fn, *args, **kwargs) -> "PatchCore":
-        """``to()``, ``cuda()``, ``half()``... replace the bank: the index must be rebuilt."""
-        self._index = None
+        """``to()``, ``cuda()``, ``half()``... replace the banks: the indexes must be rebuilt."""
+        self._indexes = {}
         return super()._apply(fn, *args, **kwargs)
 
     def image_score(self, emb: torch.Tensor, scores: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,8 +241,8 @@ class PatchCore(nn.Module):
         """BxK: each image descriptor's distance to the nearest training image's (K = 2: mean and
         spread; 1 in models saved before the spread, whose image bank holds the mean only)."""
         banks = self.image_bank.split(self.descriptor_dim, dim=1)
-        return torch.stack([nearest_neighbors(part, bank)[0]
-                            for part, bank in zip(descriptor.split(self.descriptor_dim, dim=1), banks)], dim=1)
+        return torch.stack([self._nearest(part, f"descriptor {i}", bank) for i, (part, bank)
+                            in enumerate(zip(descriptor.split(self.descriptor_dim, dim=1), banks))], dim=1)
 
     def combined_score(self, patch_score: torch.Tensor, descriptor: torch.Tensor | None) -> torch.Tensor:
         """The largest of the patch score and the descriptors' distances to the nearest training
@@ -255,9 +262,14 @@ class PatchCore(nn.Module):
     def map_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Bx1xSxS raw anomaly map, B image scores): what prediction and calibration should use."""
         emb, descriptor = self.features(x)
+        return self.score_features(emb, descriptor, x.shape[-2:])
+
+    def score_features(self, emb: torch.Tensor, descriptor: torch.Tensor | None,
+                       size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``map_and_score`` after the backbone, from ``features``' output: PatchCore's own cost,
+        which the benchmarks time apart from the backbone's."""
         scores = self.patch_scores(emb)
-        score = self.combined_score(self.image_score(emb, scores), descriptor)
-        return self.anomaly_map(scores, x.shape[-2:]), score
+        return self.anomaly_map(scores, size), self.combined_score(self.image_score(emb, scores), descriptor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.anomaly_map(self.patch_scores(self.embed(x)), x.shape[-2:])
