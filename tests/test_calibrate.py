@@ -18,6 +18,7 @@ from flawscope.data.io import read_image, read_mask
 from flawscope.data.layouts import Sample, load_dataset
 from flawscope.errors import FlawscopeError
 from flawscope.evaluation.metrics import best_f1, pixel_best_f1
+from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
 from flawscope.training.calibrate import calibrate, calibration_set, fpr_threshold
 
@@ -92,6 +93,15 @@ def test_calibration_dir_copies_count_once_and_dataset_copies_are_no_reason_to_r
     (folder / "b.png").write_bytes((folder / "a.png").read_bytes())
     cal = calibration_set(_train_cfg(directory=folder), data, data.train[:2], data.train[2:])
     assert [s.image.name for s in cal.good[2:]] == ["a.png"]
+
+
+def test_normalised_scores_put_the_threshold_at_one_half():
+    cal = Calibration(image_threshold=3.0, image_low=1.0, pixel_threshold=0.5, pixel_low=0.1)
+    assert [cal.image_score(v) for v in (0.5, 1.0, 3.0, 5.0)] == pytest.approx([0.0, 0.0, 0.5, 2 / 3])
+    raw = np.array([[0.0, 0.1], [0.5, 0.9]], dtype=np.float64)
+    norm = cal.pixel_map(raw)
+    assert norm.dtype == np.float32 and norm.shape == raw.shape  # the map's precision, whatever comes in
+    np.testing.assert_allclose(norm, [[0.0, 0.0], [0.5, 2 / 3]], rtol=1e-6)
 
 
 def test_f1_thresholds_are_f1_optimal_on_the_calibration_set(trained, tmp_path):

@@ -51,6 +51,17 @@ def test_to_original_keeps_float_precision():
     np.testing.assert_allclose(out, 0.123456, rtol=1e-6)
 
 
+def test_to_original_averages_when_shrinking_and_interpolates_when_enlarging():
+    lines = np.tile(np.array([1.0, 0.0, 0.0, 0.0], dtype=np.float32), (16, 4))  # a line every 4th column
+    shrunk = Resizer(16).to_original(lines, (4, 16))  # 4 columns from 16: each averages its 4
+    assert (shrunk > 0.15).all() and (shrunk < 0.3).all()  # bilinear sampling alone misses every line: 0
+    ramp = np.tile(np.arange(16, dtype=np.float32), (16, 1))
+    enlarged = Resizer(16).to_original(ramp, (32, 16))
+    expected = torch.nn.functional.interpolate(torch.from_numpy(ramp)[None, None], size=(16, 32), mode="bilinear",
+                                               align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(enlarged, expected, atol=1e-6)
+
+
 def test_to_original_rejects_wrong_map_size():
     with pytest.raises(ValueError, match="8x8"):
         Resizer(8).to_original(np.zeros((4, 4), dtype=np.float32), (4, 4))
