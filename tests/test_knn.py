@@ -1,4 +1,4 @@
-"""Nearest-neighbour search of PatchCore: faiss (exact and approximate) against the torch reference."""
+"""Nearest-neighbour search of PatchCore: oneDNN and faiss (exact and approximate) against the torch reference."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 import flawscope.models.patchcore as patchcore
 from flawscope.errors import FlawscopeError
 from flawscope.models import build_model
-from flawscope.models.knn import FaissIndex, nearest_neighbors
+import flawscope.models.knn as knn
+from flawscope.models.knn import FaissIndex, OneDnnIndex, nearest_neighbors
 
 
 def clustered(n: int, dim: int = 16, clusters: int = 40, seed: int = 0) -> torch.Tensor:
@@ -36,6 +37,30 @@ def test_faiss_exact_matches_torch():
     torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not knn.ONEDNN, reason="torch without oneDNN's packed linear layer, or not on x86")
+def test_onednn_exact_matches_torch():
+    bank, queries = clustered(3000), clustered(1500, seed=1)  # 1500 queries: several chunks, the last one short
+    index = OneDnnIndex(bank)
+    assert 1 < len(queries) / index.chunk < 5
+    dist, idx = index.search(queries)
+    ref_dist, ref_idx = nearest_neighbors(queries, bank)
+    assert (idx == ref_idx).float().mean() > 0.999  # ties aside
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-4)
+    only, none = index.search(queries[:7].T.contiguous().T, with_indices=False)  # a strided view too
+    assert none is None and torch.equal(only, dist[:7])
+
+
+def test_cpu_index_takes_the_fastest_available(monkeypatch):
+    bank = clustered(500)
+    if knn.ONEDNN:
+        assert isinstance(knn.cpu_index(bank, "exact", 8), OneDnnIndex)
+    assert isinstance(knn.cpu_index(bank, "approximate", 8), FaissIndex)  # oneDNN has no approximate search
+    monkeypatch.setattr(knn, "ONEDNN", False)
+    assert isinstance(knn.cpu_index(bank, "exact", 8), FaissIndex)
+    monkeypatch.setattr(knn, "faiss", None)
+    assert knn.cpu_index(bank, "exact", 8) is None  # torch's nearest_neighbors, then
+
+
 def test_approximate_search_overestimates_only_and_is_exact_with_all_cells():
     bank, queries = clustered(4000), clustered(1000, seed=1)
     ref_dist, ref_idx = nearest_neighbors(queries, bank)
@@ -57,15 +82,24 @@ def small_patchcore(**kwargs) -> patchcore.PatchCore:
     return model
 
 
-def test_model_scores_the_same_with_faiss_and_without(monkeypatch):
+@pytest.mark.parametrize("index", ["onednn", "faiss"])
+def test_model_scores_the_same_through_each_index(monkeypatch, index):
+    if index == "onednn" and not knn.ONEDNN:
+        pytest.skip("torch without oneDNN's packed linear layer, or not on x86")
+    monkeypatch.setattr(knn, "ONEDNN", index == "onednn")
     model = small_patchcore(strides=(8,), global_score=True)
     model.set_image_bank(torch.randn(30, model.image_bank.shape[1]), torch.randn(20))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         fast = model.map_and_score(x)
-        assert set(model._indexes) == {"patches", "descriptor 0", "descriptor 1"}  # faiss answered, for both banks
-        monkeypatch.setattr(patchcore, "faiss", None)
+        kind = OneDnnIndex if index == "onednn" else FaissIndex
+        assert {name: type(i) for name, i in model._indexes.items()} == \
+            {"patches": kind, "descriptor 0": kind, "descriptor 1": kind}  # the patch and the image bank
+        monkeypatch.setattr(knn, "ONEDNN", False)
+        monkeypatch.setattr(knn, "faiss", None)
+        model.set_image_bank(model.image_bank, model.reference_scores)  # drops the indexes
         fallback = model.map_and_score(x)
+        assert set(model._indexes.values()) == {None}  # torch searched
     for a, b in zip(fast, fallback):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 

@@ -1,14 +1,16 @@
-"""Nearest-neighbour search in a PatchCore memory bank: faiss where it is installed, torch otherwise.
+"""Nearest-neighbour search in a PatchCore memory bank: oneDNN or faiss on a CPU, torch otherwise.
 
 ``nearest_neighbors`` is plain torch, so the model stays exportable to ONNX and runs on a GPU.
-On CPU, faiss's exact flat index finds the same neighbours 1.2-2x faster (it never materialises
-the distance matrix); its inverted-file index (``approximate``) scans only the ``nprobe`` bank
-clusters nearest to each query, trading exactness for speed.
+On an x86 CPU the same exact search runs about twice as fast through oneDNN's matrix product with
+the bank packed once (``OneDnnIndex``): torch's own product (MKL) stays on AVX2 on AMD processors,
+and faiss's exact flat index is in between. faiss's inverted-file index (``approximate``) scans
+only the ``nprobe`` bank clusters nearest to each query, trading exactness for speed.
 """
 
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 import torch
@@ -19,6 +21,11 @@ except ImportError:  # optional: pip install faiss-cpu
     faiss = None
 
 SEARCH_MODES = ("exact", "approximate")
+
+# oneDNN's linear layer with pre-packed weights: torch's own (private) operators for its compiler's
+# CPU code, so they are looked for rather than assumed; measured on x86 only.
+ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+          and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 # Elements of a distance matrix computed at once: 4 MB stays in cache, which makes the search up to
 # twice as fast on CPU as 64 MB chunks, and bounds its memory.
@@ -47,6 +54,14 @@ def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor,
             d2 = d2.amin(1)
         dists.append((d2 + q.pow(2).sum(1)).clamp_min(0).sqrt())
     return torch.cat(dists), torch.cat(indices) if with_indices else None
+
+
+def cpu_index(bank: torch.Tensor, mode: str, nprobe: int) -> OneDnnIndex | FaissIndex | None:
+    """The fastest index over ``bank`` for ``mode`` on this CPU; None: search with ``nearest_neighbors``."""
+    check_search(mode)
+    if mode == "exact" and ONEDNN:
+        return OneDnnIndex(bank)
+    return None if faiss is None else FaissIndex(bank, mode, nprobe)
 
 
 def check_search(mode: str) -> None:
@@ -81,7 +96,7 @@ class FaissIndex:
         self.index.add(data)
         self.bank = bank
 
-    def search(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, with_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Same contract as ``nearest_neighbors``."""
         faiss.omp_set_num_threads(torch.get_num_threads())  # respect the caller's thread budget
         d2, idx = self.index.search(np.ascontiguousarray(queries.detach().cpu().float().numpy()), 1)
@@ -89,4 +104,35 @@ class FaissIndex:
         missed = idx < 0  # approximate: the probed cells were empty
         if missed.any():
             dist[missed], idx[missed] = nearest_neighbors(queries[missed].cpu().float(), self.bank.cpu().float())
-        return dist.to(queries.device), idx.to(queries.device)
+        return dist.to(queries.device), idx.to(queries.device) if with_indices else None
+
+
+class OneDnnIndex:
+    """Exact search over one fixed bank (KxC float32 on CPU) through oneDNN's matrix product.
+
+    As in ``nearest_neighbors``, ``|b|^2 - 2 q.b`` over chunks of queries, here as one linear layer
+    (weight -2b, bias |b|^2) whose weight is packed into oneDNN's layout once. Unpacked, oneDNN
+    repacks the bank on every call, and the memory that frees slowed the backbone's next pass by
+    5 ms (glibc handing it back to the system).
+    """
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        bank = bank.detach().cpu().float().contiguous()
+        self.chunk = max(1, CHUNK_ELEMENTS // max(len(bank), 1))
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(-2 * bank, self.chunk)
+        self.bias = bank.pow(2).sum(1)
+
+    def search(self, queries: torch.Tensor, with_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Same contract as ``nearest_neighbors``."""
+        queries = queries.detach().cpu().float().contiguous()
+        dists, indices = [], []
+        for start in range(0, len(queries), self.chunk):
+            q = queries[start:start + self.chunk]
+            d2 = torch.ops.mkldnn._linear_pointwise(q, self.weight, self.bias, "none", [], "")
+            if with_indices:
+                d2, idx = d2.min(1)
+                indices.append(idx)
+            else:
+                d2 = d2.amin(1)
+            dists.append(d2 + q.pow(2).sum(1))
+        return torch.cat(dists).clamp_min(0).sqrt(), torch.cat(indices) if with_indices else None

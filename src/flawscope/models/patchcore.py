@@ -22,7 +22,7 @@ from torch import nn
 
 from flawscope.backbones import create_backbone
 from flawscope.models.common import GaussianBlur
-from flawscope.models.knn import FaissIndex, check_search, faiss, nearest_neighbors
+from flawscope.models.knn import FaissIndex, OneDnnIndex, check_search, cpu_index, nearest_neighbors
 
 
 def grid_splits(side: int, grid: int) -> bool:
@@ -65,8 +65,8 @@ class PatchCore(nn.Module):
             raise ValueError(f"global_grid must be >= 1, not {global_grid}")
         check_search(search)
         self.search, self.search_nprobe = search, int(search_nprobe)
-        # faiss indexes over the memory bank and the image bank's descriptor parts, built on first use
-        self._indexes: dict[str, FaissIndex] = {}
+        # CPU indexes over the memory bank and the image bank's descriptor parts, built on first use
+        self._indexes: dict[str, OneDnnIndex | FaissIndex | None] = {}
         self.backbone, self.strides = backbone, tuple(sorted(strides))
         self.feature_dim = None if feature_dim is None else int(feature_dim)
         self.num_neighbors, self.smooth_sigma = int(num_neighbors), float(smooth_sigma)
@@ -199,16 +199,18 @@ class PatchCore(nn.Module):
         return dist.view(b, h, w)
 
     def _nearest(self, queries: torch.Tensor, name: str, bank: torch.Tensor, mode: str = "exact") -> torch.Tensor:
-        """Each query's distance to its nearest row of ``bank``: through the faiss index kept under
-        ``name`` on a CPU where faiss is installed (it also keeps the bank's norms, which torch
-        recomputes on every call: 2 ms an image for a 4x4 grid's image bank); torch on a GPU,
-        without faiss and while exporting."""
+        """Each query's distance to its nearest row of ``bank``: on a CPU through the index kept
+        under ``name`` (``knn.cpu_index``: oneDNN or faiss; it also keeps the bank's norms, which
+        torch recomputes on every call: 2 ms an image for a 4x4 grid's image bank); torch on a
+        GPU, while exporting and where neither index runs."""
         exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-        if faiss is None or bank.device.type != "cpu" or exporting:
+        if bank.device.type != "cpu" or exporting:
             return nearest_neighbors(queries, bank, with_indices=False)[0]
         if name not in self._indexes:
-            self._indexes[name] = FaissIndex(bank, mode, self.search_nprobe)
-        return self._indexes[name].search(queries)[0]
+            self._indexes[name] = cpu_index(bank, mode, self.search_nprobe)
+        index = self._indexes[name]
+        return (nearest_neighbors(queries, bank, with_indices=False) if index is None
+                else index.search(queries, with_indices=False))[0]
 
     def _apply(self, fn, *args, **kwargs) -> "PatchCore":
         """``to()``, ``cuda()``, ``half()``... replace the banks: the indexes must be rebuilt."""
