@@ -55,6 +55,13 @@ def test_cpu_index_takes_the_fastest_available(monkeypatch):
     if knn.ONEDNN:
         assert isinstance(knn.cpu_index(bank, "exact", 8), OneDnnIndex)
     assert isinstance(knn.cpu_index(bank, "approximate", 8), FaissIndex)  # oneDNN has no approximate search
+    monkeypatch.setattr(knn, "ONEDNN", True)
+
+    def changed_operator(self, queries, with_indices=True):
+        raise RuntimeError("mkldnn::_linear_pointwise() expected at most 6 argument(s)")
+
+    monkeypatch.setattr(OneDnnIndex, "search", changed_operator)
+    assert isinstance(knn.cpu_index(bank, "exact", 8), FaissIndex)  # a torch whose private operators changed
     monkeypatch.setattr(knn, "ONEDNN", False)
     assert isinstance(knn.cpu_index(bank, "exact", 8), FaissIndex)
     monkeypatch.setattr(knn, "faiss", None)

@@ -60,7 +60,12 @@ def cpu_index(bank: torch.Tensor, mode: str, nprobe: int) -> OneDnnIndex | Faiss
     """The fastest index over ``bank`` for ``mode`` on this CPU; None: search with ``nearest_neighbors``."""
     check_search(mode)
     if mode == "exact" and ONEDNN:
-        return OneDnnIndex(bank)
+        try:
+            index = OneDnnIndex(bank)
+            index.search(bank[:1])
+            return index
+        except RuntimeError:  # private operators: a torch release may change them; the others still work
+            pass
     return None if faiss is None else FaissIndex(bank, mode, nprobe)
 
 
