@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+import flawscope.models.knn as knn
 import flawscope.models.patchcore as patchcore
 from flawscope.errors import FlawscopeError
 from flawscope.models import build_model
-import flawscope.models.knn as knn
 from flawscope.models.knn import FaissIndex, OneDnnIndex, nearest_neighbors
 
 
@@ -139,7 +139,6 @@ def test_descriptor_indexes_follow_a_new_image_bank():
 
 
 def test_approximate_without_faiss_is_a_clear_error(monkeypatch):
-    import flawscope.models.knn as knn
     monkeypatch.setattr(knn, "faiss", None)
     with pytest.raises(FlawscopeError, match="approximate.*pip install faiss-cpu"):
         build_model("PatchCore", {"strides": [8], "search": "approximate"}, pretrained=False)
