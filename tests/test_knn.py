@@ -37,7 +37,7 @@ def test_faiss_exact_matches_torch():
     torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not knn.ONEDNN, reason="torch without oneDNN's packed linear layer, or not on x86")
+@pytest.mark.skipif(not knn.onednn_available(), reason="torch without oneDNN's packed linear layer, or not on x86")
 def test_onednn_exact_matches_torch():
     bank, queries = clustered(3000), clustered(1500, seed=1)  # 1500 queries: several chunks, the last one short
     index = OneDnnIndex(bank)
@@ -52,20 +52,35 @@ def test_onednn_exact_matches_torch():
 
 def test_cpu_index_takes_the_fastest_available(monkeypatch):
     bank = clustered(500)
-    if knn.ONEDNN:
+    if knn.onednn_available():
         assert isinstance(knn.cpu_index(bank, "exact", 8), OneDnnIndex)
     assert isinstance(knn.cpu_index(bank, "approximate", 8), FaissIndex)  # oneDNN has no approximate search
-    monkeypatch.setattr(knn, "ONEDNN", True)
-
-    def changed_operator(self, queries, with_indices=True):
-        raise RuntimeError("mkldnn::_linear_pointwise() expected at most 6 argument(s)")
-
-    monkeypatch.setattr(OneDnnIndex, "search", changed_operator)
-    assert isinstance(knn.cpu_index(bank, "exact", 8), FaissIndex)  # a torch whose private operators changed
-    monkeypatch.setattr(knn, "ONEDNN", False)
+    monkeypatch.setattr(knn, "onednn_available", lambda: False)
     assert isinstance(knn.cpu_index(bank, "exact", 8), FaissIndex)
     monkeypatch.setattr(knn, "faiss", None)
     assert knn.cpu_index(bank, "exact", 8) is None  # torch's nearest_neighbors, then
+
+
+@pytest.mark.skipif(not knn.onednn_available(), reason="torch without oneDNN's packed linear layer, or not on x86")
+def test_onednn_is_tried_not_assumed(monkeypatch):
+    def changed_operator(self, queries, with_indices=True):
+        raise RuntimeError("mkldnn::_linear_pointwise() expected at most 6 argument(s)")
+
+    monkeypatch.setattr(OneDnnIndex, "search", changed_operator)  # as a torch release might
+    assert knn.onednn_available.__wrapped__() is False  # faiss and torch search, then
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_nearest_offsets_are_squared_distances_less_the_query_norm(monkeypatch, onednn):
+    if onednn and not knn.onednn_available():
+        pytest.skip("torch without oneDNN's packed linear layer, or not on x86")
+    monkeypatch.setattr(knn, "onednn_available", lambda: onednn)
+    bank, points = clustered(300), clustered(5000, seed=2)  # 5000 points: several chunks
+    offsets = torch.empty(len(points))
+    for rows, offset in knn.nearest_offsets(points, bank):
+        offsets[rows] = offset
+    torch.testing.assert_close(offsets + points.pow(2).sum(1), torch.cdist(points, bank).amin(1).pow(2),
+                               rtol=1e-4, atol=1e-2)
 
 
 def test_approximate_search_overestimates_only_and_is_exact_with_all_cells():
@@ -91,9 +106,9 @@ def small_patchcore(**kwargs) -> patchcore.PatchCore:
 
 @pytest.mark.parametrize("index", ["onednn", "faiss"])
 def test_model_scores_the_same_through_each_index(monkeypatch, index):
-    if index == "onednn" and not knn.ONEDNN:
+    if index == "onednn" and not knn.onednn_available():
         pytest.skip("torch without oneDNN's packed linear layer, or not on x86")
-    monkeypatch.setattr(knn, "ONEDNN", index == "onednn")
+    monkeypatch.setattr(knn, "onednn_available", lambda: index == "onednn")
     model = small_patchcore(strides=(8,), global_score=True)
     model.set_image_bank(torch.randn(30, model.image_bank.shape[1]), torch.randn(20))
     x = torch.randn(2, 3, 64, 64)
@@ -102,7 +117,7 @@ def test_model_scores_the_same_through_each_index(monkeypatch, index):
         kind = OneDnnIndex if index == "onednn" else FaissIndex
         assert {name: type(i) for name, i in model._indexes.items()} == \
             {"patches": kind, "descriptor 0": kind, "descriptor 1": kind}  # the patch and the image bank
-        monkeypatch.setattr(knn, "ONEDNN", False)
+        monkeypatch.setattr(knn, "onednn_available", lambda: False)
         monkeypatch.setattr(knn, "faiss", None)
         model.set_image_bank(model.image_bank, model.reference_scores)  # drops the indexes
         fallback = model.map_and_score(x)

@@ -8,6 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import flawscope.models.knn as knn
 import flawscope.training.patchcore_fit as patchcore_fit
 from flawscope.data.transforms import normalize
 from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, save_model_dir
@@ -90,7 +91,11 @@ def fitted() -> PatchCore:
     return model
 
 
-def test_coreset_is_plain_greedy_and_covers_ever_better(monkeypatch):
+@pytest.mark.parametrize("onednn", [True, False])
+def test_coreset_is_plain_greedy_and_covers_ever_better(monkeypatch, onednn):
+    if onednn and not knn.onednn_available():
+        pytest.skip("torch without oneDNN's packed linear layer, or not on x86")
+    monkeypatch.setattr(knn, "onednn_available", lambda: onednn)  # the distance updates' two routes
     monkeypatch.setattr(patchcore_fit, "_CANDIDATES", 32)  # many rounds, each cut short by the bound
     points = clustered_points()
     chosen, radius = greedy_coreset(points, 80, seed=1)

@@ -9,8 +9,10 @@ only the ``nprobe`` bank clusters nearest to each query, trading exactness for s
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -21,11 +23,6 @@ except ImportError:  # optional: pip install faiss-cpu
     faiss = None
 
 SEARCH_MODES = ("exact", "approximate")
-
-# oneDNN's linear layer with pre-packed weights: torch's own (private) operators for its compiler's
-# CPU code, so they are looked for rather than assumed; measured on x86 only.
-ONEDNN = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
-          and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 # Elements of a distance matrix computed at once: 4 MB stays in cache, which makes the search up to
 # twice as fast on CPU as 64 MB chunks, and bounds its memory.
@@ -56,17 +53,38 @@ def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor,
     return torch.cat(dists), torch.cat(indices) if with_indices else None
 
 
+def nearest_offsets(points: torch.Tensor, bank: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Per chunk of ``points``: its rows and ``min_b |b|^2 - 2 p.b``, the squared distance to the
+    nearest ``bank`` row less ``|p|^2`` (which a caller may already hold): oneDNN where it runs."""
+    if points.device.type == "cpu" and onednn_available():
+        yield from OneDnnIndex(bank).nearest_offsets(points)
+        return
+    bank_sq = bank.pow(2).sum(1)
+    chunk = max(1, CHUNK_ELEMENTS // max(len(bank), 1))
+    for start in range(0, len(points), chunk):
+        yield slice(start, start + chunk), torch.addmm(bank_sq, points[start:start + chunk], bank.T, alpha=-2).amin(1)
+
+
 def cpu_index(bank: torch.Tensor, mode: str, nprobe: int) -> OneDnnIndex | FaissIndex | None:
     """The fastest index over ``bank`` for ``mode`` on this CPU; None: search with ``nearest_neighbors``."""
     check_search(mode)
-    if mode == "exact" and ONEDNN:
-        try:
-            index = OneDnnIndex(bank)
-            index.search(bank[:1])
-            return index
-        except RuntimeError:  # private operators: a torch release may change them; the others still work
-            pass
+    if mode == "exact" and onednn_available():
+        return OneDnnIndex(bank)
     return None if faiss is None else FaissIndex(bank, mode, nprobe)
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether ``OneDnnIndex`` runs here. Its operators are torch's own (private) ones for its
+    compiler's CPU code: they are tried once rather than assumed, as a torch release may change
+    them. Measured on x86 only."""
+    if not (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()):
+        return False
+    try:
+        OneDnnIndex(torch.eye(2)).search(torch.ones(1, 2))
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def check_search(mode: str) -> None:
@@ -127,17 +145,27 @@ class OneDnnIndex:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(-2 * bank, self.chunk)
         self.bias = bank.pow(2).sum(1)
 
+    def _products(self, queries: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Per chunk of ``queries``: its rows and ``|b|^2 - 2 q.b`` for every bank row b."""
+        queries = queries.detach().cpu().float().contiguous()
+        for start in range(0, len(queries), self.chunk):
+            rows = slice(start, start + self.chunk)
+            yield rows, torch.ops.mkldnn._linear_pointwise(queries[rows], self.weight, self.bias, "none", [], "")
+
+    def nearest_offsets(self, queries: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """As ``knn.nearest_offsets``."""
+        for rows, d2 in self._products(queries):
+            yield rows, d2.amin(1)
+
     def search(self, queries: torch.Tensor, with_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Same contract as ``nearest_neighbors``."""
         queries = queries.detach().cpu().float().contiguous()
         dists, indices = [], []
-        for start in range(0, len(queries), self.chunk):
-            q = queries[start:start + self.chunk]
-            d2 = torch.ops.mkldnn._linear_pointwise(q, self.weight, self.bias, "none", [], "")
+        for rows, d2 in self._products(queries):
             if with_indices:
                 d2, idx = d2.min(1)
                 indices.append(idx)
             else:
                 d2 = d2.amin(1)
-            dists.append(d2 + q.pow(2).sum(1))
+            dists.append(d2 + queries[rows].pow(2).sum(1))
         return torch.cat(dists).clamp_min(0).sqrt(), torch.cat(indices) if with_indices else None
