@@ -7,10 +7,10 @@ patches, bound by memory bandwidth: 88 s for 1% of 731k patches on 2 cores. ``gr
 selects exactly the same points in rounds: the distances of the farthest candidates to each
 other decide, without looking at the other patches, how many of them plain greedy would pick in
 a row, and all N distances are then updated for the whole round by cache-sized matrix products,
-which run at the CPU's arithmetic peak (1% of 731k: 9-14 s on one core; 10%: 78 s), through
-oneDNN where it runs (``knn.nearest_offsets``: on this AMD CPU twice as fast as torch's own, the
-same selection). Distances are taken in a seeded random projection (default 64-d) of the
-features, as in the paper.
+which run at the CPU's arithmetic peak (1% of 731k: 9-14 s on one core with torch's product;
+10%: 78 s). Through oneDNN, where it runs (``knn.nearest_offsets``), the same selection takes
+half that on this AMD CPU. Distances are taken in a seeded random projection (default 64-d) of
+the features, as in the paper.
 """
 
 from __future__ import annotations
