@@ -38,31 +38,38 @@ def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor,
     the indices and skips their arg-min, which in an exported graph over a large bank costs
     OpenVINO more than all the rest of PatchCore.
     """
-    bank_sq = bank.pow(2).sum(1)
-    chunk = max(1, CHUNK_ELEMENTS // max(len(bank), 1))
-    dists, indices = [], []
-    for start in range(0, len(queries), chunk):  # slices, not split(): they export to ONNX
-        q = queries[start:start + chunk]
-        d2 = torch.addmm(bank_sq, q, bank.T, alpha=-2)
-        if with_indices:
-            d2, idx = d2.min(1)
-            indices.append(idx)
-        else:
-            d2 = d2.amin(1)
-        dists.append((d2 + q.pow(2).sum(1)).clamp_min(0).sqrt())
-    return torch.cat(dists), torch.cat(indices) if with_indices else None
+    return _nearest(_torch_products(queries, bank), queries, with_indices)
 
 
 def nearest_offsets(points: torch.Tensor, bank: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
     """Per chunk of ``points``: its rows and ``min_b |b|^2 - 2 p.b``, the squared distance to the
     nearest ``bank`` row less ``|p|^2`` (which a caller may already hold): oneDNN where it runs."""
-    if points.device.type == "cpu" and onednn_available():
-        yield from OneDnnIndex(bank).nearest_offsets(points)
-        return
+    use_onednn = points.device.type == "cpu" and onednn_available()
+    for rows, d2 in OneDnnIndex(bank).products(points) if use_onednn else _torch_products(points, bank):
+        yield rows, d2.amin(1)
+
+
+def _torch_products(queries: torch.Tensor, bank: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Per chunk of ``queries``: its rows and ``|b|^2 - 2 q.b`` for every bank row b, in torch."""
     bank_sq = bank.pow(2).sum(1)
     chunk = max(1, CHUNK_ELEMENTS // max(len(bank), 1))
-    for start in range(0, len(points), chunk):
-        yield slice(start, start + chunk), torch.addmm(bank_sq, points[start:start + chunk], bank.T, alpha=-2).amin(1)
+    for start in range(0, len(queries), chunk):  # slices, not split(): they export to ONNX
+        rows = slice(start, start + chunk)
+        yield rows, torch.addmm(bank_sq, queries[rows], bank.T, alpha=-2)
+
+
+def _nearest(products: Iterator[tuple[slice, torch.Tensor]], queries: torch.Tensor,
+             with_indices: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``nearest_neighbors``' result from the chunks of ``|b|^2 - 2 q.b`` of either product."""
+    dists, indices = [], []
+    for rows, d2 in products:
+        if with_indices:
+            d2, idx = d2.min(1)
+            indices.append(idx)
+        else:
+            d2 = d2.amin(1)
+        dists.append((d2 + queries[rows].pow(2).sum(1)).clamp_min(0).sqrt())
+    return torch.cat(dists), torch.cat(indices) if with_indices else None
 
 
 def cpu_index(bank: torch.Tensor, mode: str, nprobe: int) -> OneDnnIndex | FaissIndex | None:
@@ -145,27 +152,14 @@ class OneDnnIndex:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(-2 * bank, self.chunk)
         self.bias = bank.pow(2).sum(1)
 
-    def _products(self, queries: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+    def products(self, queries: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
         """Per chunk of ``queries``: its rows and ``|b|^2 - 2 q.b`` for every bank row b."""
         queries = queries.detach().cpu().float().contiguous()
         for start in range(0, len(queries), self.chunk):
             rows = slice(start, start + self.chunk)
             yield rows, torch.ops.mkldnn._linear_pointwise(queries[rows], self.weight, self.bias, "none", [], "")
 
-    def nearest_offsets(self, queries: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-        """As ``knn.nearest_offsets``."""
-        for rows, d2 in self._products(queries):
-            yield rows, d2.amin(1)
-
     def search(self, queries: torch.Tensor, with_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Same contract as ``nearest_neighbors``."""
         queries = queries.detach().cpu().float().contiguous()
-        dists, indices = [], []
-        for rows, d2 in self._products(queries):
-            if with_indices:
-                d2, idx = d2.min(1)
-                indices.append(idx)
-            else:
-                d2 = d2.amin(1)
-            dists.append(d2 + queries[rows].pow(2).sum(1))
-        return torch.cat(dists).clamp_min(0).sqrt(), torch.cat(indices) if with_indices else None
+        return _nearest(self.products(queries), queries, with_indices)
