@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one go: the benchmark (train, evaluate, latency, GPU memory)
-# of both models on GPU, the quick start and a resumed training on GPU, an export of a GPU-trained
+# The checks that need a CUDA GPU, in one go: PatchCore's search and coreset against the CPU's,
+# the benchmark (train, evaluate, latency, GPU memory) of both models on GPU, the quick start and a resumed training on GPU, an export of a GPU-trained
 # model, and an STFPM run at 512x512 that the CPU is too slow for.
 #
 #   bash benchmarks/gpu_check.sh DATA_ROOT OUT   # DATA_ROOT holds hazelnut_toy/ and glassfiber/
@@ -19,6 +19,27 @@ step machine
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PY" -c "import torch, numpy; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__,
 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, 'threads', torch.get_num_threads())"
+
+step "PatchCore's exact search and greedy coreset on $DEVICE against the CPU's (oneDNN where it runs)"
+"$PY" - "$DEVICE" <<'PY'
+import sys, time, torch
+from flawscope.device import parse_device
+from flawscope.models.knn import OneDnnIndex, nearest_neighbors, onednn_available
+from flawscope.training.patchcore_fit import greedy_coreset
+dev = parse_device(sys.argv[1])[0]
+gen = torch.Generator().manual_seed(0)
+bank, queries = torch.randn(6000, 152, generator=gen), torch.randn(40000, 152, generator=gen)
+d_cpu, i_cpu = OneDnnIndex(bank).search(queries) if onednn_available() else nearest_neighbors(queries, bank)
+d_dev, i_dev = nearest_neighbors(queries.to(dev), bank.to(dev))
+print(f"search on {dev}: same nearest entry for {(i_dev.cpu() == i_cpu).float().mean():.5f} of the queries, "
+      f"distances within {(d_dev.cpu() - d_cpu).abs().max():.1e}")
+points = torch.randn(200000, 64, generator=gen)
+for where in ("cpu", dev):
+    start = time.perf_counter()
+    chosen, radius = greedy_coreset(points.to(where), 2000)
+    print(f"coreset of 2,000 on {where}: {time.perf_counter() - start:.2f} s, radius {radius:.5f}, "
+          f"checksum {int(chosen.sum())}")
+PY
 
 step "benchmark: STFPM and PatchCore, shipped configs, Global.device=$DEVICE"
 fs benchmark --datasets "$DATA/hazelnut_toy" "$DATA/glassfiber" --models STFPM PatchCore \

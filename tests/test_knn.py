@@ -116,7 +116,7 @@ def test_model_scores_the_same_through_each_index(monkeypatch, index):
         fast = model.map_and_score(x)
         kind = OneDnnIndex if index == "onednn" else FaissIndex
         assert {name: type(i) for name, i in model._indexes.items()} == \
-            {"patches": kind, "descriptor 0": kind, "descriptor 1": kind}  # the patch and the image bank
+            {"patches exact": kind, "descriptor 0 exact": kind, "descriptor 1 exact": kind}  # both banks
         monkeypatch.setattr(knn, "onednn_available", lambda: False)
         monkeypatch.setattr(knn, "faiss", None)
         model.set_image_bank(model.image_bank, model.reference_scores)  # drops the indexes
@@ -157,3 +157,18 @@ def test_approximate_without_faiss_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(knn, "faiss", None)
     with pytest.raises(FlawscopeError, match="approximate.*pip install faiss-cpu"):
         build_model("PatchCore", {"strides": [8], "search": "approximate"}, pretrained=False)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_nearest_others_are_each_rows_nearest_but_itself(monkeypatch, onednn):
+    if onednn and not knn.onednn_available():
+        pytest.skip("torch without oneDNN's packed linear layer, or not on x86")
+    monkeypatch.setattr(knn, "onednn_available", lambda: onednn)
+    monkeypatch.setattr(knn, "CHUNK_ELEMENTS", 3 * 500)  # several chunks
+    bank = clustered(500, dim=16)
+    dist = torch.cdist(bank, bank).fill_diagonal_(torch.inf)
+    expected = dist.topk(4, dim=1, largest=False).indices
+    assert torch.equal(knn.nearest_others(bank, 4), expected)
+    rows = torch.tensor([7, 3, 7])
+    assert torch.equal(knn.nearest_others(bank, 4, rows), expected[rows])
+    assert knn.nearest_others(bank, 0, rows).shape == (3, 0)

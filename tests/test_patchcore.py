@@ -96,6 +96,7 @@ def test_coreset_is_plain_greedy_and_covers_ever_better(monkeypatch, onednn):
     if onednn and not knn.onednn_available():
         pytest.skip("torch without oneDNN's packed linear layer, or not on x86")
     monkeypatch.setattr(knn, "onednn_available", lambda: onednn)  # the distance updates' two routes
+    monkeypatch.setattr(knn, "CHUNK_ELEMENTS", 3000)  # oneDNN from the first pick (3,000 points x 1)
     monkeypatch.setattr(patchcore_fit, "_CANDIDATES", 32)  # many rounds, each cut short by the bound
     points = clustered_points()
     chosen, radius = greedy_coreset(points, 80, seed=1)
@@ -160,6 +161,25 @@ def test_save_load_round_trip(fitted, tmp_path):
     for a, b in zip(loaded.map_and_score(x), fitted.map_and_score(x)):
         assert torch.equal(a, b)  # the bank holds float16 values already: saving loses nothing
     assert float(loaded.coverage_radius) == float(fitted.coverage_radius)
+
+
+def test_image_score_weighs_the_worst_patchs_neighbourhood_in_the_bank(fitted):
+    """The paper's reweighting, with N_b(m*) from the neighbours found once per bank
+    (``bank_neighbors``), equals it with the neighbourhood searched for each image."""
+    emb = fitted.embed(norm(textures("checks", [0, 5], 4)))
+    scores = fitted.patch_scores(emb)
+    s_star, worst = scores.flatten(1).max(1)
+    patch = emb.flatten(2)[torch.arange(2), :, worst]
+    bank = fitted.memory_bank
+    m_star = torch.cdist(patch, bank).argmin(1)
+    to_m_star = torch.cdist(bank[m_star], bank)
+    to_m_star[torch.arange(2), m_star] = torch.inf
+    support = torch.cat([m_star[:, None], to_m_star.topk(fitted.num_neighbors - 1, largest=False).indices], 1)
+    weight = 1 - torch.softmax(torch.cdist(patch[:, None], bank[support])[:, 0], dim=1)[:, 0]
+    torch.testing.assert_close(fitted.image_score(emb, scores), weight * s_star)
+    torch.testing.assert_close(fitted.image_score(emb, scores, bank=bank), weight * s_star)
+    assert fitted.bank_neighbors.shape == (len(bank), fitted.num_neighbors - 1)
+    assert (weight < 1).all() and (fitted.image_score(emb, scores) < s_star).all()
 
 
 def test_add_normals_grows_bank_and_learns_the_new_kind(fitted):

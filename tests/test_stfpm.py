@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from flawscope.models.common import GaussianBlur
 from flawscope.models.stfpm import STFPM, feature_distance, stfpm_loss
@@ -51,3 +53,14 @@ def test_gaussian_blur_keeps_constants_and_spreads_a_peak() -> None:
     out = blur(peak)
     assert out[0, 0, 10, 10] < 1 and out[0, 0, 10, 12] > 0 and abs(out.sum() - 1) < 1e-5
     assert torch.equal(GaussianBlur(0)(peak), peak)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.0, 4.0])
+@pytest.mark.parametrize(("source", "size"), [((32, 32), (256, 256)), ((7, 12), (40, 30)), ((40, 36), (20, 30)), ((20, 20), (20, 20))])
+def test_upsampled_blur_is_interpolation_then_blur(sigma, source, size) -> None:
+    """PatchCore's one-matrix-product-per-axis map equals bilinear resizing, then the blur's
+    reflect-padded convolutions, also where it shrinks an axis."""
+    blur = GaussianBlur(sigma)
+    amap = torch.rand(2, 1, *source, generator=torch.Generator().manual_seed(0))
+    expected = blur(F.interpolate(amap, size=size, mode="bilinear", align_corners=False))
+    torch.testing.assert_close(blur.upsampled(amap, size), expected, rtol=1e-5, atol=1e-6)

@@ -107,24 +107,20 @@ class AnomalyResult:
         candidate = norm >= threshold
         if not outline_ok_images and score < threshold:
             candidate = np.zeros_like(candidate)
-        pred, regions = candidate, []
+        pred, regions, dropped = candidate, [], []
         if candidate.any():  # most parts on a line are good: they need no labelling
-            labels, n = ndimage.label(candidate, structure=CONNECTIVITY)
-            areas = np.bincount(labels.ravel(), minlength=n + 1)
-            keep = areas >= min_region_area
-            keep[0] = False  # background
-            pred = keep[labels]
+            labels, _ = ndimage.label(candidate, structure=CONNECTIVITY)
             for index, window in enumerate(ndimage.find_objects(labels), start=1):
-                if not keep[index]:
+                own = labels[window] == index  # within its bounding box: no pass over the image
+                area = int(own.sum())
+                if area < min_region_area:
+                    dropped.append(index)
                     continue
                 ys, xs = window
-                regions.append(
-                    Region(
-                        bbox=[xs.start, ys.start, xs.stop, ys.stop],
-                        area=int(areas[index]),
-                        max_score=float(norm[window][labels[window] == index].max()),
-                    )
-                )
+                regions.append(Region(bbox=[xs.start, ys.start, xs.stop, ys.stop], area=area,
+                                      max_score=float(norm[window][own].max())))
+            if dropped:
+                pred = candidate & ~np.isin(labels, dropped)
         regions.sort(key=lambda r: r.max_score, reverse=True)  # stable: raster order on ties
         return cls(
             input_path=input_path,
