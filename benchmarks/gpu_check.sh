@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one go: PatchCore's search and coreset against the CPU's,
-# the benchmark (train, evaluate, latency, GPU memory) of both models on GPU, the quick start and a resumed training on GPU, an export of a GPU-trained
-# model, and an STFPM run at 512x512 that the CPU is too slow for.
+# the benchmark (train, evaluate, latency, GPU memory) of both models on GPU, the quick start and
+# a resumed training on GPU, an export of a GPU-trained model, and an STFPM run at 512x512 that
+# the CPU is too slow for.
 #
 #   bash benchmarks/gpu_check.sh DATA_ROOT OUT   # DATA_ROOT holds hazelnut_toy/ and glassfiber/
 #

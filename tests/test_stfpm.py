@@ -56,7 +56,8 @@ def test_gaussian_blur_keeps_constants_and_spreads_a_peak() -> None:
 
 
 @pytest.mark.parametrize("sigma", [0.0, 1.0, 4.0])
-@pytest.mark.parametrize(("source", "size"), [((32, 32), (256, 256)), ((7, 12), (40, 30)), ((40, 36), (20, 30)), ((20, 20), (20, 20))])
+@pytest.mark.parametrize(("source", "size"),
+                         [((32, 32), (256, 256)), ((7, 12), (40, 30)), ((40, 36), (20, 30)), ((20, 20), (20, 20))])
 def test_upsampled_blur_is_interpolation_then_blur(sigma, source, size) -> None:
     """PatchCore's one-matrix-product-per-axis map equals bilinear resizing, then the blur's
     reflect-padded convolutions, also where it shrinks an axis."""
