@@ -70,6 +70,17 @@ def test_onednn_is_tried_not_assumed(monkeypatch):
     assert knn.onednn_available.__wrapped__() is False  # faiss and torch search, then
 
 
+@pytest.mark.skipif(not knn.onednn_available(), reason="torch without oneDNN's packed linear layer, or not on x86")
+def test_onednn_that_runs_but_computes_otherwise_is_not_used(monkeypatch):
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+
+    def other_layout(weight, batch_size):  # runs, but the linear layer reads its rows in another order
+        return reorder(weight.flip(0).contiguous(), batch_size)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", other_layout)
+    assert knn.onednn_available.__wrapped__() is False
+
+
 @pytest.mark.parametrize("onednn", [True, False])
 def test_nearest_offsets_are_squared_distances_less_the_query_norm(monkeypatch, onednn):
     if onednn and not knn.onednn_available():

@@ -102,16 +102,18 @@ def cpu_index(bank: torch.Tensor, mode: str, nprobe: int) -> OneDnnIndex | Faiss
 
 @functools.cache
 def onednn_available() -> bool:
-    """Whether ``OneDnnIndex`` runs here. Its operators are torch's own (private) ones for its
-    compiler's CPU code: they are tried once rather than assumed, as a torch release may change
-    them. Measured on x86 only."""
+    """Whether ``OneDnnIndex`` runs here and finds what torch finds. Its operators are torch's own
+    (private) ones for its compiler's CPU code: they are tried once on a tiny bank rather than
+    assumed, as a torch release may change them. Measured on x86 only."""
     if not (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()):
         return False
+    bank, queries = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0], [0.0, 3.0, 1.0]])
     try:
-        OneDnnIndex(torch.eye(2)).search(torch.ones(1, 2))
+        dist, idx = OneDnnIndex(bank).search(queries)
     except (AttributeError, RuntimeError):
         return False
-    return True
+    expected_dist, expected_idx = nearest_neighbors(queries, bank)
+    return bool(torch.equal(idx, expected_idx) and torch.allclose(dist, expected_dist))
 
 
 def check_search(mode: str) -> None:
