@@ -154,13 +154,20 @@ def test_save_load_round_trip(fitted, tmp_path):
                      mean=list(MEAN), std=list(STD), calibration=Calibration(1.0, 0.5, 1.0, 0.5))
     save_model_dir(tmp_path / "pc", fitted, info)
     with safe_open(str(tmp_path / "pc" / "model.safetensors"), "pt") as f:
-        assert f.get_slice("memory_bank").get_dtype() == "F16"
+        assert f.get_slice("memory_bank").get_dtype() == "F16" and f.get_slice("bank_neighbors").get_dtype() == "I32"
     loaded, loaded_info = load_model_dir(tmp_path / "pc")
     assert loaded_info.model == "PatchCore" and loaded.memory_bank.shape == fitted.memory_bank.shape
     x = norm(textures("checks", [0, 3], 3))
     for a, b in zip(loaded.map_and_score(x), fitted.map_and_score(x)):
         assert torch.equal(a, b)  # the bank holds float16 values already: saving loses nothing
     assert float(loaded.coverage_radius) == float(fitted.coverage_radius)
+    state = load_file(str(tmp_path / "pc" / "model.safetensors"))
+    assert torch.equal(state.pop("bank_neighbors"), fitted.bank_neighbors)
+    save_file(state, str(tmp_path / "pc" / "model.safetensors"))  # as saved before bank_neighbors
+    older, _ = load_model_dir(tmp_path / "pc")
+    assert torch.equal(older.bank_neighbors, fitted.bank_neighbors)
+    for a, b in zip(older.map_and_score(x), fitted.map_and_score(x)):
+        assert torch.equal(a, b)
 
 
 def test_image_score_weighs_the_worst_patchs_neighbourhood_in_the_bank(fitted):
@@ -331,6 +338,7 @@ def test_a_model_saved_before_the_spread_descriptor_scores_with_the_mean_alone(f
     state = load_file(str(weights))
     state["image_bank"] = state["image_bank"][:, :fitted_global.descriptor_dim].contiguous()
     state["score_reference"] = state["score_reference"][:4].contiguous()
+    del state["bank_neighbors"]  # newer still
     save_file(state, str(weights))
     old, _ = load_model_dir(tmp_path / "old")
     x = torch.cat([half_and_half([60], 3), only_stripes(3)])
