@@ -183,3 +183,16 @@ def test_nearest_others_are_each_rows_nearest_but_itself(monkeypatch, onednn):
     rows = torch.tensor([7, 3, 7])
     assert torch.equal(knn.nearest_others(bank, 4, rows), expected[rows])
     assert knn.nearest_others(bank, 0, rows).shape == (3, 0)
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_search_once_is_nearest_neighbors(monkeypatch, onednn):
+    if onednn and not knn.onednn_available():
+        pytest.skip("torch without oneDNN's packed linear layer, or not on x86")
+    monkeypatch.setattr(knn, "onednn_available", lambda: onednn)
+    bank, queries = clustered(3000), clustered(1500, seed=1)  # several chunks
+    dist, idx = knn.search_once(queries, bank)
+    ref_dist, ref_idx = nearest_neighbors(queries, bank)
+    assert (idx == ref_idx).float().mean() > 0.999  # ties aside
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-4, atol=1e-4)
+    assert knn.search_once(queries, bank, with_indices=False)[1] is None

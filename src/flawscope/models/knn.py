@@ -41,6 +41,13 @@ def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor,
     return _nearest(_torch_products(queries, bank), queries, with_indices)
 
 
+def search_once(queries: torch.Tensor, bank: torch.Tensor,
+                with_indices: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``nearest_neighbors`` for a bank searched once (a leave-one-out bank, new patches against a
+    bank): through oneDNN where it runs, the bank packed for this call. Not exportable."""
+    return _nearest(_products(queries, bank), queries, with_indices)
+
+
 def nearest_offsets(points: torch.Tensor, bank: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
     """Per chunk of ``points``: its rows and ``min_b |b|^2 - 2 p.b``, the squared distance to the
     nearest ``bank`` row less ``|p|^2`` (which a caller may already hold): oneDNN where it runs."""

@@ -22,7 +22,8 @@ from torch import nn
 
 from flawscope.backbones import create_backbone
 from flawscope.models.common import GaussianBlur
-from flawscope.models.knn import FaissIndex, OneDnnIndex, check_search, cpu_index, nearest_neighbors, nearest_others
+from flawscope.models.knn import (FaissIndex, OneDnnIndex, check_search, cpu_index, nearest_neighbors, nearest_others,
+                                  search_once)
 
 
 def grid_splits(side: int, grid: int) -> bool:
@@ -211,7 +212,7 @@ class PatchCore(nn.Module):
         if bank is None:
             dist = self._nearest(rows, "patches", self.memory_bank, self.search)[0]
         else:
-            dist = nearest_neighbors(rows, bank, with_indices=False)[0]
+            dist = search_once(rows, bank, with_indices=False)[0]
         return dist.view(b, h, w)
 
     def _nearest(self, queries: torch.Tensor, name: str, bank: torch.Tensor, mode: str = "exact",

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from flawscope.models.knn import nearest_neighbors, nearest_offsets
+from flawscope.models.knn import nearest_neighbors, nearest_offsets, search_once
 from flawscope.models.patchcore import PatchCore
 
 _CANDIDATES = 1024  # farthest points examined per round of the batched greedy search
@@ -242,7 +242,7 @@ def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callabl
     if len(images_uint8) == 0:
         return stats
     proj = proj.to(device)
-    start, _ = nearest_neighbors(proj, model.memory_bank @ model.projection)
+    start = search_once(proj, model.memory_bank @ model.projection, with_indices=False)[0]
     radius = float(model.coverage_radius)
     k = max(1, math.ceil(coreset_ratio * len(feats)))
     selected, new_radius = greedy_coreset(proj, k, seed, start_distances=start, stop_radius=radius)
