@@ -46,7 +46,6 @@ step "benchmark: STFPM and PatchCore, shipped configs, Global.device=$DEVICE"
 fs benchmark --datasets "$DATA/hazelnut_toy" "$DATA/glassfiber" --models STFPM PatchCore \
    -o Global.device="$DEVICE" -o Train.epochs_iters="$ITERS" --output "$RUNS/bench"
 cp "$RUNS/bench/benchmark.md" "$RUNS/bench/benchmark.json" "$OUT/" 2>/dev/null
-for log in "$RUNS"/bench/*/*/benchmark.log; do echo "--- $log"; tail -n 3 "$log"; done
 
 step "quick start on $DEVICE with the bundled model"
 fs --pipeline anomaly_detection --input src/flawscope/assets/demo --save_path "$RUNS/quick" --device "$DEVICE"
