@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from flawscope.data.io import read_image
+from flawscope.inference.backends import graph_run
+from flawscope.inference.export import export_graph
 from flawscope.inference.predictor import Predictor
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -65,26 +67,16 @@ class _Scoring(nn.Module):
 
 def _scoring_runs(model: nn.Module, x: torch.Tensor, threads: int, folder: str) -> dict[str, Callable[[], float]]:
     """Per backend, a call that scores ``x``'s backbone features and returns the image score."""
-    import onnxruntime as ort
-    import openvino as ov
-
     emb, descriptor = model.features(x)
     inputs = (emb,) if descriptor is None else (emb, descriptor)
     names = ["emb", "descriptor"][:len(inputs)]
-    path = Path(folder) / "scoring.onnx"
-    torch.onnx.export(_Scoring(model, tuple(x.shape[-2:])), inputs, str(path), input_names=names,
-                      output_names=["anomaly_map", "image_score"], dynamo=False)
+    scoring = _Scoring(model, tuple(x.shape[-2:]))
+    runs = {backend: graph_run(export_graph(scoring, inputs, names, Path(folder) / f"scoring.{suffix}", fmt),
+                               backend, threads)
+            for backend, suffix, fmt in (("onnxruntime", "onnx", "onnx"), ("openvino", "xml", "openvino"))}
     feeds = {name: np.ascontiguousarray(t.numpy()) for name, t in zip(names, inputs)}
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                           "PERFORMANCE_HINT": "LATENCY",
-                                                           "INFERENCE_NUM_THREADS": threads})
-    request = compiled.create_infer_request()
-    return {"torch": lambda: float(model.score_features(emb, descriptor, x.shape[-2:])[1][0]),
-            "onnxruntime": lambda: float(session.run(["image_score"], feeds)[0].reshape(-1)[0]),
-            "openvino": lambda: float(np.reshape(request.infer(feeds)[compiled.output("image_score")], -1)[0])}
+    return {"torch": lambda: float(model.score_features(emb, descriptor, x.shape[-2:])[1][0])} | \
+        {backend: (lambda run=run: float(np.reshape(run(feeds)[1], -1)[0])) for backend, run in runs.items()}
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ from flawscope.logs import log
 _GRAPH_FILES = {"onnxruntime": ONNX_FILE, "openvino": OPENVINO_FILE}
 _EXTRAS = {"onnxruntime": "export", "openvino": "openvino"}  # the pip extra that installs each runtime
 
-GraphRun = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+GraphRun = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]  # named inputs -> (map, score)
 
 
 class ExportedModel:
@@ -49,7 +49,7 @@ class ExportedModel:
         self._run, self.backend = run, backend
 
     def map_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = [self._run(np.ascontiguousarray(x[i : i + 1].cpu().numpy(), dtype=np.float32))
+        outputs = [self._run({"image": np.ascontiguousarray(x[i : i + 1].cpu().numpy(), dtype=np.float32)})
                    for i in range(len(x))]
         maps = np.concatenate([m for m, _ in outputs])
         scores = np.concatenate([np.reshape(s, (-1,)) for _, s in outputs])
@@ -62,7 +62,7 @@ def _onnxruntime(path: Path, threads: int) -> GraphRun:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: tuple(session.run(["anomaly_map", "image_score"], {"image": x}))
+    return lambda feeds: tuple(session.run(["anomaly_map", "image_score"], feeds))
 
 
 def _openvino(path: Path, threads: int) -> GraphRun:
@@ -77,8 +77,8 @@ def _openvino(path: Path, threads: int) -> GraphRun:
     request = compiled.create_infer_request()
     maps, scores = compiled.output("anomaly_map"), compiled.output("image_score")
 
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = request.infer({"image": x})
+    def run(feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        out = request.infer(feeds)
         return out[maps].copy(), out[scores].copy()  # a batch's later images may reuse the request's buffers
 
     return run
@@ -92,10 +92,16 @@ def _require(backend: str) -> None:
                              f"pip install 'flawscope[{_EXTRAS[backend]}]'") from None
 
 
+def graph_run(path: Path, backend: str, threads: int) -> GraphRun:
+    """A graph with outputs ``anomaly_map`` and ``image_score`` (``model.onnx``, ``model.xml``, or
+    a part of a model exported the same way, as the benchmarks do), run as the Predictor runs it."""
+    return _onnxruntime(path, threads) if backend == "onnxruntime" else _openvino(path, threads)
+
+
 def _load_graph(path: Path, backend: str) -> ExportedModel:
     threads = torch.get_num_threads()  # the same thread budget as torch (and faiss) get
     try:
-        run = _onnxruntime(path, threads) if backend == "onnxruntime" else _openvino(path, threads)
+        run = graph_run(path, backend, threads)
     except Exception as exc:  # the runtimes raise their own error types for a damaged graph
         raise FlawscopeError(f"{path}: cannot be loaded by {backend} ({first_line(exc)})") from None
     return ExportedModel(run, backend)

@@ -38,6 +38,30 @@ class _MapAndScore(torch.nn.Module):
         return self.model.map_and_score(x)
 
 
+def export_graph(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], input_names: list[str], target: Path,
+                 fmt: str) -> Path:
+    """``module``'s forward, with outputs ``anomaly_map`` and ``image_score``, written to ``target``
+    as an ONNX graph or (``fmt="openvino"``) as OpenVINO IR with float32 weights."""
+    tmp = target.with_name(f".{target.stem}.onnx.tmp")
+    try:
+        with warnings.catch_warnings():
+            # The trace fixes the input size and the bank's size on purpose (see above); the
+            # exporter's warnings about exactly that would only alarm users.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", r"(Constant folding|Exporting aten::index)", UserWarning)
+            torch.onnx.export(module, inputs, str(tmp), input_names=input_names,
+                              output_names=["anomaly_map", "image_score"], opset_version=17, dynamo=False)
+        if fmt == "openvino":
+            import openvino
+
+            openvino.save_model(openvino.convert_model(str(tmp)), str(target), compress_to_fp16=False)
+        else:
+            tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -> dict:
     """Write ``output/model.onnx`` (``fmt="onnx"``) or ``output/model.xml`` + ``.bin``
     (``fmt="openvino"``), and ``output/inference.yml``."""
@@ -47,7 +71,7 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
         raise FlawscopeError("Export: the onnx package is missing; pip install 'flawscope[export]'") from None
     if fmt == "openvino":
         try:
-            import openvino
+            import openvino  # noqa: F401 - export_graph converts with it
         except ImportError:
             raise FlawscopeError("Export.format=openvino: the openvino package is missing; "
                                  "pip install 'flawscope[openvino]'") from None
@@ -55,23 +79,8 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, info.input_size, info.input_size)
-    tmp = output / f".{ONNX_FILE}.tmp"
-    try:
-        with warnings.catch_warnings():
-            # The trace fixes the input size and the bank's size on purpose (see above); the
-            # exporter's warnings about exactly that would only alarm users.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", r"(Constant folding|Exporting aten::index)", UserWarning)
-            torch.onnx.export(_MapAndScore(model), (example,), str(tmp), input_names=["image"],
-                              output_names=["anomaly_map", "image_score"], opset_version=17, dynamo=False)
-        if fmt == "openvino":
-            target = output / OPENVINO_FILE
-            openvino.save_model(openvino.convert_model(str(tmp)), str(target), compress_to_fp16=False)
-        else:
-            target = output / ONNX_FILE
-            tmp.replace(target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    target = export_graph(_MapAndScore(model), (example,), ["image"],
+                          output / (OPENVINO_FILE if fmt == "openvino" else ONNX_FILE), fmt)
     shutil.copy(Path(model_dir) / META_FILE, output / META_FILE)
     log.info("exported %s to %s", model_dir, target)
     return {"done_flag": True, "format": fmt, "model_file": str(target)}
