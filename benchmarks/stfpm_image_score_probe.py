@@ -4,13 +4,16 @@
 
 STFPM's teacher is the frozen backbone whose stride-32 features give PatchCore its image
 descriptors (``PatchCore.describe``: mean and unit-length spread over a grid of cells). This
-scores the test split with the model's own image score (the smoothed map's maximum), with each
+scores the test split with the model's own image score (``map_and_score``), with each
 descriptor's distance to the nearest training image's, and with their combination as PatchCore
 makes it: the largest of the three in standard deviations of a reference. The descriptors'
 reference is their leave-one-out distances over the training images. The student was trained
 on those images, so its own score's reference is the images the train mode held out for
 calibration (the same split: ``Train.calibration_fraction`` 0.1 and ``--seed``, the config's
 ``Global.seed``). The model must have a stride-32 level (the shipped STFPM config's 8/16/32).
+
+Last, it scores the test split from each level alone and from the deepest k levels, which is how
+``Model.score_levels`` was chosen.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 from flawscope.data.io import read_image
 from flawscope.data.layouts import Sample, load_dataset, unique_images
 from flawscope.data.transforms import Resizer, normalize
-from flawscope.inference.model_dir import load_model_dir
+from flawscope.inference.model_dir import ModelInfo, load_model_dir
 from flawscope.models.patchcore import PatchCore
 from flawscope.training.calibrate import split_calibration
 
@@ -52,7 +55,7 @@ def main() -> None:
         for sample in samples:
             x = normalize(torch.from_numpy(resizer.to_input(read_image(sample.image))[None]), info.mean, info.std)
             teacher = model.teacher(x)
-            own.append(float(model.anomaly_map(teacher, model.student(x), x.shape[-2:]).amax()))
+            own.append(float(model.map_and_score(x)[1]))
             descriptors.append(PatchCore.describe(grid, teacher[model.strides.index(32)]))
         return np.array(own), list(torch.cat(descriptors).chunk(2, dim=1))
 
@@ -69,9 +72,26 @@ def main() -> None:
         standardised.append((distance - loo.mean()) / loo.std())
         print(f"{name} descriptor alone: {roc_auc_score(labels, distance):.3f}")
     print(f"largest of the three: {roc_auc_score(labels, np.max(standardised, axis=0)):.3f}")
+    for name, column in level_scores(model, resizer, info, dataset.val).items():
+        print(f"the image score from {name}: image AUROC {roc_auc_score(labels, column):.3f}")
     good = standardised[0][labels == 0]
     print(f"STFPM's score of the good test images in held-out standard deviations: mean {good.mean():.2f}, "
           f"max {good.max():.2f}")
+
+
+def level_scores(model: torch.nn.Module, resizer: Resizer, info: ModelInfo, samples: list[Sample]) -> dict[str, np.ndarray]:
+    """Image scores from each level alone and from the deepest k levels (``Model.score_levels``: k),
+    the levels combined and smoothed as the map is."""
+    columns: dict[str, list[float]] = {}
+    for sample in samples:
+        x = normalize(torch.from_numpy(resizer.to_input(read_image(sample.image))[None]), info.mean, info.std)
+        levels = model.level_maps(model.teacher(x), model.student(x), x.shape[-2:])
+        for i, stride in enumerate(model.strides):
+            columns.setdefault(f"stride {stride} alone", []).append(float(model.combine([levels[i]]).amax()))
+        for k in range(2, len(levels) + 1):
+            strides = "/".join(map(str, model.strides[-k:]))
+            columns.setdefault(f"strides {strides} (score_levels {k})", []).append(float(model.combine(levels[-k:]).amax()))
+    return {name: np.array(values) for name, values in columns.items()}
 
 
 if __name__ == "__main__":

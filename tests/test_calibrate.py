@@ -20,7 +20,7 @@ from flawscope.errors import FlawscopeError
 from flawscope.evaluation.metrics import best_f1, pixel_best_f1
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
-from flawscope.training.calibrate import calibrate, calibration_set, fpr_threshold
+from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, fpr_threshold
 
 
 def test_fpr_threshold_is_the_conformal_quantile():
@@ -102,6 +102,31 @@ def test_normalised_scores_put_the_threshold_at_one_half():
     norm = cal.pixel_map(raw)
     assert norm.dtype == np.float32 and norm.shape == raw.shape  # the map's precision, whatever comes in
     np.testing.assert_allclose(norm, [[0.0, 0.0], [0.5, 2 / 3]], rtol=1e-6)
+
+
+class _ScorePredictor:
+    """Scores each image by its first pixel's red value; maps are that value everywhere."""
+
+    def raw_outputs(self, images):
+        return [(np.full(image.shape[:2], float(image[0, 0, 0]), np.float32), float(image[0, 0, 0])) for image in images]
+
+
+def test_an_f1_threshold_under_every_good_score_still_maps_to_one_half(tmp_path):
+    """A defect scoring lowest makes flagging everything F1-optimal: the threshold is then not
+    above the lowest good score, and must still normalise to 0.5 with higher scores above it."""
+    samples = []
+    for i, (value, label) in enumerate([(20, 0), (30, 0), (10, 1), (40, 1)]):
+        image, mask = tmp_path / f"{i}.png", tmp_path / f"{i}_mask.png"
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(image)
+        Image.fromarray(np.full((8, 8), 255 * label, np.uint8)).save(mask)
+        samples.append(Sample(image, mask if label else None, label, "bad" if label else "good"))
+    cal_set = CalibrationSet(good=[s for s in samples if not s.label], defects=[s for s in samples if s.label],
+                             source="calibration_dir")
+    cal = calibrate(_ScorePredictor(), cal_set, 0.01, 0.01, "f1")
+    assert cal.image_threshold == 10 and cal.image_low < 10
+    assert [cal.image_score(v) for v in (9, 10, 20)] == pytest.approx([0.0, 0.5, 1.0], abs=1e-3)
+    assert cal.image_score(30) > cal.image_score(20)
+    assert cal.pixel_map(np.array([cal.pixel_threshold]))[0] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_f1_thresholds_are_f1_optimal_on_the_calibration_set(trained, tmp_path):

@@ -244,6 +244,7 @@ def test_bad_choice(override: str, expected: str) -> None:
         ("Model.coreset_ratio=0", "Model.coreset_ratio must be a number > 0 and <= 1, got 0"),
         ("Model.num_neighbors=0", "Model.num_neighbors must be an integer >= 1, got 0"),
         ("Model.projection_dim=0", "Model.projection_dim must be an integer >= 1 or null, got 0"),
+        ("Model.score_levels=0", "Model.score_levels must be an integer >= 1 or null, got 0"),
     ],
 )
 def test_out_of_range(override: str, expected: str) -> None:

@@ -23,6 +23,47 @@ def test_map_has_the_input_size_and_is_zero_when_student_equals_teacher() -> Non
     assert model(x).abs().max() < 1e-5
 
 
+def test_score_levels_leave_the_shallow_levels_out_of_the_image_score_but_not_of_the_map() -> None:
+    """A student equal to the teacher up to stride 8 and different after it: the stride-8 level's
+    distances are zero, so the product map is zero; the deepest two levels still tell."""
+    x = torch.randn(2, 3, 64, 64)
+    scores, maps = {}, {}
+    for levels in (None, 2):
+        model = _model(score_levels=levels)
+        state = model.teacher.state_dict()
+        stride8_tap = model.teacher.taps[0]
+        for name, value in model.student.state_dict().items():
+            deeper = name.startswith("_blocks.") and int(name.split(".")[1]) > stride8_tap
+            if not deeper:
+                value.copy_(state[name])
+        maps[levels], scores[levels] = model.map_and_score(x)
+    assert torch.equal(maps[None], maps[2]) and maps[2].abs().max() < 1e-5
+    assert torch.allclose(scores[None], maps[None].flatten(1).amax(1))
+    assert (scores[2] > 1e-3).all()
+
+
+def test_score_levels_beyond_the_configured_levels_mean_all_of_them() -> None:
+    assert _model(strides=(16, 32), score_levels=2).score_levels is None
+    assert _model(strides=(16,), score_levels=2).config()["score_levels"] is None
+    with pytest.raises(ValueError, match="score_levels"):
+        _model(score_levels=0)
+
+
+def test_score_levels_export_to_onnx_as_in_torch(tmp_path) -> None:
+    import onnxruntime as ort
+
+    from flawscope.inference.export import _MapAndScore, export_graph
+
+    model, x = _model(score_levels=2), torch.randn(1, 3, 64, 64)
+    export_graph(_MapAndScore(model), (x,), ["image"], tmp_path / "model.onnx", "onnx")
+    onnx_map, onnx_score = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        torch_map, torch_score = model.map_and_score(x)
+    assert torch.allclose(torch.from_numpy(onnx_map), torch_map, atol=1e-5)
+    assert torch.allclose(torch.from_numpy(onnx_score), torch_score, rtol=1e-4)
+    assert not torch.allclose(torch_score, torch_map.flatten(1).amax(1))  # the score is not the map's maximum
+
+
 def test_feature_distance_is_scale_invariant_and_bounded() -> None:
     a = torch.randn(1, 8, 4, 4)
     assert torch.allclose(feature_distance(a, 3 * a), torch.zeros(1, 1, 4, 4), atol=1e-6)
@@ -65,3 +106,15 @@ def test_upsampled_blur_is_interpolation_then_blur(sigma, source, size) -> None:
     amap = torch.rand(2, 1, *source, generator=torch.Generator().manual_seed(0))
     expected = blur(F.interpolate(amap, size=size, mode="bilinear", align_corners=False))
     torch.testing.assert_close(blur.upsampled(amap, size), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_models_saved_before_score_levels_score_on_every_level() -> None:
+    from flawscope.inference.model_dir import load_model_dir
+    from flawscope.inference.predictor import default_model_dir
+
+    model, info = load_model_dir(default_model_dir())
+    assert "score_levels" not in info.model_config and model.score_levels is None
+    x = torch.randn(1, 3, info.input_size, info.input_size)
+    with torch.no_grad():
+        amap, score = model.map_and_score(x)
+    assert torch.equal(score, amap.flatten(1).amax(1))

@@ -82,6 +82,7 @@ SCHEMA: dict[str, Any] = {
         "strides": Key(list[int], subset_of=(4, 8, 16, 32), required_for=MODELS),
         "map_combine": Key(str, choices=("product", "sum"), required_for=STFPM_ONLY),
         "smooth_sigma": Key(float, ge=0, required_for=MODELS),
+        "score_levels": Key(int, None, nullable=True, ge=1),  # null: configs written before it score as they did
         "coreset_ratio": Key(float, gt=0, le=1, required_for=PATCHCORE_ONLY),
         "num_neighbors": Key(int, ge=1, required_for=PATCHCORE_ONLY),
         "projection_dim": Key(int, nullable=True, ge=1, required_for=PATCHCORE_ONLY),

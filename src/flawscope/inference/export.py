@@ -41,7 +41,12 @@ class _MapAndScore(torch.nn.Module):
 def export_graph(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], input_names: list[str], target: Path,
                  fmt: str) -> Path:
     """``module``'s forward, with outputs ``anomaly_map`` and ``image_score``, written to ``target``
-    as an ONNX graph or (``fmt="openvino"``) as OpenVINO IR with float32 weights."""
+    as an ONNX graph or (``fmt="openvino"``) as OpenVINO IR with float32 weights.
+
+    ``module`` is put in eval mode first and stays so: the exporter restores the mode it finds,
+    and a wrapper built just before is in training mode, which it would pass on to the model.
+    """
+    module.eval()
     tmp = target.with_name(f".{target.stem}.onnx.tmp")
     try:
         with warnings.catch_warnings():

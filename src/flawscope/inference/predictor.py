@@ -65,8 +65,9 @@ class Predictor:
     def raw_outputs(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
         """(raw map at the image's own size, raw image score) per image, in one forward pass.
 
-        The image score comes from the model (``map_and_score``): the map's maximum for STFPM,
-        the largest of the patch and image-level distances for PatchCore (``combined_score``).
+        The image score comes from the model (``map_and_score``): for STFPM the maximum of its
+        deepest levels' map, for PatchCore the largest of the patch and image-level distances
+        (``combined_score``).
         """
         with self.torch_threads():
             batch = np.stack([self.resizer.to_input(image) for image in images])

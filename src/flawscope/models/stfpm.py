@@ -36,20 +36,25 @@ class STFPM(nn.Module):
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", strides: tuple[int, ...] = (8, 16, 32),
-                 map_combine: str = "product", smooth_sigma: float = 4.0, pretrained: bool = True) -> None:
+                 map_combine: str = "product", smooth_sigma: float = 4.0, score_levels: int | None = None,
+                 pretrained: bool = True) -> None:
         super().__init__()
         if map_combine not in ("product", "sum"):
             raise ValueError(f"map_combine must be 'product' or 'sum', not {map_combine!r}")
+        if score_levels is not None and score_levels < 1:
+            raise ValueError(f"score_levels must be null or >= 1, not {score_levels}")
         self.backbone, self.strides = backbone, tuple(strides)
         self.map_combine, self.smooth_sigma = map_combine, float(smooth_sigma)
+        # None: all levels (also when fewer than score_levels are configured)
+        self.score_levels = None if score_levels is None or score_levels >= len(self.strides) else int(score_levels)
         self.teacher = create_backbone(backbone, self.strides, pretrained=pretrained).eval()
         self.teacher.requires_grad_(False)
         self.student = create_backbone(backbone, self.strides, pretrained=False)
         self.blur = GaussianBlur(smooth_sigma)
 
     def config(self) -> dict:
-        return {"backbone": self.backbone, "strides": list(self.strides),
-                "map_combine": self.map_combine, "smooth_sigma": self.smooth_sigma}
+        return {"backbone": self.backbone, "strides": list(self.strides), "map_combine": self.map_combine,
+                "smooth_sigma": self.smooth_sigma, "score_levels": self.score_levels}
 
     def train(self, mode: bool = True) -> "STFPM":
         """The teacher stays in eval mode: its BatchNorm statistics are ImageNet's."""
@@ -57,23 +62,32 @@ class STFPM(nn.Module):
         self.teacher.eval()
         return self
 
-    def anomaly_map(self, teacher_feats: list[torch.Tensor], student_feats: list[torch.Tensor],
-                    size: tuple[int, int]) -> torch.Tensor:
-        amap = None
-        for t, s in zip(teacher_feats, student_feats):
-            level = F.interpolate(feature_distance(t, s), size=size, mode="bilinear", align_corners=False)
-            if amap is None:
-                amap = level
-            elif self.map_combine == "product":
-                amap = amap * level
-            else:
-                amap = amap + level
+    def level_maps(self, teacher_feats: list[torch.Tensor], student_feats: list[torch.Tensor],
+                   size: tuple[int, int]) -> list[torch.Tensor]:
+        """Each level's feature distance upsampled to ``size``, shallowest first."""
+        return [F.interpolate(feature_distance(t, s), size=size, mode="bilinear", align_corners=False)
+                for t, s in zip(teacher_feats, student_feats)]
+
+    def combine(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        """The levels' product (or sum), smoothed."""
+        amap = levels[0]
+        for level in levels[1:]:
+            amap = amap * level if self.map_combine == "product" else amap + level
         return self.blur(amap)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.anomaly_map(self.teacher(x), self.student(x), x.shape[-2:])
+        return self.combine(self.level_maps(self.teacher(x), self.student(x), x.shape[-2:]))
 
     def map_and_score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Bx1xSxS raw anomaly map, B image scores): the score is the smoothed map's maximum."""
-        amap = self(x)
-        return amap, amap.flatten(1).amax(1)
+        """(Bx1xSxS raw anomaly map, B image scores).
+
+        The score is the maximum of the smoothed map of the deepest ``score_levels`` levels (all of
+        them by default: the map's own maximum, as in the paper and PaddleX). On textures the
+        shallowest level's distances are high somewhere on good images too; leaving it out of the
+        image score but not of the map judges images better at no cost to localisation
+        (docs/benchmarks.md).
+        """
+        levels = self.level_maps(self.teacher(x), self.student(x), x.shape[-2:])
+        amap = self.combine(levels)
+        scored = amap if self.score_levels is None else self.combine(levels[-self.score_levels:])
+        return amap, scored.flatten(1).amax(1)

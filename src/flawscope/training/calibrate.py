@@ -130,6 +130,12 @@ def _maps(predictor: Predictor, samples: list[Sample], batch_size: int) -> list[
     return out
 
 
+def _below(low: float, threshold: float) -> float:
+    """``low``, or just under ``threshold`` when it is not below it (an F1 threshold under every
+    good score): the normalisation needs room between them to map the threshold to 0.5."""
+    return low if low < threshold else threshold - max(abs(threshold) * 1e-3, 1e-12)
+
+
 def calibrate(predictor: Predictor, cal_set: CalibrationSet, image_fpr: float, pixel_fpr: float,
               method: str = "fpr", batch_size: int = 8) -> Calibration:
     """Fit the image and pixel thresholds (see the module docstring) on ``cal_set``."""
@@ -163,8 +169,8 @@ def calibrate(predictor: Predictor, cal_set: CalibrationSet, image_fpr: float, p
         pixel_f1, pixel_threshold = best
         details |= {"image_f1": round(image_f1, 6), "pixel_f1": round(pixel_f1, 6)}
     # Where normalised scores start: the lowest good image score, and the typical good pixel.
-    image_low = min(float(scores.min()), image_threshold) if scores.size else 0.0
-    pixel_low = min(float(np.median(pixels)), pixel_threshold) if pixels.size else 0.0
+    image_low = _below(float(scores.min()) if scores.size else 0.0, image_threshold)
+    pixel_low = _below(float(np.median(pixels)) if pixels.size else 0.0, pixel_threshold)
     cal = Calibration(image_threshold=image_threshold, image_low=image_low, pixel_threshold=pixel_threshold,
                       pixel_low=pixel_low, source=cal_set.source, details=details)
     log.info("calibrated (%s) on %d good + %d defective images from %s: image threshold %.5g, pixel threshold %.5g",
