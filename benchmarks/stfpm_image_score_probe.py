@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 from flawscope.data.io import read_image
 from flawscope.data.layouts import Sample, load_dataset, unique_images
 from flawscope.data.transforms import Resizer, normalize
-from flawscope.inference.model_dir import ModelInfo, load_model_dir
+from flawscope.inference.model_dir import load_model_dir
 from flawscope.models.patchcore import PatchCore
 from flawscope.training.calibrate import split_calibration
 
@@ -49,19 +49,23 @@ def main() -> None:
     fit, held = split_calibration(unique_images(dataset.train)[0], 0.1, args.seed)
     resizer, grid = Resizer(info.input_size, info.resize_mode), SimpleNamespace(global_grid=args.grid)
 
-    def scores(samples: list[Sample]) -> tuple[np.ndarray, list[torch.Tensor]]:
-        """STFPM's image scores, and the mean and spread descriptors, of ``samples``."""
-        own, descriptors = [], []
+    def scores(samples: list[Sample]) -> tuple[np.ndarray, list[torch.Tensor], dict[str, np.ndarray]]:
+        """STFPM's image scores, the mean and spread descriptors, and ``level_scores``, of ``samples``."""
+        own, descriptors, columns = [], [], {}
         for sample in samples:
             x = normalize(torch.from_numpy(resizer.to_input(read_image(sample.image))[None]), info.mean, info.std)
             teacher = model.teacher(x)
-            own.append(float(model.map_and_score(x)[1]))
+            levels = model.level_maps(teacher, model.student(x), x.shape[-2:])
+            own.append(float(model.image_score(levels, model.combine(levels))))
             descriptors.append(PatchCore.describe(grid, teacher[model.strides.index(32)]))
-        return np.array(own), list(torch.cat(descriptors).chunk(2, dim=1))
+            for name, value in level_scores(model, levels).items():
+                columns.setdefault(name, []).append(value)
+        return (np.array(own), list(torch.cat(descriptors).chunk(2, dim=1)),
+                {name: np.array(values) for name, values in columns.items()})
 
-    _, fit_descriptors = scores(fit)
-    held_scores, _ = scores(held)
-    test_scores, test_descriptors = scores(dataset.val)
+    _, fit_descriptors, _ = scores(fit)
+    held_scores, _, _ = scores(held)
+    test_scores, test_descriptors, test_levels = scores(dataset.val)
     labels = np.array([s.label for s in dataset.val])
     print(f"{args.dataset}: {len(fit)} training images, {len(held)} held out, {len(dataset.val)} test images")
     standardised = [(test_scores - held_scores.mean()) / held_scores.std()]
@@ -72,26 +76,22 @@ def main() -> None:
         standardised.append((distance - loo.mean()) / loo.std())
         print(f"{name} descriptor alone: {roc_auc_score(labels, distance):.3f}")
     print(f"largest of the three: {roc_auc_score(labels, np.max(standardised, axis=0)):.3f}")
-    for name, column in level_scores(model, resizer, info, dataset.val).items():
+    for name, column in test_levels.items():
         print(f"the image score from {name}: image AUROC {roc_auc_score(labels, column):.3f}")
     good = standardised[0][labels == 0]
     print(f"STFPM's score of the good test images in held-out standard deviations: mean {good.mean():.2f}, "
           f"max {good.max():.2f}")
 
 
-def level_scores(model: torch.nn.Module, resizer: Resizer, info: ModelInfo, samples: list[Sample]) -> dict[str, np.ndarray]:
-    """Image scores from each level alone and from the deepest k levels (``Model.score_levels``: k),
-    the levels combined and smoothed as the map is."""
-    columns: dict[str, list[float]] = {}
-    for sample in samples:
-        x = normalize(torch.from_numpy(resizer.to_input(read_image(sample.image))[None]), info.mean, info.std)
-        levels = model.level_maps(model.teacher(x), model.student(x), x.shape[-2:])
-        for i, stride in enumerate(model.strides):
-            columns.setdefault(f"stride {stride} alone", []).append(float(model.combine([levels[i]]).amax()))
-        for k in range(2, len(levels) + 1):
-            strides = "/".join(map(str, model.strides[-k:]))
-            columns.setdefault(f"strides {strides} (score_levels {k})", []).append(float(model.combine(levels[-k:]).amax()))
-    return {name: np.array(values) for name, values in columns.items()}
+def level_scores(model: torch.nn.Module, levels: list[torch.Tensor]) -> dict[str, float]:
+    """One image's scores from each level alone and from the deepest k levels (``Model.score_levels``:
+    k), the levels combined and smoothed as the map is."""
+    scores = {f"stride {stride} alone": float(model.combine([level]).amax())
+              for stride, level in zip(model.strides, levels)}
+    for k in range(2, len(levels) + 1):
+        strides = "/".join(map(str, model.strides[-k:]))
+        scores[f"strides {strides} (score_levels {k})"] = float(model.combine(levels[-k:]).amax())
+    return scores
 
 
 if __name__ == "__main__":

@@ -89,5 +89,9 @@ class STFPM(nn.Module):
         """
         levels = self.level_maps(self.teacher(x), self.student(x), x.shape[-2:])
         amap = self.combine(levels)
+        return amap, self.image_score(levels, amap)
+
+    def image_score(self, levels: list[torch.Tensor], amap: torch.Tensor) -> torch.Tensor:
+        """``map_and_score``'s B scores from its ``level_maps`` and their combined map."""
         scored = amap if self.score_levels is None else self.combine(levels[-self.score_levels:])
-        return amap, scored.flatten(1).amax(1)
+        return scored.flatten(1).amax(1)
