@@ -245,6 +245,8 @@ def test_bad_choice(override: str, expected: str) -> None:
         ("Model.num_neighbors=0", "Model.num_neighbors must be an integer >= 1, got 0"),
         ("Model.projection_dim=0", "Model.projection_dim must be an integer >= 1 or null, got 0"),
         ("Model.score_levels=0", "Model.score_levels must be an integer >= 1 or null, got 0"),
+        ("Train.hard_fraction=0", "Train.hard_fraction must be a number > 0 and <= 1 or null, got 0"),
+        ("Train.hard_fraction=1.5", "Train.hard_fraction must be a number > 0 and <= 1 or null, got 1.5"),
     ],
 )
 def test_out_of_range(override: str, expected: str) -> None:

@@ -80,6 +80,23 @@ def test_loss_trains_only_the_student_and_the_teacher_stays_in_eval_mode() -> No
     assert all(p.grad is not None for p in model.student.parameters())
 
 
+def test_hard_loss_averages_each_levels_hardest_positions_and_leaves_the_rest_without_gradient() -> None:
+    gen = torch.Generator().manual_seed(0)
+    teacher = [torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 6, 4, 4, generator=gen)]
+    student = [torch.randn(2, 4, 8, 8, generator=gen, requires_grad=True),
+               torch.randn(2, 6, 4, 4, generator=gen, requires_grad=True)]
+    dists = [feature_distance(t, s).flatten() for t, s in zip(teacher, student)]
+    # 10% of 128 positions -> the 12 largest; of 32 -> the 3 largest
+    expected = sum(d.sort(descending=True).values[:k].mean() for d, k in zip(dists, (12, 3)))
+    loss = stfpm_loss(teacher, student, hard_fraction=0.1)
+    assert torch.allclose(loss, expected)
+    assert torch.allclose(stfpm_loss(teacher, student, hard_fraction=1.0), stfpm_loss(teacher, student))
+    assert loss > stfpm_loss(teacher, student)
+    loss.backward()
+    moved = student[1].grad.abs().sum(1).flatten() > 0  # positions of the deeper level that get a gradient
+    assert moved.sum() == 3 and moved[dists[1].topk(3).indices].all()
+
+
 def test_product_and_sum_maps_differ_and_sum_is_larger() -> None:
     x = torch.randn(1, 3, 64, 64)
     product, total = _model(map_combine="product")(x), _model(map_combine="sum")(x)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -67,6 +68,21 @@ def test_select_best_keeps_the_best_evaluated_student(trained, tmp_path) -> None
                    for k in saved if k.startswith("student."))
         assert same == (it == best["iteration"]), it
     assert "best evaluation" in (out / "train.log").read_text()
+
+
+def test_hard_fraction_trains_on_the_hardest_positions(trained, tmp_path) -> None:
+    """Train.hard_fraction reaches the loop: on the same first batch and weights its loss, the mean
+    of the hardest positions, is above the paper's mean over all of them; the model records it."""
+    dataset, _ = trained
+    losses = {}
+    for fraction in ("null", "0.25"):
+        out = tmp_path / fraction
+        assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=1), "Train.log_interval=1",
+                    f"Train.hard_fraction={fraction}") == 0
+        losses[fraction] = float((out / "train.log").read_text().split("iter 1/1 loss ")[1].split()[0])
+        info = yaml.safe_load((out / "best_model/inference/inference.yml").read_text())
+        assert info["provenance"]["hard_fraction"] == (None if fraction == "null" else 0.25)
+    assert losses["0.25"] > losses["null"] > 0
 
 
 def test_same_seed_same_model_other_seed_other_model(trained, tmp_path) -> None:

@@ -104,6 +104,7 @@ SCHEMA: dict[str, Any] = {
         "eval_interval": Key(int, 500, ge=1),
         "save_interval": Key(int, 500, ge=1),
         "select_best": Key(bool, False),
+        "hard_fraction": Key(float, None, nullable=True, gt=0, le=1),
         "calibration_fraction": Key(float, ge=0, lt=1, required_for=MODELS),
         "image_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
         "pixel_fpr": Key(float, ge=0, lt=1, required_for=MODELS),

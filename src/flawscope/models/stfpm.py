@@ -23,9 +23,22 @@ def feature_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tens
     return 0.5 * (t - s).pow(2).sum(dim=1, keepdim=True)
 
 
-def stfpm_loss(teacher_feats: list[torch.Tensor], student_feats: list[torch.Tensor]) -> torch.Tensor:
-    """Sum over pyramid levels of the mean feature distance (the paper's loss)."""
-    return sum(feature_distance(t, s).mean() for t, s in zip(teacher_feats, student_feats))
+def stfpm_loss(teacher_feats: list[torch.Tensor], student_feats: list[torch.Tensor],
+               hard_fraction: float | None = None) -> torch.Tensor:
+    """Sum over pyramid levels of the mean feature distance (the paper's loss).
+
+    With ``hard_fraction``, each level's mean is over its hardest fraction of positions in the
+    batch only (EfficientAD's hard feature loss, Batzner et al., WACV 2024): the student stops
+    refining what it already matches and learns the spots of normal images it still misses, which
+    are what make good textures score high (docs/benchmarks.md).
+    """
+    means = []
+    for t, s in zip(teacher_feats, student_feats):
+        d = feature_distance(t, s).flatten()
+        if hard_fraction is not None:
+            d = d.topk(max(1, int(len(d) * hard_fraction))).values
+        means.append(d.mean())
+    return torch.stack(means).sum()
 
 
 class STFPM(nn.Module):

@@ -169,10 +169,11 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, world: World,
                                  learning_rate=t["learning_rate"], momentum=t["momentum"],
                                  weight_decay=t["weight_decay"], log_interval=t["log_interval"],
                                  eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"],
-                                 select_best=t["select_best"])
+                                 select_best=t["select_best"], hard_fraction=t["hard_fraction"])
     history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate,
                         Path(t["resume_path"]) if t["resume_path"] else None, world)
-    history["provenance"] = {"iterations": history.get("selected_iteration", t["epochs_iters"])}
+    history["provenance"] = {"iterations": history.get("selected_iteration", t["epochs_iters"]),
+                             "hard_fraction": t["hard_fraction"]}
     history["files"] = {"checkpoint": str(output / f"iter_{t['epochs_iters']}")}
     return history
 

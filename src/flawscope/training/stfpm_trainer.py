@@ -39,6 +39,7 @@ class STFPMTrainConfig:
     save_interval: int
     seed: int
     select_best: bool = False
+    hard_fraction: float | None = None
     warmup_fraction: float = 0.05
     cache_limit_bytes: int = 4 << 30
 
@@ -148,7 +149,7 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
                 teacher = model.teacher(batch)
         else:
             teacher = [level[idx].to(device).float() for level in cached]
-        loss = stfpm_loss(teacher, student(batch))
+        loss = stfpm_loss(teacher, student(batch), cfg.hard_fraction)
         if not torch.isfinite(loss):
             raise FlawscopeError(f"training diverged at iteration {it + 1} (loss {loss.item()}); lower Train.learning_rate")
         optimizer.zero_grad(set_to_none=True)
