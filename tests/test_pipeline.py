@@ -191,6 +191,25 @@ def test_quick_start_with_the_bundled_model(tmp_path, capsys) -> None:
     assert Image.open(save / "hazelnut_colour_defect_res.png").size == (512, 512)
 
 
+def test_a_folder_with_an_unreadable_image_exits_2_after_saving_the_others(tmp_path, capsys) -> None:
+    """Through the quick start and the predict mode alike: the good image's result is saved, the
+    broken one is named with its problem, and the exit status tells a script that not all went well."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes((DEMO / "hazelnut_good.jpg").read_bytes())
+    (folder / "broken.png").write_bytes(b"not an image")
+    runs = {"pipeline": ["--pipeline", "anomaly_detection", "--input", str(folder), "--save_path", str(tmp_path / "a")],
+            "module": ["-c", "STFPM", "-o", "Global.mode=predict", "-o", f"Predict.input={folder}",
+                       "-o", f"Global.output={tmp_path / 'b'}"]}
+    for name, argv in runs.items():
+        assert main(argv) == 2, name
+        captured = capsys.readouterr()
+        assert f"{folder / 'broken.png'}\terror: " in captured.out and "is_anomaly=False" in captured.out
+        assert "1 of 2 inputs could not be read" in captured.err
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["good_res.json", "good_res.png"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["good_res.json", "good_res.png"]
+
+
 def test_same_file_names_in_two_folders_do_not_overwrite(trained, tmp_path, capsys) -> None:
     dataset, out = trained
     save = tmp_path / "out"

@@ -6,7 +6,7 @@
     flawscope benchmark --datasets DIR [DIR ...] [--models STFPM ...] [-o Section.key=value] [--output DIR]
 
 Exit status: 0 success, 1 a dataset check that did not pass (or a benchmark run that failed), 2 a
-user error (one line on stderr).
+user error (one line on stderr), also when prediction could not read some of its inputs.
 """
 
 from __future__ import annotations
@@ -113,16 +113,28 @@ def run(argv: list[str] | None = None) -> int:
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
         counts = save_results(pipeline.predict(args.input), Path(args.save_path or "output"),
                               pipeline.json_arrays, pipeline.save_extra)
-        return 2 if counts["errors"] and counts["errors"] == counts["images"] else 0
+        return _prediction_status(counts)
     if args.config:
         from flawscope.config import load_config
         from flawscope.engine import run as run_mode
 
         cfg = load_config(args.config, args.override)
         result = run_mode(cfg)
-        return 1 if cfg["Global"]["mode"] == "check_dataset" and not result.get("check_pass", False) else 0
+        mode = cfg["Global"]["mode"]
+        if mode == "predict":
+            return _prediction_status(result)
+        return 1 if mode == "check_dataset" and not result.get("check_pass", False) else 0
     _parser().print_usage(sys.stderr)
     raise FlawscopeError("nothing to do: give -c CONFIG, --pipeline NAME --input IMG, or --get_pipeline_config NAME")
+
+
+def _prediction_status(counts: dict) -> int:
+    """2 when an input could not be read: the others' results are saved and each failure has its
+    own line, but a script must not take a folder with a corrupt image for a clean run."""
+    if not counts["errors"]:
+        return 0
+    print(f"error: {counts['errors']} of {counts['images']} inputs could not be read (listed above)", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
