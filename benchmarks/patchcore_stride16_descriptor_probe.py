@@ -61,10 +61,7 @@ def main() -> None:
             x = normalize(torch.from_numpy(resizer.to_input(read_image(sample.image))[None]), info.mean, info.std)
             if own_parts:
                 emb, descriptor = model.features(x)
-                patch = model.image_score(emb, model.patch_scores(emb))
-                raw = torch.cat([patch[:, None], model.descriptor_distances(descriptor)], dim=1)
-                mean, std = model.score_reference.view(-1, 2).unbind(1)
-                parts.append(((raw - mean) / std)[0].numpy())
+                parts.append(model.score_parts(model.image_score(emb, model.patch_scores(emb)), descriptor)[0].numpy())
             features = model.extractor(x)[level]
             for grid in GRIDS:
                 for kind, value in zip(("mean", "spread"), grid_descriptors(features, grid)):

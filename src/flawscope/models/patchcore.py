@@ -274,9 +274,14 @@ class PatchCore(nn.Module):
         alone without an image bank."""
         if descriptor is None or len(self.image_bank) == 0:
             return patch_score
+        return self.score_parts(patch_score, descriptor).amax(1)
+
+    def score_parts(self, patch_score: torch.Tensor, descriptor: torch.Tensor) -> torch.Tensor:
+        """Bx(1+K): the patch score and each descriptor's distance to the nearest training image,
+        in leave-one-out standard deviations above its training mean (needs an image bank)."""
         scores = torch.cat([patch_score[:, None], self.descriptor_distances(descriptor)], dim=1)
         mean, std = self.score_reference.view(-1, 2).unbind(1)
-        return ((scores - mean) / std).amax(1)
+        return (scores - mean) / std
 
     def anomaly_map(self, scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Patch distances upsampled to the input size and smoothed: Bx1xSxS."""
