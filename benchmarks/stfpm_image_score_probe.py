@@ -19,7 +19,6 @@ Last, it scores the test split from each level alone and from the deepest k leve
 from __future__ import annotations
 
 import argparse
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ def main() -> None:
         raise SystemExit(f"{args.model_dir}: no stride-32 level (strides {list(model.strides)})")
     dataset = load_dataset(args.dataset, "auto")
     fit, held = split_calibration(unique_images(dataset.train)[0], 0.1, args.seed)
-    resizer, grid = Resizer(info.input_size, info.resize_mode), SimpleNamespace(global_grid=args.grid)
+    resizer = Resizer(info.input_size, info.resize_mode)
 
     def scores(samples: list[Sample]) -> tuple[np.ndarray, list[torch.Tensor], dict[str, np.ndarray]]:
         """STFPM's image scores, the mean and spread descriptors, and ``level_scores``, of ``samples``."""
@@ -57,7 +56,7 @@ def main() -> None:
             teacher = model.teacher(x)
             levels = model.level_maps(teacher, model.student(x), x.shape[-2:])
             own.append(float(model.image_score(levels, model.combine(levels))))
-            descriptors.append(PatchCore.describe(grid, teacher[model.strides.index(32)]))
+            descriptors.append(PatchCore.describe(teacher[model.strides.index(32)], args.grid))
             for name, value in level_scores(model, levels).items():
                 columns.setdefault(name, []).append(value)
         return (np.array(own), list(torch.cat(descriptors).chunk(2, dim=1)),

@@ -159,7 +159,7 @@ def test_descriptor_indexes_follow_a_new_image_bank():
         model.set_image_bank(torch.randn(30, model.image_bank.shape[1]) + 5, torch.randn(20))
         after = model.descriptor_distances(descriptor)
     reference = [nearest_neighbors(part, bank)[0] for part, bank in
-                 zip(descriptor.split(model.descriptor_dim, 1), model.image_bank.split(model.descriptor_dim, 1))]
+                 zip(descriptor.split(model.descriptor_widths, 1), model.image_bank.split(model.descriptor_widths, 1))]
     torch.testing.assert_close(after, torch.stack(reference, 1), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(before, after)
 

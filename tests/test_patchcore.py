@@ -12,6 +12,7 @@ import flawscope.models.knn as knn
 import flawscope.training.patchcore_fit as patchcore_fit
 from flawscope.data.transforms import normalize
 from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, save_model_dir
+from flawscope.models import build_model
 from flawscope.models.patchcore import PatchCore
 from flawscope.training.patchcore_fit import add_normals, fit_patchcore, greedy_coreset
 
@@ -238,7 +239,7 @@ def spreads_above(model: PatchCore, x: torch.Tensor) -> tuple[torch.Tensor, torc
     leave-one-out spreads above their means."""
     emb, descriptor = model.features(norm(x))
     patch = model.image_score(emb, model.patch_scores(emb))
-    g = model.descriptor_dim
+    g = model.descriptor_widths[0]
     mean_d, spread_d = (torch.cdist(descriptor[:, part], model.image_bank[:, part]).amin(1)
                         for part in (slice(None, g), slice(g, None)))
     p_mean, p_std, m_mean, m_std, s_mean, s_std = model.score_reference
@@ -336,7 +337,7 @@ def test_a_model_saved_before_the_spread_descriptor_scores_with_the_mean_alone(f
     save_model_dir(tmp_path / "old", fitted_global, info)
     weights = tmp_path / "old" / "model.safetensors"
     state = load_file(str(weights))
-    state["image_bank"] = state["image_bank"][:, :fitted_global.descriptor_dim].contiguous()
+    state["image_bank"] = state["image_bank"][:, :fitted_global.descriptor_widths[0]].contiguous()
     state["score_reference"] = state["score_reference"][:4].contiguous()
     del state["bank_neighbors"]  # newer still
     save_file(state, str(weights))
@@ -345,7 +346,7 @@ def test_a_model_saved_before_the_spread_descriptor_scores_with_the_mean_alone(f
     patch_z, mean_z, _ = spreads_above(fitted_global, x)
     assert torch.allclose(old.map_and_score(norm(x))[1], torch.maximum(patch_z, mean_z), atol=1e-4)
     add_normals(old, textures("stripes", list(range(4)), 8, GLOBAL_SIZE), norm, coreset_ratio=0.25)
-    assert old.image_bank.shape == (14, fitted_global.descriptor_dim) and old.score_reference.shape == (4,)
+    assert old.image_bank.shape == (14, fitted_global.descriptor_widths[0]) and old.score_reference.shape == (4,)
 
 
 def test_global_score_needs_two_training_images():
@@ -361,17 +362,39 @@ def test_grid_descriptors_are_each_cells_mean_and_spread():
     """One cell is the whole image's mean and spread; a 2x2 grid is those of each quarter, side by
     side, and a grid that does not divide the map is refused."""
     deep = torch.randn(3, 5, 4, 6)
-    whole = PatchCore(pretrained=False, strides=(8,), global_score=True).describe(deep)
+    whole = PatchCore.describe(deep, 1)
     assert torch.allclose(whole, torch.cat([deep.mean((2, 3)), nn.functional.normalize(
         deep.std((2, 3), correction=0), dim=1)], dim=1), atol=1e-6)
-    grid = PatchCore(pretrained=False, strides=(8,), global_score=True, global_grid=2)
-    assert grid.descriptor_dim == grid.extractor.out_channels[-1] * 4
-    got = grid.describe(deep)
+    got = PatchCore.describe(deep, 2)
     top_right = deep[:, :, :2, 3:]  # cell (0, 1): columns 1, 1 + 4, ... of each half
     assert torch.allclose(got[:, 1:20:4], top_right.mean((2, 3)), atol=1e-6)
     spread = torch.stack([deep[:, :, r:r + 2, c:c + 3].std((2, 3), correction=0)
                           for r in (0, 2) for c in (0, 3)], dim=2).flatten(1)
     assert torch.allclose(got[:, 20:], nn.functional.normalize(spread, dim=1), atol=1e-6)
     for g in (3, 4):  # 3 does not divide 4 rows; 4 leaves cells of one row
-        with pytest.raises(ValueError, match=f"global_grid {g} does not split the 4x6 map"):
-            PatchCore(pretrained=False, strides=(8,), global_score=True, global_grid=g).describe(deep)
+        with pytest.raises(ValueError, match=f"a grid of {g}x{g} cells does not split the 4x6 feature map"):
+            PatchCore.describe(deep, g)
+
+
+def test_stride_16_descriptors_have_cells_of_as_many_features_as_stride_32s():
+    """With ``global_strides`` [16, 32] the descriptors are those of each stride over a grid twice
+    as fine at 16 (2x2 features a cell at both), finest first, each with its own place on the
+    image score's scale; a model dir without the key describes stride 32 alone, as it did."""
+    model = PatchCore(strides=(8,), global_score=True, global_grid=2, global_strides=(32, 16)).eval()
+    assert model.global_strides == (16, 32) and model.config()["global_strides"] == [16, 32]
+    c16, c32 = model.extractor.out_channels[-2:]
+    assert model.descriptor_widths == [c16 * 16, c16 * 16, c32 * 4, c32 * 4]
+    x = norm(half_and_half([60, 64], 1))
+    level8, level16, level32 = model.extractor(x)
+    torch.testing.assert_close(model.features(x)[1], torch.cat([PatchCore.describe(level16, 4),
+                                                                 PatchCore.describe(level32, 2)], 1))
+    fit_patchcore(model, half_and_half(TRAIN_SPLITS, 0), norm, coreset_ratio=0.5)
+    assert model.image_bank.shape == (10, sum(model.descriptor_widths)) and model.score_reference.shape == (10,)
+    emb, descriptor = model.features(norm(only_stripes(7)))
+    parts = model.score_parts(model.image_score(emb, model.patch_scores(emb)), descriptor)
+    assert parts.shape == (2, 5) and (parts[:, 3] > 4).all()  # stride 32's mean: no training image is all stripes
+    assert torch.equal(model.map_and_score(norm(only_stripes(7)))[1], parts.amax(1))
+    old = build_model("PatchCore", {k: v for k, v in model.config().items() if k != "global_strides"}, pretrained=False)
+    assert old.global_strides == (32,) and old.descriptor_widths == [c32 * 4, c32 * 4]
+    with pytest.raises(ValueError, match="global_strides must be some of 8, 16 and 32"):
+        PatchCore(pretrained=False, global_score=True, global_strides=(4,))

@@ -91,6 +91,7 @@ SCHEMA: dict[str, Any] = {
         "search_nprobe": Key(int, 8, ge=1),
         "global_score": Key(bool, required_for=PATCHCORE_ONLY),
         "global_grid": Key(int, 1, ge=1),  # 1: configs written before the grid train as they did
+        "global_strides": Key(list[int], [32], subset_of=(8, 16, 32)),  # [32]: as configs written before it
     },
     "Train": {
         "epochs_iters": Key(int, ge=1, required_for=STFPM_ONLY),

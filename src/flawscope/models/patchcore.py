@@ -6,12 +6,13 @@ test patch's anomaly score is its distance to the nearest bank entry. Nothing is
 (``flawscope.training.patchcore_fit``) only fills the bank.
 
 With ``global_score``, the image score also asks whether the image *as a whole* resembles a
-training image, by two descriptors of its deepest (stride 32) features: their mean over the image
-(what it shows: a fibre layer laid at the wrong angle is made of normal-looking fibre patches, but
-no training image has that layer) and their spread over the image, scaled to unit length (how it
-varies, whatever the exposure: a hairline crack on a tile raises the spread of a few channels).
-Each descriptor's distance to the nearest training image's and the patch score are put on one
-scale by their leave-one-out distributions over the training images, and the largest wins.
+training image, by two descriptors of its deep features (stride 32, and with ``global_strides``
+also 16): their mean over the image (what it shows: a fibre layer laid at the wrong angle is made
+of normal-looking fibre patches, but no training image has that layer) and their spread over the
+image, scaled to unit length (how it varies, whatever the exposure: a hairline crack on a tile
+raises the spread of a few channels). Each descriptor's distance to the nearest training image's
+and the patch score are put on one scale by their leave-one-out distributions over the training
+images, and the largest wins.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from flawscope.models.knn import (FaissIndex, OneDnnIndex, check_search, cpu_ind
 
 def grid_splits(side: int, grid: int) -> bool:
     """Whether ``grid`` cells split ``side`` stride-32 features into equal cells of 2 or more: one
-    feature a cell has no spread, and the ONNX export needs equal cells."""
+    feature a cell has no spread, and the ONNX export needs equal cells. (A finer stride's grid
+    splits its map exactly when the stride-32 grid splits the stride-32 map.)"""
     return side % grid == 0 and side // grid >= 2
 
 
@@ -43,14 +45,14 @@ class PatchCore(nn.Module):
     float16 and saved as float16, so a saved model scores exactly like the fitted one),
     ``projection`` CxP (the random projection the coreset was selected in) and
     ``coverage_radius`` (the largest projected distance of a training patch to the bank), the
-    latter two for ``add_normals``. With ``global_score``: ``image_bank`` Nx2G (the training
-    images' descriptors, float16 values: G mean, then G spread columns, G = channels x
-    ``global_grid``²; models saved before the spread have only the mean), ``reference_scores``
-    (leave-one-out patch scores of training images) and ``score_reference`` (mean and spread of
-    the leave-one-out patch scores, then of each descriptor's leave-one-out distances: what the
-    image score is measured in). ``bank_neighbors``: each bank entry's ``num_neighbors - 1``
-    nearest other entries, which the image score weighs (found when the bank is set; models saved
-    before it find them when loaded).
+    latter two for ``add_normals``. With ``global_score``: ``image_bank`` (the training images'
+    descriptors, float16 values: for each of ``global_strides``, finest first, G mean then G
+    spread columns, G = ``descriptor_widths``' entry: channels x grid²; models saved before the
+    spread have only the stride-32 mean), ``reference_scores`` (leave-one-out patch scores of
+    training images) and ``score_reference`` (mean and spread of the leave-one-out patch scores,
+    then of each descriptor's leave-one-out distances: what the image score is measured in).
+    ``bank_neighbors``: each bank entry's ``num_neighbors - 1`` nearest other entries, which the
+    image score weighs (found when the bank is set; models saved before it find them when loaded).
     """
 
     _SIZED_ON_LOAD = ("memory_bank", "projection", "bank_neighbors", "image_bank", "reference_scores",
@@ -59,7 +61,7 @@ class PatchCore(nn.Module):
     def __init__(self, backbone: str = "efficientnet_lite0", strides: tuple[int, ...] = (8, 16),
                  feature_dim: int | None = None, num_neighbors: int = 9, smooth_sigma: float = 4.0,
                  search: str = "exact", search_nprobe: int = 8, global_score: bool = False,
-                 global_grid: int = 1, pretrained: bool = True) -> None:
+                 global_grid: int = 1, global_strides: tuple[int, ...] = (32,), pretrained: bool = True) -> None:
         super().__init__()
         if len(strides) < 1:
             raise ValueError("PatchCore needs at least one backbone stride")
@@ -67,6 +69,8 @@ class PatchCore(nn.Module):
             raise ValueError(f"num_neighbors must be >= 1, not {num_neighbors}")
         if global_grid < 1:
             raise ValueError(f"global_grid must be >= 1, not {global_grid}")
+        if not global_strides or not set(global_strides) <= {8, 16, 32}:
+            raise ValueError(f"global_strides must be some of 8, 16 and 32, not {list(global_strides)}")
         check_search(search)
         self.search, self.search_nprobe = search, int(search_nprobe)
         # CPU indexes over the memory bank and the image bank's descriptor parts, built on first use
@@ -75,18 +79,22 @@ class PatchCore(nn.Module):
         self.feature_dim = None if feature_dim is None else int(feature_dim)
         self.num_neighbors, self.smooth_sigma = int(num_neighbors), float(smooth_sigma)
         self.global_score, self.global_grid = bool(global_score), int(global_grid)
-        levels = sorted(set(self.strides) | ({32} if self.global_score else set()))
+        self.global_strides = tuple(sorted(global_strides))
+        levels = sorted(set(self.strides) | (set(self.global_strides) if self.global_score else set()))
         self.extractor = create_backbone(backbone, tuple(levels), pretrained=pretrained).eval()
         self.extractor.requires_grad_(False)
         self._patch_levels = [levels.index(s) for s in self.strides]
+        self._global_levels = [levels.index(s) for s in self.global_strides] if self.global_score else []
         self.embed_dim = self.feature_dim or sum(self.extractor.out_channels[i] for i in self._patch_levels)
         self.blur = GaussianBlur(smooth_sigma)
         self.register_buffer("memory_bank", torch.empty(0, self.embed_dim))
         self.register_buffer("projection", torch.empty(self.embed_dim, 0))
         self.register_buffer("coverage_radius", torch.zeros(()))
         self.register_buffer("bank_neighbors", torch.empty(0, 0, dtype=torch.long))
-        self.descriptor_dim = self.extractor.out_channels[-1] * self.global_grid ** 2  # G: one descriptor's columns
-        self.register_buffer("image_bank", torch.empty(0, 2 * self.descriptor_dim))
+        # each descriptor's columns (channels x grid²), mean then spread for each global stride
+        self.descriptor_widths = [self.extractor.out_channels[i] * self.grid(s) ** 2 for i, s
+                                  in zip(self._global_levels, self.global_strides) for _ in ("mean", "spread")]
+        self.register_buffer("image_bank", torch.empty(0, sum(self.descriptor_widths)))
         self.register_buffer("reference_scores", torch.empty(0))
         self.register_buffer("score_reference", torch.tensor([0.0, 1.0]))
 
@@ -94,7 +102,13 @@ class PatchCore(nn.Module):
         return {"backbone": self.backbone, "strides": list(self.strides), "feature_dim": self.feature_dim,
                 "num_neighbors": self.num_neighbors, "smooth_sigma": self.smooth_sigma,
                 "search": self.search, "search_nprobe": self.search_nprobe, "global_score": self.global_score,
-                "global_grid": self.global_grid}
+                "global_grid": self.global_grid, "global_strides": list(self.global_strides)}
+
+    def grid(self, stride: int) -> int:
+        """The cells a side of the descriptors at ``stride``: ``global_grid`` at stride 32, finer in
+        proportion below it, so that a cell holds as many features at every stride (2x2 with the
+        shipped 4x4 grid at stride 32: a cell of 64 pixels at stride 32, of 32 at stride 16)."""
+        return self.global_grid * 32 // stride
 
     def train(self, mode: bool = True) -> "PatchCore":
         """The extractor stays in eval mode: its BatchNorm statistics are ImageNet's."""
@@ -107,14 +121,16 @@ class PatchCore(nn.Module):
         return self.features(x)[0]
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(patch features BxCxhxw, image descriptors Bx2G or None without ``global_score``).
+        """(patch features BxCxhxw, image descriptors (B x sum of ``descriptor_widths``) or None
+        without ``global_score``).
 
         Each patch level is averaged over its 3x3 neighbourhood (context without losing
         resolution), deeper levels are upsampled to the finest one and all are concatenated; with
         ``feature_dim``, channels are average-pooled down to it, as the paper does.
         """
         levels = self.extractor(x)
-        descriptor = self.describe(levels[-1]) if self.global_score else None
+        descriptor = torch.cat([self.describe(levels[i], self.grid(s)) for i, s
+                                in zip(self._global_levels, self.global_strides)], 1) if self.global_score else None
         feats = [F.avg_pool2d(levels[i], 3, stride=1, padding=1) for i in self._patch_levels]
         size = feats[0].shape[-2:]
         emb = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
@@ -125,16 +141,16 @@ class PatchCore(nn.Module):
             emb = F.adaptive_avg_pool1d(rows, self.feature_dim).view(b, h, w, -1).permute(0, 3, 1, 2)
         return emb, descriptor
 
-    def describe(self, deep: torch.Tensor) -> torch.Tensor:
-        """Bx2G image descriptors from the stride-32 features: their mean over each cell of a
-        ``global_grid`` x ``global_grid`` grid, then their spread over each cell, at unit length so
-        that exposure does not count. One cell (the whole image) judges what the image shows and
-        how much it varies; finer cells also where (a misplaced layer) and in which part (a crack
-        changes the spread of one area, not of the whole tile)."""
+    @staticmethod
+    def describe(deep: torch.Tensor, g: int) -> torch.Tensor:
+        """Bx2G image descriptors from a BxCxhxw feature map: its mean over each cell of a g x g
+        grid, then its spread over each cell, at unit length so that exposure does not count. One
+        cell (the whole image) judges what the image shows and how much it varies; finer cells
+        also where (a misplaced layer) and in which part (a crack changes the spread of one area,
+        not of the whole tile)."""
         b, c, h, w = deep.shape
-        g = self.global_grid
         if not (grid_splits(h, g) and grid_splits(w, g)):
-            raise ValueError(f"global_grid {g} does not split the {h}x{w} map of stride-32 features "
+            raise ValueError(f"a grid of {g}x{g} cells does not split the {h}x{w} feature map "
                              "into cells of 2x2 or more")
         cells = deep.reshape(b, c, g, h // g, g, w // g).permute(0, 1, 2, 4, 3, 5).flatten(4)
         return torch.cat([cells.mean(-1).flatten(1), F.normalize(cells.std(-1, correction=0).flatten(1), dim=1)], dim=1)
@@ -177,7 +193,7 @@ class PatchCore(nn.Module):
             self.score_reference = torch.tensor([0.0, 1.0], device=device)
         else:
             reference = [reference_scores]
-            for part in descriptors.split(self.descriptor_dim, dim=1):
+            for part in descriptors.split(self._bank_widths(descriptors.shape[1]), dim=1):
                 reference.append(torch.cdist(part, part).fill_diagonal_(torch.inf).min(1).values)
             self.score_reference = torch.stack([v for r in reference for v in (r.mean(), r.std().clamp_min(1e-6))])
         self.image_bank, self.reference_scores = descriptors, reference_scores
@@ -261,12 +277,22 @@ class PatchCore(nn.Module):
         dists = torch.cdist(patch.unsqueeze(1), bank[support]).squeeze(1)  # B x b
         return (1 - torch.softmax(dists, dim=1)[:, 0]) * s_star
 
+    def _bank_widths(self, width: int) -> list[int]:
+        """The descriptors an image bank ``width`` columns wide holds: all of ``descriptor_widths``,
+        or the stride-32 mean alone in a model saved before the spread."""
+        widths = self.descriptor_widths if width == sum(self.descriptor_widths) else self.descriptor_widths[:1]
+        if sum(widths) != width:
+            raise ValueError(f"an image bank {width} columns wide does not hold descriptors {self.descriptor_widths}")
+        return widths
+
     def descriptor_distances(self, descriptor: torch.Tensor) -> torch.Tensor:
-        """BxK: each image descriptor's distance to the nearest training image's (K = 2: mean and
-        spread; 1 in models saved before the spread, whose image bank holds the mean only)."""
-        banks = self.image_bank.split(self.descriptor_dim, dim=1)
+        """BxK: each image descriptor's distance to the nearest training image's (K = 2 per global
+        stride: mean and spread; 1 in models saved before the spread, whose image bank holds the
+        mean only)."""
+        widths = self._bank_widths(self.image_bank.shape[1])
+        parts = descriptor.split(self.descriptor_widths, dim=1)
         return torch.stack([self._nearest(part, f"descriptor {i}", bank)[0] for i, (part, bank)
-                            in enumerate(zip(descriptor.split(self.descriptor_dim, dim=1), banks))], dim=1)
+                            in enumerate(zip(parts, self.image_bank.split(widths, dim=1)))], dim=1)
 
     def combined_score(self, patch_score: torch.Tensor, descriptor: torch.Tensor | None) -> torch.Tensor:
         """The largest of the patch score and the descriptors' distances to the nearest training
