@@ -6,13 +6,14 @@ stride 32's at stride 16: g = 8 below).
 
 The model must have been trained on DATASET with ``Model.global_score: true`` and
 ``Model.global_strides: [32]`` (its train mode holds ``Train.calibration_fraction`` 0.1 of the
-good images out with ``Global.seed``; ``--seed`` repeats that split). For each grid of the stride-16 feature map it pools the features as
-``PatchCore.describe`` pools the stride-32 ones (each cell's mean, and each cell's spread at unit
-length), measures each test image's distance to the nearest training image's, puts it in
-leave-one-out standard deviations over the training images, and reports the image AUROC of that
-part alone and of its largest with the model's own score parts (the patch score and the stride-32
-descriptors, on the model's own scales); for each grid, also on each half of the test split
-(every other image), to see whether a grid picked on one half holds on the other.
+good images out with ``Global.seed``; ``--seed`` repeats that split). For each grid of the
+stride-16 feature map it pools the features as ``PatchCore.describe`` pools the stride-32 ones
+(each cell's mean, and each cell's spread at unit length), measures each test image's distance to
+the nearest training image's, puts it in leave-one-out standard deviations over the training
+images, and reports the image AUROC of that part alone and of its largest with the model's own
+score parts (the patch score and the stride-32 descriptors, on the model's own scales); for each
+grid, also on each half of the test split (every other image), to see whether a grid picked on
+one half holds on the other.
 """
 
 from __future__ import annotations
