@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -11,6 +13,7 @@ from torch import nn
 import flawscope.models.knn as knn
 import flawscope.training.patchcore_fit as patchcore_fit
 from flawscope.data.transforms import normalize
+from flawscope.errors import FlawscopeError
 from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, save_model_dir
 from flawscope.models import build_model
 from flawscope.models.patchcore import PatchCore
@@ -347,6 +350,21 @@ def test_a_model_saved_before_the_spread_descriptor_scores_with_the_mean_alone(f
     assert torch.allclose(old.map_and_score(norm(x))[1], torch.maximum(patch_z, mean_z), atol=1e-4)
     add_normals(old, textures("stripes", list(range(4)), 8, GLOBAL_SIZE), norm, coreset_ratio=0.25)
     assert old.image_bank.shape == (14, fitted_global.descriptor_widths[0]) and old.score_reference.shape == (4,)
+
+
+@pytest.mark.parametrize("damage", ["image_bank", "score_reference", "memory_bank"])
+def test_a_model_dir_whose_banks_do_not_fit_fails_on_loading(fitted_global, tmp_path, damage):
+    """A damaged or mismatched weights file is one clear error when the model loads, not a
+    traceback at the first image."""
+    info = ModelInfo(model="PatchCore", model_config=fitted_global.config(), input_size=GLOBAL_SIZE,
+                     resize_mode="resize", mean=list(MEAN), std=list(STD), calibration=Calibration(1.0, 0.5, 1.0, 0.5))
+    save_model_dir(tmp_path / "pc", fitted_global, info)
+    weights = tmp_path / "pc" / "model.safetensors"
+    state = load_file(str(weights))
+    state[damage] = state[damage][:, :-1].contiguous() if state[damage].ndim == 2 else state[damage][:-2].contiguous()
+    save_file(state, str(weights))
+    with pytest.raises(FlawscopeError, match=re.escape(f"{weights}: weights do not fit model PatchCore")):
+        load_model_dir(tmp_path / "pc")
 
 
 def test_global_score_needs_two_training_images():

@@ -205,8 +205,9 @@ class PatchCore(nn.Module):
         destination[prefix + "bank_neighbors"] = destination[prefix + "bank_neighbors"].int()  # half the bytes
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        """The bank's size is only known after fitting: take the saved tensors' shapes. A model
-        saved before ``bank_neighbors`` gets them now (as BatchNorm adds a missing counter)."""
+        """The bank's size is only known after fitting: take the saved tensors' shapes, and refuse
+        banks this model cannot search (so a damaged file fails on loading, not on the first image).
+        A model saved before ``bank_neighbors`` gets them now (as BatchNorm adds a missing counter)."""
         self._indexes = {}
         bank = state_dict.get(prefix + "memory_bank")
         if bank is not None and prefix + "bank_neighbors" not in state_dict:
@@ -217,6 +218,13 @@ class PatchCore(nn.Module):
                 own = getattr(self, name)
                 setattr(self, name, torch.empty(saved.shape, dtype=own.dtype, device=own.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
+        if self.memory_bank.shape[1] != self.embed_dim:
+            raise ValueError(f"a memory bank {self.memory_bank.shape[1]} columns wide, not {self.embed_dim}")
+        if len(self.image_bank):
+            parts = len(self._bank_widths(self.image_bank.shape[1]))
+            if self.score_reference.shape != (2 * (1 + parts),):
+                raise ValueError(f"{len(self.score_reference)} score reference values for {parts} descriptors, "
+                                 f"not {2 * (1 + parts)}")
 
     def patch_scores(self, emb: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
         """Bxhxw distances of the patches of ``embed``'s output to their nearest bank entries.
