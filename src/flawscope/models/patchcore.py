@@ -162,14 +162,17 @@ class PatchCore(nn.Module):
 
     def set_memory_bank(self, bank: torch.Tensor, projection: torch.Tensor, coverage_radius: float) -> None:
         """Install a fitted bank, rounded to float16 values so that saving it as float16 loses nothing."""
-        if bank.ndim != 2 or bank.shape[1] != self.embed_dim:
-            raise ValueError(f"memory bank must be Kx{self.embed_dim}, not {tuple(bank.shape)}")
+        self._check_memory_bank(bank)
         device = self.coverage_radius.device
         self._indexes = {}
         self.memory_bank = bank.to(device, torch.float16).float()
         self.projection = projection.to(device, torch.float32)
         self.coverage_radius = torch.tensor(float(coverage_radius), device=device)
         self.bank_neighbors = self._bank_neighbors(self.memory_bank)
+
+    def _check_memory_bank(self, bank: torch.Tensor) -> None:
+        if bank.ndim != 2 or bank.shape[1] != self.embed_dim:
+            raise ValueError(f"memory bank must be Kx{self.embed_dim}, not {tuple(bank.shape)}")
 
     def _bank_neighbors(self, bank: torch.Tensor) -> torch.Tensor:
         """Each entry's neighbourhood in ``bank``, found once with the bank rather than by a pass
@@ -218,8 +221,7 @@ class PatchCore(nn.Module):
                 own = getattr(self, name)
                 setattr(self, name, torch.empty(saved.shape, dtype=own.dtype, device=own.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
-        if self.memory_bank.shape[1] != self.embed_dim:
-            raise ValueError(f"a memory bank {self.memory_bank.shape[1]} columns wide, not {self.embed_dim}")
+        self._check_memory_bank(self.memory_bank)
         if len(self.image_bank):
             parts = len(self._bank_widths(self.image_bank.shape[1]))
             if self.score_reference.shape != (2 * (1 + parts),):
