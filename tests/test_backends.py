@@ -30,7 +30,8 @@ def _images(dataset: Path) -> list[str]:
 def _assert_same_results(expected, got) -> None:
     for a, b in zip(expected, got, strict=True):
         assert a.input_path == b.input_path
-        assert b.raw_score == pytest.approx(a.raw_score, rel=1e-4, abs=1e-5)
+        # image scores with an image bank are in spreads of a few reference scores: float32 rounding shows more
+        assert b.raw_score == pytest.approx(a.raw_score, rel=1e-3, abs=1e-5)
         assert b.is_anomaly == a.is_anomaly
         assert np.abs(a.map - b.map).max() < 1e-3
         assert (a.pred != b.pred).mean() < 1e-3  # pixels exactly at the threshold may flip

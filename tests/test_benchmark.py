@@ -10,7 +10,7 @@ from conftest import make_mvtec
 from flawscope.benchmark import COLUMNS, markdown_table
 from flawscope.cli import main
 
-TINY = ["Model.input_size=64", "Train.epochs_iters=2", "Train.batch_size=2", "Train.calibration_fraction=0.3"]
+TINY = ["Model.input_size=64", "Model.global_grid=1", "Train.epochs_iters=2", "Train.batch_size=2", "Train.calibration_fraction=0.3"]
 
 
 def _args(*overrides: str) -> list[str]:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from flawscope.models.common import GaussianBlur
 from flawscope.models.stfpm import STFPM, feature_distance, stfpm_loss
+from flawscope.training.stfpm_trainer import fit_image_bank
 
 
 def _model(**kwargs) -> STFPM:
@@ -125,12 +126,45 @@ def test_upsampled_blur_is_interpolation_then_blur(sigma, source, size) -> None:
     torch.testing.assert_close(blur.upsampled(amap, size), expected, rtol=1e-5, atol=1e-6)
 
 
+def _own_scores(model: STFPM, x: torch.Tensor) -> torch.Tensor:
+    levels = model.level_maps(model.teacher(x), model.student(x), x.shape[-2:])
+    return model.image_score(levels, model.combine(levels))
+
+
+@torch.no_grad()
+def test_image_bank_measures_the_student_on_held_out_images_and_scores_the_largest_part() -> None:
+    model = _model(global_score=True, global_strides=(16, 32), smooth_sigma=1.0)
+    generator = torch.Generator().manual_seed(0)
+    train, held_out, test = (torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=generator)
+                             for n in (6, 5, 3))
+    norm = lambda batch: batch.permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
+    x = norm(test)
+    before = model.map_and_score(x)
+    assert torch.equal(before[1], _own_scores(model, x))  # no bank yet: the student's score
+
+    fit_image_bank(model, train, held_out, torch.device("cpu"), norm, batch_size=4)  # batches split both sets
+    assert model.image_bank.shape == (6, sum(model.descriptor_widths))
+    assert model.descriptor_widths == [112 * 4, 112 * 4, 320, 320]  # grid 2x2 at stride 16, one cell at 32
+    reference = _own_scores(model, norm(held_out))
+    torch.testing.assert_close(model.reference_scores, reference)
+    torch.testing.assert_close(model.score_reference[:2], torch.stack([reference.mean(), reference.std()]))
+    amap, score = model.map_and_score(x)
+    assert torch.equal(amap, before[0])  # the map is the student's still
+    parts = model.score_parts(_own_scores(model, x), model.teacher_descriptors(model.teacher(x)))
+    assert parts.shape == (3, 5) and torch.equal(score, parts.amax(1))
+    assert torch.equal(parts[:, 0], (before[1] - reference.mean()) / reference.std())
+
+    fit_image_bank(model, train, held_out[:1], torch.device("cpu"), norm)  # one held-out score has no spread
+    assert len(model.image_bank) == 0 and torch.equal(model.map_and_score(x)[1], before[1])
+
+
 def test_models_saved_before_score_levels_score_on_every_level() -> None:
     from flawscope.inference.model_dir import load_model_dir
     from flawscope.inference.predictor import default_model_dir
 
     model, info = load_model_dir(default_model_dir())
     assert "score_levels" not in info.model_config and model.score_levels is None
+    assert "global_score" not in info.model_config and "image_bank" not in model.state_dict()
     x = torch.randn(1, 3, info.input_size, info.input_size)
     with torch.no_grad():
         amap, score = model.map_and_score(x)

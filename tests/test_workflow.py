@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
@@ -55,12 +56,13 @@ def test_select_best_keeps_the_best_evaluated_student(trained, tmp_path) -> None
     assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=9), "Train.eval_interval=3",
                 "Train.select_best=true", "Train.learning_rate=2.0") == 0
     result = json.loads((out / "train_result.json").read_text())
-    history = result["eval_history"]
-    assert [e["iteration"] for e in history] == [3, 6, 9]
-    best = max(history, key=lambda e: (e["image_auroc"], e["pixel_auroc"], -e["iteration"]))
+    *students, final = result["eval_history"]  # the evaluations while training, then the kept one with its image bank
+    assert [e["iteration"] for e in students] == [3, 6, 9] and not any("image_bank" in e for e in students)
+    best = max(students, key=lambda e: (e["image_auroc"], e["pixel_auroc"], -e["iteration"]))
     assert best["iteration"] != 9  # a run whose last evaluation is not its best (lr 2.0 makes it unsteady)
     assert result["selected_iteration"] == best["iteration"]
-    assert result["metrics"] == {k: best[k] for k in ("image_auroc", "pixel_auroc")}
+    assert final["image_bank"] and final["iteration"] == best["iteration"]
+    assert result["metrics"] == {k: final[k] for k in ("image_auroc", "pixel_auroc")}
     saved = load_file(str(out / "best_model/inference/model.safetensors"))
     for it in (3, 6, 9):
         checkpoint = load_file(str(out / f"iter_{it}/checkpoint.safetensors"))
@@ -127,7 +129,6 @@ def test_predict_says_when_it_falls_back_to_the_bundled_model(trained, tmp_path,
 
 def _assert_onnx_matches_torch(model_dir: Path, output: Path, cli=_cli) -> None:
     import onnxruntime as ort
-    import torch
 
     from flawscope.inference.model_dir import load_model_dir
 
@@ -145,7 +146,6 @@ def _assert_onnx_matches_torch(model_dir: Path, output: Path, cli=_cli) -> None:
 def _assert_openvino_matches_torch(model_dir: Path, output: Path, cli=_cli) -> None:
     """The IR keeps float32 weights: compiled with the f32 hint it scores like torch."""
     import openvino as ov
-    import torch
 
     from flawscope.inference.model_dir import load_model_dir
 
@@ -218,7 +218,6 @@ def test_missing_model_directory(tmp_path, capsys) -> None:
 
 
 def test_gpu_on_a_cpu_machine(tmp_path, capsys) -> None:
-    import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -303,7 +302,6 @@ def test_copied_training_images_are_used_once(tmp_path, capsys) -> None:
 def test_a_resnet_backbone_from_a_torchvision_weights_file(trained, tmp_path, capsys) -> None:
     """``Model.backbone=resnet18`` with a torchvision weights file: both models train with
     ImageNet's normalisation, PatchCore exports like with Lite0, and a missing file is one error."""
-    import torch
     import yaml
 
     from flawscope.backbones.resnet import ResNet
@@ -330,14 +328,38 @@ def test_a_resnet_backbone_from_a_torchvision_weights_file(trained, tmp_path, ca
                    f"Train.pretrain_weight_path={tmp_path / 'none.pth'}", fragment="none.pth: backbone weights file not found")
 
 
-def test_a_global_grid_that_does_not_divide_the_feature_map_is_one_error(trained, tmp_path, capsys) -> None:
+@pytest.mark.parametrize("train", [_patchcore, _cli])
+def test_a_global_grid_that_does_not_divide_the_feature_map_is_one_error(trained, tmp_path, capsys, train) -> None:
     out = tmp_path / "out"
-    assert _patchcore("Global.mode=train", f"Global.dataset_dir={trained[0]}", f"Global.output={out}",
-                      "Model.input_size=128") == 2  # the shipped 4x4 grid on a 4x4 map: cells of one feature
+    assert train("Global.mode=train", f"Global.dataset_dir={trained[0]}", f"Global.output={out}",
+                 "Model.input_size=128") == 2  # the shipped 4x4 grid on a 4x4 map: cells of one feature
     err = capsys.readouterr().err
     assert "error: Model.global_grid: 4 does not split the 4x4 map" in err and "(use 1, 2)" in err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_stfpm_trains_an_image_bank_and_scores_with_it(trained, tmp_path, capsys) -> None:
+    """The shipped STFPM config fills the image bank after training: one row per training image,
+    the student measured against the held-out good images, and an evaluation that uses it."""
+    dataset, out = trained
+    info = yaml.safe_load((out / "best_model/inference/inference.yml").read_text())
+    assert info["model_config"]["global_score"] and info["model_config"]["global_strides"] == [16, 32]
+    weights = load_file(str(out / "best_model/inference/model.safetensors"))
+    fitted = json.loads((out / "train_result.json").read_text())
+    held_out = len(list((dataset / "train/good").iterdir())) - info["provenance"]["train_images"]
+    assert len(weights["image_bank"]) == info["provenance"]["train_images"] and weights["image_bank"].dtype == torch.float16
+    assert len(weights["reference_scores"]) == held_out >= 2
+    assert fitted["eval_history"][-1]["image_bank"]
+    assert "eval with the image bank" in (out / "train.log").read_text()
+    alone = tmp_path / "alone"  # no good image held out: the student would be measured on images it fitted
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, alone, iters=1), "Train.calibration_fraction=0") == 0
+    assert len(load_file(str(alone / "best_model/inference/model.safetensors"))["image_bank"]) == 0
+    assert "the image score is the student's alone" in (alone / "train.log").read_text()
+    bad = tmp_path / "bad"
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, bad), "Model.strides=[16, 32]", "Model.global_strides=[8, 32]") == 2
+    err = capsys.readouterr().err
+    assert "global_strides [8, 32] must be among the strides [16, 32]" in err and not bad.exists()
 
 
 def test_add_normals_refuses_an_stfpm_model(trained, tmp_path, capsys) -> None:
@@ -367,7 +389,6 @@ def test_distributed_training_under_torchrun(trained, tmp_path) -> None:
 
 def test_several_gpus_relaunch_under_torchrun(tmp_path, monkeypatch) -> None:
     """gpu:2,3 on a plain call becomes two torchrun processes that see those GPUs as 0 and 1."""
-    import torch
 
     from flawscope.config import load_config
     from flawscope.training import distributed

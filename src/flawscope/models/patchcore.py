@@ -6,13 +6,8 @@ test patch's anomaly score is its distance to the nearest bank entry. Nothing is
 (``flawscope.training.patchcore_fit``) only fills the bank.
 
 With ``global_score``, the image score also asks whether the image *as a whole* resembles a
-training image, by two descriptors of its deep features (stride 32, and with ``global_strides``
-also 16): their mean over the image (what it shows: a fibre layer laid at the wrong angle is made
-of normal-looking fibre patches, but no training image has that layer) and their spread over the
-image, scaled to unit length (how it varies, whatever the exposure: a hairline crack on a tile
-raises the spread of a few channels). Each descriptor's distance to the nearest training image's
-and the patch score are put on one scale by their leave-one-out distributions over the training
-images, and the largest wins.
+training image (``flawscope.models.image_bank``); the patch score's reference is the training
+images' leave-one-out patch scores.
 """
 
 from __future__ import annotations
@@ -23,18 +18,11 @@ from torch import nn
 
 from flawscope.backbones import create_backbone
 from flawscope.models.common import GaussianBlur
-from flawscope.models.knn import (FaissIndex, OneDnnIndex, check_search, cpu_index, nearest_neighbors, nearest_others,
-                                  search_once)
+from flawscope.models.image_bank import ImageBankScore
+from flawscope.models.knn import check_search, nearest_neighbors, nearest_others, search_once
 
 
-def grid_splits(side: int, grid: int) -> bool:
-    """Whether ``grid`` cells split ``side`` stride-32 features into equal cells of 2 or more: one
-    feature a cell has no spread, and the ONNX export needs equal cells. (A finer stride's grid
-    splits its map exactly when the stride-32 grid splits the stride-32 map.)"""
-    return side % grid == 0 and side // grid >= 2
-
-
-class PatchCore(nn.Module):
+class PatchCore(ImageBankScore, nn.Module):
     """Normalised image batch Bx3xSxS in, raw anomaly map Bx1xSxS out (patch distances to the bank).
 
     The image score is the paper's reweighted nearest-neighbour distance of the most anomalous
@@ -45,12 +33,8 @@ class PatchCore(nn.Module):
     float16 and saved as float16, so a saved model scores exactly like the fitted one),
     ``projection`` CxP (the random projection the coreset was selected in) and
     ``coverage_radius`` (the largest projected distance of a training patch to the bank), the
-    latter two for ``add_normals``. With ``global_score``: ``image_bank`` (the training images'
-    descriptors, float16 values: for each of ``global_strides``, finest first, G mean then G
-    spread columns, G = ``descriptor_widths``' entry: channels x grid²; models saved before the
-    spread have only the stride-32 mean), ``reference_scores`` (leave-one-out patch scores of
-    training images) and ``score_reference`` (mean and spread of the leave-one-out patch scores,
-    then of each descriptor's leave-one-out distances: what the image score is measured in).
+    latter two for ``add_normals``. With ``global_score``: ``ImageBankScore``'s, whose
+    ``reference_scores`` are leave-one-out patch scores of training images.
     ``bank_neighbors``: each bank entry's ``num_neighbors - 1`` nearest other entries, which the
     image score weighs (found when the bank is set; models saved before it find them when loaded).
     """
@@ -73,8 +57,6 @@ class PatchCore(nn.Module):
             raise ValueError(f"global_strides must be some of 8, 16 and 32, not {list(global_strides)}")
         check_search(search)
         self.search, self.search_nprobe = search, int(search_nprobe)
-        # CPU indexes over the memory bank and the image bank's descriptor parts, built on first use
-        self._indexes: dict[str, OneDnnIndex | FaissIndex | None] = {}
         self.backbone, self.strides = backbone, tuple(sorted(strides))
         self.feature_dim = None if feature_dim is None else int(feature_dim)
         self.num_neighbors, self.smooth_sigma = int(num_neighbors), float(smooth_sigma)
@@ -91,24 +73,13 @@ class PatchCore(nn.Module):
         self.register_buffer("projection", torch.empty(self.embed_dim, 0))
         self.register_buffer("coverage_radius", torch.zeros(()))
         self.register_buffer("bank_neighbors", torch.empty(0, 0, dtype=torch.long))
-        # each descriptor's columns (channels x grid²), mean then spread for each global stride
-        self.descriptor_widths = [self.extractor.out_channels[i] * self.grid(s) ** 2 for i, s
-                                  in zip(self._global_levels, self.global_strides) for _ in ("mean", "spread")]
-        self.register_buffer("image_bank", torch.empty(0, sum(self.descriptor_widths)))
-        self.register_buffer("reference_scores", torch.empty(0))
-        self.register_buffer("score_reference", torch.tensor([0.0, 1.0]))
+        self._init_image_bank([self.extractor.out_channels[i] for i in self._global_levels])
 
     def config(self) -> dict:
         return {"backbone": self.backbone, "strides": list(self.strides), "feature_dim": self.feature_dim,
                 "num_neighbors": self.num_neighbors, "smooth_sigma": self.smooth_sigma,
                 "search": self.search, "search_nprobe": self.search_nprobe, "global_score": self.global_score,
                 "global_grid": self.global_grid, "global_strides": list(self.global_strides)}
-
-    def grid(self, stride: int) -> int:
-        """The cells a side of the descriptors at ``stride``: ``global_grid`` at stride 32, finer in
-        proportion below it, so that a cell holds as many features at every stride (2x2 with the
-        shipped 4x4 grid at stride 32: a cell of 64 pixels at stride 32, of 32 at stride 16)."""
-        return self.global_grid * 32 // stride
 
     def train(self, mode: bool = True) -> "PatchCore":
         """The extractor stays in eval mode: its BatchNorm statistics are ImageNet's."""
@@ -129,8 +100,7 @@ class PatchCore(nn.Module):
         ``feature_dim``, channels are average-pooled down to it, as the paper does.
         """
         levels = self.extractor(x)
-        descriptor = torch.cat([self.describe(levels[i], self.grid(s)) for i, s
-                                in zip(self._global_levels, self.global_strides)], 1) if self.global_score else None
+        descriptor = self.descriptors([levels[i] for i in self._global_levels]) if self.global_score else None
         feats = [F.avg_pool2d(levels[i], 3, stride=1, padding=1) for i in self._patch_levels]
         size = feats[0].shape[-2:]
         emb = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
@@ -140,20 +110,6 @@ class PatchCore(nn.Module):
             rows = emb.permute(0, 2, 3, 1).reshape(-1, 1, c)
             emb = F.adaptive_avg_pool1d(rows, self.feature_dim).view(b, h, w, -1).permute(0, 3, 1, 2)
         return emb, descriptor
-
-    @staticmethod
-    def describe(deep: torch.Tensor, g: int) -> torch.Tensor:
-        """Bx2G image descriptors from a BxCxhxw feature map: its mean over each cell of a g x g
-        grid, then its spread over each cell, at unit length so that exposure does not count. One
-        cell (the whole image) judges what the image shows and how much it varies; finer cells
-        also where (a misplaced layer) and in which part (a crack changes the spread of one area,
-        not of the whole tile)."""
-        b, c, h, w = deep.shape
-        if not (grid_splits(h, g) and grid_splits(w, g)):
-            raise ValueError(f"a grid of {g}x{g} cells does not split the {h}x{w} feature map "
-                             "into cells of 2x2 or more")
-        cells = deep.reshape(b, c, g, h // g, g, w // g).permute(0, 1, 2, 4, 3, 5).flatten(4)
-        return torch.cat([cells.mean(-1).flatten(1), F.normalize(cells.std(-1, correction=0).flatten(1), dim=1)], dim=1)
 
     @staticmethod
     def patch_rows(emb: torch.Tensor) -> torch.Tensor:
@@ -180,27 +136,6 @@ class PatchCore(nn.Module):
         a TopK over the bank in an export). It costs O(bank²) once: 0.2 s for 10k entries."""
         return nearest_others(bank, max(min(self.num_neighbors, len(bank)) - 1, 0))
 
-    def set_image_bank(self, descriptors: torch.Tensor, reference_scores: torch.Tensor) -> None:
-        """Install the training images' descriptors and the leave-one-out patch scores of some of
-        them; each descriptor's leave-one-out distances are computed here. With fewer than two of
-        either there is no spread to measure, and the image score stays the patch score alone.
-        Descriptors are rounded to float16 values, as the patch bank is: a grid's cells make the
-        image bank large (10k values an image with Lite0 at 4x4), and saved as float16 it loses nothing.
-        """
-        device = self.coverage_radius.device
-        self._indexes = {}
-        descriptors = descriptors.to(device, torch.float16).float()
-        reference_scores = reference_scores.to(device).float()
-        if len(descriptors) < 2 or len(reference_scores) < 2:
-            descriptors, reference_scores = descriptors[:0], reference_scores[:0]
-            self.score_reference = torch.tensor([0.0, 1.0], device=device)
-        else:
-            reference = [reference_scores]
-            for part in descriptors.split(self._bank_widths(descriptors.shape[1]), dim=1):
-                reference.append(torch.cdist(part, part).fill_diagonal_(torch.inf).min(1).values)
-            self.score_reference = torch.stack([v for r in reference for v in (r.mean(), r.std().clamp_min(1e-6))])
-        self.image_bank, self.reference_scores = descriptors, reference_scores
-
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "memory_bank"] = destination[prefix + "memory_bank"].half()
@@ -211,22 +146,13 @@ class PatchCore(nn.Module):
         """The bank's size is only known after fitting: take the saved tensors' shapes, and refuse
         banks this model cannot search (so a damaged file fails on loading, not on the first image).
         A model saved before ``bank_neighbors`` gets them now (as BatchNorm adds a missing counter)."""
-        self._indexes = {}
         bank = state_dict.get(prefix + "memory_bank")
         if bank is not None and prefix + "bank_neighbors" not in state_dict:
             state_dict[prefix + "bank_neighbors"] = self._bank_neighbors(bank.float())
-        for name in self._SIZED_ON_LOAD:
-            saved = state_dict.get(prefix + name)
-            if saved is not None:
-                own = getattr(self, name)
-                setattr(self, name, torch.empty(saved.shape, dtype=own.dtype, device=own.device))
+        self._size_on_load(state_dict, prefix, self._SIZED_ON_LOAD)
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._check_memory_bank(self.memory_bank)
-        if len(self.image_bank):
-            parts = len(self._bank_widths(self.image_bank.shape[1]))
-            if self.score_reference.shape != (2 * (1 + parts),):
-                raise ValueError(f"{len(self.score_reference)} score reference values for {parts} descriptors, "
-                                 f"not {2 * (1 + parts)}")
+        self._check_image_bank()
 
     def patch_scores(self, emb: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
         """Bxhxw distances of the patches of ``embed``'s output to their nearest bank entries.
@@ -240,26 +166,6 @@ class PatchCore(nn.Module):
         else:
             dist = search_once(rows, bank, with_indices=False)[0]
         return dist.view(b, h, w)
-
-    def _nearest(self, queries: torch.Tensor, name: str, bank: torch.Tensor, mode: str = "exact",
-                 with_indices: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``nearest_neighbors`` of ``queries`` in ``bank``: on a CPU through the index kept under
-        ``name`` and ``mode`` (``knn.cpu_index``: oneDNN or faiss; it also keeps the bank's norms,
-        which torch recomputes on every call: 2 ms an image for a 4x4 grid's image bank); torch on
-        a GPU, while exporting and where neither index runs."""
-        exporting = torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-        if bank.device.type != "cpu" or exporting:
-            return nearest_neighbors(queries, bank, with_indices)
-        key = f"{name} {mode}"
-        if key not in self._indexes:
-            self._indexes[key] = cpu_index(bank, mode, self.search_nprobe)
-        index = self._indexes[key]
-        return nearest_neighbors(queries, bank, with_indices) if index is None else index.search(queries, with_indices)
-
-    def _apply(self, fn, *args, **kwargs) -> "PatchCore":
-        """``to()``, ``cuda()``, ``half()``... replace the banks: the indexes must be rebuilt."""
-        self._indexes = {}
-        return super()._apply(fn, *args, **kwargs)
 
     def image_score(self, emb: torch.Tensor, scores: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
         """The paper's image score: the largest patch distance s*, damped when its nearest bank
@@ -286,38 +192,6 @@ class PatchCore(nn.Module):
         support = torch.cat([m_star[:, None], neighbors], 1)  # m*, N_b(m*)
         dists = torch.cdist(patch.unsqueeze(1), bank[support]).squeeze(1)  # B x b
         return (1 - torch.softmax(dists, dim=1)[:, 0]) * s_star
-
-    def _bank_widths(self, width: int) -> list[int]:
-        """The descriptors an image bank ``width`` columns wide holds: all of ``descriptor_widths``,
-        or the stride-32 mean alone in a model saved before the spread."""
-        widths = self.descriptor_widths if width == sum(self.descriptor_widths) else self.descriptor_widths[:1]
-        if sum(widths) != width:
-            raise ValueError(f"an image bank {width} columns wide does not hold descriptors {self.descriptor_widths}")
-        return widths
-
-    def descriptor_distances(self, descriptor: torch.Tensor) -> torch.Tensor:
-        """BxK: each image descriptor's distance to the nearest training image's (K = 2 per global
-        stride: mean and spread; 1 in models saved before the spread, whose image bank holds the
-        mean only)."""
-        widths = self._bank_widths(self.image_bank.shape[1])
-        parts = descriptor.split(self.descriptor_widths, dim=1)
-        return torch.stack([self._nearest(part, f"descriptor {i}", bank)[0] for i, (part, bank)
-                            in enumerate(zip(parts, self.image_bank.split(widths, dim=1)))], dim=1)
-
-    def combined_score(self, patch_score: torch.Tensor, descriptor: torch.Tensor | None) -> torch.Tensor:
-        """The largest of the patch score and the descriptors' distances to the nearest training
-        image, each in leave-one-out standard deviations above its training mean; the patch score
-        alone without an image bank."""
-        if descriptor is None or len(self.image_bank) == 0:
-            return patch_score
-        return self.score_parts(patch_score, descriptor).amax(1)
-
-    def score_parts(self, patch_score: torch.Tensor, descriptor: torch.Tensor) -> torch.Tensor:
-        """Bx(1+K): the patch score and each descriptor's distance to the nearest training image,
-        in leave-one-out standard deviations above its training mean (needs an image bank)."""
-        scores = torch.cat([patch_score[:, None], self.descriptor_distances(descriptor)], dim=1)
-        mean, std = self.score_reference.view(-1, 2).unbind(1)
-        return (scores - mean) / std
 
     def anomaly_map(self, scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Patch distances upsampled to the input size and smoothed: Bx1xSxS."""

@@ -4,6 +4,11 @@ A frozen ImageNet-pretrained teacher and a randomly initialised student of the s
 see the same normal images; the student learns to reproduce the teacher's feature pyramid. On a
 defect the student, never having seen one, disagrees with the teacher: the per-pixel distance of
 their channel-normalised features is the anomaly map.
+
+With ``global_score``, the image score also asks whether the image as a whole resembles a training
+image (``flawscope.models.image_bank``, as PatchCore does), from the teacher's features: on
+textures the student's maximum misjudges images whose every spot looks normal. The student's own
+score is measured against its scores of good images held out of its training.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from torch import nn
 
 from flawscope.backbones import create_backbone
 from flawscope.models.common import GaussianBlur
+from flawscope.models.image_bank import ImageBankScore
 
 
 def feature_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -41,21 +47,29 @@ def stfpm_loss(teacher_feats: list[torch.Tensor], student_feats: list[torch.Tens
     return torch.stack(means).sum()
 
 
-class STFPM(nn.Module):
+class STFPM(ImageBankScore, nn.Module):
     """Normalised image batch Bx3xSxS in, raw anomaly map Bx1xSxS out.
 
     The paper taps ResNet18 at strides 4/8/16; on EfficientNet-Lite0, whose early stages are much
     narrower, strides 8/16/32 are the comparable depth and the better default (docs/benchmarks.md).
+    With ``global_score`` (whose ``global_strides`` must be among ``strides``), the
+    ``ImageBankScore`` buffers are in ``state_dict``: ``reference_scores`` are the student's scores
+    of held-out good images. Without it there are none, as in models saved before it.
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", strides: tuple[int, ...] = (8, 16, 32),
                  map_combine: str = "product", smooth_sigma: float = 4.0, score_levels: int | None = None,
+                 global_score: bool = False, global_grid: int = 1, global_strides: tuple[int, ...] = (32,),
                  pretrained: bool = True) -> None:
         super().__init__()
         if map_combine not in ("product", "sum"):
             raise ValueError(f"map_combine must be 'product' or 'sum', not {map_combine!r}")
         if score_levels is not None and score_levels < 1:
             raise ValueError(f"score_levels must be null or >= 1, not {score_levels}")
+        if global_score and not set(global_strides) <= set(strides):
+            raise ValueError(f"global_strides {list(global_strides)} must be among the strides {list(strides)}")
+        if global_grid < 1:
+            raise ValueError(f"global_grid must be >= 1, not {global_grid}")
         self.backbone, self.strides = backbone, tuple(strides)
         self.map_combine, self.smooth_sigma = map_combine, float(smooth_sigma)
         # None: all levels (also when fewer than score_levels are configured)
@@ -64,10 +78,16 @@ class STFPM(nn.Module):
         self.teacher.requires_grad_(False)
         self.student = create_backbone(backbone, self.strides, pretrained=False)
         self.blur = GaussianBlur(smooth_sigma)
+        self.global_score, self.global_grid = bool(global_score), int(global_grid)
+        self.global_strides = tuple(sorted(global_strides))
+        if self.global_score:
+            self._init_image_bank([self.teacher.out_channels[self.strides.index(s)] for s in self.global_strides])
 
     def config(self) -> dict:
         return {"backbone": self.backbone, "strides": list(self.strides), "map_combine": self.map_combine,
-                "smooth_sigma": self.smooth_sigma, "score_levels": self.score_levels}
+                "smooth_sigma": self.smooth_sigma, "score_levels": self.score_levels,
+                "global_score": self.global_score, "global_grid": self.global_grid,
+                "global_strides": list(self.global_strides)}
 
     def train(self, mode: bool = True) -> "STFPM":
         """The teacher stays in eval mode: its BatchNorm statistics are ImageNet's."""
@@ -98,11 +118,32 @@ class STFPM(nn.Module):
         them by default: the map's own maximum, as in the paper and PaddleX). On textures the
         shallowest level's distances are high somewhere on good images too; leaving it out of the
         image score but not of the map judges images better at no cost to localisation
-        (docs/benchmarks.md).
+        (docs/benchmarks.md). With ``global_score`` and a fitted image bank, that score is
+        combined with the image descriptors' (``combined_score``).
         """
-        levels = self.level_maps(self.teacher(x), self.student(x), x.shape[-2:])
+        teacher = self.teacher(x)
+        levels = self.level_maps(teacher, self.student(x), x.shape[-2:])
         amap = self.combine(levels)
-        return amap, self.image_score(levels, amap)
+        score = self.image_score(levels, amap)
+        if self.global_score:
+            score = self.combined_score(score, self.teacher_descriptors(teacher))
+        return amap, score
+
+    def teacher_descriptors(self, teacher_feats: list[torch.Tensor]) -> torch.Tensor:
+        """The image descriptors (``ImageBankScore.descriptors``) of the teacher's features."""
+        return self.descriptors([teacher_feats[self.strides.index(s)] for s in self.global_strides])
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.global_score:
+            destination[prefix + "image_bank"] = destination[prefix + "image_bank"].half()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        if self.global_score:
+            self._size_on_load(state_dict, prefix, ("image_bank", "reference_scores", "score_reference"))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if self.global_score:
+            self._check_image_bank()
 
     def image_score(self, levels: list[torch.Tensor], amap: torch.Tensor) -> torch.Tensor:
         """``map_and_score``'s B scores from its ``level_maps`` and their combined map."""

@@ -35,12 +35,13 @@ from flawscope.inference.model_dir import ModelInfo, load_model_dir, save_model_
 from flawscope.inference.predictor import Predictor
 from flawscope.logs import log, log_to_file
 from flawscope.models import MODELS, build_model
-from flawscope.models.patchcore import PatchCore, grid_splits
+from flawscope.models.image_bank import grid_splits
+from flawscope.models.patchcore import PatchCore
 from flawscope.models.stfpm import STFPM
 from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, split_calibration
 from flawscope.training.distributed import World
 from flawscope.training.patchcore_fit import add_normals, fit_patchcore
-from flawscope.training.stfpm_trainer import STFPMTrainConfig, fit_stfpm
+from flawscope.training.stfpm_trainer import STFPMTrainConfig, fit_image_bank, fit_stfpm
 
 
 def load_training_images(samples: list[Sample], resizer: Resizer) -> torch.Tensor:
@@ -90,6 +91,9 @@ def train(cfg: dict, world: World) -> dict:
     log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
              dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
     images = load_training_images(fit_samples, resizer)  # reads every image before anything is written
+    # the student's score is measured against good images it never saw (none: the image score stays the student's)
+    unseen = [] if calib_set.source == "training images" else calib_set.good
+    held_out = load_training_images(unseen, resizer) if isinstance(model, STFPM) and model.global_score else None
     output = Path(g["output"])
     if world.is_main:
         dump_config(cfg, output / "config.yaml")
@@ -98,14 +102,15 @@ def train(cfg: dict, world: World) -> dict:
             copy, original = copies[0]
             log.warning("%d training images are copies of others (%s of %s%s): each image is used once",
                         len(copies), copy.image, original.image, ", ..." if len(copies) > 1 else "")
-        return _train(cfg, dataset, fit_samples, calib_set, images, world, output, model.to(world.device), info)
+        return _train(cfg, dataset, fit_samples, calib_set, images, held_out, world, output, model.to(world.device),
+                      info)
 
 
 def _new_model(cfg: dict) -> tuple[torch.nn.Module, ModelInfo]:
     """The configured model with its pretrained backbone, and the inference description to fill."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     side = m["input_size"] // 32  # the stride-32 feature map is side x side
-    if g["model"] == "PatchCore" and m["global_score"] and not grid_splits(side, m["global_grid"]):
+    if m.get("global_score") and not grid_splits(side, m["global_grid"]):
         fits = ", ".join(str(d) for d in range(1, side + 1) if grid_splits(side, d))
         raise FlawscopeError(f"Model.global_grid: {m['global_grid']} does not split the {side}x{side} map of stride-32 "
                              f"features of a {m['input_size']}-pixel input into cells of 2x2 or more (use {fits})")
@@ -116,8 +121,8 @@ def _new_model(cfg: dict) -> tuple[torch.nn.Module, ModelInfo]:
                             resize_mode=m["resize_mode"], mean=list(spec.mean), std=list(spec.std), calibration=None)
 
 
-def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: CalibrationSet,
-           images: torch.Tensor, world: World, output: Path, model: torch.nn.Module, info: ModelInfo) -> dict:
+def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: CalibrationSet, images: torch.Tensor,
+           held_out: torch.Tensor | None, world: World, output: Path, model: torch.nn.Module, info: ModelInfo) -> dict:
     g, t = cfg["Global"], cfg["Train"]
     device = world.device
     predictor = Predictor(model, info, device)
@@ -126,7 +131,7 @@ def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: Ca
 
     t0 = time.time()
     if isinstance(model, STFPM):
-        history = _fit_stfpm(cfg, model, images, world, normalizer, output, evaluate)
+        history = _fit_stfpm(cfg, model, images, held_out, world, normalizer, output, evaluate)
     else:
         history = _fit_patchcore(cfg, model, images, device, normalizer, evaluate)
     if not world.is_main:
@@ -136,7 +141,7 @@ def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: Ca
                        "batch_size": t["batch_size"], "seed": g["seed"], **history.get("provenance", {})}
     model_dir = save_model_dir(output / "best_model" / "inference", model, info)
     selected = history.get("selected_iteration")
-    final = next((e for e in history["eval"] if e.get("iteration") == selected), None) if selected else None
+    final = next((e for e in reversed(history["eval"]) if e.get("iteration") == selected), None) if selected else None
     final = final or (history["eval"][-1] if history["eval"] else {})
     result = {
         "done_flag": True,
@@ -162,8 +167,10 @@ def model_config_from(name: str, section: dict) -> dict:
     return {k: section[k] for k in params if k in section and k != "pretrained"}
 
 
-def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, world: World,
+def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Tensor | None, world: World,
                normalizer: Callable, output: Path, evaluate: Callable | None) -> dict:
+    """Train the student; with ``global_score``, then fill the image bank and evaluate again (the
+    evaluations during training score with the student alone)."""
     g, t = cfg["Global"], cfg["Train"]
     train_cfg = STFPMTrainConfig(iterations=t["epochs_iters"], batch_size=t["batch_size"],
                                  learning_rate=t["learning_rate"], momentum=t["momentum"],
@@ -172,6 +179,13 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, world: World,
                                  select_best=t["select_best"], hard_fraction=t["hard_fraction"])
     history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate,
                         Path(t["resume_path"]) if t["resume_path"] else None, world)
+    if model.global_score and world.is_main:
+        fit_image_bank(model, images, held_out, world.device, normalizer)
+        if evaluate is not None:
+            metrics = evaluate(model)
+            log.info("eval with the image bank %s", json.dumps(metrics))
+            iteration = history.get("selected_iteration", t["epochs_iters"])
+            history["eval"].append({"iteration": iteration, "image_bank": True, **metrics})
     history["provenance"] = {"iterations": history.get("selected_iteration", t["epochs_iters"]),
                              "hard_fraction": t["hard_fraction"]}
     history["files"] = {"checkpoint": str(output / f"iter_{t['epochs_iters']}")}

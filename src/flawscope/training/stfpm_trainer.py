@@ -186,3 +186,26 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
     model.eval()
     history["train_seconds"] = round(time.time() - t0, 1)
     return history
+
+
+@torch.no_grad()
+def fit_image_bank(model: STFPM, images: torch.Tensor, held_out: torch.Tensor, device: torch.device,
+                   normalize: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 32) -> None:
+    """Fill a ``global_score`` model's image bank: the teacher's descriptors of the training
+    ``images``, and the trained student's scores of ``held_out`` good images (NxSxSx3 uint8 both).
+    The student has fitted the training images, so its scores there would be an optimistic
+    reference; the held-out images score as new good parts do."""
+    model.eval()
+    model.set_image_bank(model.image_bank[:0], model.reference_scores[:0])  # map_and_score: the student's own score
+    descriptors, scores = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc="image bank", leave=False, disable=None):
+        descriptors.append(model.teacher_descriptors(model.teacher(normalize(images[i:i + batch_size]).to(device))))
+    for i in range(0, len(held_out), batch_size):
+        scores.append(model.map_and_score(normalize(held_out[i:i + batch_size]).to(device))[1])
+    model.set_image_bank(torch.cat(descriptors), torch.cat(scores) if scores else torch.empty(0))
+    if len(model.image_bank):
+        log.info("image bank: %d training images; the student's score measured against %d held-out good images",
+                 len(model.image_bank), len(held_out))
+    else:
+        log.warning("fewer than 2 good images held out of training (Train.calibration_fraction): the image score "
+                    "is the student's alone")
