@@ -16,8 +16,9 @@ from flawscope.data.transforms import normalize
 from flawscope.errors import FlawscopeError
 from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, save_model_dir
 from flawscope.models import build_model
+from flawscope.models.image_bank import ImageBankScore
 from flawscope.models.patchcore import PatchCore
-from flawscope.training.patchcore_fit import add_normals, fit_patchcore, greedy_coreset
+from flawscope.training.patchcore_fit import add_normals, fit_patchcore, greedy_coreset, image_bank_rows
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 SIZE = 64
@@ -315,6 +316,54 @@ def test_add_normals_leaves_out_images_the_model_already_holds(fitted_global):
     assert (after[:, 1] > 0.5 * before[:, 1]).all()  # the spreads keep their size
     x = norm(half_and_half([58, 74], 5))
     assert (model.map_and_score(x)[1] < 2).all()  # new normal images still look normal
+
+
+class _Bank(ImageBankScore, nn.Module):
+    """The image bank alone: one 3-channel stride-32 map described over one cell (mean, spread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.global_grid, self.global_strides = 1, (32,)
+        self._init_image_bank([3])
+
+
+def test_a_capped_image_bank_keeps_one_image_of_each_kind_and_measures_every_image_against_it():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0] * 6, [10.0] * 6, [-10.0] * 6])
+    descriptors = torch.cat([c + 0.1 * torch.randn(5, 6, generator=generator) for c in centres])  # 3 kinds x 5
+    bank = _Bank()
+    assert image_bank_rows(bank, descriptors, 15) is None and image_bank_rows(bank, descriptors, None) is None
+    keep = image_bank_rows(bank, descriptors, 3, seed=1)
+    assert sorted((keep // 5).tolist()) == [0, 1, 2]  # farthest-point selection: one of each kind
+
+    bank.set_image_bank(descriptors, torch.randn(4, generator=generator), keep)
+    rounded = descriptors.half().float()
+    assert torch.equal(bank.image_bank, rounded[keep])
+    for i, part in enumerate((slice(0, 3), slice(3, 6))):
+        distances = torch.cdist(rounded[:, part], rounded[keep][:, part])
+        for j, row in enumerate(keep.tolist()):
+            distances[row, j] = torch.inf  # a kept image is measured against the other kept ones
+        nearest = distances.min(1).values
+        dropped = torch.ones(15, dtype=torch.bool)
+        dropped[keep] = False
+        assert nearest[keep].min() > 5 and nearest[dropped].max() < 1  # kept: the next kind; dropped: its own
+        torch.testing.assert_close(bank.score_reference[2 + 2 * i:4 + 2 * i], torch.stack([nearest.mean(), nearest.std()]))
+    new = centres[1:2] + 0.1 * torch.randn(1, 6, generator=generator)
+    assert bank.descriptor_distances(new).max() < 1  # a new image of a known kind is near a kept one
+
+
+def test_a_capped_image_bank_measures_new_normal_images_as_the_whole_one_does(fitted_global):
+    """Ten training images, eight kept: new normal images still score within two spreads, an image
+    no training image resembles well above them; added normals stay within the cap."""
+    model = PatchCore(global_score=True, smooth_sigma=1.0).eval()
+    stats = fit_patchcore(model, half_and_half(TRAIN_SPLITS, 0), norm, coreset_ratio=0.5, image_bank_size=8)
+    assert stats["image_bank_size"] == len(model.image_bank) == 8 and len(model.reference_scores) == 10
+    new_normals, stripes = norm(half_and_half([49, 54, 58, 62, 66, 70, 74, 78], 11)), norm(only_stripes(7))
+    normal_scores, stripe_scores = model.map_and_score(new_normals)[1], model.map_and_score(stripes)[1]
+    assert normal_scores.max() < 2 and stripe_scores.min() > normal_scores.max() + 2
+    add_normals(model, textures("stripes", list(range(8)), 8, GLOBAL_SIZE), norm, coreset_ratio=0.25, image_bank_size=8)
+    assert len(model.image_bank) == 8 and len(model.reference_scores) == 18
+    assert (model.map_and_score(stripes)[1] < stripe_scores - 2).all()  # all stripes is normal now
 
 
 def test_repeated_images_are_fitted_once(fitted_global):

@@ -154,6 +154,9 @@ def test_image_bank_measures_the_student_on_held_out_images_and_scores_the_large
     assert parts.shape == (3, 5) and torch.equal(score, parts.amax(1))
     assert torch.equal(parts[:, 0], (before[1] - reference.mean()) / reference.std())
 
+    fit_image_bank(model, train, held_out, torch.device("cpu"), norm, size=4)  # Model.image_bank_size
+    assert len(model.image_bank) == 4 and torch.equal(model.reference_scores, reference)
+
     fit_image_bank(model, train, held_out[:1], torch.device("cpu"), norm)  # one held-out score has no spread
     assert len(model.image_bank) == 0 and torch.equal(model.map_and_score(x)[1], before[1])
 

@@ -251,8 +251,10 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     _assert_openvino_matches_torch(first / "best_model/inference", tmp_path / "pc_openvino", _patchcore)
     approximate = tmp_path / "pc_approx"  # faiss's inverted-file search, set at training time
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={approximate}", *small,
-                      "Model.search=approximate") == 0
+                      "Model.search=approximate", "Model.image_bank_size=3") == 0
     assert "search: approximate" in (approximate / "best_model/inference/inference.yml").read_text()
+    assert len(load_file(str(approximate / "best_model/inference/model.safetensors"))["image_bank"]) == 3
+    assert "image bank: 3 of " in (approximate / "train.log").read_text()
 
     more = make_mvtec(tmp_path / "more", n_train=4, seed=3)
     grown = tmp_path / "pc2"
@@ -352,6 +354,9 @@ def test_stfpm_trains_an_image_bank_and_scores_with_it(trained, tmp_path, capsys
     assert len(weights["reference_scores"]) == held_out >= 2
     assert fitted["eval_history"][-1]["image_bank"]
     assert "eval with the image bank" in (out / "train.log").read_text()
+    capped = tmp_path / "capped"
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, capped, iters=1), "Model.image_bank_size=2") == 0
+    assert len(load_file(str(capped / "best_model/inference/model.safetensors"))["image_bank"]) == 2
     alone = tmp_path / "alone"  # no good image held out: the student would be measured on images it fitted
     assert _cli("Global.mode=train", *tiny_overrides(dataset, alone, iters=1), "Train.calibration_fraction=0") == 0
     assert len(load_file(str(alone / "best_model/inference/model.safetensors"))["image_bank"]) == 0

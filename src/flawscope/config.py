@@ -92,6 +92,7 @@ SCHEMA: dict[str, Any] = {
         "global_score": Key(bool, required_for=PATCHCORE_ONLY),
         "global_grid": Key(int, 1, ge=1),  # 1: configs written before the grid train as they did
         "global_strides": Key(list[int], [32], subset_of=(8, 16, 32)),  # [32]: as configs written before it
+        "image_bank_size": Key(int, None, nullable=True, ge=2),  # null: every training image, as before it
     },
     "Train": {
         "epochs_iters": Key(int, ge=1, required_for=STFPM_ONLY),

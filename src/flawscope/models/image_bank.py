@@ -75,25 +75,32 @@ class ImageBankScore:
         cells = deep.reshape(b, c, g, h // g, g, w // g).permute(0, 1, 2, 4, 3, 5).flatten(4)
         return torch.cat([cells.mean(-1).flatten(1), F.normalize(cells.std(-1, correction=0).flatten(1), dim=1)], dim=1)
 
-    def set_image_bank(self, descriptors: torch.Tensor, reference_scores: torch.Tensor) -> None:
+    def set_image_bank(self, descriptors: torch.Tensor, reference_scores: torch.Tensor,
+                       keep: torch.Tensor | None = None) -> None:
         """Install the training images' descriptors and the model's own scores of some training
-        images it was not fitted on; each descriptor's leave-one-out distances are computed here.
-        With fewer than two of either there is no spread to measure, and the image score stays the
-        model's own. Descriptors are rounded to float16 values: a grid's cells make the image bank
-        large (10k values an image with Lite0 at 4x4), and saved as float16 it loses nothing.
+        images it was not fitted on. ``keep``: the images (rows) the bank holds, all by default.
+        Each descriptor's reference is every image's distance to the nearest kept image other than
+        itself: a kept image's leave-one-out distance, and for the others what a new normal image
+        meets. With fewer than two of either there is no spread to measure, and the image score
+        stays the model's own. Descriptors are rounded to float16 values: a grid's cells make the
+        image bank large (10k values an image with Lite0 at 4x4), and saved as float16 it loses nothing.
         """
         device = self.score_reference.device
         self._indexes = {}
         descriptors = descriptors.to(device, torch.float16).float()
         reference_scores = reference_scores.to(device).float()
-        if len(descriptors) < 2 or len(reference_scores) < 2:
+        keep = torch.arange(len(descriptors), device=device) if keep is None else keep.to(device)
+        if len(keep) < 2 or len(reference_scores) < 2:
             descriptors, reference_scores = descriptors[:0], reference_scores[:0]
             self.score_reference = torch.tensor([0.0, 1.0], device=device)
         else:
             reference = [reference_scores]
-            for part in descriptors.split(self._bank_widths(descriptors.shape[1]), dim=1):
-                reference.append(torch.cdist(part, part).fill_diagonal_(torch.inf).min(1).values)
+            for part in descriptors.split(self.bank_widths(descriptors.shape[1]), dim=1):
+                distances = torch.cdist(part, part[keep])
+                distances[keep, torch.arange(len(keep), device=device)] = torch.inf  # not itself
+                reference.append(distances.min(1).values)
             self.score_reference = torch.stack([v for r in reference for v in (r.mean(), r.std().clamp_min(1e-6))])
+            descriptors = descriptors[keep]
         self.image_bank, self.reference_scores = descriptors, reference_scores
 
     def _size_on_load(self, state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:
@@ -108,12 +115,12 @@ class ImageBankScore:
     def _check_image_bank(self) -> None:
         """Refuse a loaded image bank this model cannot search (a damaged file fails on loading)."""
         if len(self.image_bank):
-            parts = len(self._bank_widths(self.image_bank.shape[1]))
+            parts = len(self.bank_widths(self.image_bank.shape[1]))
             if self.score_reference.shape != (2 * (1 + parts),):
                 raise ValueError(f"{len(self.score_reference)} score reference values for {parts} descriptors, "
                                  f"not {2 * (1 + parts)}")
 
-    def _bank_widths(self, width: int) -> list[int]:
+    def bank_widths(self, width: int) -> list[int]:
         """The descriptors an image bank ``width`` columns wide holds: all of ``descriptor_widths``,
         or the stride-32 mean alone in a PatchCore model saved before the spread."""
         widths = self.descriptor_widths if width == sum(self.descriptor_widths) else self.descriptor_widths[:1]
@@ -145,7 +152,7 @@ class ImageBankScore:
         """BxK: each image descriptor's distance to the nearest training image's (K = 2 per global
         stride: mean and spread; 1 in PatchCore models saved before the spread, whose image bank
         holds the mean only)."""
-        widths = self._bank_widths(self.image_bank.shape[1])
+        widths = self.bank_widths(self.image_bank.shape[1])
         parts = descriptor.split(self.descriptor_widths, dim=1)
         return torch.stack([self._nearest(part, f"descriptor {i}", bank)[0] for i, (part, bank)
                             in enumerate(zip(parts, self.image_bank.split(widths, dim=1)))], dim=1)

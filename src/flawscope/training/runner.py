@@ -171,7 +171,7 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
                normalizer: Callable, output: Path, evaluate: Callable | None) -> dict:
     """Train the student; with ``global_score``, then fill the image bank and evaluate again (the
     evaluations during training score with the student alone)."""
-    g, t = cfg["Global"], cfg["Train"]
+    g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     train_cfg = STFPMTrainConfig(iterations=t["epochs_iters"], batch_size=t["batch_size"],
                                  learning_rate=t["learning_rate"], momentum=t["momentum"],
                                  weight_decay=t["weight_decay"], log_interval=t["log_interval"],
@@ -180,7 +180,7 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
     history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate,
                         Path(t["resume_path"]) if t["resume_path"] else None, world)
     if model.global_score and world.is_main:
-        fit_image_bank(model, images, held_out, world.device, normalizer)
+        fit_image_bank(model, images, held_out, world.device, normalizer, size=m["image_bank_size"], seed=g["seed"])
         if evaluate is not None:
             metrics = evaluate(model)
             log.info("eval with the image bank %s", json.dumps(metrics))
@@ -197,7 +197,8 @@ def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: to
     """One pass over the images fills (or, with ``Train.add_normals``, extends) the memory bank."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     if t["add_normals"]:
-        stats = add_normals(model, images, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"])
+        stats = add_normals(model, images, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"],
+                            image_bank_size=m["image_bank_size"])
         if stats["repeated_images"]:
             log.warning("%d of the %d good images are in the model %s already or repeat another: not added "
                         "again%s", stats["repeated_images"], len(images), t["add_normals"],
@@ -206,12 +207,15 @@ def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: to
                  stats["patches"], t["add_normals"], stats["bank_size"])
     else:
         stats = fit_patchcore(model, images, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"],
-                              m["projection_dim"])
+                              m["projection_dim"], image_bank_size=m["image_bank_size"])
         if stats["repeated_images"]:
             log.warning("%d of the %d training images repeat another: each is fitted once",
                         stats["repeated_images"], len(images))
         log.info("memory bank: %d of %d patches (features %.1fs, coreset %.1fs)", stats["bank_size"],
                  stats["patches"], stats["feature_seconds"], stats["coreset_seconds"])
+        if "image_bank_size" in stats:
+            log.info("image bank: %d of %d training images", stats["image_bank_size"],
+                     len(images) - stats["repeated_images"])
     stats["bank_mb"] = round(model.memory_bank.numel() * 2 / 2**20, 1)  # saved as float16
     stats["peak_rss_mb"] = round(peak_rss_mb(), 1)  # this process so far: loading the images included
     log.info("memory bank %.1f MB; peak memory so far %.0f MB", stats["bank_mb"], stats["peak_rss_mb"])

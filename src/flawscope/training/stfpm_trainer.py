@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.models.stfpm import STFPM, stfpm_loss
+from flawscope.training.patchcore_fit import image_bank_rows
 from flawscope.training.distributed import World
 
 log = logging.getLogger("flawscope")
@@ -190,11 +191,13 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
 
 @torch.no_grad()
 def fit_image_bank(model: STFPM, images: torch.Tensor, held_out: torch.Tensor, device: torch.device,
-                   normalize: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 32) -> None:
+                   normalize: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 32,
+                   size: int | None = None, seed: int = 0) -> None:
     """Fill a ``global_score`` model's image bank: the teacher's descriptors of the training
-    ``images``, and the trained student's scores of ``held_out`` good images (NxSxSx3 uint8 both).
-    The student has fitted the training images, so its scores there would be an optimistic
-    reference; the held-out images score as new good parts do."""
+    ``images`` (at most ``size`` of them kept: ``image_bank_rows``), and the trained student's
+    scores of ``held_out`` good images (NxSxSx3 uint8 both). The student has fitted the training
+    images, so its scores there would be an optimistic reference; the held-out images score as new
+    good parts do."""
     model.eval()
     model.set_image_bank(model.image_bank[:0], model.reference_scores[:0])  # map_and_score: the student's own score
     descriptors, scores = [], []
@@ -202,10 +205,12 @@ def fit_image_bank(model: STFPM, images: torch.Tensor, held_out: torch.Tensor, d
         descriptors.append(model.teacher_descriptors(model.teacher(normalize(images[i:i + batch_size]).to(device))))
     for i in range(0, len(held_out), batch_size):
         scores.append(model.map_and_score(normalize(held_out[i:i + batch_size]).to(device))[1])
-    model.set_image_bank(torch.cat(descriptors), torch.cat(scores) if scores else torch.empty(0))
+    descriptors = torch.cat(descriptors)
+    model.set_image_bank(descriptors, torch.cat(scores) if scores else torch.empty(0),
+                         image_bank_rows(model, descriptors, size, seed))
     if len(model.image_bank):
-        log.info("image bank: %d training images; the student's score measured against %d held-out good images",
-                 len(model.image_bank), len(held_out))
+        log.info("image bank: %d of %d training images; the student's score measured against %d held-out good "
+                 "images", len(model.image_bank), len(descriptors), len(held_out))
     else:
         log.warning("fewer than 2 good images held out of training (Train.calibration_fraction): the image score "
                     "is the student's alone")
