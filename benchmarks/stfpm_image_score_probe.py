@@ -1,4 +1,6 @@
-"""Would PatchCore's image-level score lift a trained STFPM model's image AUROC? A probe, not a feature.
+"""Would PatchCore's image-level score lift a trained STFPM model's image AUROC? The probe that led to
+``Model.global_score`` for STFPM (now built: ``flawscope.models.image_bank``); docs/benchmarks.md
+cites its numbers, and its per-level scores are how ``Model.score_levels`` was chosen.
 
     python benchmarks/stfpm_image_score_probe.py DATASET STFPM_MODEL_DIR [--grid 4] [--seed 42]
 

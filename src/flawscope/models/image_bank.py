@@ -33,8 +33,8 @@ class ImageBankScore:
     ``global_strides``, finest first, G mean then G spread columns, G = ``descriptor_widths``' entry:
     channels x grid²; PatchCore models saved before the spread have only the stride-32 mean),
     ``reference_scores`` (the model's own scores of training images it was not fitted on) and
-    ``score_reference`` (mean and spread of those scores, then of each descriptor's leave-one-out
-    distances: what the image score is measured in).
+    ``score_reference`` (mean and spread of those scores, then of each descriptor's reference
+    distances, ``set_image_bank``: what the image score is measured in).
     """
 
     global_grid: int

@@ -20,8 +20,8 @@ import time
 from typing import Callable
 
 import torch
-from torch import nn
 
+from flawscope.models.image_bank import ImageBankScore
 from flawscope.models.knn import nearest_neighbors, nearest_offsets, search_once
 from flawscope.models.patchcore import PatchCore
 
@@ -88,7 +88,8 @@ def greedy_coreset(points: torch.Tensor, k: int, seed: int = 0, start_distances:
     return torch.tensor(selected, dtype=torch.long), float(d2.max().sqrt())
 
 
-def image_bank_rows(model: nn.Module, descriptors: torch.Tensor, size: int | None, seed: int = 0) -> torch.Tensor | None:
+def image_bank_rows(model: ImageBankScore, descriptors: torch.Tensor, size: int | None,
+                    seed: int = 0) -> torch.Tensor | None:
     """The images (rows of ``descriptors``) an image bank of at most ``size`` keeps; None: all.
     Greedy k-center selection, as for patches, so that every image lies near a kept one; each
     descriptor is scaled to unit total spread first, so that each counts alike, as in the score."""
