@@ -37,9 +37,18 @@ class ImageBankScore:
     distances, ``set_image_bank``: what the image score is measured in).
     """
 
+    global_score: bool
     global_grid: int
     global_strides: tuple[int, ...]
     search_nprobe: int = 8  # only approximate searches use it (PatchCore's patches)
+    _BUFFERS = ("image_bank", "reference_scores", "score_reference")
+
+    def _image_bank_settings(self, global_score: bool, global_grid: int, global_strides: tuple[int, ...]) -> None:
+        """Check and keep the constructor's three image-bank settings."""
+        if global_grid < 1:
+            raise ValueError(f"global_grid must be >= 1, not {global_grid}")
+        self.global_score, self.global_grid = bool(global_score), int(global_grid)
+        self.global_strides = tuple(sorted(global_strides))
 
     def _init_image_bank(self, channels: list[int]) -> None:
         """``channels``: the backbone's at each of ``global_strides``."""
@@ -102,6 +111,22 @@ class ImageBankScore:
             self.score_reference = torch.stack([v for r in reference for v in (r.mean(), r.std().clamp_min(1e-6))])
             descriptors = descriptors[keep]
         self.image_bank, self.reference_scores = descriptors, reference_scores
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if prefix + "image_bank" in destination:  # float16 values already (set_image_bank): half the bytes
+            destination[prefix + "image_bank"] = destination[prefix + "image_bank"].half()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        """The image bank's size is only known after fitting: take the saved tensors' shapes, and
+        refuse a bank this model cannot search (so a damaged file fails on loading, not on the
+        first image). A model built without the bank (STFPM without ``global_score``) has none."""
+        has_bank = "image_bank" in self._buffers
+        if has_bank:
+            self._size_on_load(state_dict, prefix, self._BUFFERS)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if has_bank:
+            self._check_image_bank()
 
     def _size_on_load(self, state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:
         """Banks are sized by fitting: take the saved tensors' shapes before loading them."""

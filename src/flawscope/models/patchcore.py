@@ -39,8 +39,7 @@ class PatchCore(ImageBankScore, nn.Module):
     image score weighs (found when the bank is set; models saved before it find them when loaded).
     """
 
-    _SIZED_ON_LOAD = ("memory_bank", "projection", "bank_neighbors", "image_bank", "reference_scores",
-                      "score_reference")
+    _SIZED_ON_LOAD = ("memory_bank", "projection", "bank_neighbors")  # and ImageBankScore's
 
     def __init__(self, backbone: str = "efficientnet_lite0", strides: tuple[int, ...] = (8, 16),
                  feature_dim: int | None = None, num_neighbors: int = 9, smooth_sigma: float = 4.0,
@@ -51,8 +50,6 @@ class PatchCore(ImageBankScore, nn.Module):
             raise ValueError("PatchCore needs at least one backbone stride")
         if num_neighbors < 1:
             raise ValueError(f"num_neighbors must be >= 1, not {num_neighbors}")
-        if global_grid < 1:
-            raise ValueError(f"global_grid must be >= 1, not {global_grid}")
         if not global_strides or not set(global_strides) <= {8, 16, 32}:
             raise ValueError(f"global_strides must be some of 8, 16 and 32, not {list(global_strides)}")
         check_search(search)
@@ -60,8 +57,7 @@ class PatchCore(ImageBankScore, nn.Module):
         self.backbone, self.strides = backbone, tuple(sorted(strides))
         self.feature_dim = None if feature_dim is None else int(feature_dim)
         self.num_neighbors, self.smooth_sigma = int(num_neighbors), float(smooth_sigma)
-        self.global_score, self.global_grid = bool(global_score), int(global_grid)
-        self.global_strides = tuple(sorted(global_strides))
+        self._image_bank_settings(global_score, global_grid, global_strides)
         levels = sorted(set(self.strides) | (set(self.global_strides) if self.global_score else set()))
         self.extractor = create_backbone(backbone, tuple(levels), pretrained=pretrained).eval()
         self.extractor.requires_grad_(False)
@@ -139,7 +135,6 @@ class PatchCore(ImageBankScore, nn.Module):
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "memory_bank"] = destination[prefix + "memory_bank"].half()
-        destination[prefix + "image_bank"] = destination[prefix + "image_bank"].half()
         destination[prefix + "bank_neighbors"] = destination[prefix + "bank_neighbors"].int()  # half the bytes
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
@@ -152,7 +147,6 @@ class PatchCore(ImageBankScore, nn.Module):
         self._size_on_load(state_dict, prefix, self._SIZED_ON_LOAD)
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._check_memory_bank(self.memory_bank)
-        self._check_image_bank()
 
     def patch_scores(self, emb: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
         """Bxhxw distances of the patches of ``embed``'s output to their nearest bank entries.

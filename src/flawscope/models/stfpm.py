@@ -68,8 +68,7 @@ class STFPM(ImageBankScore, nn.Module):
             raise ValueError(f"score_levels must be null or >= 1, not {score_levels}")
         if global_score and not set(global_strides) <= set(strides):
             raise ValueError(f"global_strides {list(global_strides)} must be among the strides {list(strides)}")
-        if global_grid < 1:
-            raise ValueError(f"global_grid must be >= 1, not {global_grid}")
+        self._image_bank_settings(global_score, global_grid, global_strides)
         self.backbone, self.strides = backbone, tuple(strides)
         self.map_combine, self.smooth_sigma = map_combine, float(smooth_sigma)
         # None: all levels (also when fewer than score_levels are configured)
@@ -78,8 +77,6 @@ class STFPM(ImageBankScore, nn.Module):
         self.teacher.requires_grad_(False)
         self.student = create_backbone(backbone, self.strides, pretrained=False)
         self.blur = GaussianBlur(smooth_sigma)
-        self.global_score, self.global_grid = bool(global_score), int(global_grid)
-        self.global_strides = tuple(sorted(global_strides))
         if self.global_score:
             self._init_image_bank([self.teacher.out_channels[self.strides.index(s)] for s in self.global_strides])
 
@@ -132,18 +129,6 @@ class STFPM(ImageBankScore, nn.Module):
     def teacher_descriptors(self, teacher_feats: list[torch.Tensor]) -> torch.Tensor:
         """The image descriptors (``ImageBankScore.descriptors``) of the teacher's features."""
         return self.descriptors([teacher_feats[self.strides.index(s)] for s in self.global_strides])
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.global_score:
-            destination[prefix + "image_bank"] = destination[prefix + "image_bank"].half()
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
-        if self.global_score:
-            self._size_on_load(state_dict, prefix, ("image_bank", "reference_scores", "score_reference"))
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        if self.global_score:
-            self._check_image_bank()
 
     def image_score(self, levels: list[torch.Tensor], amap: torch.Tensor) -> torch.Tensor:
         """``map_and_score``'s B scores from its ``level_maps`` and their combined map."""
