@@ -1,13 +1,14 @@
 """Give a trained STFPM model the image-level score without training it again, for the benchmarks.
 
-    python benchmarks/stfpm_add_image_bank.py DATASET STFPM_MODEL_DIR OUT_DIR [--seed 42]
+    python benchmarks/stfpm_add_image_bank.py DATASET STFPM_MODEL_DIR OUT_DIR [--seed 42] [--no-add-calibration-images]
     flawscope -c STFPM -o Global.mode=evaluate -o Global.dataset_dir=DATASET -o Evaluate.weight_path=OUT_DIR
 
 A model trained before ``Model.global_score`` (or with it off) keeps its student; this does what
 the train mode now does after training: the teacher describes the training images, the student
 is measured on the good images held out of its training (the same split: ``Train.calibration_fraction``
-0.1 and ``--seed``, the training run's ``Global.seed``), and the thresholds are calibrated again on
-them. The student being the same, OUT_DIR is what training with the shipped config gives.
+0.1 and ``--seed``, the training run's ``Global.seed``), the thresholds are calibrated again on
+them, and then they join the image bank (``Train.add_calibration_images``). The student being the
+same, OUT_DIR is what training with the shipped config gives.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42, help="Global.seed of the training run")
     ap.add_argument("--grid", type=int, default=4, help="Model.global_grid")
     ap.add_argument("--strides", type=int, nargs="+", default=[16, 32], help="Model.global_strides")
+    ap.add_argument("--add-calibration-images", action=argparse.BooleanOptionalAction, default=True,
+                    help="Train.add_calibration_images")
     args = ap.parse_args()
     torch.set_num_threads(2)
     trained, info = load_model_dir(args.model_dir)
@@ -44,10 +47,12 @@ def main() -> None:
     fit, held = split_calibration(unique_images(dataset.train)[0], 0.1, args.seed)
     resizer = Resizer(info.input_size, info.resize_mode)
     normalizer = lambda batch: normalize(batch, info.mean, info.std)  # noqa: E731
-    fit_image_bank(model, load_training_images(fit, resizer), load_training_images(held, resizer),
-                   torch.device("cpu"), normalizer)
+    fit_images, held_images = load_training_images(fit, resizer), load_training_images(held, resizer)
+    fit_image_bank(model, fit_images, held_images, torch.device("cpu"), normalizer)
     cal_set = calibration_set({"calibration_dir": None, "threshold_method": "fpr"}, dataset, held, fit)
     info.calibration = calibrate(Predictor(model, info, torch.device("cpu")), cal_set, 0.01, 0.01)
+    if args.add_calibration_images:
+        fit_image_bank(model, torch.cat([fit_images, held_images]), held_images, torch.device("cpu"), normalizer)
     print(f"{save_model_dir(args.out_dir, model, info)}: {len(model.image_bank)} training images in the image bank, "
           f"the student measured on {len(held)} held-out ones")
 

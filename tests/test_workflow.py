@@ -237,7 +237,9 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     import yaml
 
     dataset, stfpm_out = trained
-    small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25"]
+    # the held-out images stay out of the banks: calibrating again on them below meets unseen images
+    small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5",
+             "Train.calibration_fraction=0.25", "Train.add_calibration_images=false"]
     first = tmp_path / "pc"
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={first}", *small) == 0
     result = json.loads((first / "train_result.json").read_text())
@@ -275,6 +277,39 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     assert fit["added"] == 0 and fit["bank_size"] == before
     assert "in the model" in (again / "train.log").read_text()
     assert again_info["calibration"]["image_threshold"] == pytest.approx(first_info["calibration"]["image_threshold"])
+
+
+@pytest.mark.parametrize("model", ["PatchCore", "STFPM"])
+def test_held_out_images_join_the_banks_once_the_thresholds_are_set(trained, tmp_path, model) -> None:
+    """``Train.add_calibration_images``: the same thresholds as without it (calibrated first, on
+    images the model had not seen), and banks that hold the held-out images as well."""
+
+    def train(dataset: Path, out: Path, *extra: str) -> tuple[dict, dict, str]:
+        overrides = [*tiny_overrides(dataset, out, iters=2), "Model.coreset_ratio=0.5", *extra]
+        assert main(["-c", model, "-o", "Global.mode=train", *(x for o in overrides for x in ("-o", o))]) == 0
+        return (yaml.safe_load((out / "best_model/inference/inference.yml").read_text()),
+                load_file(str(out / "best_model/inference/model.safetensors")), (out / "train.log").read_text())
+
+    dataset = trained[0]
+    kept, kept_weights, _ = train(dataset, tmp_path / "kept", "Train.add_calibration_images=false")
+    joined, joined_weights, log = train(dataset, tmp_path / "joined", "Train.add_calibration_images=true")
+    held_out = len(list((dataset / "train/good").iterdir())) - kept["provenance"]["train_images"]
+    assert joined["calibration"] == kept["calibration"] and held_out == 2
+    assert joined["provenance"]["calibration_images_added"] == held_out
+    assert "calibration_images_added" not in kept["provenance"]
+    assert len(joined_weights["image_bank"]) == len(kept_weights["image_bank"]) + held_out
+    assert f"the model's banks now hold the {held_out} good images held out for calibration too" in log
+    if model == "STFPM":  # the student is measured against the same held-out images
+        assert torch.equal(joined_weights["reference_scores"], kept_weights["reference_scores"])
+        return
+    # PatchCore: the held-out images' patches too, and the references of their own scores
+    assert len(joined_weights["memory_bank"]) > len(kept_weights["memory_bank"])
+    assert len(joined_weights["reference_scores"]) == len(kept_weights["reference_scores"]) + held_out
+    more = make_mvtec(tmp_path / "more", n_train=4, seed=3)  # 3 fitted, 1 held out, then all 4 in: a model that grows
+    base = tmp_path / "joined/best_model/inference"
+    grown, grown_weights, _ = train(more, tmp_path / "grown", f"Train.add_normals={base}")
+    assert grown["provenance"]["calibration_images_added"] == 1
+    assert len(grown_weights["image_bank"]) == len(joined_weights["image_bank"]) + 4
 
 
 def test_copied_training_images_are_used_once(tmp_path, capsys) -> None:
@@ -350,8 +385,10 @@ def test_stfpm_trains_an_image_bank_and_scores_with_it(trained, tmp_path, capsys
     weights = load_file(str(out / "best_model/inference/model.safetensors"))
     fitted = json.loads((out / "train_result.json").read_text())
     held_out = len(list((dataset / "train/good").iterdir())) - info["provenance"]["train_images"]
-    assert len(weights["image_bank"]) == info["provenance"]["train_images"] and weights["image_bank"].dtype == torch.float16
-    assert len(weights["reference_scores"]) == held_out >= 2
+    assert info["provenance"]["calibration_images_added"] == held_out >= 2  # after calibrating, as descriptors
+    assert len(weights["image_bank"]) == info["provenance"]["train_images"] + held_out
+    assert weights["image_bank"].dtype == torch.float16
+    assert len(weights["reference_scores"]) == held_out
     assert fitted["eval_history"][-1]["image_bank"]
     assert "eval with the image bank" in (out / "train.log").read_text()
     capped = tmp_path / "capped"

@@ -112,6 +112,7 @@ SCHEMA: dict[str, Any] = {
         "pixel_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
         "threshold_method": Key(str, "fpr", choices=("fpr", "f1")),
         "calibration_dir": Key(str, None, nullable=True),
+        "add_calibration_images": Key(bool, False),  # False: held out for good, as configs written before it
         "add_normals": Key(str, None, nullable=True),  # PatchCore: a model dir whose bank grows
     },
     "Evaluate": {

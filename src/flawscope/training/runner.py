@@ -94,6 +94,7 @@ def train(cfg: dict, world: World) -> dict:
     # the student's score is measured against good images it never saw (none: the image score stays the student's)
     unseen = [] if calib_set.source == "training images" else calib_set.good
     held_out = load_training_images(unseen, resizer) if isinstance(model, STFPM) and model.global_score else None
+    joining = load_training_images(calib_samples, resizer) if t["add_calibration_images"] else None
     output = Path(g["output"])
     if world.is_main:
         dump_config(cfg, output / "config.yaml")
@@ -102,8 +103,8 @@ def train(cfg: dict, world: World) -> dict:
             copy, original = copies[0]
             log.warning("%d training images are copies of others (%s of %s%s): each image is used once",
                         len(copies), copy.image, original.image, ", ..." if len(copies) > 1 else "")
-        return _train(cfg, dataset, fit_samples, calib_set, images, held_out, world, output, model.to(world.device),
-                      info)
+        return _train(cfg, dataset, fit_samples, calib_set, images, held_out, joining, world, output,
+                      model.to(world.device), info)
 
 
 def _new_model(cfg: dict) -> tuple[torch.nn.Module, ModelInfo]:
@@ -122,7 +123,9 @@ def _new_model(cfg: dict) -> tuple[torch.nn.Module, ModelInfo]:
 
 
 def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: CalibrationSet, images: torch.Tensor,
-           held_out: torch.Tensor | None, world: World, output: Path, model: torch.nn.Module, info: ModelInfo) -> dict:
+           held_out: torch.Tensor | None, joining: torch.Tensor | None, world: World, output: Path,
+           model: torch.nn.Module, info: ModelInfo) -> dict:
+    """Fit, calibrate, let the held-out good images join (``joining``), evaluate, save."""
     g, t = cfg["Global"], cfg["Train"]
     device = world.device
     predictor = Predictor(model, info, device)
@@ -133,12 +136,20 @@ def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: Ca
     if isinstance(model, STFPM):
         history = _fit_stfpm(cfg, model, images, held_out, world, normalizer, output, evaluate)
     else:
-        history = _fit_patchcore(cfg, model, images, device, normalizer, evaluate)
+        history = _fit_patchcore(cfg, model, images, device, normalizer)
     if not world.is_main:
         return {}
     info.calibration = calibrate(predictor, calib_set, t["image_fpr"], t["pixel_fpr"], t["threshold_method"])
+    if joining is not None and len(joining):
+        history["provenance"]["calibration_images_added"] = _add_calibration_images(
+            cfg, model, images, joining, held_out, device, normalizer, history)
     info.provenance = {"dataset": str(dataset.root), "layout": dataset.layout, "train_images": len(fit_samples),
-                       "batch_size": t["batch_size"], "seed": g["seed"], **history.get("provenance", {})}
+                       "batch_size": t["batch_size"], "seed": g["seed"], **history["provenance"]}
+    final_eval = history.pop("final_eval", None)
+    if evaluate is not None and final_eval is not None:
+        metrics = evaluate(model)
+        log.info("eval %s%s", "with the image bank " if final_eval.get("image_bank") else "", json.dumps(metrics))
+        history["eval"].append({**final_eval, **metrics})
     model_dir = save_model_dir(output / "best_model" / "inference", model, info)
     selected = history.get("selected_iteration")
     final = next((e for e in reversed(history["eval"]) if e.get("iteration") == selected), None) if selected else None
@@ -169,8 +180,8 @@ def model_config_from(name: str, section: dict) -> dict:
 
 def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Tensor | None, world: World,
                normalizer: Callable, output: Path, evaluate: Callable | None) -> dict:
-    """Train the student; with ``global_score``, then fill the image bank and evaluate again (the
-    evaluations during training score with the student alone)."""
+    """Train the student; with ``global_score``, then fill the image bank, to be evaluated again
+    (``final_eval``: the evaluations during training score with the student alone)."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     train_cfg = STFPMTrainConfig(iterations=t["epochs_iters"], batch_size=t["batch_size"],
                                  learning_rate=t["learning_rate"], momentum=t["momentum"],
@@ -181,11 +192,7 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
                         Path(t["resume_path"]) if t["resume_path"] else None, world)
     if model.global_score and world.is_main:
         fit_image_bank(model, images, held_out, world.device, normalizer, size=m["image_bank_size"], seed=g["seed"])
-        if evaluate is not None:
-            metrics = evaluate(model)
-            log.info("eval with the image bank %s", json.dumps(metrics))
-            iteration = history.get("selected_iteration", t["epochs_iters"])
-            history["eval"].append({"iteration": iteration, "image_bank": True, **metrics})
+        history["final_eval"] = {"iteration": history.get("selected_iteration", t["epochs_iters"]), "image_bank": True}
     history["provenance"] = {"iterations": history.get("selected_iteration", t["epochs_iters"]),
                              "hard_fraction": t["hard_fraction"]}
     history["files"] = {"checkpoint": str(output / f"iter_{t['epochs_iters']}")}
@@ -193,7 +200,7 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
 
 
 def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: torch.device,
-                   normalizer: Callable, evaluate: Callable | None) -> dict:
+                   normalizer: Callable) -> dict:
     """One pass over the images fills (or, with ``Train.add_normals``, extends) the memory bank."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     if t["add_normals"]:
@@ -216,16 +223,49 @@ def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: to
         if "image_bank_size" in stats:
             log.info("image bank: %d of %d training images", stats["image_bank_size"],
                      len(images) - stats["repeated_images"])
-    stats["bank_mb"] = round(model.memory_bank.numel() * 2 / 2**20, 1)  # saved as float16
+    stats["bank_mb"] = _bank_mb(model)
     stats["peak_rss_mb"] = round(peak_rss_mb(), 1)  # this process so far: loading the images included
     log.info("memory bank %.1f MB; peak memory so far %.0f MB", stats["bank_mb"], stats["peak_rss_mb"])
-    history = {"eval": [], "fit": stats, "provenance": {"coreset_ratio": m["coreset_ratio"],
-                                                         "bank_size": int(len(model.memory_bank))}}
-    if evaluate is not None:
-        metrics = evaluate(model)
-        log.info("eval %s", json.dumps(metrics))
-        history["eval"].append(metrics)
-    return history
+    return {"eval": [], "fit": stats, "final_eval": {},
+            "provenance": {"coreset_ratio": m["coreset_ratio"], "bank_size": int(len(model.memory_bank))}}
+
+
+def _bank_mb(model: PatchCore) -> float:
+    return round(model.memory_bank.numel() * 2 / 2**20, 1)  # saved as float16
+
+
+def _add_calibration_images(cfg: dict, model: torch.nn.Module, fitted: torch.Tensor, joining: torch.Tensor,
+                            held_out: torch.Tensor | None, device: torch.device, normalizer: Callable,
+                            history: dict) -> int:
+    """``Train.add_calibration_images``: once the thresholds are set, the banks are fitted again
+    on every training image, the ``joining`` ones held out for calibration included: PatchCore's
+    memory and image banks (a model grown with ``Train.add_normals`` takes them as more normals),
+    STFPM's image bank (its student is not trained again, and its score stays measured against the
+    ``held_out`` images it never saw). The thresholds stay as calibrated. Returns how many joined."""
+    g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
+    if isinstance(model, PatchCore) and t["add_normals"]:
+        stats = add_normals(model, joining, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"],
+                            image_bank_size=m["image_bank_size"])
+        joined = stats["new_images"]
+    elif isinstance(model, PatchCore):
+        stats = fit_patchcore(model, torch.cat([fitted, joining]), normalizer, device, m["coreset_ratio"], g["seed"],
+                              t["batch_size"], m["projection_dim"], image_bank_size=m["image_bank_size"])
+        joined = len(joining)
+    elif model.global_score and len(model.image_bank):
+        fit_image_bank(model, torch.cat([fitted, joining]), held_out, device, normalizer, size=m["image_bank_size"],
+                       seed=g["seed"])
+        joined, stats = len(joining), None
+    else:
+        log.info("Train.add_calibration_images: this STFPM has no image bank for the held-out images to join")
+        return 0
+    if stats is not None:  # the bank as saved
+        history["fit"]["refit"] = {k: stats[k] for k in ("patches", "bank_size", "feature_seconds", "coreset_seconds")
+                                   if k in stats}
+        history["fit"] |= {"bank_size": len(model.memory_bank), "bank_mb": _bank_mb(model),
+                           "peak_rss_mb": round(peak_rss_mb(), 1)}
+        history["provenance"]["bank_size"] = len(model.memory_bank)
+    log.info("the model's banks now hold the %d good images held out for calibration too", joined)
+    return joined
 
 
 def _evaluate(model: torch.nn.Module, predictor: Predictor, samples: list[Sample]) -> dict:
