@@ -304,6 +304,7 @@ def test_held_out_images_join_the_banks_once_the_thresholds_are_set(trained, tmp
         return
     # PatchCore: the held-out images' patches too, and the references of their own scores
     assert len(joined_weights["memory_bank"]) > len(kept_weights["memory_bank"])
+    assert len(joined_weights["memory_bank"]) == joined["provenance"]["bank_size"]
     assert len(joined_weights["reference_scores"]) == len(kept_weights["reference_scores"]) + held_out
     more = make_mvtec(tmp_path / "more", n_train=4, seed=3)  # 3 fitted, 1 held out, then all 4 in: a model that grows
     base = tmp_path / "joined/best_model/inference"

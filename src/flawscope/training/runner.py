@@ -258,13 +258,11 @@ def _add_calibration_images(cfg: dict, model: torch.nn.Module, fitted: torch.Ten
     else:
         log.info("Train.add_calibration_images: this STFPM has no image bank for the held-out images to join")
         return 0
-    if stats is not None:  # the bank as saved
-        history["fit"]["refit"] = {k: stats[k] for k in ("patches", "bank_size", "feature_seconds", "coreset_seconds")
-                                   if k in stats}
-        history["fit"] |= {"bank_size": len(model.memory_bank), "bank_mb": _bank_mb(model),
-                           "peak_rss_mb": round(peak_rss_mb(), 1)}
-        history["provenance"]["bank_size"] = len(model.memory_bank)
     log.info("the model's banks now hold the %d good images held out for calibration too", joined)
+    if stats is not None:  # "fit" stays the fit that was calibrated; this one is saved
+        history["fit"]["refit"] = {**stats, "bank_mb": _bank_mb(model), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        history["provenance"]["bank_size"] = len(model.memory_bank)
+        log.info("memory bank: %d entries", len(model.memory_bank))
     return joined
 
 
