@@ -313,6 +313,43 @@ def test_held_out_images_join_the_banks_once_the_thresholds_are_set(trained, tmp
     assert len(grown_weights["image_bank"]) == len(joined_weights["image_bank"]) + 4
 
 
+def test_a_grown_model_is_not_calibrated_on_images_it_holds(trained, tmp_path, capsys) -> None:
+    """Growing a model (``Train.add_normals``) with a folder that holds its training images too:
+    the held-out images it holds already would score like training images and pull the thresholds
+    down, so they are not calibrated on; when all of them are, that is one error line."""
+    import shutil
+
+    from flawscope.data.layouts import load_dataset, unique_images
+    from flawscope.training.calibrate import split_calibration
+
+    dataset = trained[0]
+    small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25"]
+    first = tmp_path / "first"  # holds all 8 images: the held-out ones join its banks
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={first}", *small) == 0
+    base = f"Train.add_normals={first / 'best_model/inference'}"
+    again = tmp_path / "again"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={again}", *small, base) == 2
+    err = capsys.readouterr().err
+    assert "error: Train.add_normals: the good images held out for calibration are all in" in err
+    assert "Traceback" not in err and not again.exists()
+
+    grown_data = tmp_path / "grown_data"  # the 8 images and 4 new ones
+    shutil.copytree(dataset, grown_data)
+    for image in (make_mvtec(tmp_path / "more", n_train=4, seed=3) / "train/good").iterdir():
+        shutil.copy(image, grown_data / "train/good" / f"new_{image.name}")
+    old = {p.name for p in (dataset / "train/good").iterdir()}
+    held = split_calibration(unique_images(load_dataset(grown_data).train)[0], 0.25, 7)[1]
+    held_old = sum(s.image.name in old for s in held)
+    assert 0 < held_old < len(held)  # the seed's split holds both kinds out
+    grown = tmp_path / "grown"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={grown_data}", f"Global.output={grown}", *small,
+                      base, "Global.seed=7") == 0
+    info = yaml.safe_load((grown / "best_model/inference/inference.yml").read_text())
+    assert info["calibration"]["details"]["num_good"] == len(held) - held_old
+    log = (grown / "train.log").read_text()
+    assert f"{held_old} of the {len(held)} good images held out for calibration are in" in log
+
+
 def test_copied_training_images_are_used_once(tmp_path, capsys) -> None:
     """A copy of a training image is neither fitted twice nor held out for calibration, where it
     would score like the image it copies: the model is the one without the copies."""

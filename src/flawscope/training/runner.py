@@ -40,7 +40,7 @@ from flawscope.models.patchcore import PatchCore
 from flawscope.models.stfpm import STFPM
 from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, split_calibration
 from flawscope.training.distributed import World
-from flawscope.training.patchcore_fit import add_normals, fit_patchcore
+from flawscope.training.patchcore_fit import add_normals, fit_patchcore, repeated_images
 from flawscope.training.stfpm_trainer import STFPMTrainConfig, fit_image_bank, fit_stfpm
 
 
@@ -91,10 +91,18 @@ def train(cfg: dict, world: World) -> dict:
     log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
              dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
     images = load_training_images(fit_samples, resizer)  # reads every image before anything is written
+    calib_images = load_training_images(calib_samples, resizer)
+    held_out_count = len(calib_samples)
+    if base is not None and calib_samples:
+        calib_samples, calib_images = _new_to(model, calib_samples, calib_images, info)
+        if not calib_samples and not t["calibration_dir"]:
+            raise FlawscopeError(f"Train.add_normals: the good images held out for calibration are all in "
+                                 f"{t['add_normals']} already; set Train.calibration_dir to new good images")
+        calib_set = calibration_set(t, dataset, calib_samples, fit_samples)
     # the student's score is measured against good images it never saw (none: the image score stays the student's)
     unseen = [] if calib_set.source == "training images" else calib_set.good
     held_out = load_training_images(unseen, resizer) if isinstance(model, STFPM) and model.global_score else None
-    joining = load_training_images(calib_samples, resizer) if t["add_calibration_images"] else None
+    joining = calib_images if t["add_calibration_images"] else None
     output = Path(g["output"])
     if world.is_main:
         dump_config(cfg, output / "config.yaml")
@@ -103,8 +111,25 @@ def train(cfg: dict, world: World) -> dict:
             copy, original = copies[0]
             log.warning("%d training images are copies of others (%s of %s%s): each image is used once",
                         len(copies), copy.image, original.image, ", ..." if len(copies) > 1 else "")
+        if len(calib_samples) < held_out_count:
+            log.warning("%d of the %d good images held out for calibration are in %s already: not calibrated on",
+                        held_out_count - len(calib_samples), held_out_count, t["add_normals"])
         return _train(cfg, dataset, fit_samples, calib_set, images, held_out, joining, world, output,
                       model.to(world.device), info)
+
+
+@torch.no_grad()
+def _new_to(model: PatchCore, samples: list[Sample], images: torch.Tensor,
+            info: ModelInfo) -> tuple[list[Sample], torch.Tensor]:
+    """The held-out calibration images that the model grown with ``Train.add_normals`` does not
+    hold already (``repeated_images``: by its image bank, without which all are kept). Images it
+    holds score as low as a training image: calibrating on them would set the thresholds too low."""
+    if not len(model.image_bank):
+        return samples, images
+    descriptors = torch.cat([model.features(normalize(images[i:i + 8], info.mean, info.std))[1]
+                             for i in range(0, len(images), 8)])
+    held = repeated_images(descriptors, model.image_bank).cpu()
+    return [s for s, h in zip(samples, held) if not h], images[~held]
 
 
 def _new_model(cfg: dict) -> tuple[torch.nn.Module, ModelInfo]:
