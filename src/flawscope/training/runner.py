@@ -91,7 +91,8 @@ def train(cfg: dict, world: World) -> dict:
     log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
              dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
     images = load_training_images(fit_samples, resizer)  # reads every image before anything is written
-    calib_images = load_training_images(calib_samples, resizer)
+    needed = base is not None or t["add_calibration_images"]  # to check against the model, or to join it
+    calib_images = load_training_images(calib_samples if needed else [], resizer)
     held_out_count = len(calib_samples)
     if base is not None and calib_samples:
         calib_samples, calib_images = _new_to(model, calib_samples, calib_images, info)
