@@ -13,7 +13,9 @@ from PIL import Image
 from flawscope.cli import main
 from flawscope.data.io import read_image, read_mask
 from flawscope.data.layouts import load_dataset
-from flawscope.evaluation.evaluate import collect, evaluate_model, evaluate_samples
+from flawscope.data.layouts import Sample
+from flawscope.evaluation.evaluate import Outcome, collect, evaluate_model, evaluate_samples, shift_warning
+from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
 
 METRICS = ("image_auroc", "image_ap", "image_f1", "image_precision", "image_recall", "image_fpr",
@@ -68,6 +70,34 @@ def test_worst_mistake_grids_and_calibration_warning(trained, tmp_path) -> None:
         assert f"]({grid})" in report.read_text()
         assert result["warnings"] and "Warning" in report.read_text()
     assert result["metrics"]["image_recall"] == 0 and result["metrics"]["pixel_f1"] == 0  # judged OK: no outline
+
+
+def test_good_images_flagged_beyond_chance_are_called_a_shift() -> None:
+    """Calibration promised at most 5% of good parts flagged: 2 of 20 is chance, 6 of 20 is not."""
+    cal = Calibration(1.0, 0.0, 1.0, 0.0, "held-out good training images", {"image_fpr_bound": 0.05, "num_good": 19})
+    defect = Outcome(Sample(Path("bad.png"), None, 1, "crack"), 9.0, None, None, is_anomaly=False)
+
+    def outcomes(flagged: int) -> list[Outcome]:
+        return [defect] + [Outcome(Sample(Path(f"{i}.png"), None, 0, "good"), 0.0, None, None, is_anomaly=i < flagged)
+                           for i in range(20)]
+
+    assert shift_warning(outcomes(2), cal) is None
+    warning = shift_warning(outcomes(6), cal)
+    assert warning.startswith("6 of the 20 good images here are flagged (30%)") and "5%" in warning
+    assert "Train.calibration_dir" in warning
+    assert shift_warning(outcomes(20), dataclasses.replace(cal, details={"method": "f1"})) is None  # no FPR promised
+
+
+def test_evaluate_warns_when_the_good_images_are_flagged_too_often(trained, tmp_path) -> None:
+    dataset, out = trained
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    cal = predictor.info.calibration
+    for image_threshold, warned in ((-1e9, True), (1e9, False)):  # every good image flagged, then none
+        predictor.info.calibration = dataclasses.replace(
+            cal, image_threshold=image_threshold, image_low=-2e9, details={**cal.details, "image_fpr_bound": 0.01})
+        result = evaluate_model(predictor, load_dataset(dataset), tmp_path / str(warned), out / "best_model/inference")
+        assert any("good images here are flagged" in w for w in result["warnings"]) == warned
+        assert ("good images here are flagged" in Path(result["report"]).read_text()) == warned
 
 
 def test_decisions_are_the_predictors(trained) -> None:

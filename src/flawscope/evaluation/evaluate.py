@@ -21,17 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binomtest
 from tqdm import tqdm
 
 from flawscope.data.io import read_ahead, read_image, read_mask
 from flawscope.data.layouts import Dataset, Sample
 from flawscope.evaluation import metrics
+from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
 from flawscope.inference.result import THRESHOLD
 from flawscope.logs import log, log_to_file
 
 AUPRO_FPR_LIMIT = 0.3
 REPORT_DIR = "evaluate_report"
+SHIFT_P_VALUE = 0.01  # below this, good images flagged too often to be chance
 _PER_TYPE_KEYS = ("image_auroc", "image_ap", "image_recall", "pixel_auroc", "aupro", "pixel_f1", "pixel_iou")
 
 
@@ -150,6 +153,28 @@ def evaluate_samples(predictor: Predictor, samples: Sequence[Sample], batch_size
     return compute_metrics(collect(predictor, samples, batch_size))
 
 
+def shift_warning(outcomes: Sequence[Outcome], cal: Calibration) -> str | None:
+    """Why the good images of this split are flagged far more often than calibration promised.
+
+    The FPR calibration bounds the share of *new good parts like its good images* that are
+    flagged. When this split's good images are flagged more often than chance allows (a one-sided
+    binomial test against that bound), they are not like them: other lighting, position or
+    material, and the thresholds do not carry over, whatever the AUROC says.
+    """
+    bound = cal.details.get("image_fpr_bound")
+    flags = [o.is_anomaly for o in outcomes if o.sample.label == 0 and o.is_anomaly is not None]
+    if bound is None or not flags:
+        return None
+    flagged = int(sum(flags))
+    if binomtest(flagged, len(flags), bound, alternative="greater").pvalue >= SHIFT_P_VALUE:
+        return None
+    return (f"{flagged} of the {len(flags)} good images here are flagged ({flagged / len(flags):.0%}), where the "
+            f"thresholds flag at most {bound:.0%} of good parts like the {cal.details.get('num_good', '?')} they were "
+            f"calibrated on ({cal.source}): these good images differ from those (lighting, position, material). "
+            "Calibrate on good images like them: retrain with Train.calibration_dir set to a folder of them "
+            "(PatchCore: or add them with Train.add_normals)")
+
+
 def thresholds_of(predictor: Predictor) -> dict:
     """The calibrated thresholds as stored in the model directory, raw and normalised."""
     cal = predictor.info.calibration
@@ -177,6 +202,9 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
         if calibration_dir and Path(calibration_dir).resolve() == dataset.root.resolve():
             result["warnings"].append(f"the thresholds were calibrated on {dataset.root} itself: the "
                                       "threshold metrics are optimistic")
+        shift = shift_warning(outcomes, predictor.info.calibration)
+        if shift:
+            result["warnings"].append(shift)
         result["report"] = str(write_report(output / REPORT_DIR, result, outcomes, predictor))
         (output / "evaluate_result.json").write_text(json.dumps(result, indent=2))
         m = result["metrics"]
