@@ -14,6 +14,7 @@ import inspect
 import json
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -115,8 +116,8 @@ def train(cfg: dict, world: World) -> dict:
         if len(calib_samples) < held_out_count:
             log.warning("%d of the %d good images held out for calibration are in %s already: not calibrated on",
                         held_out_count - len(calib_samples), held_out_count, t["add_normals"])
-        return _train(cfg, dataset, fit_samples, calib_set, images, held_out, joining, world, output,
-                      model.to(world.device), info)
+        return _train(cfg, _Loaded(dataset, fit_samples, calib_set, images, held_out, joining),
+                      model.to(world.device), info, world, output)
 
 
 @torch.no_grad()
@@ -148,11 +149,22 @@ def _new_model(cfg: dict) -> tuple[torch.nn.Module, ModelInfo]:
                             resize_mode=m["resize_mode"], mean=list(spec.mean), std=list(spec.std), calibration=None)
 
 
-def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: CalibrationSet, images: torch.Tensor,
-           held_out: torch.Tensor | None, joining: torch.Tensor | None, world: World, output: Path,
-           model: torch.nn.Module, info: ModelInfo) -> dict:
-    """Fit, calibrate, let the held-out good images join (``joining``), evaluate, save."""
+@dataclass
+class _Loaded:
+    """What ``train`` reads and checks before anything is written."""
+
+    dataset: Dataset
+    fit_samples: list[Sample]  # the images the model is fitted on
+    calib_set: CalibrationSet
+    images: torch.Tensor  # fit_samples decoded and resized, NxSxSx3 uint8
+    held_out: torch.Tensor | None  # STFPM with an image bank: the good images its own score is measured against
+    joining: torch.Tensor | None  # Train.add_calibration_images: the held-out images that join the banks
+
+
+def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, world: World, output: Path) -> dict:
+    """Fit, calibrate, let the held-out good images join (``data.joining``), evaluate, save."""
     g, t = cfg["Global"], cfg["Train"]
+    dataset, images, held_out, joining = data.dataset, data.images, data.held_out, data.joining
     device = world.device
     predictor = Predictor(model, info, device)
     normalizer = partial(normalize, mean=info.mean, std=info.std)
@@ -165,11 +177,11 @@ def _train(cfg: dict, dataset: Dataset, fit_samples: list[Sample], calib_set: Ca
         history = _fit_patchcore(cfg, model, images, device, normalizer)
     if not world.is_main:
         return {}
-    info.calibration = calibrate(predictor, calib_set, t["image_fpr"], t["pixel_fpr"], t["threshold_method"])
+    info.calibration = calibrate(predictor, data.calib_set, t["image_fpr"], t["pixel_fpr"], t["threshold_method"])
     if joining is not None and len(joining):
         history["provenance"]["calibration_images_added"] = _add_calibration_images(
             cfg, model, images, joining, held_out, device, normalizer, history)
-    info.provenance = {"dataset": str(dataset.root), "layout": dataset.layout, "train_images": len(fit_samples),
+    info.provenance = {"dataset": str(dataset.root), "layout": dataset.layout, "train_images": len(data.fit_samples),
                        "batch_size": t["batch_size"], "seed": g["seed"], **history["provenance"]}
     final_eval = history.pop("final_eval", None)
     if evaluate is not None and final_eval is not None:
