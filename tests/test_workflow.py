@@ -48,6 +48,22 @@ def test_resume_reproduces_an_uninterrupted_run(trained, tmp_path) -> None:
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_the_last_checkpoint_recalibrates_on_new_good_images_without_training(trained, tmp_path) -> None:
+    """What the evaluate mode's shift warning advises for STFPM: resume from the last checkpoint with
+    Train.calibration_dir. The student is the trained one; the thresholds come from the new images."""
+    dataset, full = trained
+    cal_dir = make_mvtec(tmp_path / "new_line", n_train=6, seed=5) / "train" / "good"
+    out = tmp_path / "recalibrated"
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, out), f"Train.resume_path={full / 'iter_6'}",
+                f"Train.calibration_dir={cal_dir}") == 0
+    a = load_file(str(full / "best_model/inference/model.safetensors"))
+    b = load_file(str(out / "best_model/inference/model.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a if k.startswith("student."))
+    assert "nothing left to train" in (out / "train.log").read_text()
+    cal = yaml.safe_load((out / "best_model/inference/inference.yml").read_text())["calibration"]
+    assert str(cal_dir) in cal["source"] and cal["details"]["num_good"] == 2 + 6  # held out + new
+
+
 def test_select_best_keeps_the_best_evaluated_student(trained, tmp_path) -> None:
     """With Train.select_best the inference model is the student of the best evaluation, like
     PaddleX's best_model; by default it is the last iteration's."""

@@ -171,8 +171,9 @@ def shift_warning(outcomes: Sequence[Outcome], cal: Calibration) -> str | None:
     return (f"{flagged} of the {len(flags)} good images here are flagged ({flagged / len(flags):.0%}), where the "
             f"thresholds flag at most {bound:.0%} of good parts like the {cal.details.get('num_good', '?')} they were "
             f"calibrated on ({cal.source}): these good images differ from those (lighting, position, material). "
-            "Calibrate on good images like them: retrain with Train.calibration_dir set to a folder of them "
-            "(PatchCore: or add them with Train.add_normals)")
+            "Calibrate on good images like them: train again with Train.calibration_dir set to a folder of them "
+            "(STFPM: from its last checkpoint, Train.resume_path=OUTPUT/iter_N, which trains nothing more; "
+            "PatchCore: or add them with Train.add_normals)")
 
 
 def thresholds_of(predictor: Predictor) -> dict:
