@@ -4,6 +4,7 @@ and the bad inputs that must fail with one line, exit code 2 and nothing half-wr
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,24 @@ def test_the_last_checkpoint_recalibrates_on_new_good_images_without_training(tr
     assert "nothing left to train" in (out / "train.log").read_text()
     cal = yaml.safe_load((out / "best_model/inference/inference.yml").read_text())["calibration"]
     assert str(cal_dir) in cal["source"] and cal["details"]["num_good"] == 2 + 6  # held out + new
+
+
+def test_saved_models_are_readable_as_the_umask_allows(trained, tmp_path) -> None:
+    """A service under another account must be able to read a model: no private files or folders
+    (safetensors writes 0600 and mkdtemp 0700 of their own)."""
+    dataset, _ = trained
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "shared"
+        assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=3)) == 0
+        assert _cli("Global.mode=export", f"Export.weight_path={out / 'best_model/inference'}",
+                    f"Global.output={tmp_path / 'exported'}") == 0
+    finally:
+        os.umask(old)
+    paths = [p for root in (out, tmp_path / "exported") for p in root.rglob("*")]
+    assert any(p.name == "checkpoint.safetensors" for p in paths) and any(p.suffix == ".onnx" for p in paths)
+    for path in paths:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
 
 
 def test_select_best_keeps_the_best_evaluated_student(trained, tmp_path) -> None:
@@ -231,6 +250,25 @@ def test_missing_model_directory(tmp_path, capsys) -> None:
     out = tmp_path / "out"
     _fails_cleanly(capsys, out, "Global.mode=predict", f"Global.output={out}", f"Predict.model_dir={tmp_path / 'm'}",
                    f"Predict.input={tmp_path}", fragment=str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_an_output_folder_that_is_a_file(trained, tmp_path, capsys, under) -> None:
+    """Every mode, and the quick start, refuse it in one line before any work."""
+    dataset, _ = trained
+    in_the_way = tmp_path / "results"
+    in_the_way.write_text("not a folder")
+    out = in_the_way / "run" if under else in_the_way
+    image = str(next((dataset / "test" / "good").iterdir()))
+    runs = [["-c", "STFPM", "-o", "Global.mode=train", *[a for o in tiny_overrides(dataset, out) for a in ("-o", o)]],
+            ["-c", "STFPM", "-o", "Global.mode=check_dataset", "-o", f"Global.dataset_dir={dataset}",
+             "-o", f"Global.output={out}"],
+            ["--pipeline", "anomaly_detection", "--input", image, "--save_path", str(out)]]
+    for argv in runs:
+        assert main(argv) == 2
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert len(errors) == 1 and str(in_the_way) in errors[0] and "a file, not a folder" in errors[0], errors
+    assert in_the_way.read_text() == "not a folder"
 
 
 def test_gpu_on_a_cpu_machine(tmp_path, capsys) -> None:

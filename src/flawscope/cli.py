@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 from flawscope.config import BACKENDS
-from flawscope.errors import FlawscopeError
+from flawscope.errors import FlawscopeError, check_output_dir
 from flawscope.logs import setup_console
 
 
@@ -52,6 +52,7 @@ def _write_pipeline_config(name: str, save_path: str | None, yes: bool) -> Path:
     target = Path(save_path or ".")
     if target.suffix not in (".yaml", ".yml"):
         target = target / f"{name}.yaml"
+    check_output_dir(target.parent, "--save_path")
     if target.exists() and not yes:
         if not sys.stdin.isatty():
             raise FlawscopeError(f"{target}: already exists (use --yes to overwrite)")
@@ -110,6 +111,7 @@ def run(argv: list[str] | None = None) -> int:
         settings = {k: v for k, v in (("batch_size", args.batch_size), ("model_dir", args.model_dir),
                                       ("backend", args.backend), ("recursive", args.recursive or None))
                     if v is not None}
+        check_output_dir(Path(args.save_path or "output"), "--save_path")
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
         counts = save_results(pipeline.predict(args.input), Path(args.save_path or "output"),
                               pipeline.json_arrays, pipeline.save_extra)
@@ -145,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         return run(argv)
     except FlawscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (full disk, permissions, a file in the way)
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

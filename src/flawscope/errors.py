@@ -1,4 +1,7 @@
-"""The one exception type a user can cause."""
+"""The one exception type a user can cause, and the checks that raise it before any work is done."""
+
+import os
+from pathlib import Path
 
 
 class FlawscopeError(Exception):
@@ -16,3 +19,16 @@ def first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     telling = [line for line in lines if not line.startswith("Exception from")]
     return (telling or lines or [type(exc).__name__])[0]
+
+
+def check_output_dir(path: Path, what: str) -> None:
+    """Refuse an output folder that cannot be written (a file, under a file, no write permission)
+    before anything runs, rather than with a traceback after the work. Nothing is created here."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is" if existing == path else f"would be under {existing}, which is"
+        raise FlawscopeError(f"{what}: {path} {where} a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FlawscopeError(f"{what}: {existing}: no permission to write there")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from flawscope import __version__
@@ -86,8 +86,9 @@ def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's is private: a service under another account must read the model
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        write_safetensors(tensors, tmp / WEIGHTS_FILE)
         meta = {"flawscope_version": __version__, **asdict(info)}
         (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
         if path.exists():
@@ -96,6 +97,17 @@ def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file``, but with the permissions the umask gives (its own are 0600)."""
+    path.write_bytes(save(tensors))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_model_info(path: str | Path) -> ModelInfo:

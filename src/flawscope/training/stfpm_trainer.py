@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from flawscope.errors import FlawscopeError, first_line
+from flawscope.inference.model_dir import write_safetensors
 from flawscope.models.stfpm import STFPM, stfpm_loss
 from flawscope.training.patchcore_fit import image_bank_rows
 from flawscope.training.distributed import World
@@ -87,7 +88,7 @@ def save_checkpoint(path: Path, model: STFPM, optimizer: torch.optim.Optimizer, 
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             tensors[f"momentum.{i}"] = buf.detach().cpu().contiguous()
-    save_file(tensors, str(path / "checkpoint.safetensors"))
+    write_safetensors(tensors, path / "checkpoint.safetensors")
     (path / "checkpoint.json").write_text(json.dumps({"iteration": iteration}))
 
 
