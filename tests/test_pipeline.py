@@ -14,7 +14,9 @@ import yaml
 from PIL import Image
 
 from flawscope import create_pipeline
+from flawscope.pipeline import get_pipeline_config
 from flawscope.cli import main
+from flawscope.errors import FlawscopeError
 from flawscope.inference.predictor import default_model_dir
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "flawscope" / "assets" / "demo"
@@ -177,6 +179,36 @@ def test_get_pipeline_config_and_create_from_it(tmp_path, monkeypatch, capsys) -
     written.write_text(yaml.safe_dump(config))
     with pytest.raises(Exception, match="typo_key"):
         create_pipeline(str(written))
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("batch_size", "two", "an integer >= 1"), ("batch_size", 0, "an integer >= 1"),
+    ("min_region_area", -3, "an integer >= 0"), ("recursive", "maybe", "true or false"),
+    ("on_error", "skip", "one of result, raise"), ("json_arrays", "foo", "one of rle, list, png, none"),
+    ("threshold", "high", "a number > 0 and < 1"), ("backend", "tensorrt", "one of auto")])
+def test_a_bad_pipeline_setting_names_the_file_and_setting(tmp_path, capsys, key, value, allowed) -> None:
+    """In an edited config file, through the CLI, and as a keyword of create_pipeline: one line,
+    exit 2, before the model loads."""
+    config = get_pipeline_config("anomaly_detection")
+    config["SubModules"]["AnomalyDetection"][key] = value
+    written = tmp_path / "edited.yaml"
+    written.write_text(yaml.safe_dump(config))
+    assert main(["--pipeline", str(written), "--input", str(DEMO), "--save_path", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(written) in err[0] and f"SubModules.AnomalyDetection.{key} must be {allowed}" in err[0]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(FlawscopeError, match=f"pipeline setting: {key} must be {allowed}"):
+        create_pipeline("anomaly_detection", **{key: value})
+
+
+def test_create_pipeline_takes_paths_and_partial_configs(trained) -> None:
+    _, out = trained
+    model_dir = out / "best_model/inference"
+    by_path = create_pipeline("anomaly_detection", model_dir=model_dir, batch_size=2)
+    assert by_path.predictor.batch_size == 2
+    partial = create_pipeline(config={"SubModules": {"AnomalyDetection": {"model_dir": str(model_dir),
+                                                                          "on_error": "raise"}}})
+    assert partial.on_error == "raise" and partial.predictor.info.model == by_path.predictor.info.model
 
 
 def test_quick_start_with_the_bundled_model(tmp_path, capsys) -> None:

@@ -207,7 +207,7 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict
         raise FlawscopeError(
             f"{where}: expected a mapping of sections ({', '.join(SCHEMA)}), got {_show(raw)}"
         )
-    cfg = _check_section(raw, SCHEMA, "", where)
+    cfg = check_section(raw, SCHEMA, "", where)
     for text in overrides:
         _apply_override(cfg, text)
     if overrides:
@@ -237,7 +237,7 @@ def dump_config(cfg: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _check_section(data: Any, schema: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:
+def check_section(data: Any, schema: dict[str, Any], prefix: str, where: str) -> dict[str, Any]:
     """Validate what a file gives for one section; a section whose keys are all commented out
     reads as null and counts as empty."""
     if data is None:
@@ -253,9 +253,9 @@ def _check_section(data: Any, schema: dict[str, Any], prefix: str, where: str) -
             _unknown_key(where, prefix, str(name), schema)
         full = prefix + name
         if isinstance(spec, dict):
-            out[name] = _check_section(value, spec, full + ".", where)
+            out[name] = check_section(value, spec, full + ".", where)
         else:
-            out[name] = _check_value(full, spec, value, where)
+            out[name] = check_value(full, spec, value, where)
     return out
 
 
@@ -278,7 +278,7 @@ def _apply_override(cfg: dict[str, Any], text: str) -> None:
     node = cfg
     for name in path[:-1]:
         node = node.setdefault(name, {})
-    node[path[-1]] = _check_value(full, spec, value, where)
+    node[path[-1]] = check_value(full, spec, value, where)
 
 
 def _complete(
@@ -321,7 +321,7 @@ def _check_consistency(cfg: dict[str, Any], where: str) -> None:
         )
 
 
-def _check_value(full: str, spec: Key, value: Any, where: str) -> Any:
+def check_value(full: str, spec: Key, value: Any, where: str) -> Any:
     """Return the value in its canonical type (ints become floats for float keys) or raise an
     error saying what the key allows."""
     if value is None and spec.nullable:

@@ -23,13 +23,15 @@ A pipeline config is a small YAML file::
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from flawscope.config import BACKENDS
+from flawscope.config import BACKENDS, MODELS, Key, check_section, check_value
 from flawscope.device import parse_device
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.predictor import Predictor
@@ -59,6 +61,26 @@ PIPELINES: dict[str, dict[str, Any]] = {
 }
 
 
+# What each module setting accepts (``flawscope.config.Key``): checked in a file, in ``config`` and
+# in keyword overrides, so a bad value fails before the model loads, naming the setting.
+SETTINGS: dict[str, Key] = {
+    "module_name": Key(str, choices=("anomaly_detection",)),
+    "model_name": Key(str, choices=MODELS),  # informative, as in PaddleX: the model directory decides
+    "model_dir": Key(str, nullable=True),
+    "batch_size": Key(int, ge=1),
+    "device": Key(str),  # parsed (and checked against the machine) by flawscope.device
+    "backend": Key(str, choices=BACKENDS),
+    "min_region_area": Key(int, ge=0),
+    "threshold": Key(float, gt=0, lt=1),
+    "outline_ok_images": Key(bool),
+    "recursive": Key(bool),
+    "on_error": Key(str, choices=("result", "raise")),
+    "json_arrays": Key(str, choices=("rle", "list", "png", "none")),
+    "save_extra": Key(bool),
+}
+_SETTINGS_PREFIX = "SubModules.AnomalyDetection."
+
+
 def get_pipeline_config(name: str) -> dict[str, Any]:
     """A copy of the default config of pipeline ``name``."""
     if name not in PIPELINES:
@@ -82,7 +104,18 @@ def load_pipeline_config(pipeline: str | Path) -> dict[str, Any]:
         raise FlawscopeError(f"{path}: pipeline_name must be one of {', '.join(PIPELINES)}, got {name!r}")
     merged = get_pipeline_config(name)
     _merge(merged, data, str(path))
+    _check_settings(merged, str(path))
     return merged
+
+
+def _check_settings(config: dict[str, Any], where: str) -> None:
+    sub = config["SubModules"]["AnomalyDetection"]
+    sub.update(check_section({k: _plain(v) for k, v in sub.items()}, SETTINGS, _SETTINGS_PREFIX, where))
+
+
+def _plain(value: Any) -> Any:
+    """A path or a torch device as the string a YAML file would hold."""
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value) if isinstance(value, torch.device) else value
 
 
 def _merge(base: dict, update: dict, where: str, prefix: str = "") -> None:
@@ -104,17 +137,12 @@ class AnomalyDetectionPipeline:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         sub = config["SubModules"]["AnomalyDetection"]
-        device = parse_device(str(sub["device"]))[0]
-        if sub["backend"] not in BACKENDS:
-            raise FlawscopeError(f"pipeline setting backend: unknown backend {sub['backend']!r}; "
-                                 f"available: {', '.join(BACKENDS)}")
-        self.predictor = Predictor.from_dir(sub["model_dir"], device, str(sub["backend"]),
-                                            batch_size=int(sub["batch_size"]),
-                                            min_region_area=int(sub["min_region_area"]),
-                                            threshold=float(sub["threshold"]),
-                                            outline_ok_images=bool(sub["outline_ok_images"]))
-        self.recursive, self.on_error = bool(sub["recursive"]), str(sub["on_error"])
-        self.json_arrays, self.save_extra = str(sub["json_arrays"]), bool(sub["save_extra"])
+        device = parse_device(sub["device"])[0]
+        self.predictor = Predictor.from_dir(sub["model_dir"], device, sub["backend"], batch_size=sub["batch_size"],
+                                            min_region_area=sub["min_region_area"], threshold=sub["threshold"],
+                                            outline_ok_images=sub["outline_ok_images"])
+        self.recursive, self.on_error = sub["recursive"], sub["on_error"]
+        self.json_arrays, self.save_extra = sub["json_arrays"], sub["save_extra"]
 
     def predict(self, input: Any, **kwargs: Any) -> Iterator[AnomalyResult]:  # noqa: A002 - PaddleX's name
         """Results in input order; ``recursive``/``on_error`` default to the config's."""
@@ -127,12 +155,19 @@ class AnomalyDetectionPipeline:
 
 def create_pipeline(pipeline: str | Path = "anomaly_detection", config: dict[str, Any] | None = None,
                     device: str | None = None, **overrides: Any) -> AnomalyDetectionPipeline:
-    """Build a pipeline from a name or YAML path; ``config`` replaces the file, ``device`` and
-    keyword overrides (``model_dir=...``, ``batch_size=...``) update its module settings."""
-    cfg = copy.deepcopy(config) if config is not None else load_pipeline_config(pipeline)
+    """Build a pipeline from a name or YAML path; ``config`` (a dict shaped like the file, the
+    keys it leaves out at their defaults) replaces the file; ``device`` and keyword overrides
+    (``model_dir=...``, ``batch_size=...``) update its module settings. All are checked against
+    ``SETTINGS``."""
+    if config is not None:
+        cfg = get_pipeline_config("anomaly_detection")
+        _merge(cfg, config, "config")
+        _check_settings(cfg, "config")
+    else:
+        cfg = load_pipeline_config(pipeline)
     sub = cfg["SubModules"]["AnomalyDetection"]
     for key, value in {**overrides, **({"device": device} if device else {})}.items():
-        if key not in sub:
-            raise FlawscopeError(f"unknown pipeline setting '{key}' (allowed: {', '.join(sub)})")
-        sub[key] = value
+        if key not in SETTINGS:
+            raise FlawscopeError(f"unknown pipeline setting '{key}' (allowed: {', '.join(SETTINGS)})")
+        sub[key] = check_value(key, SETTINGS[key], _plain(value), "pipeline setting")
     return AnomalyDetectionPipeline(cfg)
