@@ -103,6 +103,16 @@ def test_labelme_errors_name_the_file(tmp_path):
         convert_dataset(root, "LabelMe")
 
 
+def test_labelme_without_labelme_files_is_refused(tmp_path):
+    """An MVTec folder converted as LabelMe: not every image and mask listed as a good image."""
+    root = tmp_path / "data"
+    _image(root / "train" / "good" / "a.png")
+    _image(root / "ground_truth" / "crack" / "b_mask.png")
+    with pytest.raises(FlawscopeError, match=f"{root}: no LabelMe annotation files"):
+        convert_dataset(root, "LabelMe")
+    assert not (root / "train.txt").exists() and not (root / "val.txt").exists()
+
+
 def _voc(root: Path) -> Path:
     for i, stem in enumerate(("a", "b", "c")):
         _image(root / "JPEGImages" / f"{stem}.jpg", value=40 * i, mode="RGB")

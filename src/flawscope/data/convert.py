@@ -134,6 +134,9 @@ def _from_labelme(root: Path) -> Splits:
             for split, path in anno_lists.items()
         }
     samples = _labelme_samples(root, _visible(root, "*.json"))
+    if not samples:
+        raise FlawscopeError(f"{root}: no LabelMe annotation files (*.json) found; "
+                             "CheckDataset.convert.src_dataset_type names the layout to convert from")
     annotated = {s.image for s in samples}
     samples += [
         Sample(path, None, 0, GOOD)
