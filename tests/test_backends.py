@@ -17,6 +17,7 @@ from flawscope import pipeline as pipeline_module
 from flawscope.cli import main
 from flawscope.errors import FlawscopeError
 from flawscope.inference.backends import ExportedModel
+from flawscope.inference.export import export_model
 from flawscope.inference.predictor import Predictor
 from flawscope.pipeline import create_pipeline
 
@@ -142,7 +143,7 @@ def test_quick_start_with_a_backend(trained, tmp_path, capsys, monkeypatch) -> N
     assert built[0].predictor.model.backend == "openvino"
     assert f"{image}\tscore=" in capsys.readouterr().out
     assert len(list(tmp_path.glob("*_res.json"))) == 1
-    with pytest.raises(FlawscopeError, match="pipeline setting backend: unknown backend 'tensorrt'"):
+    with pytest.raises(FlawscopeError, match='pipeline setting: backend must be one of auto, .*, got "tensorrt"'):
         create_pipeline(backend="tensorrt")
 
 
@@ -169,6 +170,18 @@ def test_backend_errors_name_the_directory_and_the_problem(trained, tmp_path) ->
             Predictor.from_dir(graphless, backend=backend)
         message = str(info.value)
         assert "\n" not in message and "Exception from" not in message
+
+
+def test_an_export_whose_description_has_another_input_size_fails_on_loading(trained, tmp_path) -> None:
+    model_dir = trained[1] / "best_model/inference"
+    for fmt, backend in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+        exported = tmp_path / fmt
+        export_model(model_dir, exported, fmt)
+        meta = exported / "inference.yml"
+        meta.write_text(meta.read_text().replace("input_size: 64", "input_size: 96"))
+        with pytest.raises(FlawscopeError, match=r"does not take the 96x96 input that inference\.yml") as info:
+            Predictor.from_dir(exported, backend=backend)
+        assert "\n" not in str(info.value)
 
 
 def test_a_bad_backend_in_the_config_is_a_config_error(tmp_path, capsys) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,29 @@ def test_an_output_folder_that_is_a_file(trained, tmp_path, capsys, under) -> No
         errors = capsys.readouterr().err.strip().splitlines()
         assert len(errors) == 1 and str(in_the_way) in errors[0] and "a file, not a folder" in errors[0], errors
     assert in_the_way.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("model: STFPM", "model: PatchCore"), "inference.yml: model_config does not fit model PatchCore"),
+    (("image_threshold: ", "image_threshold: high #"), "calibration.image_threshold must be a number, not 'high'"),
+    (("input_size: 64", "input_size: 64\nfoo: 1"), "damaged model description: unknown key foo"),
+    (("input_size: 64\n", ""), "damaged model description: missing key input_size"),
+    (("resize_mode: resize", "resize_mode: crop"), "resize_mode must be one of resize, letterbox"),
+    ("truncate", "model.safetensors: not a readable safetensors file, truncated or damaged"),
+])
+def test_a_damaged_model_directory_is_one_error_line(trained, tmp_path, capsys, edit, message) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained[1] / "best_model/inference", model_dir)
+    if edit == "truncate":
+        weights = model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        meta = model_dir / "inference.yml"
+        assert edit[0] in meta.read_text()
+        meta.write_text(meta.read_text().replace(edit[0], edit[1], 1))
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=predict", f"Global.output={out}", f"Predict.model_dir={model_dir}",
+                   f"Predict.input={next((trained[0] / 'test' / 'good').iterdir())}", fragment=message)
 
 
 def test_gpu_on_a_cpu_machine(tmp_path, capsys) -> None:

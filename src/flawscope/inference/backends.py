@@ -28,6 +28,7 @@ from flawscope.config import BACKENDS
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.export import ONNX_FILE, OPENVINO_FILE, export_model
 from flawscope.inference.model_dir import (
+    META_FILE,
     WEIGHTS_FILE,
     ModelInfo,
     load_model_dir,
@@ -98,12 +99,19 @@ def graph_run(path: Path, backend: str, threads: int) -> GraphRun:
     return _onnxruntime(path, threads) if backend == "onnxruntime" else _openvino(path, threads)
 
 
-def _load_graph(path: Path, backend: str) -> ExportedModel:
+def _load_graph(path: Path, backend: str, input_size: int) -> ExportedModel:
+    """The graph, run once on a blank input of ``inference.yml``'s size: a graph that does not fit
+    its description (an edited ``input_size``) fails here in one line, not on the first image."""
     threads = torch.get_num_threads()  # the same thread budget as torch (and faiss) get
     try:
         run = graph_run(path, backend, threads)
     except Exception as exc:  # the runtimes raise their own error types for a damaged graph
         raise FlawscopeError(f"{path}: cannot be loaded by {backend} ({first_line(exc)})") from None
+    try:
+        run({"image": np.zeros((1, 3, input_size, input_size), np.float32)})
+    except Exception as exc:
+        raise FlawscopeError(f"{path}: does not take the {input_size}x{input_size} input that {META_FILE} "
+                             f"beside it gives ({first_line(exc)})") from None
     return ExportedModel(run, backend)
 
 
@@ -132,10 +140,10 @@ def load_backend(model_dir: str | Path, device: torch.device | str = "cpu",
     _require(backend)
     graph = model_dir / _GRAPH_FILES[backend]
     if graph.is_file():
-        return _load_graph(graph, backend), info
+        return _load_graph(graph, backend, info.input_size), info
     if not (model_dir / WEIGHTS_FILE).is_file():
         raise FlawscopeError(f"{model_dir}: no {graph.name} for backend {backend}, and no {WEIGHTS_FILE} to export it from")
     log.info("exporting %s for %s", model_dir, backend)
     with tempfile.TemporaryDirectory(prefix="flawscope_export_") as tmp:
         export_model(model_dir, tmp, "openvino" if backend == "openvino" else "onnx")
-        return _load_graph(Path(tmp) / graph.name, backend), info
+        return _load_graph(Path(tmp) / graph.name, backend, info.input_size), info

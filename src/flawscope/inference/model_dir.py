@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from torch import nn
 
 from flawscope import __version__
 from flawscope.errors import FlawscopeError, first_line
+from flawscope.config import MODELS
+from flawscope.data.transforms import RESIZE_MODES
 from flawscope.models import build_model
 
 META_FILE = "inference.yml"
@@ -74,10 +77,50 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelInfo":
-        data = dict(data)
-        data["calibration"] = Calibration(**data["calibration"])
-        data.pop("flawscope_version", None)
+        """From ``inference.yml``'s content; ValueError names the first key that is missing,
+        unknown or of the wrong kind (an edited or damaged file)."""
+        if not isinstance(data, dict):
+            raise ValueError("not a mapping of keys")
+        data = {k: v for k, v in data.items() if k != "flawscope_version"}
+        _check_keys(data, cls, "")
+        checks = {"model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
+                  "model_config": (lambda v: isinstance(v, dict), "a mapping"),
+                  "input_size": (lambda v: type(v) is int and v >= 32, "an integer >= 32"),
+                  "resize_mode": (lambda v: v in RESIZE_MODES, f"one of {', '.join(RESIZE_MODES)}"),
+                  "mean": (_three_numbers, "three numbers"), "std": (_three_numbers, "three numbers"),
+                  "provenance": (lambda v: isinstance(v, dict), "a mapping")}
+        for key, (ok, allowed) in checks.items():
+            if key in data and not ok(data[key]):
+                raise ValueError(f"{key} must be {allowed}, not {data[key]!r}")
+        cal = data["calibration"]
+        if cal is not None:
+            if not isinstance(cal, dict):
+                raise ValueError(f"calibration must be a mapping or null, not {cal!r}")
+            _check_keys(cal, Calibration, "calibration.")
+            for key in ("image_threshold", "image_low", "pixel_threshold", "pixel_low"):
+                if not _number(cal[key]):
+                    raise ValueError(f"calibration.{key} must be a number, not {cal[key]!r}")
+            data["calibration"] = Calibration(**cal)
         return cls(**data)
+
+
+def _check_keys(data: dict, kind: type, prefix: str) -> None:
+    """Every field of the dataclass ``kind`` without a default is in ``data``, and nothing else."""
+    fields = {f.name: f for f in dataclass_fields(kind)}
+    for name in data:
+        if name not in fields:
+            raise ValueError(f"unknown key {prefix}{name}")
+    for name, f in fields.items():
+        if name not in data and f.default is MISSING and f.default_factory is MISSING:
+            raise ValueError(f"missing key {prefix}{name}")
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _three_numbers(value: object) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_number(v) for v in value)
 
 
 def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo) -> Path:
@@ -120,8 +163,10 @@ def read_model_info(path: str | Path) -> ModelInfo:
         raise FlawscopeError(f"{path}: not an inference model directory (missing {META_FILE})")
     try:
         return ModelInfo.from_dict(yaml.safe_load(meta_path.read_text()))
-    except (yaml.YAMLError, TypeError, KeyError) as exc:
-        raise FlawscopeError(f"{meta_path}: unreadable model description ({exc.__class__.__name__})") from None
+    except yaml.YAMLError as exc:
+        raise FlawscopeError(f"{meta_path}: unreadable model description ({first_line(exc)})") from None
+    except ValueError as exc:
+        raise FlawscopeError(f"{meta_path}: damaged model description: {exc}") from None
 
 
 def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelInfo]:
@@ -130,9 +175,22 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tupl
     weights_path = Path(path) / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FlawscopeError(f"{path}: not an inference model directory (missing {WEIGHTS_FILE})")
-    model = build_model(info.model, info.model_config, pretrained=False)
     try:
-        model.load_state_dict(load_file(str(weights_path)))
+        model = build_model(info.model, info.model_config, pretrained=False)
+    except (TypeError, ValueError) as exc:
+        raise FlawscopeError(f"{Path(path) / META_FILE}: model_config does not fit model {info.model} "
+                             f"({first_line(exc)})") from None
+    try:
+        tensors = load_file(str(weights_path))
     except Exception as exc:  # safetensors raises its own error types
-        raise FlawscopeError(f"{weights_path}: weights do not fit model {info.model} ({first_line(exc)})") from None
+        raise FlawscopeError(f"{weights_path}: not a readable safetensors file, truncated or damaged "
+                             f"({first_line(exc)})") from None
+    try:
+        model.load_state_dict(tensors)
+    except (RuntimeError, ValueError) as exc:
+        # torch's message opens with "Error(s) in loading state_dict for X:"; the next line says which
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else first_line(exc)
+        detail = detail if len(detail) <= 200 else detail[:200] + "..."
+        raise FlawscopeError(f"{weights_path}: weights do not fit model {info.model} ({detail})") from None
     return model.to(device).eval(), info
