@@ -57,11 +57,24 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     }
     assert cfg["Model"]["strides"] == [8, 16, 32]
     assert cfg["Model"]["smooth_sigma"] == 4.0
-    assert set(cfg["Train"]) == set(SCHEMA["Train"])
+    assert set(cfg["Train"]) == {name for name, key in SCHEMA["Train"].items() if "STFPM" in key.used_by}
     assert cfg["Export"] == {"weight_path": None, "format": "onnx"}
     assert cfg["Predict"] == {"model_dir": None, "input": None, "batch_size": 1, "backend": "auto"}
-    # PatchCore-only keys have no default and stay absent from an STFPM config.
-    assert "coreset_ratio" not in cfg["Model"]
+    # PatchCore-only keys stay absent from an STFPM config, defaults or not.
+    assert "coreset_ratio" not in cfg["Model"] and "search" not in cfg["Model"] and "add_normals" not in cfg["Train"]
+
+
+def test_a_key_of_the_other_model_is_ignored_with_a_warning(caplog, tmp_path) -> None:
+    """Set on the command line or in a file, it does not reach the run, and the user is told."""
+    cfg = load_config("PatchCore", ["Train.epochs_iters=5000", "Model.map_combine=sum"])
+    assert "epochs_iters" not in cfg["Train"] and "map_combine" not in cfg["Model"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("Train.epochs_iters is not used by PatchCore (a key of STFPM): ignored" in w for w in warned)
+    assert any("Model.map_combine is not used by PatchCore" in w for w in warned)
+    caplog.clear()
+    dumped = dump_config(load_config("PatchCore"), tmp_path / "config.yaml")  # what a run records reloads quietly
+    assert load_config(dumped) == load_config("PatchCore") and not caplog.records
+    assert "log_interval" not in dumped.read_text()
 
 
 def test_repo_root_configs_link_to_the_shipped_config() -> None:
@@ -135,7 +148,7 @@ def test_overrides_of_every_type_apply_in_order() -> None:
             "CheckDataset.split.enable=true",
             "CheckDataset.split.train_percent=80",
             "CheckDataset.split.val_percent=20",
-            "Model.projection_dim=null",
+            "Model.score_levels=null",
         ],
     )
     assert cfg["Train"]["epochs_iters"] == 20
@@ -146,7 +159,7 @@ def test_overrides_of_every_type_apply_in_order() -> None:
     assert cfg["CheckDataset"]["split"] == {
         "enable": True, "train_percent": 80, "val_percent": 20, "seed": 42,
     }
-    assert cfg["Model"]["projection_dim"] is None
+    assert cfg["Model"]["score_levels"] is None
 
 
 @pytest.mark.parametrize(
@@ -254,8 +267,9 @@ def test_out_of_range(override: str, expected: str) -> None:
 
 
 def test_patchcore_keys_accepted() -> None:
-    cfg = load_config("STFPM", ["Model.coreset_ratio=1", "Model.num_neighbors=9"])
+    cfg = load_config("PatchCore", ["Model.coreset_ratio=1", "Model.num_neighbors=9"])
     assert cfg["Model"]["coreset_ratio"] == 1.0 and cfg["Model"]["num_neighbors"] == 9
+    assert "select_best" not in cfg["Train"] and cfg["Model"]["search"] == "exact"  # defaults: its own keys only
 
 
 def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:

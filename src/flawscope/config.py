@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import yaml
 
 from flawscope.errors import FlawscopeError
+from flawscope.logs import log
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODELS = ("STFPM", "PatchCore")
@@ -34,7 +35,8 @@ class Key:
 
     A missing key gets ``default`` when there is one; otherwise it is an error for the models in
     ``required_for`` and simply absent for the others (model-specific keys). Hyperparameters carry
-    no default here so that the shipped YAML stays their one source.
+    no default here so that the shipped YAML stays their one source. A key that only some models
+    read (``used_by``) is left out of the configs of the others.
     """
 
     kind: Any  # int | float | bool | str | list[int]
@@ -48,6 +50,7 @@ class Key:
     multiple_of: int | None = None
     subset_of: tuple[int, ...] = ()  # list[int] only: non-empty, distinct, drawn from these
     required_for: tuple[str, ...] = ()
+    used_by: tuple[str, ...] = MODELS  # a key set for another model is ignored, with a warning
 
 
 STFPM_ONLY = ("STFPM",)
@@ -80,40 +83,42 @@ SCHEMA: dict[str, Any] = {
         "input_size": Key(int, ge=64, multiple_of=32, required_for=MODELS),
         "resize_mode": Key(str, "resize", choices=("resize", "letterbox")),
         "strides": Key(list[int], subset_of=(4, 8, 16, 32), required_for=MODELS),
-        "map_combine": Key(str, choices=("product", "sum"), required_for=STFPM_ONLY),
+        "map_combine": Key(str, choices=("product", "sum"), required_for=STFPM_ONLY, used_by=STFPM_ONLY),
         "smooth_sigma": Key(float, ge=0, required_for=MODELS),
-        "score_levels": Key(int, None, nullable=True, ge=1),  # null: configs written before it score as they did
-        "coreset_ratio": Key(float, gt=0, le=1, required_for=PATCHCORE_ONLY),
-        "num_neighbors": Key(int, ge=1, required_for=PATCHCORE_ONLY),
-        "projection_dim": Key(int, nullable=True, ge=1, required_for=PATCHCORE_ONLY),
-        "feature_dim": Key(int, None, nullable=True, ge=1),
-        "search": Key(str, "exact", choices=("exact", "approximate")),
-        "search_nprobe": Key(int, 8, ge=1),
+        # null: configs written before it score as they did
+        "score_levels": Key(int, None, nullable=True, ge=1, used_by=STFPM_ONLY),
+        "coreset_ratio": Key(float, gt=0, le=1, required_for=PATCHCORE_ONLY, used_by=PATCHCORE_ONLY),
+        "num_neighbors": Key(int, ge=1, required_for=PATCHCORE_ONLY, used_by=PATCHCORE_ONLY),
+        "projection_dim": Key(int, nullable=True, ge=1, required_for=PATCHCORE_ONLY,
+                              used_by=PATCHCORE_ONLY),
+        "feature_dim": Key(int, None, nullable=True, ge=1, used_by=PATCHCORE_ONLY),
+        "search": Key(str, "exact", choices=("exact", "approximate"), used_by=PATCHCORE_ONLY),
+        "search_nprobe": Key(int, 8, ge=1, used_by=PATCHCORE_ONLY),
         "global_score": Key(bool, required_for=PATCHCORE_ONLY),
         "global_grid": Key(int, 1, ge=1),  # 1: configs written before the grid train as they did
         "global_strides": Key(list[int], [32], subset_of=(8, 16, 32)),  # [32]: as configs written before it
         "image_bank_size": Key(int, None, nullable=True, ge=2),  # null: every training image, as before it
     },
     "Train": {
-        "epochs_iters": Key(int, ge=1, required_for=STFPM_ONLY),
+        "epochs_iters": Key(int, ge=1, required_for=STFPM_ONLY, used_by=STFPM_ONLY),
         "batch_size": Key(int, ge=1, required_for=MODELS),
-        "learning_rate": Key(float, gt=0, required_for=STFPM_ONLY),
-        "momentum": Key(float, ge=0, lt=1, required_for=STFPM_ONLY),
-        "weight_decay": Key(float, ge=0, required_for=STFPM_ONLY),
+        "learning_rate": Key(float, gt=0, required_for=STFPM_ONLY, used_by=STFPM_ONLY),
+        "momentum": Key(float, ge=0, lt=1, required_for=STFPM_ONLY, used_by=STFPM_ONLY),
+        "weight_decay": Key(float, ge=0, required_for=STFPM_ONLY, used_by=STFPM_ONLY),
         "pretrain_weight_path": Key(str, None, nullable=True),
-        "resume_path": Key(str, None, nullable=True),
-        "log_interval": Key(int, 10, ge=1),
-        "eval_interval": Key(int, 500, ge=1),
-        "save_interval": Key(int, 500, ge=1),
-        "select_best": Key(bool, False),
-        "hard_fraction": Key(float, None, nullable=True, gt=0, le=1),
+        "resume_path": Key(str, None, nullable=True, used_by=STFPM_ONLY),
+        "log_interval": Key(int, 10, ge=1, used_by=STFPM_ONLY),
+        "eval_interval": Key(int, 500, ge=1, used_by=STFPM_ONLY),
+        "save_interval": Key(int, 500, ge=1, used_by=STFPM_ONLY),
+        "select_best": Key(bool, False, used_by=STFPM_ONLY),
+        "hard_fraction": Key(float, None, nullable=True, gt=0, le=1, used_by=STFPM_ONLY),
         "calibration_fraction": Key(float, ge=0, lt=1, required_for=MODELS),
         "image_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
         "pixel_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
         "threshold_method": Key(str, "fpr", choices=("fpr", "f1")),
         "calibration_dir": Key(str, None, nullable=True),
         "add_calibration_images": Key(bool, False),  # False: held out for good, as configs written before it
-        "add_normals": Key(str, None, nullable=True),  # PatchCore: a model dir whose bank grows
+        "add_normals": Key(str, None, nullable=True, used_by=PATCHCORE_ONLY),  # a model dir whose bank grows
     },
     "Evaluate": {
         "weight_path": Key(str, None, nullable=True),
@@ -213,9 +218,22 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict
     if overrides:
         where += " (with overrides)"
     model = cfg.get("Global", {}).get("model")
+    for full, spec in _unused_keys(cfg, SCHEMA, "", model):
+        log.warning("%s: %s is not used by %s (a key of %s): ignored", where, full, model, ", ".join(spec.used_by))
     cfg = _complete(cfg, SCHEMA, "", model, where)
     _check_consistency(cfg, where)
     return cfg
+
+
+def _unused_keys(data: dict[str, Any], schema: dict[str, Any], prefix: str,
+                 model: str | None) -> Iterable[tuple[str, Key]]:
+    """The keys set in ``data`` that ``model`` does not read (none while the model is unknown)."""
+    for name, value in data.items():
+        spec = schema[name]
+        if isinstance(spec, dict):
+            yield from _unused_keys(value, spec, f"{prefix}{name}.", model)
+        elif model is not None and model not in spec.used_by:
+            yield prefix + name, spec
 
 
 class _Dumper(yaml.SafeDumper):
@@ -294,6 +312,8 @@ def _complete(
         full = prefix + name
         if isinstance(spec, dict):
             out[name] = _complete(data.get(name, {}), spec, full + ".", model, where)
+        elif model is not None and model not in spec.used_by:
+            continue
         elif name in data:
             out[name] = data[name]
         elif spec.default is not _NO_DEFAULT:

@@ -80,7 +80,7 @@ def train(cfg: dict, world: World) -> dict:
     train_samples, copies = unique_images(dataset.train)
     fit_samples, calib_samples = split_calibration(train_samples, t["calibration_fraction"], g["seed"])
     calib_set = calibration_set(t, dataset, calib_samples, fit_samples)  # fails here, not after training
-    base = load_model_dir(t["add_normals"]) if t["add_normals"] else None  # a model whose bank grows
+    base = load_model_dir(t["add_normals"]) if t.get("add_normals") else None  # a model whose bank grows (PatchCore)
     if base is not None and not isinstance(base[0], PatchCore):
         raise FlawscopeError(f"Train.add_normals: {t['add_normals']} is a {base[1].model} model; only PatchCore "
                              "memory banks can take more normal images (retrain the others)")
