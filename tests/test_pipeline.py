@@ -149,8 +149,20 @@ def test_array_inputs_of_every_accepted_shape_and_the_refused_ones(pipeline) -> 
     (from_gray,) = pipeline.predict(gray)
     (gray_rgb,) = pipeline.predict(np.repeat(gray[:, :, None], 3, axis=2))
     assert from_gray.score == pytest.approx(gray_rgb.score)
-    bad = list(pipeline.predict([np.zeros((4, 4, 2), np.uint8), np.zeros((4, 4, 3), np.float32)]))
-    assert "array must be HxW or HxWx3" in bad[0].error and "array must be uint8" in bad[1].error
+    bad = list(pipeline.predict([np.zeros((4, 4, 2), np.uint8), np.zeros((4, 4, 3), np.float32),
+                                 np.zeros((0, 0), np.uint8)]))
+    assert "array must be HxW, HxWx3 (RGB) or HxWx4" in bad[0].error and "array must be uint8" in bad[1].error
+    assert "not empty, got shape (0, 0)" in bad[2].error
+
+
+def test_an_empty_path_and_a_folder_of_folders_say_what_to_give(pipeline, tmp_path) -> None:
+    (empty,) = pipeline.predict("")
+    assert "an empty path" in empty.error  # not the current directory
+    (tmp_path / "lot1").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "lot1" / "a.png")
+    (nested,) = pipeline.predict(str(tmp_path))
+    assert "no images in this directory" in nested.error and "recursive=True" in nested.error
+    assert [r.error for r in pipeline.predict(str(tmp_path), recursive=True)] == [None]
 
 
 def test_result_maps_and_masks_have_the_images_own_size(pipeline) -> None:

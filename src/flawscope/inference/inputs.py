@@ -35,8 +35,9 @@ def _fetch(url: str) -> bytes:
 
 def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
     """A copy in HxWx3 RGB: the caller may refill its buffer for the next frame."""
-    if array.ndim not in (2, 3) or array.ndim == 3 and array.shape[2] not in (3, 4):
-        raise FlawscopeError(f"{name}: array must be HxW or HxWx3 (RGB), got shape {array.shape}")
+    if array.ndim not in (2, 3) or array.ndim == 3 and array.shape[2] not in (3, 4) or not array.size:
+        raise FlawscopeError(f"{name}: array must be HxW, HxWx3 (RGB) or HxWx4 (RGBA, alpha ignored), "
+                             f"not empty, got shape {array.shape}")
     if array.dtype != np.uint8:
         raise FlawscopeError(f"{name}: array must be uint8, got {array.dtype}")
     return np.repeat(np.asarray(array)[:, :, None], 3, axis=2) if array.ndim == 2 else np.array(array[:, :, :3])
@@ -47,6 +48,9 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
     if isinstance(inputs, (str, os.PathLike)):
         text = str(inputs)
         path = Path(text)
+        if not text.strip():
+            yield text, FlawscopeError("an empty path: give an image file, directory, glob or URL")
+            return
         if text.startswith(("http://", "https://")):
             yield text, text
             return
@@ -61,7 +65,9 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
             pattern = "**/*" if recursive else "*"
             files = sorted(p for p in path.glob(pattern) if p.is_file() and is_image_file(p))
             if not files:
-                yield text, FlawscopeError(f"{text}: no images in this directory")
+                nested = not recursive and any(p.is_dir() for p in path.iterdir())
+                hint = " (it has sub-directories: predict with recursive=True, --recursive)" if nested else ""
+                yield text, FlawscopeError(f"{text}: no images in this directory{hint}")
             for f in files:
                 yield str(f), str(f)
         elif glob.has_magic(text):
