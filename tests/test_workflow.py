@@ -295,6 +295,17 @@ def test_a_damaged_model_directory_is_one_error_line(trained, tmp_path, capsys, 
                    f"Predict.input={next((trained[0] / 'test' / 'good').iterdir())}", fragment=message)
 
 
+def test_a_device_that_is_no_device_fails_in_every_mode(trained, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=check_dataset", f"Global.dataset_dir={trained[0]}",
+                   f"Global.output={out}", "Global.device=tpu", fragment="Global.device: 'tpu' is not a device")
+
+
+def test_pipeline_and_module_config_together_is_refused(capsys) -> None:
+    assert main(["--pipeline", "anomaly_detection", "--input", "x.png", "-c", "PatchCore"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
 def test_gpu_on_a_cpu_machine(tmp_path, capsys) -> None:
 
     if torch.cuda.is_available():

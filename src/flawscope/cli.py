@@ -102,6 +102,9 @@ def run(argv: list[str] | None = None) -> int:
     if args.get_pipeline_config:
         print(f"pipeline config written to {_write_pipeline_config(args.get_pipeline_config, args.save_path, args.yes)}")
         return 0
+    if args.pipeline and (args.config or args.override):
+        raise FlawscopeError("--pipeline runs a pipeline config, -c/-o a module config: give one of them "
+                             "(pipeline settings: --device, --batch_size, --backend, --model_dir, or its YAML)")
     if args.pipeline:
         from flawscope.engine import save_results
         from flawscope.pipeline import create_pipeline

@@ -15,15 +15,22 @@ _SPEC = re.compile(r"(?P<cpu>cpu)|(?:gpu|cuda)(?::(?P<ids>\d+(?:,\d+)*))?")
 _ACCEPTED_FORMS = "cpu, gpu (all visible GPUs), gpu:N, gpu:N,M,... (cuda works as gpu)"
 
 
+def check_device_spec(spec: str) -> re.Match:
+    """The spec's form alone (not whether this machine has the device): what every mode checks,
+    also those that run no model."""
+    match = _SPEC.fullmatch("".join(spec.split()).lower())
+    if match is None:
+        raise FlawscopeError(f"Global.device: {spec!r} is not a device; use {_ACCEPTED_FORMS}")
+    return match
+
+
 def parse_device(spec: str) -> list[torch.device]:
     """Parse a device spec; ``gpu`` alone means every visible CUDA device.
 
     Case and whitespace are ignored (``GPU: 0, 1``). Asking for a GPU that this torch build or
     machine cannot give is an error here rather than a CUDA traceback later.
     """
-    match = _SPEC.fullmatch("".join(spec.split()).lower())
-    if match is None:
-        raise FlawscopeError(f"Global.device: {spec!r} is not a device; use {_ACCEPTED_FORMS}")
+    match = check_device_spec(spec)
     if match["cpu"]:
         return [torch.device("cpu")]
     if not torch.cuda.is_available():

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from flawscope.device import parse_device
+from flawscope.device import check_device_spec, parse_device
 from flawscope.errors import FlawscopeError, check_output_dir
 from flawscope.inference.result import AnomalyResult
 from flawscope.logs import log
@@ -127,5 +127,6 @@ MODES = {"check_dataset": check_dataset, "train": train, "evaluate": evaluate, "
 
 
 def run(cfg: dict) -> dict:
+    check_device_spec(cfg["Global"]["device"])
     check_output_dir(Path(cfg["Global"]["output"]), "Global.output")
     return MODES[cfg["Global"]["mode"]](cfg)
