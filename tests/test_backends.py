@@ -165,6 +165,8 @@ def test_backend_errors_name_the_directory_and_the_problem(trained, tmp_path) ->
     (graphless / "model.onnx").write_bytes(b"not a graph")
     (graphless / "model.xml").write_text("<net>broken")
     (graphless / "model.bin").write_bytes(b"")
+    with pytest.raises(FlawscopeError, match=r"an exported model \(model\.onnx\), which torch does not run"):
+        Predictor.from_dir(graphless, backend="torch")
     for backend, graph in (("onnxruntime", "model.onnx"), ("openvino", "model.xml")):
         with pytest.raises(FlawscopeError, match=f"{graphless / graph}: cannot be loaded by {backend} ") as info:
             Predictor.from_dir(graphless, backend=backend)
