@@ -20,7 +20,7 @@ from flawscope.errors import FlawscopeError
 from flawscope.evaluation.metrics import best_f1, pixel_best_f1
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
-from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, fpr_threshold
+from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, fpr_threshold, split_calibration
 
 
 def test_fpr_threshold_is_the_conformal_quantile():
@@ -171,3 +171,11 @@ def test_config_keys():
     assert cfg["Train"]["threshold_method"] == "fpr" and cfg["Train"]["calibration_dir"] is None
     with pytest.raises(FlawscopeError, match="Train.threshold_method"):
         load_config("STFPM", ["Train.threshold_method=best"])
+
+
+def test_at_least_two_images_are_held_out_where_that_leaves_one_to_train_on(tmp_path):
+    samples = [Sample(tmp_path / f"{i}.png", None, 0, "good") for i in range(12)]
+    assert [len(split_calibration(samples[:n], 0.1, 0)[1]) for n in (1, 2, 3, 12)] == [0, 1, 2, 2]
+    assert len(split_calibration(samples * 3, 0.1, 0)[1]) == 4  # 10% of 36
+    assert split_calibration(samples, 0.0, 0) == (samples, [])
+

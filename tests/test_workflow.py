@@ -395,10 +395,10 @@ def test_held_out_images_join_the_banks_once_the_thresholds_are_set(trained, tmp
     assert len(joined_weights["memory_bank"]) > len(kept_weights["memory_bank"])
     assert len(joined_weights["memory_bank"]) == joined["provenance"]["bank_size"]
     assert len(joined_weights["reference_scores"]) == len(kept_weights["reference_scores"]) + held_out
-    more = make_mvtec(tmp_path / "more", n_train=4, seed=3)  # 3 fitted, 1 held out, then all 4 in: a model that grows
+    more = make_mvtec(tmp_path / "more", n_train=4, seed=3)  # 2 fitted, 2 held out, then all 4 in: a model that grows
     base = tmp_path / "joined/best_model/inference"
     grown, grown_weights, _ = train(more, tmp_path / "grown", f"Train.add_normals={base}")
-    assert grown["provenance"]["calibration_images_added"] == 1
+    assert grown["provenance"]["calibration_images_added"] == 2
     assert len(grown_weights["image_bank"]) == len(joined_weights["image_bank"]) + 4
 
 

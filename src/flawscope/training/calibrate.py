@@ -37,6 +37,7 @@ from flawscope.inference.predictor import Predictor
 
 log = logging.getLogger("flawscope")
 
+MIN_CALIBRATION_IMAGES = 2
 _PIXELS_PER_IMAGE = 65536  # subsample of each good map kept for the pixel quantile
 
 
@@ -61,10 +62,12 @@ class CalibrationSet:
 
 
 def split_calibration(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out ``fraction`` of the good training images (at least one, if there are two or more)."""
+    """Hold out ``fraction`` of the good training images: at least two where that leaves one to
+    train on, as one good score sets no scale (the normalised scores of a model calibrated on one
+    image were all 0 or 1)."""
     if fraction <= 0 or len(samples) < 2:
         return list(samples), []
-    count = min(max(1, round(len(samples) * fraction)), len(samples) - 1)
+    count = min(max(MIN_CALIBRATION_IMAGES, round(len(samples) * fraction)), len(samples) - 1)
     order = np.random.default_rng(seed).permutation(len(samples))
     held = set(order[:count].tolist())
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
