@@ -115,7 +115,9 @@ def _check_settings(config: dict[str, Any], where: str) -> None:
 
 def _plain(value: Any) -> Any:
     """A path or a torch device as the string a YAML file would hold."""
-    return os.fspath(value) if isinstance(value, os.PathLike) else str(value) if isinstance(value, torch.device) else value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value) if isinstance(value, torch.device) else value
 
 
 def _merge(base: dict, update: dict, where: str, prefix: str = "") -> None:

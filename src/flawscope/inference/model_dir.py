@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from flawscope import __version__
-from flawscope.errors import FlawscopeError, first_line
 from flawscope.config import MODELS
 from flawscope.data.transforms import RESIZE_MODES
+from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
 
 META_FILE = "inference.yml"
