@@ -249,9 +249,18 @@ def test_a_folder_with_an_unreadable_image_exits_2_after_saving_the_others(tmp_p
         assert main(argv) == 2, name
         captured = capsys.readouterr()
         assert f"{folder / 'broken.png'}\terror: " in captured.out and "is_anomaly=False" in captured.out
-        assert "1 of 2 inputs could not be read" in captured.err
+        assert captured.err.strip().splitlines()[-1] == (f"error: {folder / 'broken.png'}: not an image, or a corrupt or "
+                                                          "unsupported image file (1 of 2 inputs could not be read)")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["good_res.json", "good_res.png"]
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["good_res.json", "good_res.png"]
+
+
+def test_one_unreadable_input_is_one_error_line_naming_it(tmp_path, capsys) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert main(["--pipeline", "anomaly_detection", "--input", str(broken), "--save_path", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {broken}: not an image, or a corrupt or unsupported image file"]
 
 
 def test_same_file_names_in_two_folders_do_not_overwrite(trained, tmp_path, capsys) -> None:

@@ -135,10 +135,16 @@ def run(argv: list[str] | None = None) -> int:
 
 def _prediction_status(counts: dict) -> int:
     """2 when an input could not be read: the others' results are saved and each failure has its
-    own line, but a script must not take a folder with a corrupt image for a clean run."""
+    own line, but a script must not take a folder with a corrupt image for a clean run. stderr's
+    line names the input when it is the only one that failed."""
     if not counts["errors"]:
         return 0
-    print(f"error: {counts['errors']} of {counts['images']} inputs could not be read (listed above)", file=sys.stderr)
+    if counts["errors"] == 1:
+        of = f" (1 of {counts['images']} inputs could not be read)" if counts["images"] > 1 else ""
+        print(f"error: {counts['error']}{of}", file=sys.stderr)
+    else:
+        print(f"error: {counts['errors']} of {counts['images']} inputs could not be read (listed above)",
+              file=sys.stderr)
     return 2
 
 

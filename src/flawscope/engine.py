@@ -98,6 +98,7 @@ def save_results(results: Iterable[AnomalyResult], save_path: Path, json_arrays:
         counts["images"] += 1
         if res.error:
             counts["errors"] += 1
+            counts["error"] = res.error  # the last one's message
             print(f"{res.input_path}\terror: {res.error}")
             continue
         name = res.stem
