@@ -92,7 +92,8 @@ def train(cfg: dict, world: World) -> dict:
     log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
              dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
     images = load_training_images(fit_samples, resizer)  # reads every image before anything is written
-    needed = base is not None or t["add_calibration_images"]  # to check against the model, or to join it
+    image_bank = isinstance(model, STFPM) and model.global_score  # the student's score is measured on them
+    needed = base is not None or t["add_calibration_images"] or image_bank  # or the model checks them, or they join it
     calib_images = load_training_images(calib_samples if needed else [], resizer)
     held_out_count = len(calib_samples)
     if base is not None and calib_samples:
@@ -101,9 +102,10 @@ def train(cfg: dict, world: World) -> dict:
             raise FlawscopeError(f"Train.add_normals: the good images held out for calibration are all in "
                                  f"{t['add_normals']} already; set Train.calibration_dir to new good images")
         calib_set = calibration_set(t, dataset, calib_samples, fit_samples)
-    # the student's score is measured against good images it never saw (none: the image score stays the student's)
-    unseen = [] if calib_set.source == "training images" else calib_set.good
-    held_out = load_training_images(unseen, resizer) if isinstance(model, STFPM) and model.global_score else None
+    # the student's score is measured against good images it never saw: the held-out ones, decoded above, then
+    # Train.calibration_dir's (none: the image score stays the student's)
+    extra = [] if calib_set.source == "training images" else calib_set.good[len(calib_samples):]
+    held_out = torch.cat([calib_images, load_training_images(extra, resizer)]) if image_bank else None
     joining = calib_images if t["add_calibration_images"] else None
     output = Path(g["output"])
     if world.is_main:
