@@ -117,6 +117,36 @@ def test_save_to_img(tmp_path):
     assert [_read(p).shape for p in paths] == [(H, W, 3), (H, W, 3), (H, W)]  # pred: L
 
 
+def test_picture_helpers_match_their_float_definitions():
+    """The picture is built in uint8/uint16 pieces (a camera image has no room for float64 copies);
+    it must be the same picture as the plain float definitions, pixel for pixel."""
+    import matplotlib
+    from scipy import ndimage
+
+    from flawscope.inference import result as result_module
+
+    rng = np.random.default_rng(0)
+    amap = rng.random((600, 70), dtype=np.float32)
+    amap[:3] = [[0.0], [1.0], [np.nextafter(np.float32(1), np.float32(0))]]
+    amap[3, :5] = np.arange(5, dtype=np.float32) / 256  # on the colour table's bin edges
+    heat = result_module._jet(amap)
+    np.testing.assert_array_equal(heat, matplotlib.colormaps["jet"](amap, bytes=True)[..., :3])
+
+    image = rng.integers(0, 256, (600, 70, 3), dtype=np.uint8)
+    image[0, :, 0], heat[0, :, 0] = np.arange(70) * 3, 255 - np.arange(70) * 3
+    expected = np.round(0.6 * image + 0.4 * heat).astype(np.uint8)
+    np.testing.assert_array_equal(result_module._blend(image, heat), expected)
+
+    mask = np.zeros((600, 70), bool)
+    mask[300:320, 10:30] = True  # a block: outline only where its 2-pixel band is
+    mask[318:330, 31:33] = True  # another region, one pixel apart, reaching below the first
+    mask[590:, 60:] = True  # touches the image's corner: closed there
+    picture = np.zeros((600, 70, 3), np.uint8)
+    result_module._draw_outline(picture, mask, 2)
+    band = mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), iterations=2, border_value=0)
+    np.testing.assert_array_equal(np.all(picture == (255, 0, 0), axis=2), band)
+
+
 def test_print_summarises_arrays(capsys):
     amap = np.zeros((512, 512), np.float32)
     amap[::20, ::20] = 0.9  # 676 one-pixel regions

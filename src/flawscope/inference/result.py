@@ -39,7 +39,7 @@ CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
 ArrayMode = Literal["rle", "list", "png", "none"]
 
-_OVERLAY_ALPHA = 0.4
+_HEAT_FIFTHS = 2  # the heat map's share of the overlay picture, in fifths: 40%
 _OUTLINE_WIDTH = 2
 _RED = (255, 0, 0)
 _GREEN = (0, 160, 0)
@@ -103,7 +103,7 @@ class AnomalyResult:
             raise ValueError(f"image must be HxWx3 uint8, got {image.shape} {image.dtype}")
         if amap.shape != image.shape[:2]:
             raise ValueError(f"map shape {amap.shape} != image size {image.shape[:2]}")
-        norm = np.clip(amap, 0.0, 1.0).astype(np.float32)
+        norm = np.clip(np.asarray(amap, dtype=np.float32), 0.0, 1.0)  # one copy: 324 MB at 81 MP
         candidate = norm >= threshold
         if not outline_ok_images and score < threshold:
             candidate = np.zeros_like(candidate)
@@ -226,12 +226,14 @@ class AnomalyResult:
         if self.error is not None:
             return {}
         heat = _jet(self.map)
-        blended = (1 - _OVERLAY_ALPHA) * self.image + _OVERLAY_ALPHA * heat
-        res = np.round(blended).astype(np.uint8)
-        res[_outline(self.pred, _OUTLINE_WIDTH)] = _RED
+        return {"res": self._res_picture(heat), "map": Image.fromarray(heat), "pred": self._pred_image()}
+
+    def _res_picture(self, heat: np.ndarray) -> Image.Image:
+        res = _blend(self.image, heat)
+        _draw_outline(res, self.pred, _OUTLINE_WIDTH)
         picture = Image.fromarray(res)
         self._draw_label(picture)
-        return {"res": picture, "map": Image.fromarray(heat), "pred": self._pred_image()}
+        return picture
 
     def _draw_label(self, picture: Image.Image) -> None:
         """Write "score 0.73 ANOMALY"/"score 0.12 OK" top-left on a red/green box."""
@@ -247,9 +249,10 @@ class AnomalyResult:
         """Write ``<stem>_res.png`` into a directory, or to the given ``.png`` file; with
         ``extra`` also ``<stem>_map.png`` and ``<stem>_pred.png``. Nothing for an error result."""
         path = _output_path(dir_or_file, ".png", f"{self.stem}_res.png")
-        pictures = self.img
-        if not pictures:
+        if self.error is not None:
             return []
+        # Only the pictures it writes: at 20 MP each is 60-80 MB and 0.1-0.3 s.
+        pictures = self.img if extra else {"res": self._res_picture(_jet(self.map))}
         base = path.stem.removesuffix("_res")
         targets = {"res": path}
         if extra:
@@ -340,23 +343,58 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _png_bytes(picture: Image.Image) -> bytes:
+    """PNG at zlib level 1 (OpenCV's default): at 512x512 a result picture takes 34 ms instead of
+    154 at Pillow's default 6, at 5472x3648 1.2 s instead of 2.7, for files 12-37% larger."""
     buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
+    picture.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
+_JET_LUT = matplotlib.colormaps["jet"](np.arange(256), bytes=True)[:, :3]
+
+_ROWS_PER_CHUNK = 256
+"""Rows of a picture computed at a time, so that a camera-sized image needs no full-size temporaries."""
+
+
 def _jet(amap: np.ndarray) -> np.ndarray:
-    """HxW map in [0, 1] -> HxWx3 uint8 in matplotlib's jet colours."""
-    return matplotlib.colormaps["jet"](amap, bytes=True)[..., :3]
+    """HxW map in [0, 1] -> HxWx3 uint8 in matplotlib's jet colours: its 256-entry table, indexed as
+    matplotlib indexes a float32 map, without its full-size int64 and float temporaries."""
+    heat = np.empty((*amap.shape, 3), dtype=np.uint8)
+    for start in range(0, amap.shape[0], _ROWS_PER_CHUNK):
+        rows = amap[start : start + _ROWS_PER_CHUNK]
+        index = np.minimum(rows * np.float32(_JET_LUT.shape[0]), _JET_LUT.shape[0] - 1).astype(np.uint8)
+        heat[start : start + _ROWS_PER_CHUNK] = _JET_LUT[index]
+    return heat
 
 
-def _outline(mask: np.ndarray, width: int) -> np.ndarray:
-    """Inner boundary band of ``mask``, ``width`` pixels thick; the image edge counts as outside,
-    so a defect touching the border is closed there too."""
-    if not mask.any():
-        return mask
-    inner = ndimage.binary_erosion(mask, structure=CONNECTIVITY, iterations=width, border_value=0)
-    return mask & ~inner
+def _blend(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """``round((1 - k/5) * image + k/5 * heat)`` for the heat map's share k/5, in 16-bit integers.
+
+    A sum of integers over 5 never ends in .5, so ``(2 * sum + 5) // 10`` rounds it exactly as
+    float64 arithmetic would, without float64 temporaries 24 bytes a pixel.
+    """
+    out = np.empty_like(image)
+    for start in range(0, image.shape[0], _ROWS_PER_CHUNK):
+        rows = slice(start, start + _ROWS_PER_CHUNK)
+        total = image[rows].astype(np.uint16) * (5 - _HEAT_FIFTHS)
+        total += heat[rows].astype(np.uint16) * _HEAT_FIFTHS
+        out[rows] = (total * 2 + 5) // 10
+    return out
+
+
+def _draw_outline(picture: np.ndarray, mask: np.ndarray, width: int) -> None:
+    """Paint the inner boundary band of ``mask``, ``width`` pixels thick, red into ``picture``; the
+    image edge counts as outside, so a defect touching the border is closed there too.
+
+    The erosion runs on the mask's bounding box only: outside it the mask is empty, as the
+    erosion's border value assumes, so the band is the same as on the whole image.
+    """
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    inner = ndimage.binary_erosion(mask[box], structure=CONNECTIVITY, iterations=width, border_value=0)
+    picture[box][mask[box] & ~inner] = _RED
 
 
 def _describe(array: np.ndarray | None) -> str | None:
