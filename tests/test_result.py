@@ -1,9 +1,12 @@
 import json
 
+import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
+from flawscope.inference import result as result_module
 from flawscope.inference.result import AnomalyResult, Region, rle_decode, rle_encode
 
 H, W = 48, 64  # big enough that the score label (top-left) misses the blobs
@@ -120,11 +123,6 @@ def test_save_to_img(tmp_path):
 def test_picture_helpers_match_their_float_definitions():
     """The picture is built in uint8/uint16 pieces (a camera image has no room for float64 copies);
     it must be the same picture as the plain float definitions, pixel for pixel."""
-    import matplotlib
-    from scipy import ndimage
-
-    from flawscope.inference import result as result_module
-
     rng = np.random.default_rng(0)
     amap = rng.random((600, 70), dtype=np.float32)
     amap[:3] = [[0.0], [1.0], [np.nextafter(np.float32(1), np.float32(0))]]
