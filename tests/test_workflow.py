@@ -323,8 +323,6 @@ def _patchcore(*overrides: str) -> int:
 
 
 def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> None:
-    import yaml
-
     dataset, stfpm_out = trained
     # the held-out images stay out of the banks: calibrating again on them below meets unseen images
     small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5",
@@ -406,8 +404,6 @@ def test_a_grown_model_is_not_calibrated_on_images_it_holds(trained, tmp_path, c
     """Growing a model (``Train.add_normals``) with a folder that holds its training images too:
     the held-out images it holds already would score like training images and pull the thresholds
     down, so they are not calibrated on; when all of them are, that is one error line."""
-    import shutil
-
     from flawscope.data.layouts import load_dataset, unique_images
     from flawscope.training.calibrate import split_calibration
 
@@ -442,10 +438,6 @@ def test_a_grown_model_is_not_calibrated_on_images_it_holds(trained, tmp_path, c
 def test_copied_training_images_are_used_once(tmp_path, capsys) -> None:
     """A copy of a training image is neither fitted twice nor held out for calibration, where it
     would score like the image it copies: the model is the one without the copies."""
-    import shutil
-
-    import yaml
-
     plain = make_mvtec(tmp_path / "plain", n_train=8)
     copied = tmp_path / "copied"
     shutil.copytree(plain, copied)
@@ -466,8 +458,6 @@ def test_copied_training_images_are_used_once(tmp_path, capsys) -> None:
 def test_a_resnet_backbone_from_a_torchvision_weights_file(trained, tmp_path, capsys) -> None:
     """``Model.backbone=resnet18`` with a torchvision weights file: both models train with
     ImageNet's normalisation, PatchCore exports like with Lite0, and a missing file is one error."""
-    import yaml
-
     from flawscope.backbones.resnet import ResNet
 
     dataset, _ = trained

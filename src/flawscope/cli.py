@@ -114,10 +114,10 @@ def run(argv: list[str] | None = None) -> int:
         settings = {k: v for k, v in (("batch_size", args.batch_size), ("model_dir", args.model_dir),
                                       ("backend", args.backend), ("recursive", args.recursive or None))
                     if v is not None}
-        check_output_dir(Path(args.save_path or "output"), "--save_path")
+        save_path = Path(args.save_path or "output")
+        check_output_dir(save_path, "--save_path")
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
-        counts = save_results(pipeline.predict(args.input), Path(args.save_path or "output"),
-                              pipeline.json_arrays, pipeline.save_extra)
+        counts = save_results(pipeline.predict(args.input), save_path, pipeline.json_arrays, pipeline.save_extra)
         return _prediction_status(counts)
     if args.config:
         from flawscope.config import load_config

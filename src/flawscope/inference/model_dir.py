@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from dataclasses import MISSING, asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -130,9 +130,10 @@ def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo) -> Path:
     """Write the directory atomically: a half-written model directory never appears at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    # A plain mkdir, not mkdtemp (whose folder is private): a service under another account must read the model.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
     try:
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's is private: a service under another account must read the model
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         write_safetensors(tensors, tmp / WEIGHTS_FILE)
         meta = {"flawscope_version": __version__, **asdict(info)}
@@ -148,12 +149,6 @@ def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo) -> Path:
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """``safetensors.torch.save_file``, but with the permissions the umask gives (its own are 0600)."""
     path.write_bytes(save(tensors))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_model_info(path: str | Path) -> ModelInfo:
