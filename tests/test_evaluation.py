@@ -12,9 +12,16 @@ from PIL import Image
 
 from flawscope.cli import main
 from flawscope.data.io import read_image, read_mask
-from flawscope.data.layouts import load_dataset
-from flawscope.data.layouts import Sample
-from flawscope.evaluation.evaluate import Outcome, collect, evaluate_model, evaluate_samples, shift_warning
+from flawscope.data.layouts import Sample, load_dataset
+from flawscope.evaluation.evaluate import (
+    Outcome,
+    collect,
+    compute_metrics,
+    evaluate_model,
+    evaluate_samples,
+    shift_warning,
+    summarize,
+)
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
 
@@ -153,3 +160,26 @@ def test_collect_pairs_each_image_with_its_own_mask(trained) -> None:
     assert len(defects) == 2 and not np.array_equal(*(read_mask(o.sample.mask) for o in defects))
     for o in defects:
         assert np.array_equal(o.mask, read_mask(o.sample.mask))
+
+
+def test_each_defect_type_is_scored_with_all_good_images() -> None:
+    """The per-type table computes fewer metrics than the whole split, with the same values."""
+    rng = np.random.default_rng(0)
+
+    def outcome(name: str, label: int, kind: str, strength: float) -> Outcome:
+        mask = np.zeros((16, 16), bool)
+        mask[4:4 + 4 * label, 5:9] = True
+        amap = (rng.random((16, 16)) + strength * mask).astype(np.float32)
+        pred = amap > 1.1
+        return Outcome(Sample(Path(name), None, label, kind), float(amap.max()), mask, amap,
+                       is_anomaly=bool(pred.any()), pred=pred)
+
+    good = [outcome(f"good{i}", 0, "good", 0) for i in range(5)]
+    types = {"crack": [outcome(f"crack{i}", 1, "crack", 0.8) for i in range(3)],
+             "stain": [outcome(f"stain{i}", 1, "stain", 0.2) for i in range(4)]}
+    per_type = compute_metrics(good + types["crack"] + types["stain"])["per_defect_type"]
+    keys = ("image_auroc", "image_ap", "image_recall", "pixel_auroc", "aupro", "pixel_f1", "pixel_iou")
+    for kind, chosen in types.items():
+        full = summarize(good + chosen)
+        assert per_type[kind] == {"count": len(chosen), **{key: full[key] for key in keys}}
+    assert per_type["crack"]["pixel_auroc"] > per_type["stain"]["pixel_auroc"]

@@ -14,8 +14,9 @@ Each defect type is scored together with all the good images of the split.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ from flawscope.logs import log, log_to_file
 AUPRO_FPR_LIMIT = 0.3
 REPORT_DIR = "evaluate_report"
 SHIFT_P_VALUE = 0.01  # below this, good images flagged too often to be chance
+_METRIC_KEYS = ("image_auroc", "image_ap", "image_f1", "image_precision", "image_recall", "image_fpr", "image_best_f1",
+                "pixel_auroc", "aupro", "pixel_f1", "pixel_iou", "pixel_precision", "pixel_recall", "pixel_fpr",
+                "pixel_best_f1", "paddlex_miou")
 _PER_TYPE_KEYS = ("image_auroc", "image_ap", "image_recall", "pixel_auroc", "aupro", "pixel_f1", "pixel_iou")
 
 
@@ -94,26 +98,28 @@ def auroc_summary(outcomes: Sequence[Outcome]) -> dict:
     }
 
 
-def summarize(outcomes: Sequence[Outcome], fpr_limit: float = AUPRO_FPR_LIMIT) -> dict:
+def summarize(outcomes: Sequence[Outcome], fpr_limit: float = AUPRO_FPR_LIMIT,
+              keys: Collection[str] | None = None) -> dict:
     """Every metric of ``outcomes`` (flat, rounded, None where undefined) plus the confusion
-    counts and the best-F1 thresholds found on them."""
+    counts and the best-F1 thresholds found on them; with ``keys``, only those metrics (each
+    pixel metric is a pass over every map)."""
     labels = np.array([o.sample.label for o in outcomes], dtype=int)
     raw = np.array([o.raw_score for o in outcomes], dtype=np.float64)
     pixel = [o for o in outcomes if o.mask is not None]
     masks, maps = [o.mask for o in pixel], [o.raw_map for o in pixel]
-    image_best = metrics.best_f1(labels, raw)
-    pixel_best = metrics.pixel_best_f1(masks, maps)
-    out = {
-        "image_auroc": metrics.image_auroc(labels, raw),
-        "image_ap": metrics.image_ap(labels, raw),
-        "image_f1": None, "image_precision": None, "image_recall": None, "image_fpr": None,
-        "image_best_f1": image_best[0] if image_best else None,
-        "pixel_auroc": metrics.pixel_auroc(masks, maps),
-        "aupro": metrics.aupro(masks, maps, fpr_limit),
-        "pixel_f1": None, "pixel_iou": None, "pixel_precision": None, "pixel_recall": None, "pixel_fpr": None,
-        "pixel_best_f1": pixel_best[0] if pixel_best else None,
-        "paddlex_miou": metrics.paddlex_miou(masks, maps),
+    image_best = functools.cache(lambda: metrics.best_f1(labels, raw))
+    pixel_best = functools.cache(lambda: metrics.pixel_best_f1(masks, maps))
+    wanted = set(_METRIC_KEYS if keys is None else keys)
+    computed = {
+        "image_auroc": lambda: metrics.image_auroc(labels, raw),
+        "image_ap": lambda: metrics.image_ap(labels, raw),
+        "image_best_f1": lambda: image_best()[0] if image_best() else None,
+        "pixel_auroc": lambda: metrics.pixel_auroc(masks, maps),
+        "aupro": lambda: metrics.aupro(masks, maps, fpr_limit),
+        "pixel_best_f1": lambda: pixel_best()[0] if pixel_best() else None,
+        "paddlex_miou": lambda: metrics.paddlex_miou(masks, maps),
     }
+    out = {key: computed[key]() if key in computed and key in wanted else None for key in _METRIC_KEYS}
     confusion = None
     if outcomes and outcomes[0].is_anomaly is not None:
         confusion = {"image": metrics.confusion(labels, [o.is_anomaly for o in outcomes]),
@@ -122,15 +128,17 @@ def summarize(outcomes: Sequence[Outcome], fpr_limit: float = AUPRO_FPR_LIMIT) -
             for name, value in metrics.rates(confusion[level]).items():
                 if f"{level}_{name}" in out:
                     out[f"{level}_{name}"] = value
-    out = {k: _round(v) for k, v in out.items()}
+    out = {k: _round(v) for k, v in out.items() if k in wanted}
+    if keys is not None:
+        return out
     out |= {
         "num_images": len(outcomes),
         "num_good": int((labels == 0).sum()),
         "num_defect": int((labels == 1).sum()),
         "num_with_masks": len(pixel),
         "confusion": confusion,
-        "best_f1_thresholds": {"image": _round(image_best[1]) if image_best else None,
-                               "pixel": _round(pixel_best[1]) if pixel_best else None},
+        "best_f1_thresholds": {"image": _round(image_best()[1]) if image_best() else None,
+                               "pixel": _round(pixel_best()[1]) if pixel_best() else None},
     }
     return out
 
@@ -142,8 +150,7 @@ def compute_metrics(outcomes: Sequence[Outcome], fpr_limit: float = AUPRO_FPR_LI
     per_type = {}
     for defect_type in sorted({o.sample.defect_type for o in outcomes if o.sample.label == 1}):
         chosen = [o for o in outcomes if o.sample.label == 1 and o.sample.defect_type == defect_type]
-        scores = summarize(good + chosen, fpr_limit)
-        per_type[defect_type] = {"count": len(chosen), **{k: scores[k] for k in _PER_TYPE_KEYS}}
+        per_type[defect_type] = {"count": len(chosen), **summarize(good + chosen, fpr_limit, _PER_TYPE_KEYS)}
     result["per_defect_type"] = per_type
     return result
 

@@ -217,7 +217,8 @@ def _pixel_data(
         return None
 
     def weights(mask: np.ndarray) -> np.ndarray | None:
-        if weighting == "pixel":
+        """None where every pixel weighs 1: all of them for ROC, a good image's for PRO."""
+        if weighting == "pixel" or not mask.any():
             return None
         labels, _ = ndimage.label(mask, structure=CONNECTIVITY)
         sizes = np.bincount(labels.ravel())
@@ -228,7 +229,8 @@ def _pixel_data(
         y_score = np.concatenate([np.ravel(a) for a in maps])
         if weighting == "pixel":
             return y_true, y_score, None
-        return y_true, y_score, np.concatenate([weights(m).ravel() for m in masks])
+        return y_true, y_score, np.concatenate([np.ones(m.size) if (w := weights(m)) is None else w.ravel()
+                                                for m in masks])
 
     low = min(float(np.min(a)) for a in maps)
     high = max(float(np.max(a)) for a in maps)
@@ -238,6 +240,9 @@ def _pixel_data(
     for mask, amap in zip(masks, maps):
         bins = ((np.asarray(amap, dtype=np.float64) - low) * scale).astype(np.int64)
         np.minimum(bins, num_thresholds - 1, out=bins)  # the max lands exactly on the top edge
+        if not mask.any():  # a good image: every pixel counts once, as a good one
+            good += np.bincount(bins.ravel(), None, num_thresholds)
+            continue
         w = weights(mask)
         for totals, where in ((good, ~mask), (defect, mask)):
             totals += np.bincount(bins[where], None if w is None else w[where], num_thresholds)
