@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from flawscope.config import load_config
 from flawscope.data.check import run_check_dataset
+from flawscope.data.layouts import load_dataset
 from flawscope.errors import FlawscopeError
 
 
@@ -279,3 +281,54 @@ def test_ten_thousand_images_stream_in_bounded_memory(tmp_path):
     assert result["attributes"]["defect_types"]["train"] == {"good": 10_000}
     assert result["attributes"]["duplicate_files"] == []
     assert peak < 40e6, f"peak traced memory {peak / 1e6:.1f} MB"
+
+
+def test_a_file_name_that_is_not_utf8_is_reported_not_a_crash(tmp_path):
+    """The report names it as Python reads it back (``os.fsencode`` of the JSON string)."""
+    root = _mvtec(tmp_path / "data")
+    odd = _image(root / "train" / "good" / os.fsdecode(b"caf\xe9.png"), value=99)
+
+    result = _run(root, tmp_path / "out")
+
+    saved = json.loads((tmp_path / "out" / "check_dataset_result.json").read_bytes())
+    assert saved["attributes"]["train_samples"] == result["attributes"]["train_samples"] == 4
+    demos = [tmp_path / "out" / path for path in saved["attributes"]["train_sample_paths"]]
+    assert all(demo.is_file() for demo in demos)  # demo images are named after theirs
+    assert any(os.fsencode(odd.stem) in os.fsencode(demo.name) for demo in demos)
+
+
+def test_list_paths_through_a_linked_dataset_folder_are_read_as_training_reads_them(tmp_path):
+    """``..`` in a list line, the dataset folder a symbolic link: the check finds what training finds."""
+    real = tmp_path / "real"
+    for i in range(3):
+        _image(real / "images" / f"{i}.png", value=i)
+    (real / "ds").mkdir()
+    (real / "ds" / "train.txt").write_text("".join(f"../images/{i}.png\n" for i in range(3)))
+    link = tmp_path / "link"
+    link.symlink_to(real / "ds")
+
+    result = _run(link, tmp_path / "out")
+
+    assert not result["problems"], result["problems"]
+    assert result["attributes"]["train_samples"] == len(load_dataset(link).train) == 3
+
+
+def test_masks_beside_their_images_and_masks_with_alpha(tmp_path):
+    """Images and masks in one folder are no orphan masks; a mask's alpha band is not a label."""
+    root = tmp_path / "data"
+    for i in range(3):
+        _image(root / "all" / f"{i}.png", value=i)
+    _image(root / "all" / "3.png", value=50)
+    pixels = np.zeros((16, 16, 2), dtype=np.uint8)
+    pixels[4:8, 4:8, 0] = 1  # label 1 in the grey band
+    pixels[..., 1] = 255  # opaque
+    Image.fromarray(pixels, "LA").save(root / "all" / "3_mask.png")
+    _image(root / "all" / "stray_mask.png")
+    (root / "train.txt").write_text("all/0.png\nall/1.png\nall/2.png\n")
+    (root / "val.txt").write_text("all/3.png all/3_mask.png\n")
+
+    result = _run(root, tmp_path / "out")
+
+    assert not result["problems"], result["problems"]
+    assert result["attributes"]["defect_types"]["val"] == {"defect": 1}
+    assert result["attributes"]["masks_without_images"] == [str(root / "all" / "stray_mask.png")]

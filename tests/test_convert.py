@@ -186,3 +186,63 @@ def test_mvtec_defect_without_mask_is_refused(tmp_path):
     with pytest.raises(FlawscopeError, match="7.png: 1 defect image\\(s\\) have no mask"):
         convert_dataset(root, "MVTec")
     assert not (root / "train.txt").exists()
+
+
+def test_voc_masks_of_dotted_names_and_upper_case_png(tmp_path):
+    """part.1 and part.2 get a mask each (not both part.png); SCRATCH.PNG is found as a mask."""
+    root = tmp_path / "data"
+    for i, stem in enumerate(("part.1", "part.2", "scratch", "good")):
+        _image(root / "JPEGImages" / f"{stem}.jpg", value=40 * i, mode="RGB")
+    corners = {"part.1": (slice(0, 4), slice(0, 4)), "part.2": (slice(12, 16), slice(12, 16)),
+               "scratch": (slice(5, 9), slice(5, 9))}
+    (root / "SegmentationClass").mkdir(parents=True)
+    for stem, where in corners.items():
+        mask = np.zeros((16, 16), dtype=np.uint8)
+        mask[where] = 1
+        Image.fromarray(mask).save(root / "SegmentationClass" / f"{stem}{'.PNG' if stem == 'scratch' else '.png'}")
+
+    convert_dataset(root, "VOC")
+
+    assert _lines(root / "train.txt") == ["JPEGImages/good.jpg"]
+    val = _lines(root / "val.txt")
+    assert len(val) == 3
+    for line in val:
+        stem = Path(line.split()[0]).stem
+        expected = np.zeros((16, 16), dtype=np.uint8)
+        expected[corners[stem]] = 255
+        np.testing.assert_array_equal(_converted_mask(root, line), expected)
+
+
+def test_a_refused_conversion_leaves_the_dataset_as_it_was(tmp_path):
+    """The first file's mask is drawn before the second file is refused: none of it stays."""
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    _image(root / "b.png")
+    _labelme(root / "a.json", "a.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    _labelme(root / "b.json", "b.png", [_shape("line", [[1, 1], [5, 5]])])
+    (root / "train.txt").write_text("a.png\n")
+    before = _snapshot(root)
+
+    with pytest.raises(FlawscopeError, match="b.json: shape 0"):
+        convert_dataset(root, "LabelMe")
+
+    assert _snapshot(root) == before
+    assert sorted(p.name for p in root.iterdir()) == ["a.json", "a.png", "b.json", "b.png", "train.txt"]
+
+
+def test_labelme_skips_the_checks_own_output_inside_the_dataset(tmp_path):
+    """Run from inside the dataset folder with the default Global.output, twice: the check's
+    demo images and histogram never become training images."""
+    root = tmp_path / "data"
+    for value, name in enumerate(("a", "b", "c")):
+        _image(root / f"{name}.png", value=10 * value)
+    _labelme(root / "c.json", "c.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    cfg = load_config("STFPM", [
+        "Global.mode=check_dataset", f"Global.dataset_dir={root}", f"Global.output={root / 'output'}",
+        "CheckDataset.convert.enable=true", "CheckDataset.convert.src_dataset_type=LabelMe",
+    ])
+    for _ in range(2):
+        result = run_check_dataset(cfg)
+        assert result["check_pass"], result["problems"]
+        assert _lines(root / "train.txt") == ["a.png", "b.png"]
+    assert list((root / "output" / "check_dataset" / "demo_img").iterdir())

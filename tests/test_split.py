@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,47 @@ def test_convert_and_split_together_then_check(tmp_path):
     assert result["split"]["defect_images_kept_in_val"] == 1 and result["split"]["seed"] == 3
     assert "defect images never go to train" in result["split"]["note"]
     assert json.loads((out / "check_dataset_result.json").read_text())["split"] == result["split"]
+
+
+def test_a_second_split_keeps_the_first_backup(tmp_path):
+    """The user's own lists, backed up by the first split, survive every later one."""
+    root = _segdataset(tmp_path / "data")
+    original = (root / "train.txt").read_text()
+    split_dataset(root, 80, 20, seed=1)
+    first = (root / "train.txt").read_text()
+
+    report = split_dataset(root, 60, 40, seed=2)
+
+    assert (root / "train.txt.bak").read_text() == original
+    assert (root / "train.txt.bak2").read_text() == first
+    assert report["backups"] == [str(root / "train.txt.bak2"), str(root / "val.txt.bak2")]
+
+
+def test_too_few_good_images_for_the_percentage_is_refused(tmp_path):
+    root = _segdataset(tmp_path / "data", n_good=3)
+    before = {p.name: p.read_bytes() for p in root.glob("*.txt*")}
+    with pytest.raises(FlawscopeError, match="10% of its 3 good images is none"):
+        split_dataset(root, 10, 90)
+    assert {p.name: p.read_bytes() for p in root.glob("*.txt*")} == before
+
+
+def test_a_name_that_is_not_utf8_is_refused_before_anything_is_written(tmp_path):
+    """An MVTec folder with a Latin-1 file name (as older Windows tools write): list files are
+    UTF-8, so the split names the file instead of failing halfway through writing."""
+    root = tmp_path / "data"
+    for name in ("a.png", "b.png", os.fsdecode(b"caf\xe9.png")):
+        _image(root / "train" / "good" / name)
+    _image(root / "test" / "good" / "c.png")
+
+    with pytest.raises(FlawscopeError, match="file name is not UTF-8") as error:
+        split_dataset(root, 50, 50)
+
+    assert "\n" not in str(error.value)
+    assert not list(root.glob("*.txt*"))
+
+
+def test_unreadable_list_is_one_error_line(tmp_path):
+    root = _segdataset(tmp_path / "data")
+    (root / "train.txt").write_text("img/00.png mask/00.png\n", encoding="utf-16")  # Notepad's "Unicode"
+    with pytest.raises(FlawscopeError, match=f"{root / 'train.txt'}: cannot read the list"):
+        split_dataset(root, 80, 20)

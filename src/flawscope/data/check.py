@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from flawscope.data.convert import convert_dataset
 from flawscope.data.io import is_image_file, read_image, read_mask
-from flawscope.data.layouts import DEFECT, GOOD, detect_layout, load_dataset, mask_dirs
+from flawscope.data.layouts import DEFECT, GOOD, detect_layout, load_dataset, mask_dirs, read_lines
 from flawscope.data.split import split_dataset
 from flawscope.errors import FlawscopeError
 
@@ -89,20 +89,21 @@ def run_check_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
     options = cfg["CheckDataset"]
     layout = options["dataset_type"]
     done: dict[str, Any] = {}
+    output = Path(cfg["Global"]["output"])
     if options["convert"]["enable"]:
-        convert_dataset(dataset_dir, options["convert"]["src_dataset_type"])
+        convert_dataset(dataset_dir, options["convert"]["src_dataset_type"], skip=output)
         done["convert"] = {"src_dataset_type": options["convert"]["src_dataset_type"]}
         layout = "SegDataset"
     split = options["split"]
     if split["enable"]:
         done["split"] = split_dataset(
-            dataset_dir, split["train_percent"], split["val_percent"], split["seed"]
+            dataset_dir, split["train_percent"], split["val_percent"], split["seed"], layout
         )
         layout = "SegDataset"
-    output = Path(cfg["Global"]["output"])
     result = check_dataset(dataset_dir, output, layout) | done
     result_path = output / RESULT_FILE
-    result_path.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+    # A file name that is not UTF-8 is written as the escape Python reads back (os.fsencode).
+    result_path.write_bytes(json.dumps(result, indent=2, ensure_ascii=False).encode("utf-8", "backslashreplace"))
     for entry in result["warnings"]:
         log.warning("%s: %s", entry["file"], entry["problem"])
     for entry in result["problems"]:
@@ -141,7 +142,8 @@ def check_dataset(
                 _overlay(image, mask).save(demo_dir / name, quality=90)
                 sample_paths[split].append(f"{CHECK_DIR}/demo_img/{name}")
     duplicates = _duplicates(found)
-    orphans = _masks_without_images(root, layout, found.used_masks)
+    images = {item.image for items in splits.values() for item in items}
+    orphans = _masks_without_images(root, layout, found.used_masks, images)
     histogram = Path(output) / CHECK_DIR / "histogram.png"
     _histogram(found.counts, histogram, f"{root.name} ({layout})")
     log.info(
@@ -225,9 +227,9 @@ def _check_mvtec_dirs(root: Path, splits: dict[str, list[_Item]], found: _Findin
 def _list_entries(root: Path, list_file: Path, found: _Findings) -> list[_Item]:
     """The entries of a PaddleX list; a malformed line is a problem, not the end of the check."""
     try:
-        lines = list_file.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        found.problem(list_file, f"cannot read the list ({exc})")
+        lines = read_lines(list_file)
+    except FlawscopeError as exc:
+        found.problem(list_file, _reason(exc, list_file))
         return []
     items = []
     for lineno, line in enumerate(lines, start=1):
@@ -240,7 +242,7 @@ def _list_entries(root: Path, list_file: Path, found: _Findings) -> list[_Item]:
                 f"line {lineno}: expected 'image_path [mask_path]', got {len(fields)} fields",
             )
             continue
-        image, *mask = [Path(os.path.normpath(root / f)) for f in fields]
+        image, *mask = [root / f for f in fields]  # as the loader reads them (symlinks kept)
         where = f"{list_file.name}:{lineno}"
         # a line without a mask is a good image; with one, the mask tells
         items.append(_Item(image, mask[0] if mask else None, None if mask else GOOD, where))
@@ -311,7 +313,10 @@ def _check_mask(
             f" {image.shape[1]}x{image.shape[0]}{at}",
         )
     with Image.open(path) as img:  # the raw values: read_mask only says zero or not
-        values = {int(v) for v in np.unique(np.asarray(img))}
+        pixels = np.asarray(img)
+        if pixels.ndim == 3:  # an alpha band is not a label (read_mask drops it too)
+            pixels = pixels[..., [i for i, band in enumerate(img.getbands()) if band != "A"]]
+        values = {int(v) for v in np.unique(pixels)}
     if not any(values <= allowed for allowed in MASK_VALUE_SETS):
         shown = ", ".join(map(str, sorted(values)[:8])) + (", ..." if len(values) > 8 else "")
         found.problem(
@@ -351,14 +356,15 @@ def _duplicates(found: _Findings) -> list[list[str]]:
     return [[str(path) for _, _, path in entries] for entries in groups]
 
 
-def _masks_without_images(root: Path, layout: str, used: set[Path]) -> list[Path]:
-    """Mask files in the mask folders that no image uses (often a naming mismatch)."""
+def _masks_without_images(root: Path, layout: str, used: set[Path], images: set[Path]) -> list[Path]:
+    """Mask files in the mask folders that no image uses (often a naming mismatch); the images
+    themselves may share a folder with their masks."""
     folders = set(mask_dirs(root, layout)) | {path.parent for path in used}
     return sorted(
         path
         for folder in folders if folder.is_dir()
         for path in folder.iterdir()
-        if path not in used
+        if path not in used and path not in images
         and path.is_file() and is_image_file(path) and not path.name.startswith(".")
     )
 

@@ -2,9 +2,10 @@
 
 The lists are written into the dataset folder and point at the source images where they are;
 masks that must be drawn (LabelMe) or binarised (VOC) go to ``converted_masks/``. Source files
-are never modified, and lists already there are kept as ``*.bak``. When the source has no
-train/val lists of its own, good images go to train and defect images to val, the only split
-anomaly detection can train on; ``CheckDataset.split`` can then move some good images to val.
+are never modified, and lists already there are kept as ``*.bak`` (``split.write_lists``).
+When the source has no train/val lists of its own, good images go to train and defect images to
+val, the only split anomaly detection can train on; ``CheckDataset.split`` can then move some
+good images to val.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from flawscope.data.io import is_image_file, read_mask
-from flawscope.data.layouts import DEFECT, GOOD, Sample, load_dataset
+from flawscope.data.layouts import DEFECT, GOOD, Sample, load_dataset, read_lines
 from flawscope.data.split import sample_lines, write_lists
 from flawscope.errors import FlawscopeError
 
@@ -33,13 +36,19 @@ _SPLITS = ("train", "val")
 Splits = dict[str, list[Sample]]
 
 
-def convert_dataset(root: str | os.PathLike[str], src_type: str) -> Path:
+def convert_dataset(root: str | os.PathLike[str], src_type: str,
+                    skip: str | os.PathLike[str] | None = None) -> Path:
     """Write a SegDataset layout (train.txt, val.txt, converted_masks/) into ``root`` from its
-    ``src_type`` annotations ("LabelMe", "VOC" or "MVTec") and return ``root``."""
+    ``src_type`` annotations ("LabelMe", "VOC" or "MVTec") and return ``root``. ``skip``: a
+    folder under ``root`` whose files are not the dataset's (the check's own output).
+
+    Masks are drawn into a hidden folder first, which replaces ``converted_masks/`` only once
+    every list line is known to be writable: a refused conversion leaves the dataset as it was.
+    """
     root = Path(root).absolute()
     if not root.is_dir():
         raise FlawscopeError(f"{root}: dataset directory does not exist")
-    converters: dict[str, Callable[[Path], Splits]] = {
+    converters: dict[str, Callable[[Path, _Masks], Splits]] = {
         "LabelMe": _from_labelme,
         "VOC": _from_voc,
         "MVTec": _from_mvtec,
@@ -48,13 +57,53 @@ def convert_dataset(root: str | os.PathLike[str], src_type: str) -> Path:
         raise FlawscopeError(
             f"unknown src_dataset_type {src_type!r}: expected {', '.join(converters)}"
         )
-    splits = converters[src_type](root)
-    write_lists(root, {split: sample_lines(root, splits[split]) for split in _SPLITS})
+    masks = _Masks(root, Path(skip).absolute() if skip is not None else None)
+    try:
+        splits = converters[src_type](root, masks)
+        lists = {split: sample_lines(root, splits[split]) for split in _SPLITS}
+        masks.commit()
+    finally:
+        shutil.rmtree(masks.staging, ignore_errors=True)
+    write_lists(root, lists)
     log.info(
         "Converted %s dataset %s to SegDataset lists: train %d, val %d images",
         src_type, root, len(splits["train"]), len(splits["val"]),
     )
     return root
+
+
+class _Masks:
+    """Where a conversion's masks go: drawn into a hidden staging folder under their final
+    names in ``converted_masks/``, which ``commit`` replaces with it."""
+
+    def __init__(self, root: Path, skip: Path | None) -> None:
+        self.final = root / MASK_DIR
+        self.staging = root / f".{MASK_DIR}.{uuid.uuid4().hex[:8]}.tmp"
+        self.skip = skip  # a folder of files that are not the dataset's
+
+    def sample(self, image: Path, mask: np.ndarray, name: Path) -> Sample:
+        """A sample for ``image``; a mask with defect pixels is saved as 0/255 PNG ``name``
+        (relative to converted_masks/), an empty one means a good image and is not written."""
+        if not mask.any():
+            return Sample(image, None, 0, GOOD)
+        path = self.staging / name
+        if path.exists():
+            raise FlawscopeError(f"{image}: its mask would be {self.final / name}, as another image's: "
+                                 "rename one of them")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+        return Sample(image, self.final / name, 1, DEFECT)
+
+    def commit(self) -> None:
+        """The staged masks become ``converted_masks/``, an earlier conversion's masks gone;
+        without any (no defect drawn, or MVTec's own masks), the folder stays as it was."""
+        if not self.staging.exists():
+            return
+        old = self.staging.with_name(self.staging.name + ".old")
+        if self.final.exists():
+            self.final.rename(old)
+        self.staging.rename(self.final)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _by_label(samples: list[Sample]) -> Splits:
@@ -65,24 +114,13 @@ def _by_label(samples: list[Sample]) -> Splits:
     }
 
 
-def _with_mask(root: Path, image: Path, mask: np.ndarray, name: Path) -> Sample:
-    """A sample for ``image``; a mask with defect pixels is saved as 0/255 PNG under
-    converted_masks/``name``, an empty one means a good image and is not written."""
-    if not mask.any():
-        return Sample(image, None, 0, GOOD)
-    path = (root / MASK_DIR / name).with_suffix(".png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
-    return Sample(image, path, 1, DEFECT)
-
-
-def _from_mvtec(root: Path) -> Splits:
+def _from_mvtec(root: Path, masks: _Masks) -> Splits:
     """MVTec's own masks are already 0/255, so the lists point at them directly."""
     dataset = load_dataset(root, "MVTec")
     return {"train": dataset.train, "val": dataset.val}
 
 
-def _from_voc(root: Path) -> Splits:
+def _from_voc(root: Path, masks: _Masks) -> Splits:
     """JPEGImages/ + SegmentationClass/<stem>.png (+ ImageSets/Segmentation/{train,val}.txt).
 
     Any nonzero class index is defect, VOC's 255 "void" border included: it outlines the
@@ -94,15 +132,17 @@ def _from_voc(root: Path) -> Splits:
             f"{root}: not a VOC layout (expected JPEGImages/ and SegmentationClass/)"
         )
     images = {p.stem: p for p in sorted(image_dir.iterdir()) if is_image_file(p) and p.is_file()}
+    class_masks = ({p.stem: p for p in sorted(class_dir.iterdir()) if p.suffix.lower() == ".png" and p.is_file()}
+                   if class_dir.is_dir() else {})
 
     def sample(stem: str, where: str) -> Sample:
         image = images.get(stem)
         if image is None:
             raise FlawscopeError(f"{where}: no image named {stem}.* in {image_dir}")
-        mask = class_dir / f"{stem}.png"
-        if not mask.is_file():
+        mask = class_masks.get(stem)
+        if mask is None:
             return Sample(image, None, 0, GOOD)
-        return _with_mask(root, image, read_mask(mask), Path("SegmentationClass", stem))
+        return masks.sample(image, read_mask(mask), Path("SegmentationClass", f"{stem}.png"))
 
     set_dir = root / "ImageSets" / "Segmentation"
     if not (set_dir / "train.txt").is_file():
@@ -111,13 +151,13 @@ def _from_voc(root: Path) -> Splits:
     for split in _SPLITS:
         list_file = set_dir / f"{split}.txt"
         if list_file.is_file():
-            for lineno, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
+            for lineno, line in enumerate(read_lines(list_file), 1):
                 if line.strip():
                     splits[split].append(sample(line.split()[0], f"{list_file}:{lineno}"))
     return splits
 
 
-def _from_labelme(root: Path) -> Splits:
+def _from_labelme(root: Path, masks: _Masks) -> Splits:
     """LabelMe JSON files (polygons, rectangles) next to their images, anywhere under ``root``.
 
     PaddleX's ``train_anno_list.txt`` / ``val_anno_list.txt`` (JSON paths relative to
@@ -127,40 +167,40 @@ def _from_labelme(root: Path) -> Splits:
     anno_lists = {split: root / f"{split}_anno_list.txt" for split in _SPLITS}
     if anno_lists["train"].is_file():
         return {
-            split: _labelme_samples(root, [
-                root / line.strip()
-                for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-            ] if path.is_file() else [])
+            split: _labelme_samples(root, [root / line.strip() for line in read_lines(path) if line.strip()]
+                                    if path.is_file() else [], masks)
             for split, path in anno_lists.items()
         }
-    samples = _labelme_samples(root, _visible(root, "*.json"))
+    samples = _labelme_samples(root, _visible(root, "*.json", masks.skip), masks)
     if not samples:
         raise FlawscopeError(f"{root}: no LabelMe annotation files (*.json) found; "
                              "CheckDataset.convert.src_dataset_type names the layout to convert from")
     annotated = {s.image for s in samples}
     samples += [
         Sample(path, None, 0, GOOD)
-        for path in _visible(root, "*")
-        if is_image_file(path) and path not in annotated and MASK_DIR not in path.parts
+        for path in _visible(root, "*", masks.skip)
+        if is_image_file(path) and path not in annotated and MASK_DIR not in path.relative_to(root).parts
     ]
     return _by_label(samples)
 
 
-def _visible(root: Path, pattern: str) -> list[Path]:
-    """Files under ``root`` matching ``pattern``, sorted, none in hidden folders or hidden."""
+def _visible(root: Path, pattern: str, skip: Path | None) -> list[Path]:
+    """Files under ``root`` matching ``pattern``, sorted, none in hidden folders or hidden, none
+    under ``skip``."""
     return sorted(
         path for path in root.rglob(pattern)
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        and (skip is None or not path.is_relative_to(skip))
     )
 
 
-def _labelme_samples(root: Path, json_paths: list[Path]) -> list[Sample]:
+def _labelme_samples(root: Path, json_paths: list[Path], masks: _Masks) -> list[Sample]:
     """The samples of the LabelMe files among ``json_paths``."""
-    samples = (_labelme_sample(root, path) for path in json_paths)
+    samples = (_labelme_sample(root, path, masks) for path in json_paths)
     return [sample for sample in samples if sample is not None]
 
 
-def _labelme_sample(root: Path, json_path: Path) -> Sample | None:
+def _labelme_sample(root: Path, json_path: Path, masks: _Masks) -> Sample | None:
     """The sample a LabelMe file describes; None for a JSON file that is not LabelMe's."""
     try:
         data: Any = json.loads(json_path.read_text(encoding="utf-8"))
@@ -183,7 +223,7 @@ def _labelme_sample(root: Path, json_path: Path) -> Sample | None:
         with Image.open(image) as img:
             size = img.size
     mask = _draw_shapes(json_path, data["shapes"], size)
-    return _with_mask(root, image, mask, json_path.relative_to(root))
+    return masks.sample(image, mask, json_path.relative_to(root).with_suffix(".png"))
 
 
 def _draw_shapes(

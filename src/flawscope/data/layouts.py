@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flawscope.data.io import is_image_file, read_mask
-from flawscope.errors import FlawscopeError
+from flawscope.errors import FlawscopeError, first_line
 
 GOOD = "good"
 DEFECT = "defect"
@@ -98,11 +98,18 @@ def _load_segdataset(root: Path) -> Splits:
     return train, _read_list(root, val_list) if val_list.is_file() else []
 
 
+def read_lines(list_file: Path) -> list[str]:
+    """The lines of a list file (UTF-8, a BOM allowed), or one error line naming it."""
+    try:
+        return list_file.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FlawscopeError(f"{list_file}: cannot read the list ({first_line(exc)})") from exc
+
+
 def _read_list(root: Path, list_file: Path) -> list[Sample]:
     """Samples of a PaddleX list file; the label says whether the mask has any defect pixel."""
     samples = []
-    lines = list_file.read_text(encoding="utf-8-sig").splitlines()
-    for lineno, line in enumerate(lines, start=1):
+    for lineno, line in enumerate(read_lines(list_file), start=1):
         fields = line.split()
         if not fields:
             continue

@@ -7,6 +7,7 @@ images; every defect image goes to val whatever the percentages say. The lists a
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -24,7 +25,8 @@ def sample_lines(root: Path, samples: Iterable[Sample]) -> list[str]:
     """SegDataset list lines ``image [mask]``, paths relative to ``root`` with ``/``.
 
     A defect image without a mask cannot be written: in a SegDataset the mask is what marks an
-    image defective, so it would silently become a good one (and could land in train).
+    image defective, so it would silently become a good one (and could land in train). Nor can a
+    path with whitespace (it would split the line) or a name that is not UTF-8 (the lists are).
     """
     lines, unmasked = [], []
     for sample in samples:
@@ -33,12 +35,17 @@ def sample_lines(root: Path, samples: Iterable[Sample]) -> list[str]:
             continue
         paths = [sample.image] + ([sample.mask] if sample.mask is not None else [])
         fields = [Path(os.path.relpath(path, root)).as_posix() for path in paths]
-        spaced = next((field for field in fields if any(c.isspace() for c in field)), None)
-        if spaced is not None:
-            raise FlawscopeError(
-                f"{root / spaced}: path contains whitespace, which SegDataset list lines"
-                " ('image_path mask_path') cannot hold; rename it"
-            )
+        for field in fields:
+            if any(c.isspace() for c in field):
+                raise FlawscopeError(
+                    f"{root / field}: path contains whitespace, which SegDataset list lines"
+                    " ('image_path mask_path') cannot hold; rename it"
+                )
+            try:
+                field.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FlawscopeError(f"{root / field}: file name is not UTF-8, which SegDataset list "
+                                     "files are; rename it") from None
         lines.append(" ".join(fields))
     if unmasked:
         shown = ", ".join(str(path) for path in unmasked[:3])
@@ -51,24 +58,29 @@ def sample_lines(root: Path, samples: Iterable[Sample]) -> list[str]:
 
 
 def write_lists(root: Path, lists: dict[str, list[str]]) -> list[Path]:
-    """Write ``<split>.txt`` for each split, first renaming an existing one to ``*.bak`` so the
-    user's own lists stay recoverable. Returns the backups made."""
+    """Write ``<split>.txt`` for each split (lines from ``sample_lines``), first renaming an
+    existing one to the first free name of ``*.bak``, ``*.bak2``, ...: a second split or
+    conversion must not overwrite the user's own lists, backed up by the first. Returns the
+    backups made."""
     backups = []
     for split, lines in lists.items():
         path = root / f"{split}.txt"
         if path.exists():
-            backup = path.with_name(path.name + ".bak")
+            backup = next(candidate for n in itertools.count(1)
+                          if not (candidate := path.with_name(f"{path.name}.bak{n if n > 1 else ''}")).exists())
             os.replace(path, backup)
-            log.info("%s: original list kept as %s", path, backup.name)
+            log.info("%s: the list there before kept as %s", path, backup.name)
             backups.append(backup)
         path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
     return backups
 
 
 def split_dataset(
-    root: str | os.PathLike[str], train_percent: int, val_percent: int, seed: int = 42
+    root: str | os.PathLike[str], train_percent: int, val_percent: int, seed: int = 42,
+    layout: str = "auto",
 ) -> dict[str, Any]:
-    """Re-split the dataset at ``root`` (any layout) into train.txt / val.txt.
+    """Re-split the dataset at ``root`` (any layout; ``layout`` as for ``load_dataset``) into
+    train.txt / val.txt.
 
     ``train_percent`` of the good images (rounded), drawn with ``random.Random(seed)`` from
     the sorted list so a seed always gives the same split, go to train; the other good images
@@ -80,12 +92,15 @@ def split_dataset(
             f" got {train_percent} and {val_percent}"
         )
     root = Path(root)
-    dataset = load_dataset(root)
+    dataset = load_dataset(root, layout)
     samples = sorted(set(dataset.train + dataset.val), key=lambda s: s.image)
     good = [s for s in samples if not s.label]
     defects = [s for s in samples if s.label]
     random.Random(seed).shuffle(good)
     n_train = round(len(good) * train_percent / 100)
+    if n_train == 0:
+        raise FlawscopeError(f"{root}: split: {train_percent}% of its {len(good)} good images is none; "
+                             "training needs at least one (raise train_percent)")
     train, val = good[:n_train], good[n_train:] + defects
     backups = write_lists(
         root, {"train": sorted(sample_lines(root, train)), "val": sorted(sample_lines(root, val))}
