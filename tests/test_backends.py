@@ -186,6 +186,16 @@ def test_an_export_whose_description_has_another_input_size_fails_on_loading(tra
         assert "\n" not in str(info.value)
 
 
+def test_an_export_replaces_the_graphs_of_an_earlier_export_in_its_folder(trained, tmp_path) -> None:
+    model_dir, exported = trained[1] / "best_model/inference", tmp_path / "export"
+    export_model(model_dir, exported, "openvino")
+    assert {p.name for p in exported.iterdir()} == {"inference.yml", "model.xml", "model.bin"}
+    export_model(model_dir, exported, "onnx")
+    # a model.xml left beside would be what "auto" picks first
+    assert {p.name for p in exported.iterdir()} == {"inference.yml", "model.onnx"}
+    assert Predictor.from_dir(exported).model.backend == "onnxruntime"
+
+
 def test_a_bad_backend_in_the_config_is_a_config_error(tmp_path, capsys) -> None:
     assert main(["-c", "STFPM", "-o", "Global.mode=predict", "-o", "Predict.backend=tensorrt",
                  "-o", f"Global.output={tmp_path / 'out'}"]) == 2

@@ -249,8 +249,9 @@ def test_bad_choice(override: str, expected: str) -> None:
         ("Train.learning_rate=0", "Train.learning_rate must be a number > 0, got 0"),
         ("Train.calibration_fraction=1", "must be a number >= 0 and < 1, got 1"),
         ("Train.image_fpr=-0.1", "Train.image_fpr must be a number >= 0 and < 1"),
-        ("Model.input_size=100", "must be an integer >= 64 and a multiple of 32, got 100"),
-        ("Model.input_size=32", "must be an integer >= 64 and a multiple of 32, got 32"),
+        ("Model.input_size=100", "must be an integer >= 64 and <= 4096 and a multiple of 32, got 100"),
+        ("Model.input_size=8192", "must be an integer >= 64 and <= 4096 and a multiple of 32, got 8192"),
+        ("Model.input_size=32", "must be an integer >= 64 and <= 4096 and a multiple of 32, got 32"),
         ("Model.strides=[4,64]", "distinct integers from 4, 8, 16, 32, got [4, 64]"),
         ("Model.strides=[4,4]", "got [4, 4]"),
         ("Model.strides=[]", "got []"),
@@ -306,3 +307,26 @@ def test_split_and_convert_must_be_complete_when_enabled() -> None:
     assert "must both be set and add up to 100, got 80 and null" in message
     message = error("STFPM", ["CheckDataset.convert.enable=true"])
     assert "convert.src_dataset_type is null" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("runs #3", "runs #3"),  # not a YAML comment
+        ("0755", "0755"),  # not an octal number
+        ("2024", "2024"),
+        ("*.png", "*.png"),  # not a YAML alias
+        ("@line/cam 1", "@line/cam 1"),
+        ("'quoted'", "quoted"),
+        ("null", None),
+    ],
+)
+def test_text_keys_take_the_value_as_typed(value: str, expected: object) -> None:
+    cfg = load_config("STFPM", [f"Predict.input={value}", "Train.batch_size=16"])
+    assert cfg["Predict"]["input"] == expected
+    assert cfg["Train"]["batch_size"] == 16  # other keys still read as YAML
+
+
+def test_a_text_key_that_cannot_be_null_refuses_null() -> None:
+    with pytest.raises(FlawscopeError, match="Global.output must be"):
+        load_config("STFPM", ["Global.output=null"])

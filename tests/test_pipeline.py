@@ -284,3 +284,62 @@ def test_threshold_override_changes_the_decision_not_the_score(trained) -> None:
     assert strict.score == default.score and strict.is_anomaly is False and not strict.regions
     with pytest.raises(Exception, match="threshold"):
         create_pipeline(model_dir=str(out / "best_model/inference"), threshold=1.5)
+
+
+def test_odd_inputs_become_error_results_and_the_others_go_on(pipeline, trained) -> None:
+    """A malformed URL (port not a number, a space in it), encoded bytes, a PIL image that cannot
+    be RGB or has no pixels: each is one error result in its place, not the end of the run."""
+    dataset, _ = trained
+    good = str(dataset / "test" / "good" / "000.png")
+    odd = ["http://127.0.0.1:port/a.png", "http://127.0.0.1:1/a b.png", b"\x89PNG\r\n", Image.new("La", (4, 4)),
+           Image.new("RGB", (0, 3))]
+    results = list(pipeline.predict([good, *odd, good]))
+    assert [r.error is None for r in results] == [True, False, False, False, False, False, True]
+    assert "download failed" in results[1].error and "download failed" in results[2].error
+    assert "bytes" in results[3].error and "La" in results[4].error and "empty" in results[5].error
+
+
+def test_a_16_bit_pil_image_reads_as_the_same_file_does(pipeline, tmp_path) -> None:
+    ramp = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64491
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)
+    from_file, from_pil = pipeline.predict([str(path), Image.fromarray(ramp)])
+    assert from_pil.error is None and from_pil.score == pytest.approx(from_file.score)
+    np.testing.assert_array_equal(from_pil.image, from_file.image)
+    assert 100 < from_pil.image.mean() < 150  # scaled by the 16-bit range, not clipped to white
+
+
+def test_numpy_numbers_are_settings_and_a_config_must_be_a_mapping(trained) -> None:
+    _, out = trained
+    pipe = create_pipeline(model_dir=out / "best_model/inference", batch_size=np.int64(3), threshold=np.float32(0.25))
+    assert pipe.predictor.batch_size == 3 and type(pipe.predictor.batch_size) is int
+    assert pipe.predictor.threshold == pytest.approx(0.25)
+    with pytest.raises(FlawscopeError, match="config: must be a dict"):
+        create_pipeline(config=[1])
+
+
+def test_a_pipeline_file_that_is_not_utf8_or_names_no_device(tmp_path, capsys) -> None:
+    unreadable = tmp_path / "binary.yaml"
+    unreadable.write_bytes(b"\xff\xfe\x00junk")
+    config = get_pipeline_config("anomaly_detection")
+    config["SubModules"]["AnomalyDetection"]["device"] = "tpu"
+    no_device = tmp_path / "tpu.yaml"
+    no_device.write_text(yaml.safe_dump(config))
+    for path, problem in ((unreadable, "cannot read the pipeline config"),
+                          (no_device, "SubModules.AnomalyDetection.device: 'tpu' is not a device")):
+        assert main(["--pipeline", str(path), "--input", str(DEMO), "--save_path", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(path) in err[0] and problem in err[0]
+    assert main(["--pipeline", "anomaly_detection", "--device", "tpu", "--input", str(DEMO),
+                 "--save_path", str(tmp_path / "out")]) == 2
+    assert "device: 'tpu' is not a device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_options_with_a_module_config_are_refused(tmp_path, capsys) -> None:
+    """-c predicts where Global.output says; a --save_path given with it would be ignored."""
+    assert main(["-c", "STFPM", "-o", "Global.mode=predict", "-o", f"Predict.input={DEMO}",
+                 "--save_path", str(tmp_path / "out"), "--batch_size", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--save_path, --batch_size" in err[0] and "Global.output" in err[0]
+    assert not (tmp_path / "out").exists()

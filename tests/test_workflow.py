@@ -274,7 +274,13 @@ def test_an_output_folder_that_is_a_file(trained, tmp_path, capsys, under) -> No
 
 @pytest.mark.parametrize("edit, message", [
     (("model: STFPM", "model: PatchCore"), "inference.yml: model_config does not fit model PatchCore"),
-    (("image_threshold: ", "image_threshold: high #"), "calibration.image_threshold must be a number, not 'high'"),
+    (("image_threshold: ", "image_threshold: high #"), "calibration.image_threshold must be a finite number, not 'high'"),
+    (("image_threshold: ", "image_threshold: .nan #"), "calibration.image_threshold must be a finite number, not nan"),
+    (("std:\n- 0.5", "std:\n- 0"), "std must be three finite numbers above 0"),
+    # the thresholds under a key that the real one below overrides: YAML keeps the last
+    (("calibration:\n", "calibration: null\nprovenance:\n"), "calibration must be a mapping of the calibrated thresholds"),
+    (("input_size: 64", "input_size: 100"), "input_size must be a multiple of 32 from 32 to 4096, not 100"),
+    (("  backbone: ", "  backbone: nonet #"), "inference.yml: model_config does not fit model STFPM (Model.backbone"),
     (("input_size: 64", "input_size: 64\nfoo: 1"), "damaged model description: unknown key foo"),
     (("input_size: 64\n", ""), "damaged model description: missing key input_size"),
     (("resize_mode: resize", "resize_mode: crop"), "resize_mode must be one of resize, letterbox"),

@@ -15,6 +15,7 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 from PIL import Image
@@ -24,12 +25,28 @@ from flawscope.errors import FlawscopeError, check_output_dir
 from flawscope.logs import setup_console
 
 
+class _Flag(NamedTuple):
+    dest: str  # the argparse attribute
+    key: str  # what -c takes instead
+
+
+_PIPELINE_FLAGS = {
+    "--input": _Flag("input", "-o Predict.input=..."),
+    "--save_path": _Flag("save_path", "-o Global.output=..."),
+    "--device": _Flag("device", "-o Global.device=..."),
+    "--batch_size": _Flag("batch_size", "-o Predict.batch_size=..."),
+    "--backend": _Flag("backend", "-o Predict.backend=..."),
+    "--model_dir": _Flag("model_dir", "-o Predict.model_dir=..."),
+    "--recursive": _Flag("recursive", "-o 'Predict.input=DIR/**/*' (a recursive glob)"),
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flawscope", description="Visual anomaly detection for industrial inspection.",
                                 epilog="flawscope benchmark -h: train, evaluate and time models on datasets")
     p.add_argument("-c", "--config", help="module config: a YAML path or a shipped name (STFPM)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="Section.key=value",
-                   help="override a config value (repeatable); values parse as YAML scalars")
+                   help="override a config value (repeatable); values parse as YAML scalars, text keys (paths) take the text as typed")
     p.add_argument("--pipeline", help="pipeline name (anomaly_detection) or pipeline YAML file")
     p.add_argument("--input", help="image file, URL, directory or glob to predict on")
     p.add_argument("--save_path", help="where to save results (or the pipeline config)")
@@ -122,6 +139,12 @@ def run(argv: list[str] | None = None) -> int:
     if args.config:
         from flawscope.config import load_config
         from flawscope.engine import run as run_mode
+
+        given = [flag for flag, value in _PIPELINE_FLAGS.items()
+                 if getattr(args, value.dest) is not None and getattr(args, value.dest) is not False]
+        if given:
+            raise FlawscopeError(f"{', '.join(given)}: options of --pipeline, which -c ignores; with -c set "
+                                 + ", ".join(_PIPELINE_FLAGS[flag].key for flag in given))
 
         cfg = load_config(args.config, args.override)
         result = run_mode(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,10 +24,12 @@ from flawscope.logs import log
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODELS = ("STFPM", "PatchCore")
+MAX_INPUT_SIZE = 4096  # Model.input_size: a 4096x4096 input already needs a GPU
 MODES = ("check_dataset", "train", "evaluate", "predict", "export")
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")  # where prediction runs: flawscope.inference.backends
 
 _NO_DEFAULT = object()
+_YAML_NULLS = ("null", "Null", "NULL", "~")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ SCHEMA: dict[str, Any] = {
     },
     "Model": {
         "backbone": Key(str, required_for=MODELS),
-        "input_size": Key(int, ge=64, multiple_of=32, required_for=MODELS),
+        "input_size": Key(int, ge=64, le=MAX_INPUT_SIZE, multiple_of=32, required_for=MODELS),
         "resize_mode": Key(str, "resize", choices=("resize", "letterbox")),
         "strides": Key(list[int], subset_of=(4, 8, 16, 32), required_for=MODELS),
         "map_combine": Key(str, choices=("product", "sum"), required_for=STFPM_ONLY, used_by=STFPM_ONLY),
@@ -175,6 +178,12 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``Section.key=value`` into its key path and a YAML-typed value (``8`` is an int,
     ``true`` a bool, ``null`` None, ``[4,8]`` a list), the way the value would read in a file."""
+    path, raw = _split_override(text)
+    return path, _yaml_value(raw, f"override {text!r}")
+
+
+def _split_override(text: str) -> tuple[list[str], str]:
+    """The key path and the value's text of ``Section.key=value``."""
     where = f"override {text!r}"
     key, sep, raw = text.partition("=")
     path = key.strip().split(".")
@@ -182,13 +191,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise FlawscopeError(f"{where}: expected Section.key=value, e.g. Train.batch_size=4")
     if not raw.strip():
         raise FlawscopeError(f"{where}: empty value; write {key.strip()}=null to clear it")
+    return [part.strip() for part in path], raw.strip()
+
+
+def _yaml_value(raw: str, where: str) -> Any:
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
         raise FlawscopeError(f"{where}: value is not valid YAML: {_one_line(exc)}") from None
     if isinstance(value, dict):
         raise FlawscopeError(f"{where}: value must be a single value or a list, not a mapping")
-    return [part.strip() for part in path], value
+    return value
+
+
+def _text_value(raw: str, where: str) -> Any:
+    """A text key's value as typed: a path like ``runs #3``, ``0755`` or ``*.png`` means itself,
+    not a YAML comment, number or alias. YAML's null words and quoted strings read as in YAML."""
+    if raw in _YAML_NULLS or len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        return _yaml_value(raw, where)
+    return raw
 
 
 def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -280,7 +301,7 @@ def check_section(data: Any, schema: dict[str, Any], prefix: str, where: str) ->
 def _apply_override(cfg: dict[str, Any], text: str) -> None:
     """Check one override against the schema and set it, creating sections the file left out."""
     where = f"override {text!r}"
-    path, value = parse_override(text)
+    path, raw = _split_override(text)
     spec: Any = SCHEMA
     for i, name in enumerate(path):
         prefix = ".".join(path[:i]) + "." if i else ""
@@ -296,6 +317,7 @@ def _apply_override(cfg: dict[str, Any], text: str) -> None:
     node = cfg
     for name in path[:-1]:
         node = node.setdefault(name, {})
+    value = _text_value(raw, where) if spec.kind is str else _yaml_value(raw, where)
     node[path[-1]] = check_value(full, spec, value, where)
 
 
@@ -358,14 +380,16 @@ def _convert(kind: Any, value: Any) -> Any:
     """The value as ``kind``, or None when it is not one (bools are never numbers)."""
     if isinstance(value, bool):
         return value if kind is bool else None
-    if kind is float and isinstance(value, (int, float)):
-        return float(value)
+    if kind is float and isinstance(value, numbers.Real):
+        return float(value)  # numpy's scalars too
     if kind is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
         return float(value)
     if kind == list[int]:
         ints = isinstance(value, list) and all(type(x) is int for x in value)
         return list(value) if ints else None
-    return value if kind in (int, str) and isinstance(value, kind) else None
+    if kind is int and isinstance(value, numbers.Integral):
+        return int(value)
+    return value if kind is str and isinstance(value, str) else None
 
 
 def _within(spec: Key, value: Any) -> bool:

@@ -15,28 +15,28 @@ _SPEC = re.compile(r"(?P<cpu>cpu)|(?:gpu|cuda)(?::(?P<ids>\d+(?:,\d+)*))?")
 _ACCEPTED_FORMS = "cpu, gpu (all visible GPUs), gpu:N, gpu:N,M,... (cuda works as gpu)"
 
 
-def check_device_spec(spec: str) -> re.Match:
+def check_device_spec(spec: str, key: str = "Global.device") -> re.Match:
     """The spec's form alone (not whether this machine has the device): what every mode checks,
-    also those that run no model."""
+    also those that run no model. ``key``: where the spec came from, for the error."""
     match = _SPEC.fullmatch("".join(spec.split()).lower())
     if match is None:
-        raise FlawscopeError(f"Global.device: {spec!r} is not a device; use {_ACCEPTED_FORMS}")
+        raise FlawscopeError(f"{key}: {spec!r} is not a device; use {_ACCEPTED_FORMS}")
     return match
 
 
-def parse_device(spec: str) -> list[torch.device]:
+def parse_device(spec: str, key: str = "Global.device") -> list[torch.device]:
     """Parse a device spec; ``gpu`` alone means every visible CUDA device.
 
     Case and whitespace are ignored (``GPU: 0, 1``). Asking for a GPU that this torch build or
     machine cannot give is an error here rather than a CUDA traceback later.
     """
-    match = check_device_spec(spec)
+    match = check_device_spec(spec, key)
     if match["cpu"]:
         return [torch.device("cpu")]
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
         raise FlawscopeError(
-            f"Global.device: {spec!r} asked for a GPU but CUDA is not available "
+            f"{key}: {spec!r} asked for a GPU but CUDA is not available "
             f"(this torch build: {torch.__version__}, {build})"
         )
     count = torch.cuda.device_count()
@@ -44,11 +44,11 @@ def parse_device(spec: str) -> list[torch.device]:
         return [torch.device("cuda", i) for i in range(count)]
     ids = [int(i) for i in match["ids"].split(",")]
     if len(set(ids)) != len(ids):
-        raise FlawscopeError(f"Global.device: {spec!r} names the same GPU more than once")
+        raise FlawscopeError(f"{key}: {spec!r} names the same GPU more than once")
     for i in ids:
         if i >= count:
             raise FlawscopeError(
-                f"Global.device: {spec!r} asked for GPU {i} but {count} CUDA device(s) are visible"
+                f"{key}: {spec!r} asked for GPU {i} but {count} CUDA device(s) are visible"
             )
     return [torch.device("cuda", i) for i in ids]
 

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from flawscope.config import BACKENDS, MODELS, Key, check_section, check_value
-from flawscope.device import parse_device
+from flawscope.device import check_device_spec, parse_device
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.predictor import Predictor
 from flawscope.inference.result import THRESHOLD, AnomalyResult
@@ -96,9 +96,11 @@ def load_pipeline_config(pipeline: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FlawscopeError(f"{pipeline}: neither a pipeline name ({', '.join(PIPELINES)}) nor a config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise FlawscopeError(f"{path}: invalid YAML ({first_line(exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FlawscopeError(f"{path}: cannot read the pipeline config ({first_line(exc)})") from None
     name = data.get("pipeline_name") if isinstance(data, dict) else None
     if name not in PIPELINES:
         raise FlawscopeError(f"{path}: pipeline_name must be one of {', '.join(PIPELINES)}, got {name!r}")
@@ -111,6 +113,7 @@ def load_pipeline_config(pipeline: str | Path) -> dict[str, Any]:
 def _check_settings(config: dict[str, Any], where: str) -> None:
     sub = config["SubModules"]["AnomalyDetection"]
     sub.update(check_section({k: _plain(v) for k, v in sub.items()}, SETTINGS, _SETTINGS_PREFIX, where))
+    check_device_spec(sub["device"], f"{where}: {_SETTINGS_PREFIX}device")
 
 
 def _plain(value: Any) -> Any:
@@ -139,7 +142,7 @@ class AnomalyDetectionPipeline:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         sub = config["SubModules"]["AnomalyDetection"]
-        device = parse_device(sub["device"])[0]
+        device = parse_device(sub["device"], f"{_SETTINGS_PREFIX}device")[0]
         self.predictor = Predictor.from_dir(sub["model_dir"], device, sub["backend"], batch_size=sub["batch_size"],
                                             min_region_area=sub["min_region_area"], threshold=sub["threshold"],
                                             outline_ok_images=sub["outline_ok_images"])
@@ -162,6 +165,8 @@ def create_pipeline(pipeline: str | Path = "anomaly_detection", config: dict[str
     (``model_dir=...``, ``batch_size=...``) update its module settings. All are checked against
     ``SETTINGS``."""
     if config is not None:
+        if not isinstance(config, dict):
+            raise FlawscopeError(f"config: must be a dict shaped like the pipeline's YAML, not {type(config).__name__}")
         cfg = get_pipeline_config("anomaly_detection")
         _merge(cfg, config, "config")
         _check_settings(cfg, "config")
@@ -172,4 +177,6 @@ def create_pipeline(pipeline: str | Path = "anomaly_detection", config: dict[str
         if key not in SETTINGS:
             raise FlawscopeError(f"unknown pipeline setting '{key}' (allowed: {', '.join(SETTINGS)})")
         sub[key] = check_value(key, SETTINGS[key], _plain(value), "pipeline setting")
+        if key == "device":
+            check_device_spec(sub[key], "pipeline setting: device")
     return AnomalyDetectionPipeline(cfg)

@@ -116,10 +116,11 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     stored: inspection images are opaque, and compositing would change the colour of pixels
     that tools leave under zero alpha. Grayscale is repeated over the three channels.
     """
-    return _decode(Path(path), _rgb)
+    return _decode(Path(path), image_to_rgb)
 
 
-def _rgb(img: Image.Image) -> np.ndarray:
+def image_to_rgb(img: Image.Image) -> np.ndarray:
+    """HxWx3 uint8 RGB of an opened image of any mode, as ``read_image`` gives it (a copy)."""
     if img.mode.startswith("I") or img.mode == "F":
         return np.repeat(_to_uint8(img)[:, :, None], 3, axis=2)
     # A writable copy, unlike np.asarray; convert() would copy an RGB image once more (1 ms at 512x512).

@@ -14,6 +14,7 @@ changes the scores. Compile it with ``{"INFERENCE_PRECISION_HINT": "f32"}`` for 
 from __future__ import annotations
 
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from flawscope.logs import log
 
 ONNX_FILE = "model.onnx"
 OPENVINO_FILE = "model.xml"  # and model.bin beside it
+GRAPH_FILES = (ONNX_FILE, OPENVINO_FILE, "model.bin")
 
 
 class _MapAndScore(torch.nn.Module):
@@ -84,8 +86,18 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, info.input_size, info.input_size)
-    target = export_graph(_MapAndScore(model), (example,), ["image"],
-                          output / (OPENVINO_FILE if fmt == "openvino" else ONNX_FILE), fmt)
-    shutil.copy(Path(model_dir) / META_FILE, output / META_FILE)
-    log.info("exported %s to %s", model_dir, target)
-    return {"done_flag": True, "format": fmt, "model_file": str(target)}
+    name = OPENVINO_FILE if fmt == "openvino" else ONNX_FILE
+    # Written beside, then moved in, an earlier export's graphs gone: a folder holding another
+    # model's model.xml next to this inference.yml would predict with that model.
+    staging = Path(tempfile.mkdtemp(prefix=".export.", dir=output))
+    try:
+        export_graph(_MapAndScore(model), (example,), ["image"], staging / name, fmt)
+        shutil.copy(Path(model_dir) / META_FILE, staging / META_FILE)
+        for stale in GRAPH_FILES:
+            (output / stale).unlink(missing_ok=True)
+        for path in staging.iterdir():
+            path.replace(output / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("exported %s to %s", model_dir, output / name)
+    return {"done_flag": True, "format": fmt, "model_file": str(output / name)}

@@ -8,6 +8,7 @@ A bad item becomes an error string carried to its result; it never stops the oth
 from __future__ import annotations
 
 import glob
+import http.client
 import os
 import tempfile
 import urllib.request
@@ -18,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flawscope.data.io import is_image_file, read_image
-from flawscope.errors import FlawscopeError
+from flawscope.data.io import image_to_rgb, is_image_file, read_image
+from flawscope.errors import FlawscopeError, first_line
 
 URL_TIMEOUT_S = 20
 URL_MAX_BYTES = 50 << 20
@@ -41,6 +42,16 @@ def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
     if array.dtype != np.uint8:
         raise FlawscopeError(f"{name}: array must be uint8, got {array.dtype}")
     return np.repeat(np.asarray(array)[:, :, None], 3, axis=2) if array.ndim == 2 else np.array(array[:, :, :3])
+
+
+def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
+    """As a file of that mode is read: 16-bit and float images scaled by their range, not clipped."""
+    if not image.width or not image.height:
+        raise FlawscopeError(f"{name}: the image is empty ({image.width}x{image.height})")
+    try:
+        return image_to_rgb(image)
+    except (ValueError, OSError) as exc:
+        raise FlawscopeError(f"{name}: cannot convert a {image.mode} image to RGB ({first_line(exc)})") from None
 
 
 def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | None, Any]]:
@@ -80,6 +91,9 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
             yield text, FlawscopeError(f"{text}: no such file or directory")
     elif isinstance(inputs, (np.ndarray, Image.Image)):
         yield None, inputs
+    elif isinstance(inputs, (bytes, bytearray, memoryview, dict)):  # iterable, but not of images
+        yield None, FlawscopeError(f"cannot predict on an object of type {type(inputs).__name__}: give a path, "
+                                   "URL, numpy array or PIL image (encoded bytes: PIL.Image.open(io.BytesIO(data)))")
     elif isinstance(inputs, Iterable):
         for item in inputs:
             yield from expand_inputs(item, recursive)
@@ -92,14 +106,14 @@ def load_input(name: str | None, source: Any) -> np.ndarray:
     if isinstance(source, Exception):
         raise source
     if isinstance(source, Image.Image):
-        return np.asarray(source.convert("RGB"))
+        return _pil_to_rgb(source, name or "PIL image")
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, name or "array")
     if source.startswith(("http://", "https://")):
         try:
             data = _fetch(source)
-        except OSError as exc:
-            raise FlawscopeError(f"{source}: download failed ({exc})") from None
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: a malformed URL
+            raise FlawscopeError(f"{source}: download failed ({first_line(exc)})") from None
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / (Path(source.split("?")[0]).name or "download")
             path.write_bytes(data)

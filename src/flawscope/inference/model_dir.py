@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from flawscope import __version__
-from flawscope.config import MODELS
+from flawscope.config import MAX_INPUT_SIZE, MODELS
 from flawscope.data.transforms import RESIZE_MODES
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
@@ -88,22 +89,23 @@ class ModelInfo:
         _check_keys(data, cls, "")
         checks = {"model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
                   "model_config": (lambda v: isinstance(v, dict), "a mapping"),
-                  "input_size": (lambda v: type(v) is int and v >= 32, "an integer >= 32"),
+                  "input_size": (lambda v: type(v) is int and 32 <= v <= MAX_INPUT_SIZE and v % 32 == 0,
+                                 f"a multiple of 32 from 32 to {MAX_INPUT_SIZE}"),
                   "resize_mode": (lambda v: v in RESIZE_MODES, f"one of {', '.join(RESIZE_MODES)}"),
-                  "mean": (_three_numbers, "three numbers"), "std": (_three_numbers, "three numbers"),
-                  "provenance": (lambda v: isinstance(v, dict), "a mapping")}
+                  "mean": (_three_numbers, "three finite numbers"),
+                  "std": (lambda v: _three_numbers(v) and min(v) > 0, "three finite numbers above 0"),
+                  "provenance": (lambda v: isinstance(v, dict), "a mapping"),
+                  # a saved model is calibrated: null here means an edited file
+                  "calibration": (lambda v: isinstance(v, dict), "a mapping of the calibrated thresholds")}
         for key, (ok, allowed) in checks.items():
             if key in data and not ok(data[key]):
                 raise ValueError(f"{key} must be {allowed}, not {data[key]!r}")
         cal = data["calibration"]
-        if cal is not None:
-            if not isinstance(cal, dict):
-                raise ValueError(f"calibration must be a mapping or null, not {cal!r}")
-            _check_keys(cal, Calibration, "calibration.")
-            for key in ("image_threshold", "image_low", "pixel_threshold", "pixel_low"):
-                if not _number(cal[key]):
-                    raise ValueError(f"calibration.{key} must be a number, not {cal[key]!r}")
-            data["calibration"] = Calibration(**cal)
+        _check_keys(cal, Calibration, "calibration.")
+        for key in ("image_threshold", "image_low", "pixel_threshold", "pixel_low"):
+            if not _number(cal[key]):
+                raise ValueError(f"calibration.{key} must be a finite number, not {cal[key]!r}")
+        data["calibration"] = Calibration(**cal)
         return cls(**data)
 
 
@@ -119,7 +121,8 @@ def _check_keys(data: dict, kind: type, prefix: str) -> None:
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: NaN or infinity would make every score NaN, which JSON cannot hold."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _three_numbers(value: object) -> bool:
@@ -175,7 +178,7 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tupl
         raise FlawscopeError(f"{path}: not an inference model directory (missing {WEIGHTS_FILE})")
     try:
         model = build_model(info.model, info.model_config, pretrained=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, FlawscopeError) as exc:
         raise FlawscopeError(f"{Path(path) / META_FILE}: model_config does not fit model {info.model} "
                              f"({first_line(exc)})") from None
     try:
