@@ -179,3 +179,89 @@ def test_at_least_two_images_are_held_out_where_that_leaves_one_to_train_on(tmp_
     assert len(split_calibration(samples * 3, 0.1, 0)[1]) == 4  # 10% of 36
     assert split_calibration(samples, 0.0, 0) == (samples, [])
 
+
+class _TablePredictor:
+    """Gives the outputs stored for each image, looked up by its first pixel's red value."""
+
+    def __init__(self, outputs: dict[int, tuple[np.ndarray, float]]):
+        self.outputs = outputs
+
+    def raw_outputs(self, images):
+        return [self.outputs[int(image[0, 0, 0])] for image in images]
+
+
+def _good_samples(tmp_path: Path, count: int, side: int = 16) -> list[Sample]:
+    samples = []
+    for i in range(count):
+        path = tmp_path / f"good_{i}.png"
+        Image.fromarray(np.full((side, side, 3), i, np.uint8)).save(path)
+        samples.append(Sample(path, None, 0, "good"))
+    return samples
+
+
+def _conformal_rank_holds(values: np.ndarray, threshold: float, fpr: float) -> None:
+    """``threshold`` is one of ``values`` and the conformal quantile: the k values at or above it
+    keep k / (n + 1) within ``fpr``, and one value more would not."""
+    n, k = values.size, int(np.count_nonzero(values >= threshold))
+    assert threshold in values
+    assert k / (n + 1) <= fpr < (k + 1) / (n + 1)
+    assert abs(k / n - fpr) <= 1 / n + fpr / n  # the share of good ones flagged: fpr up to rounding
+
+
+def test_fpr_calibration_sets_each_threshold_at_its_quantile_of_the_good_images(tmp_path):
+    """Image threshold from the good image scores at image_fpr, pixel threshold from all good
+    pixels at pixel_fpr: distinct values, so each quantile is one exact value."""
+    count, side = 24, 16
+    rng = np.random.default_rng(7)
+    # Every pixel of every map distinct; image scores on another scale than pixels.
+    pixels = rng.permutation(count * side * side).reshape(count, side, side) / (count * side * side)
+    scores = 10 + rng.permutation(count) + rng.random(count) * 0.5
+    outputs = {i: (pixels[i].astype(np.float64), float(scores[i])) for i in range(count)}
+    cal_set = CalibrationSet(good=_good_samples(tmp_path, count, side), defects=[], source="test")
+    image_fpr, pixel_fpr = 0.1, 0.05
+    cal = calibrate(_TablePredictor(outputs), cal_set, image_fpr, pixel_fpr, batch_size=5)
+
+    _conformal_rank_holds(scores, cal.image_threshold, image_fpr)
+    assert np.count_nonzero(scores >= cal.image_threshold) == 2  # ceil(25 * 0.9) = 23rd of 24
+    all_pixels = pixels.ravel()
+    _conformal_rank_holds(all_pixels, cal.pixel_threshold, pixel_fpr)
+    assert np.count_nonzero(all_pixels >= cal.pixel_threshold) == 307  # ceil(6145 * 0.95) = 5838th of 6144
+    assert cal.details["image_fpr_bound"] == pytest.approx(2 / 25, abs=1e-6)
+    assert (cal.details["image_fpr"], cal.details["pixel_fpr"], cal.details["num_good"]) == (0.1, 0.05, count)
+
+    # A higher target lowers each threshold to its own new quantile.
+    looser = calibrate(_TablePredictor(outputs), cal_set, 0.3, 0.2)
+    _conformal_rank_holds(scores, looser.image_threshold, 0.3)
+    _conformal_rank_holds(all_pixels, looser.pixel_threshold, 0.2)
+    assert looser.image_threshold < cal.image_threshold and looser.pixel_threshold < cal.pixel_threshold
+
+
+def test_train_image_fpr_and_pixel_fpr_reach_the_calibration(tmp_path):
+    """Train.image_fpr / Train.pixel_fpr set the stored thresholds: they are the quantiles, at
+    those rates, of the trained model's outputs on the calibration images, not at the defaults'."""
+    data, out, folder = make_mvtec(tmp_path / "data"), tmp_path / "out", tmp_path / "cal_good"
+    folder.mkdir()
+    rng = np.random.default_rng(123)
+    for i in range(6):
+        Image.fromarray(texture(rng)).save(folder / f"{i}.png")
+    image_fpr, pixel_fpr = 0.4, 0.2
+    assert load_config("STFPM")["Train"]["image_fpr"] != image_fpr  # not the defaults
+    args = ["Global.mode=train", *tiny_overrides(data, out, iters=2), "Train.calibration_fraction=0",
+            f"Train.calibration_dir={folder}", f"Train.image_fpr={image_fpr}", f"Train.pixel_fpr={pixel_fpr}"]
+    assert main(["-c", "STFPM", *[a for o in args for a in ("-o", o)]]) == 0
+
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    cal = predictor.info.calibration
+    assert cal.source == f"Train.calibration_dir {folder}" and cal.details["num_good"] == 6
+    outputs = predictor.raw_outputs([read_image(p) for p in sorted(folder.glob("*.png"))])
+    scores = np.array([s for _, s in outputs])
+    pixels = np.concatenate([m.ravel() for m, _ in outputs])
+    expected = {"image": fpr_threshold(scores, image_fpr)[0], "pixel": fpr_threshold(pixels, pixel_fpr)[0]}
+    assert cal.image_threshold == pytest.approx(expected["image"], rel=1e-4)
+    assert cal.pixel_threshold == pytest.approx(expected["pixel"], rel=1e-4)
+    # What the defaults, or the two rates swapped, would have given instead.
+    for other_image, other_pixel in ((0.01, 0.01), (pixel_fpr, image_fpr)):
+        assert cal.image_threshold != pytest.approx(fpr_threshold(scores, other_image)[0], rel=1e-3)
+        assert cal.pixel_threshold != pytest.approx(fpr_threshold(pixels, other_pixel)[0], rel=1e-3)
+    saved = json.loads((out / "train_result.json").read_text())["calibration"]
+    assert (saved["image_threshold"], saved["pixel_threshold"]) == (cal.image_threshold, cal.pixel_threshold)

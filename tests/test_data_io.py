@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 import flawscope.data.io as fio
 from flawscope.data.io import is_image_file, read_ahead, read_image, read_mask
@@ -97,11 +97,47 @@ def test_cmyk(tmp_path):
     assert out.shape == (4, 4, 3) and (out > 250).all()
 
 
-def test_exif_orientation_applied(tmp_path):
+# EXIF Orientation (tag 0x0112): 6 = the stored picture must be turned 90 degrees clockwise to be
+# shown upright, 8 = 90 degrees counter-clockwise. np.rot90 turns counter-clockwise for k > 0.
+_EXIF_TURNS = {6: -1, 8: 1}
+
+
+def _with_orientation(orientation: int) -> Image.Exif:
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees to display
-    out = read_image(_save(Image.new("RGB", (3, 2)), tmp_path / "o.jpg", exif=exif))
-    assert out.shape == (3, 2, 3)
+    exif[0x0112] = orientation
+    return exif
+
+
+@pytest.mark.parametrize("orientation", [6, 8])
+def test_exif_orientation_turns_the_picture_the_right_way(tmp_path, orientation):
+    """Every pixel lands where the EXIF spec (and Pillow's exif_transpose) put it, lossless PNG."""
+    stored = np.random.default_rng(orientation).integers(0, 256, (4, 6, 3), dtype=np.uint8)  # 6 wide, 4 high
+    path = _save(Image.fromarray(stored), tmp_path / "o.png", exif=_with_orientation(orientation))
+    out = read_image(path)
+    assert out.shape == (6, 4, 3)
+    np.testing.assert_array_equal(out, np.rot90(stored, _EXIF_TURNS[orientation]))
+    with Image.open(path) as img:
+        assert img.getexif()[0x0112] == orientation  # the tag did reach the file
+        np.testing.assert_array_equal(out, np.asarray(ImageOps.exif_transpose(img)))
+
+
+@pytest.mark.parametrize(
+    ("orientation", "marker_rows", "marker_cols"),
+    [(6, slice(0, 8), slice(16, 24)),  # clockwise: the top-left corner goes to the top right
+     (8, slice(32, 40), slice(0, 8))],  # counter-clockwise: it goes to the bottom left
+)
+def test_exif_orientation_moves_a_corner_marker_in_a_jpeg(tmp_path, orientation, marker_rows, marker_cols):
+    stored = np.full((24, 40, 3), 255, np.uint8)  # 40 wide, 24 high, white
+    stored[:8, :8] = (255, 0, 0)  # red marker in the top-left corner
+    out = read_image(_save(Image.fromarray(stored), tmp_path / "o.jpg", exif=_with_orientation(orientation),
+                           quality=95))
+    assert out.shape == (40, 24, 3)  # 24 wide, 40 high once upright
+    corners = {"top left": (slice(0, 8), slice(0, 8)), "top right": (slice(0, 8), slice(16, 24)),
+               "bottom left": (slice(32, 40), slice(0, 8)), "bottom right": (slice(32, 40), slice(16, 24))}
+    means = {name: out[rows, cols].reshape(-1, 3).mean(axis=0) for name, (rows, cols) in corners.items()}
+    red = {name: bool(r > 200 and g < 60 and b < 60) for name, (r, g, b) in means.items()}  # JPEG: near red
+    expected = next(name for name, box in corners.items() if box == (marker_rows, marker_cols))
+    assert red == {name: name == expected for name in corners}
 
 
 def test_missing_file(tmp_path):
@@ -210,15 +246,37 @@ def test_read_ahead_keeps_order_and_loads_in_the_background():
     assert threading.get_ident() not in loaders
 
 
+_DEADLOCK_GUARD_S = 60  # only bounds a hang if the behaviour breaks; never reached when it works
+
+
 def test_read_ahead_stops_loading_when_the_caller_stops():
-    started = []
-    items = read_ahead(lambda i: started.append(i) or time.sleep(0.2), range(100), depth=5)
-    next(items)  # 0 is loaded; 1 is loading, 2-5 wait
-    begin = time.perf_counter()
-    items.close()
-    assert time.perf_counter() - begin < 0.15  # not waiting for the load in progress
-    time.sleep(0.5)
-    assert len(started) <= 2  # the waiting ones were cancelled
+    """Closing the generator returns while a load is still running (it does not wait for it), and
+    the loads that had not started are cancelled: they never run, even once the running one ends."""
+    started, loader_threads = [], []
+    one_is_loading, release, closed = threading.Event(), threading.Event(), threading.Event()
+
+    def load(i: int) -> int:
+        started.append(i)
+        loader_threads.append(threading.current_thread())
+        if i == 1:
+            one_is_loading.set()
+            release.wait(3 * _DEADLOCK_GUARD_S)  # held until the test has seen close() return
+        return i
+
+    items = read_ahead(load, range(100), depth=5)
+    closer = threading.Thread(target=lambda: (items.close(), closed.set()))
+    assert next(items)[0] == 0  # 0 handed out; 1-5 submitted
+    try:
+        assert one_is_loading.wait(_DEADLOCK_GUARD_S)
+        closer.start()  # another thread, so that a close() that waits fails the test, not hangs it
+        assert closed.wait(_DEADLOCK_GUARD_S), "close() waited for the load in progress"
+        assert not release.is_set() and started == [0, 1]  # it returned while 1 was still loading
+    finally:
+        release.set()
+    closer.join(_DEADLOCK_GUARD_S)
+    loader_threads[-1].join(_DEADLOCK_GUARD_S)  # the reader ends once 1 is done: nothing left to run
+    assert not loader_threads[-1].is_alive()
+    assert started == [0, 1]  # 2-5 were cancelled, and nothing after 5 was ever submitted
 
 
 def test_read_ahead_can_be_finalised_in_its_own_reader_thread():

@@ -1,8 +1,12 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
+from flawscope.data.layouts import Sample
+from flawscope.evaluation.evaluate import AUPRO_FPR_LIMIT, Outcome, summarize
 from flawscope.evaluation.metrics import (
     aupro,
     best_f1,
@@ -285,3 +289,66 @@ def test_paddlex_miou_matches_paddleseg_procedure(seed):
         maps.append(amap)
     assert np.array_equal(disk(4), morphology.disk(4).astype(bool))
     assert paddlex_miou(masks, maps) == pytest.approx(tn / good, abs=1e-12)
+
+
+def _random_outcomes(seed: int) -> list[Outcome]:
+    """Good images, defects with masks of two strengths, and one defect without a mask (image
+    metrics only); decisions made at fixed raw thresholds, as a Predictor would."""
+    rng = np.random.default_rng(seed)
+    outcomes = []
+    for index in range(9):
+        label, has_mask = int(index >= 4), index != 8
+        mask = np.zeros((20, 20), bool)
+        if label:
+            y, x = rng.integers(0, 14, 2)
+            mask[y:y + rng.integers(2, 7), x:x + rng.integers(2, 7)] = True
+        amap = (rng.random((20, 20)) + (0.3 + 0.4 * (index % 2)) * mask * rng.random((20, 20))).astype(np.float32)
+        score = float(amap.max() + 0.3 * rng.random())
+        pred = amap > 0.95
+        outcomes.append(Outcome(Sample(Path(f"{index}.png"), None, label, "crack" if label else "good"), score,
+                                mask if has_mask else None, amap if has_mask else None,
+                                is_anomaly=score > 1.1, pred=pred if score > 1.1 else np.zeros_like(pred)))
+    return outcomes
+
+
+@pytest.mark.parametrize("seed", [1, 6])
+def test_summarize_reports_what_the_metric_functions_give(seed):
+    """Each number of ``summarize`` is the metric of the right data: image metrics over every
+    image's raw score, pixel metrics over the masked images' raw maps, AUPRO up to FPR 0.3,
+    decision metrics from the Predictor's is_anomaly and pred."""
+    outcomes = _random_outcomes(seed)
+    labels = [o.sample.label for o in outcomes]
+    scores = [o.raw_score for o in outcomes]
+    pixel = [o for o in outcomes if o.mask is not None]
+    masks, maps = [o.mask for o in pixel], [o.raw_map for o in pixel]
+    y, s = np.concatenate([m.ravel() for m in masks]), np.concatenate([a.ravel() for a in maps])
+    image_rates = rates(confusion(labels, [o.is_anomaly for o in outcomes]))
+    pixel_rates = rates(mask_confusion(masks, [o.pred for o in pixel]))
+    assert AUPRO_FPR_LIMIT == 0.3
+    expected = {
+        "image_auroc": roc_auc_score(labels, scores),
+        "image_ap": average_precision_score(labels, scores),
+        "image_best_f1": best_f1(labels, scores)[0],
+        "pixel_auroc": roc_auc_score(y, s),
+        "aupro": aupro(masks, maps, 0.3),
+        "pixel_best_f1": pixel_best_f1(masks, maps)[0],
+        "paddlex_miou": paddlex_miou(masks, maps),
+        **{f"image_{k}": v for k, v in image_rates.items() if k != "iou"},  # no image IoU reported
+        **{f"pixel_{k}": v for k, v in pixel_rates.items()},
+    }
+    # Guards that make the comparison discriminating: every value defined, and the values a wiring
+    # slip would mix up differ.
+    assert None not in expected.values()
+    assert abs(expected["image_auroc"] - expected["pixel_auroc"]) > 0.01
+    assert abs(aupro(masks, maps, 1.0) - expected["aupro"]) > 0.01
+    assert abs(aupro(masks, maps, 0.05) - expected["aupro"]) > 0.01
+    assert len({round(v, 3) for k, v in expected.items() if k.startswith("image_")}) >= 5
+
+    result = summarize(outcomes)
+    assert set(expected) <= set(result)
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=1e-6), key
+    assert (result["num_images"], result["num_good"], result["num_defect"], result["num_with_masks"]) == (9, 4, 5, 8)
+    assert result["best_f1_thresholds"] == {"image": pytest.approx(best_f1(labels, scores)[1], abs=1e-6),
+                                            "pixel": pytest.approx(pixel_best_f1(masks, maps)[1], abs=1e-6)}
+    assert summarize(outcomes, fpr_limit=0.05)["aupro"] == pytest.approx(aupro(masks, maps, 0.05), abs=1e-6)

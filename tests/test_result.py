@@ -168,3 +168,31 @@ def test_error_result_serialises(tmp_path):
     assert "pred" not in data and "map" not in data
     assert result.save_all(tmp_path) == [tmp_path / "broken_res.json"]
     assert "cannot identify" in str(result)
+
+
+def _four_blobs_worst_later() -> np.ndarray:
+    """Four blobs whose raster (label) order, area order and score order all differ."""
+    amap = np.full((H, W), 0.1, np.float32)
+    amap[4:8, 4:14] = 0.6  # A: first in raster order, 40 px, peak 0.6
+    amap[14:16, 40:43] = 0.95  # B: second, 6 px, the worst
+    amap[24:27, 10:15] = 0.7  # C: third, 15 px
+    amap[25, 12] = 0.8  # ... peak 0.8
+    amap[36:39, 30:37] = 0.6  # E: last, 21 px, ties with A
+    return amap
+
+
+def test_regions_are_listed_worst_first_in_the_result_and_its_json(tmp_path):
+    """Regions are sorted by peak score, highest first (ties keep raster order), not in label order."""
+    result = _result(_four_blobs_worst_later())
+    a = Region(bbox=[4, 4, 14, 8], area=40, max_score=float(np.float32(0.6)))
+    b = Region(bbox=[40, 14, 43, 16], area=6, max_score=float(np.float32(0.95)))
+    c = Region(bbox=[10, 24, 15, 27], area=15, max_score=float(np.float32(0.8)))
+    e = Region(bbox=[30, 36, 37, 39], area=21, max_score=float(np.float32(0.6)))
+    assert result.regions == [b, c, a, e]  # label order would be a, b, c, e; area order a, e, c, b
+
+    expected = [{"bbox": r.bbox, "area": r.area, "max_score": r.max_score} for r in (b, c, a, e)]
+    assert result.to_json()["regions"] == expected
+    saved = json.loads(result.save_to_json(tmp_path / "r.json").read_text())
+    assert saved["regions"] == expected
+    assert result.summary(max_regions=1)["regions"] == [
+        {"bbox": b.bbox, "area": 6, "max_score": 0.95}, "... 3 more"]  # a truncated listing leads with the worst

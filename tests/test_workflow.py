@@ -301,10 +301,26 @@ def test_a_damaged_model_directory_is_one_error_line(trained, tmp_path, capsys, 
                    f"Predict.input={next((trained[0] / 'test' / 'good').iterdir())}", fragment=message)
 
 
-def test_a_device_that_is_no_device_fails_in_every_mode(trained, tmp_path, capsys) -> None:
+def _mode_overrides(mode: str, trained: tuple[Path, Path], out: Path) -> list[str]:
+    """Inputs ``mode`` accepts, so that the device is the only thing wrong in the tests below."""
+    dataset, model_dir = trained[0], trained[1] / "best_model/inference"
+    return {
+        "check_dataset": [f"Global.dataset_dir={dataset}", f"Global.output={out}"],
+        "train": tiny_overrides(dataset, out, iters=1),
+        "evaluate": [f"Global.dataset_dir={dataset}", f"Global.output={out}", f"Evaluate.weight_path={model_dir}"],
+        "predict": [f"Global.output={out}", f"Predict.model_dir={model_dir}",
+                    f"Predict.input={next((dataset / 'test' / 'good').iterdir())}"],
+        "export": [f"Global.output={out}", f"Export.weight_path={model_dir}"],
+    }[mode]
+
+
+@pytest.mark.parametrize("mode", ["check_dataset", "train", "evaluate", "predict", "export"])
+def test_a_device_that_is_no_device_fails_in_every_mode(trained, tmp_path, capsys, mode) -> None:
+    """Even the modes that run no model (check_dataset, export) refuse a malformed Global.device
+    before any work, in one line, leaving no output folder."""
     out = tmp_path / "out"
-    _fails_cleanly(capsys, out, "Global.mode=check_dataset", f"Global.dataset_dir={trained[0]}",
-                   f"Global.output={out}", "Global.device=tpu", fragment="Global.device: 'tpu' is not a device")
+    _fails_cleanly(capsys, out, f"Global.mode={mode}", *_mode_overrides(mode, trained, out), "Global.device=tpu",
+                   fragment="Global.device: 'tpu' is not a device")
 
 
 def test_pipeline_and_module_config_together_is_refused(capsys) -> None:
@@ -312,13 +328,19 @@ def test_pipeline_and_module_config_together_is_refused(capsys) -> None:
     assert "give one of them" in capsys.readouterr().err
 
 
-def test_gpu_on_a_cpu_machine(tmp_path, capsys) -> None:
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+@pytest.mark.parametrize("mode", ["train", "evaluate", "predict"])
+@pytest.mark.parametrize(("gpus", "device", "fragment"), [
+    (0, "gpu:0", "Global.device: 'gpu:0' asked for a GPU but CUDA is not available (this torch build: "),
+    (1, "gpu:0,1", "Global.device: 'gpu:0,1' asked for GPU 1 but 1 CUDA device(s) are visible"),
+], ids=["no-cuda", "missing-gpu"])
+def test_gpu_on_a_cpu_machine(trained, tmp_path, capsys, monkeypatch, mode, gpus, device, fragment) -> None:
+    """Every mode that runs a model names the GPU it cannot have, in one line, before any work. torch.cuda's
+    view of the machine is faked, so this runs (and means the same) on machines with and without GPUs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     out = tmp_path / "out"
-    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(make_mvtec(tmp_path / "d"), out),
-                   "Global.device=gpu:0", fragment="CUDA")
+    _fails_cleanly(capsys, out, f"Global.mode={mode}", *_mode_overrides(mode, trained, out),
+                   f"Global.device={device}", fragment=fragment)
 
 
 def _patchcore(*overrides: str) -> int:
