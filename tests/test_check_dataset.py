@@ -332,3 +332,18 @@ def test_masks_beside_their_images_and_masks_with_alpha(tmp_path):
     assert not result["problems"], result["problems"]
     assert result["attributes"]["defect_types"]["val"] == {"defect": 1}
     assert result["attributes"]["masks_without_images"] == [str(root / "all" / "stray_mask.png")]
+
+
+def test_a_broken_link_in_a_folder_is_reported_not_skipped(tmp_path):
+    """A dataset linked from a share that is not mounted: the link is a problem named with its
+    target, not an image that quietly drops out of training."""
+    root = _mvtec(tmp_path / "data")
+    link = root / "train" / "good" / "003.png"
+    link.symlink_to(tmp_path / "share" / "003.png")
+
+    result = _run(root, tmp_path / "out")
+
+    assert not result["check_pass"]
+    assert result["attributes"]["defect_types"]["train"] == {"good": 4}
+    assert _problems(result) == {"003.png": f"a broken symbolic link (to {tmp_path / 'share' / '003.png'}, "
+                                            "which does not exist)"}

@@ -280,6 +280,17 @@ def test_bad_yaml_names_file_and_line(tmp_path: Path) -> None:
     assert message.startswith(f"{path}: invalid YAML at line ")
 
 
+@pytest.mark.parametrize("text, at, key", [
+    ("Train:\n  epochs_iters: 5\nGlobal:\n  mode: train\nTrain:\n  batch_size: 2\n", "line 5, column 1", "Train"),
+    ("Train:\n  batch_size: 2\n  batch_size: 4\n", "line 3, column 3", "batch_size"),
+])
+def test_a_key_given_twice_is_an_error_not_the_last_one_kept(tmp_path: Path, text: str, at: str, key: str) -> None:
+    """Plain YAML keeps the last of two equal keys: a second Train section would drop the first silently."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    assert error(path) == f"{path}: invalid YAML at {at}: '{key}' appears twice in one mapping"
+
+
 def test_file_must_be_a_mapping(tmp_path: Path) -> None:
     assert "expected a mapping of sections" in error(write(tmp_path, [1, 2]))
     assert "Model must be a section" in error(write(tmp_path, {**shipped(), "Model": 3}))

@@ -66,6 +66,20 @@ def test_directory_list_and_bad_items(pipeline, trained, http_root, tmp_path) ->
         list(pipeline.predict(str(broken), on_error="raise"))
 
 
+def test_a_broken_link_in_a_folder_is_an_error_result_in_its_place(pipeline, trained, tmp_path) -> None:
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    good = next((trained[0] / "test" / "good").iterdir())
+    for name in ("a.png", "c.png"):
+        (folder / name).symlink_to(good)
+    (folder / "b.png").symlink_to(tmp_path / "gone.png")
+    results = list(pipeline.predict(str(folder)))
+    assert [Path(r.input_path).name for r in results] == ["a.png", "b.png", "c.png"]
+    assert [r.error is None for r in results] == [True, False, True]
+    assert results[1].error == (f"{folder / 'b.png'}: a broken symbolic link (to {tmp_path / 'gone.png'}, "
+                                "which does not exist)")
+
+
 def test_a_bad_item_mid_batch_keeps_its_place(trained, tmp_path) -> None:
     dataset, out = trained
     broken = tmp_path / "broken.png"
@@ -318,14 +332,18 @@ def test_numpy_numbers_are_settings_and_a_config_must_be_a_mapping(trained) -> N
         create_pipeline(config=[1])
 
 
-def test_a_pipeline_file_that_is_not_utf8_or_names_no_device(tmp_path, capsys) -> None:
+def test_a_pipeline_file_that_is_not_utf8_repeats_a_key_or_names_no_device(tmp_path, capsys) -> None:
     unreadable = tmp_path / "binary.yaml"
     unreadable.write_bytes(b"\xff\xfe\x00junk")
     config = get_pipeline_config("anomaly_detection")
     config["SubModules"]["AnomalyDetection"]["device"] = "tpu"
     no_device = tmp_path / "tpu.yaml"
     no_device.write_text(yaml.safe_dump(config))
+    twice = tmp_path / "twice.yaml"  # plain YAML would keep the second SubModules, without the model_dir
+    twice.write_text(yaml.safe_dump(config) + "SubModules: {}\n")
     for path, problem in ((unreadable, "cannot read the pipeline config"),
+                          (twice, f"invalid YAML at line {len(yaml.safe_dump(config).splitlines()) + 1}, column 1: "
+                                  "'SubModules' appears twice in one mapping"),
                           (no_device, "SubModules.AnomalyDetection.device: 'tpu' is not a device")):
         assert main(["--pipeline", str(path), "--input", str(DEMO), "--save_path", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err.strip().splitlines()

@@ -277,8 +277,9 @@ def test_an_output_folder_that_is_a_file(trained, tmp_path, capsys, under) -> No
     (("image_threshold: ", "image_threshold: high #"), "calibration.image_threshold must be a finite number, not 'high'"),
     (("image_threshold: ", "image_threshold: .nan #"), "calibration.image_threshold must be a finite number, not nan"),
     (("std:\n- 0.5", "std:\n- 0"), "std must be three finite numbers above 0"),
-    # the thresholds under a key that the real one below overrides: YAML keeps the last
-    (("calibration:\n", "calibration: null\nprovenance:\n"), "calibration must be a mapping of the calibrated thresholds"),
+    ({"calibration": None}, "calibration must be a mapping of the calibrated thresholds"),
+    (("input_size: 64", "input_size: 64\ninput_size: 64"),
+     "unreadable model description (YAML line 18, column 1: 'input_size' appears twice in one mapping)"),
     (("input_size: 64", "input_size: 100"), "input_size must be a multiple of 32 from 32 to 4096, not 100"),
     (("  backbone: ", "  backbone: nonet #"), "inference.yml: model_config does not fit model STFPM (Model.backbone"),
     (("input_size: 64", "input_size: 64\nfoo: 1"), "damaged model description: unknown key foo"),
@@ -292,7 +293,10 @@ def test_a_damaged_model_directory_is_one_error_line(trained, tmp_path, capsys, 
     if edit == "truncate":
         weights = model_dir / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
-    else:
+    elif isinstance(edit, dict):  # set keys to values
+        meta = model_dir / "inference.yml"
+        meta.write_text(yaml.safe_dump(yaml.safe_load(meta.read_text()) | edit, sort_keys=False))
+    else:  # replace a text
         meta = model_dir / "inference.yml"
         assert edit[0] in meta.read_text()
         meta.write_text(meta.read_text().replace(edit[0], edit[1], 1))

@@ -12,7 +12,7 @@ import difflib
 import json
 import numbers
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -212,6 +212,32 @@ def _text_value(raw: str, where: str) -> Any:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: plain YAML
+    keeps the last one, so a second ``Train:`` section would silently drop the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys (a ``yaml.YAMLError`` like any other)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line of what is wrong in a YAML text, and where: ``line 5, column 1: 'Train' appears twice ...``."""
+    mark = getattr(exc, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {_one_line(exc)}" if mark else _one_line(exc)
+
+
 def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Read a config, apply overrides in order and return the validated, completed nested dict.
 
@@ -222,11 +248,9 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict
     path = resolve_config_path(path_or_name)
     where = str(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise FlawscopeError(f"{where}: invalid YAML{at}: {_one_line(exc)}") from None
+        raise FlawscopeError(f"{where}: invalid YAML at {yaml_problem(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise FlawscopeError(f"{where}: cannot read config: {_one_line(exc)}") from None
     if not isinstance(raw, dict):

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 
-from flawscope.config import BACKENDS, MODELS, Key, check_section, check_value
+from flawscope.config import BACKENDS, MODELS, Key, check_section, check_value, load_yaml, yaml_problem
 from flawscope.device import check_device_spec, parse_device
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.predictor import Predictor
@@ -96,9 +96,9 @@ def load_pipeline_config(pipeline: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FlawscopeError(f"{pipeline}: neither a pipeline name ({', '.join(PIPELINES)}) nor a config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise FlawscopeError(f"{path}: invalid YAML ({first_line(exc)})") from None
+        raise FlawscopeError(f"{path}: invalid YAML at {yaml_problem(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise FlawscopeError(f"{path}: cannot read the pipeline config ({first_line(exc)})") from None
     name = data.get("pipeline_name") if isinstance(data, dict) else None

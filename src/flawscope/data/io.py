@@ -42,6 +42,12 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_listed_file(path: Path) -> bool:
+    """A file, or a symbolic link to one that is gone: a folder's listing keeps the broken link,
+    so that reading it names the link rather than the image silently going missing."""
+    return path.is_file() or path.is_symlink() and not path.exists()
+
+
 def _decode(path: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
     """Open, fully decode and EXIF-orient ``path``, then ``convert`` it while the file is open.
 
@@ -52,6 +58,8 @@ def _decode(path: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndar
     format details such as a TIFF's bits per sample are still there.
     """
     if not path.exists():
+        if path.is_symlink():
+            raise FlawscopeError(f"{path}: a broken symbolic link (to {os.readlink(path)}, which does not exist)")
         raise FlawscopeError(f"{path}: file does not exist")
     if path.is_dir():
         raise FlawscopeError(f"{path}: is a directory, not an image file")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flawscope.data.io import is_image_file, read_mask
+from flawscope.data.io import is_image_file, is_listed_file, read_mask
 from flawscope.errors import FlawscopeError, first_line
 
 GOOD = "good"
@@ -61,7 +61,7 @@ def _images(directory: Path) -> list[Path]:
         return []
     return sorted(
         p for p in directory.iterdir()
-        if not p.name.startswith(".") and is_image_file(p) and p.is_file()
+        if not p.name.startswith(".") and is_image_file(p) and is_listed_file(p)
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flawscope.data.io import image_to_rgb, is_image_file, read_image
+from flawscope.data.io import image_to_rgb, is_image_file, is_listed_file, read_image
 from flawscope.errors import FlawscopeError, first_line
 
 URL_TIMEOUT_S = 20
@@ -74,7 +74,7 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
             yield text, text
         elif is_dir:
             pattern = "**/*" if recursive else "*"
-            files = sorted(p for p in path.glob(pattern) if p.is_file() and is_image_file(p))
+            files = sorted(p for p in path.glob(pattern) if is_image_file(p) and is_listed_file(p))
             if not files:
                 nested = not recursive and any(p.is_dir() for p in path.iterdir())
                 hint = " (it has sub-directories: predict with recursive=True, --recursive)" if nested else ""

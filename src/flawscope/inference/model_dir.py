@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from flawscope import __version__
-from flawscope.config import MAX_INPUT_SIZE, MODELS
+from flawscope.config import MAX_INPUT_SIZE, MODELS, load_yaml, yaml_problem
 from flawscope.data.transforms import RESIZE_MODES
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
@@ -163,9 +163,9 @@ def read_model_info(path: str | Path) -> ModelInfo:
     if not meta_path.is_file():
         raise FlawscopeError(f"{path}: not an inference model directory (missing {META_FILE})")
     try:
-        return ModelInfo.from_dict(yaml.safe_load(meta_path.read_text()))
+        return ModelInfo.from_dict(load_yaml(meta_path.read_text(encoding="utf-8")))
     except yaml.YAMLError as exc:
-        raise FlawscopeError(f"{meta_path}: unreadable model description ({first_line(exc)})") from None
+        raise FlawscopeError(f"{meta_path}: unreadable model description (YAML {yaml_problem(exc)})") from None
     except ValueError as exc:
         raise FlawscopeError(f"{meta_path}: damaged model description: {exc}") from None
 
