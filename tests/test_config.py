@@ -305,11 +305,23 @@ def test_defaults_fill_missing_keys_and_required_keys_are_enforced(tmp_path: Pat
     assert cfg["CheckDataset"]["split"]["enable"] is False
 
     del data["Train"]["learning_rate"]
+    data["Global"]["mode"] = "train"  # the one mode that reads it
     path = write(tmp_path, data)
     assert "missing required key Train.learning_rate (needed by STFPM)" in error(path)
     # An override can supply what the file leaves out.
     assert load_config(path, ["Train.learning_rate=0.1"])["Train"]["learning_rate"] == 0.1
     assert "missing required key Global.model" in error(write(tmp_path, {}))
+
+
+@pytest.mark.parametrize("mode", ["check_dataset", "evaluate", "predict", "export"])
+def test_only_train_needs_the_model_and_train_sections(tmp_path: Path, mode: str) -> None:
+    """The other modes read the model from its inference directory: a config for them may leave
+    out the backbone and the hyperparameters, but what it gives is still checked."""
+    short = write(tmp_path, {"Global": {"model": "STFPM", "mode": mode}})
+    cfg = load_config(short)
+    assert "backbone" not in cfg["Model"] and "learning_rate" not in cfg["Train"]  # keys without defaults
+    assert "Train.batch_size must be an integer >= 1, got 0" in error(short, ["Train.batch_size=0"])
+    assert "missing required key Model.backbone (needed by STFPM)" in error(short, ["Global.mode=train"])
 
 
 def test_split_and_convert_must_be_complete_when_enabled() -> None:

@@ -12,7 +12,7 @@ import difflib
 import json
 import numbers
 import re
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,6 +26,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 MODELS = ("STFPM", "PatchCore")
 MAX_INPUT_SIZE = 4096  # Model.input_size: a 4096x4096 input already needs a GPU
 MODES = ("check_dataset", "train", "evaluate", "predict", "export")
+# Read by train alone: the other modes take the model from its inference directory, so a config
+# for them need not spell out a backbone or a learning rate.
+TRAIN_ONLY_SECTIONS = ("Model", "Train")
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")  # where prediction runs: flawscope.inference.backends
 
 _NO_DEFAULT = object()
@@ -265,7 +268,8 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict
     model = cfg.get("Global", {}).get("model")
     for full, spec in _unused_keys(cfg, SCHEMA, "", model):
         log.warning("%s: %s is not used by %s (a key of %s): ignored", where, full, model, ", ".join(spec.used_by))
-    cfg = _complete(cfg, SCHEMA, "", model, where)
+    optional = () if cfg.get("Global", {}).get("mode") == "train" else TRAIN_ONLY_SECTIONS
+    cfg = _complete(cfg, SCHEMA, "", model, where, optional)
     _check_consistency(cfg, where)
     return cfg
 
@@ -346,25 +350,28 @@ def _apply_override(cfg: dict[str, Any], text: str) -> None:
 
 
 def _complete(
-    data: dict[str, Any], schema: dict[str, Any], prefix: str, model: str | None, where: str
+    data: dict[str, Any], schema: dict[str, Any], prefix: str, model: str | None, where: str,
+    optional: Collection[str] = (), required: bool = True,
 ) -> dict[str, Any]:
     """Fill defaults and enforce required keys, in schema order so dumped configs read alike.
 
     While the model is unknown every key some model requires counts as required, which makes a
-    missing ``Global.model`` (the first such key) the error reported.
+    missing ``Global.model`` (the first such key) the error reported. No key of the ``optional``
+    sections is required (those given were checked already).
     """
     out: dict[str, Any] = {}
     for name, spec in schema.items():
         full = prefix + name
         if isinstance(spec, dict):
-            out[name] = _complete(data.get(name, {}), spec, full + ".", model, where)
+            out[name] = _complete(data.get(name, {}), spec, full + ".", model, where, optional,
+                                  required and full not in optional)
         elif model is not None and model not in spec.used_by:
             continue
         elif name in data:
             out[name] = data[name]
         elif spec.default is not _NO_DEFAULT:
             out[name] = copy.deepcopy(spec.default)
-        elif spec.required_for and (model is None or model in spec.required_for):
+        elif required and spec.required_for and (model is None or model in spec.required_for):
             needed_by = model or ", ".join(spec.required_for)
             raise FlawscopeError(f"{where}: missing required key {full} (needed by {needed_by})")
     return out
