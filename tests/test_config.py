@@ -291,6 +291,17 @@ def test_a_key_given_twice_is_an_error_not_the_last_one_kept(tmp_path: Path, tex
     assert error(path) == f"{path}: invalid YAML at {at}: '{key}' appears twice in one mapping"
 
 
+def test_yaml_merge_keys_still_merge_and_an_unhashable_key_is_one_error_line(tmp_path: Path) -> None:
+    data = shipped()
+    path = tmp_path / "merged.yaml"
+    del data["Train"]["batch_size"]
+    path.write_text(yaml.safe_dump(data, sort_keys=False).replace("Train:\n", "Train:\n  <<: {batch_size: 3}\n", 1))
+    assert "<<: {batch_size: 3}" in path.read_text()
+    assert load_config(path)["Train"]["batch_size"] == 3
+    path.write_text("Global:\n  ? [a]\n  : 1\n")
+    assert error(path) == f"{path}: invalid YAML at line 2, column 5: found unhashable key"
+
+
 def test_file_must_be_a_mapping(tmp_path: Path) -> None:
     assert "expected a mapping of sections" in error(write(tmp_path, [1, 2]))
     assert "Model must be a section" in error(write(tmp_path, {**shipped(), "Model": 3}))

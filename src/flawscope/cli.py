@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="flawscope benchmark -h: train, evaluate and time models on datasets")
     p.add_argument("-c", "--config", help="module config: a YAML path or a shipped name (STFPM)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="Section.key=value",
-                   help="override a config value (repeatable); values parse as YAML scalars, text keys (paths) take the text as typed")
+                   help="override a config value (repeatable); values parse as YAML scalars, "
+                   "text keys (paths) take the text as typed")
     p.add_argument("--pipeline", help="pipeline name (anomaly_detection) or pipeline YAML file")
     p.add_argument("--input", help="image file, URL, directory or glob to predict on")
     p.add_argument("--save_path", help="where to save results (or the pipeline config)")

@@ -57,14 +57,16 @@ def convert_dataset(root: str | os.PathLike[str], src_type: str,
         raise FlawscopeError(
             f"unknown src_dataset_type {src_type!r}: expected {', '.join(converters)}"
         )
-    masks = _Masks(root, Path(skip).absolute() if skip is not None else None)
+    skip = Path(skip).absolute() if skip is not None else None
+    # only an output inside the dataset holds files to skip; one above it holds the dataset itself
+    masks = _Masks(root, skip if skip is not None and skip != root and skip.is_relative_to(root) else None)
     try:
         splits = converters[src_type](root, masks)
         lists = {split: sample_lines(root, splits[split]) for split in _SPLITS}
+        write_lists(root, lists)
         masks.commit()
     finally:
         shutil.rmtree(masks.staging, ignore_errors=True)
-    write_lists(root, lists)
     log.info(
         "Converted %s dataset %s to SegDataset lists: train %d, val %d images",
         src_type, root, len(splits["train"]), len(splits["val"]),
