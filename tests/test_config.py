@@ -12,7 +12,6 @@ from flawscope.config import (
     SCHEMA,
     dump_config,
     load_config,
-    parse_override,
     resolve_config_path,
     shipped_configs,
 )
@@ -123,15 +122,18 @@ def test_directory_is_not_a_config(tmp_path: Path) -> None:
     [
         ("Train.batch_size=4", ["Train", "batch_size"], 4),
         ("Train.learning_rate=0.01", ["Train", "learning_rate"], 0.01),
-        ("CheckDataset.split.enable=true", ["CheckDataset", "split", "enable"], True),
+        ("Train.select_best=true", ["Train", "select_best"], True),
         ("Global.dataset_dir=null", ["Global", "dataset_dir"], None),
         ("Model.strides=[4,8]", ["Model", "strides"], [4, 8]),
         (" Global.device = gpu:0,1 ", ["Global", "device"], "gpu:0,1"),
         ("Global.output=a=b", ["Global", "output"], "a=b"),
     ],
 )
-def test_parse_override_types_values_like_yaml(text: str, path: list[str], value: object) -> None:
-    assert parse_override(text) == (path, value)
+def test_overrides_type_values_like_yaml(text: str, path: list[str], value: object) -> None:
+    cfg = load_config("STFPM", [text])
+    for key in path:
+        cfg = cfg[key]
+    assert cfg == value and type(cfg) is type(value)
 
 
 def test_overrides_of_every_type_apply_in_order() -> None:

@@ -246,3 +246,28 @@ def test_labelme_skips_the_checks_own_output_inside_the_dataset(tmp_path):
         assert result["check_pass"], result["problems"]
         assert _lines(root / "train.txt") == ["a.png", "b.png"]
     assert list((root / "output" / "check_dataset" / "demo_img").iterdir())
+
+
+@pytest.mark.parametrize(("train", "val", "where", "first"), [
+    ("b\nc\nb\n", "a\n", "train.txt:3", "train.txt:1"),  # a good image twice
+    ("b\nc\n", "a\nc\n", "val.txt:2", "train.txt:2"),  # in both splits: the test would score a training image
+    ("b\n", "a\na\n", "val.txt:2", "val.txt:1"),  # a defect image twice
+])
+def test_voc_image_listed_twice_is_refused_naming_both_lines(tmp_path, train, val, where, first):
+    root = _voc(tmp_path / "data")
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text(train)
+    (sets / "val.txt").write_text(val)
+    before = _snapshot(root)
+    with pytest.raises(FlawscopeError, match=rf"{where}: \w is listed again \(first at .*{first}\)"):
+        convert_dataset(root, "VOC")
+    assert _snapshot(root) == before
+
+
+def test_voc_images_sharing_a_stem_are_refused(tmp_path):
+    root = _voc(tmp_path / "data")
+    _image(root / "JPEGImages" / "a.png", mode="RGB")
+    with pytest.raises(FlawscopeError, match=r"a\.png: same name as a\.jpg"):
+        convert_dataset(root, "VOC")
+    assert not (root / "train.txt").exists()

@@ -144,6 +144,19 @@ def test_missing_file(tmp_path):
     _error(tmp_path / "nope.png", "does not exist")
 
 
+def test_broken_links_name_the_missing_file_through_a_chain_and_loops(tmp_path):
+    (tmp_path / "middle.png").symlink_to("gone.png")  # relative, as links inside a dataset are
+    (tmp_path / "first.png").symlink_to(tmp_path / "middle.png")
+    for link in ("first.png", "middle.png"):
+        with pytest.raises(FlawscopeError, match=rf"^{tmp_path / link}: a broken symbolic link "
+                                                 rf"\(to {tmp_path / 'gone.png'}, which does not exist\)$"):
+            read_image(tmp_path / link)
+    (tmp_path / "a.png").symlink_to("b.png")
+    (tmp_path / "b.png").symlink_to("a.png")
+    with pytest.raises(FlawscopeError, match=rf"^{tmp_path / 'a.png'}: a symbolic link that loops back on itself$"):
+        read_image(tmp_path / "a.png")
+
+
 def test_text_file_named_png(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("not an image")

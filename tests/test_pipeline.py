@@ -227,6 +227,15 @@ def test_a_bad_pipeline_setting_names_the_file_and_setting(tmp_path, capsys, key
         create_pipeline("anomaly_detection", **{key: value})
 
 
+def test_create_pipeline_refuses_unknown_settings_and_bad_devices_before_loading(tmp_path) -> None:
+    """The model directory does not exist: each call must fail on its setting, not on the model."""
+    missing = tmp_path / "no_model"
+    with pytest.raises(FlawscopeError, match="unknown pipeline setting 'batchsize' .*batch_size"):
+        create_pipeline("anomaly_detection", model_dir=missing, batchsize=2)
+    with pytest.raises(FlawscopeError, match="pipeline setting: device"):
+        create_pipeline("anomaly_detection", model_dir=missing, device="tpu:0")
+
+
 def test_create_pipeline_takes_paths_and_partial_configs(trained) -> None:
     _, out = trained
     model_dir = out / "best_model/inference"

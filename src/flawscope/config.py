@@ -178,13 +178,6 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     )
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``Section.key=value`` into its key path and a YAML-typed value (``8`` is an int,
-    ``true`` a bool, ``null`` None, ``[4,8]`` a list), the way the value would read in a file."""
-    path, raw = _split_override(text)
-    return path, _yaml_value(raw, f"override {text!r}")
-
-
 def _split_override(text: str) -> tuple[list[str], str]:
     """The key path and the value's text of ``Section.key=value``."""
     where = f"override {text!r}"

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 
-from flawscope.config import BACKENDS, MODELS, Key, check_section, check_value, load_yaml, yaml_problem
+from flawscope.config import BACKENDS, MODELS, Key, check_section, load_yaml, yaml_problem
 from flawscope.device import check_device_spec, parse_device
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.predictor import Predictor
@@ -110,10 +110,10 @@ def load_pipeline_config(pipeline: str | Path) -> dict[str, Any]:
     return merged
 
 
-def _check_settings(config: dict[str, Any], where: str) -> None:
+def _check_settings(config: dict[str, Any], where: str, prefix: str = _SETTINGS_PREFIX) -> None:
     sub = config["SubModules"]["AnomalyDetection"]
-    sub.update(check_section({k: _plain(v) for k, v in sub.items()}, SETTINGS, _SETTINGS_PREFIX, where))
-    check_device_spec(sub["device"], f"{where}: {_SETTINGS_PREFIX}device")
+    sub.update(check_section({k: _plain(v) for k, v in sub.items()}, SETTINGS, prefix, where))
+    check_device_spec(sub["device"], f"{where}: {prefix}device")
 
 
 def _plain(value: Any) -> Any:
@@ -172,11 +172,9 @@ def create_pipeline(pipeline: str | Path = "anomaly_detection", config: dict[str
         _check_settings(cfg, "config")
     else:
         cfg = load_pipeline_config(pipeline)
-    sub = cfg["SubModules"]["AnomalyDetection"]
-    for key, value in {**overrides, **({"device": device} if device else {})}.items():
-        if key not in SETTINGS:
-            raise FlawscopeError(f"unknown pipeline setting '{key}' (allowed: {', '.join(SETTINGS)})")
-        sub[key] = check_value(key, SETTINGS[key], _plain(value), "pipeline setting")
-        if key == "device":
-            check_device_spec(sub[key], "pipeline setting: device")
+    unknown = sorted(set(overrides) - set(SETTINGS))
+    if unknown:
+        raise FlawscopeError(f"unknown pipeline setting '{unknown[0]}' (allowed: {', '.join(SETTINGS)})")
+    cfg["SubModules"]["AnomalyDetection"].update(overrides, **({"device": device} if device else {}))
+    _check_settings(cfg, "pipeline setting", prefix="")
     return AnomalyDetectionPipeline(cfg)

@@ -133,14 +133,24 @@ def _from_voc(root: Path, masks: _Masks) -> Splits:
         raise FlawscopeError(
             f"{root}: not a VOC layout (expected JPEGImages/ and SegmentationClass/)"
         )
-    images = {p.stem: p for p in sorted(image_dir.iterdir()) if is_image_file(p) and p.is_file()}
+    images: dict[str, Path] = {}
+    for path in sorted(image_dir.iterdir()):
+        if is_image_file(path) and path.is_file():
+            if path.stem in images:  # VOC names images by stem: a.jpg and a.png are ambiguous
+                raise FlawscopeError(f"{path}: same name as {images[path.stem].name}; VOC lists and masks name "
+                                     "images without extension, so rename one of them")
+            images[path.stem] = path
     class_masks = ({p.stem: p for p in sorted(class_dir.iterdir()) if p.suffix.lower() == ".png" and p.is_file()}
                    if class_dir.is_dir() else {})
+    listed: dict[str, str] = {}
 
     def sample(stem: str, where: str) -> Sample:
         image = images.get(stem)
         if image is None:
             raise FlawscopeError(f"{where}: no image named {stem}.* in {image_dir}")
+        if stem in listed:
+            raise FlawscopeError(f"{where}: {stem} is listed again (first at {listed[stem]})")
+        listed[stem] = where
         mask = class_masks.get(stem)
         if mask is None:
             return Sample(image, None, 0, GOOD)

@@ -8,6 +8,7 @@ Every problem with a file becomes one ``FlawscopeError("<path>: <problem>")``.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -48,6 +49,17 @@ def is_listed_file(path: Path) -> bool:
     return path.is_file() or path.is_symlink() and not path.exists()
 
 
+def _broken_link(path: Path) -> str:
+    """What is wrong with a link that leads to no file. Through a chain of links, the missing
+    target is the last link's, so that is the one named, not the next link of the chain."""
+    try:
+        os.path.realpath(path, strict=True)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link that loops back on itself"
+    return f"a broken symbolic link (to {os.path.realpath(path)}, which does not exist)"
+
+
 def _decode(path: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
     """Open, fully decode and EXIF-orient ``path``, then ``convert`` it while the file is open.
 
@@ -59,7 +71,7 @@ def _decode(path: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndar
     """
     if not path.exists():
         if path.is_symlink():
-            raise FlawscopeError(f"{path}: a broken symbolic link (to {os.readlink(path)}, which does not exist)")
+            raise FlawscopeError(f"{path}: {_broken_link(path)}")
         raise FlawscopeError(f"{path}: file does not exist")
     if path.is_dir():
         raise FlawscopeError(f"{path}: is a directory, not an image file")

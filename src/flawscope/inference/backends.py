@@ -36,7 +36,7 @@ from flawscope.inference.model_dir import (
 )
 from flawscope.logs import log
 
-_GRAPH_FILES = {"onnxruntime": ONNX_FILE, "openvino": OPENVINO_FILE}
+_GRAPH_OF_BACKEND = {"onnxruntime": ONNX_FILE, "openvino": OPENVINO_FILE}
 _EXTRAS = {"onnxruntime": "export", "openvino": "openvino"}  # the pip extra that installs each runtime
 
 GraphRun = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]  # named inputs -> (map, score)
@@ -142,7 +142,7 @@ def load_backend(model_dir: str | Path, device: torch.device | str = "cpu",
     if torch.device(device).type != "cpu":
         raise FlawscopeError(f"{model_dir}: backend {backend} runs on the CPU only, not on {device}")
     _require(backend)
-    graph = model_dir / _GRAPH_FILES[backend]
+    graph = model_dir / _GRAPH_OF_BACKEND[backend]
     if graph.is_file():
         return _load_graph(graph, backend, info.input_size), info
     if not (model_dir / WEIGHTS_FILE).is_file():

@@ -25,8 +25,9 @@ from flawscope.inference.model_dir import META_FILE, load_model_dir
 from flawscope.logs import log
 
 ONNX_FILE = "model.onnx"
-OPENVINO_FILE = "model.xml"  # and model.bin beside it
-GRAPH_FILES = (ONNX_FILE, OPENVINO_FILE, "model.bin")
+OPENVINO_FILE = "model.xml"
+OPENVINO_WEIGHTS = "model.bin"  # beside model.xml
+GRAPH_FILES = (ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS)
 
 
 class _MapAndScore(torch.nn.Module):
