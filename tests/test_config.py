@@ -366,3 +366,11 @@ def test_text_keys_take_the_value_as_typed(value: str, expected: object) -> None
 def test_a_text_key_that_cannot_be_null_refuses_null() -> None:
     with pytest.raises(FlawscopeError, match="Global.output must be"):
         load_config("STFPM", ["Global.output=null"])
+
+
+def test_text_values_with_control_characters_are_refused_quoted_backslashes_kept() -> None:
+    """A Windows path in double quotes reads "\\n" as a newline in YAML: refused, with the way out."""
+    with pytest.raises(FlawscopeError, match=r'Global.output holds a control character, got "C:\\new".*single quotes'):
+        load_config("STFPM", ['Global.output="C:\\new"'])
+    for typed in ("C:\\new", "'C:\\new'"):
+        assert load_config("STFPM", [f"Global.output={typed}"])["Global"]["output"] == "C:\\new"

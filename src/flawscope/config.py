@@ -151,6 +151,7 @@ _KIND_NAMES = {
 }
 # PyYAML follows YAML 1.1, which reads 1e-4 (no dot) as a string; accept it for float keys.
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # no path, device or name holds one
 
 
 def shipped_configs() -> list[str]:
@@ -397,6 +398,10 @@ def check_value(full: str, spec: Key, value: Any, where: str) -> Any:
     if value is None and spec.nullable:
         return None
     converted = _convert(spec.kind, value)
+    if isinstance(converted, str) and _CONTROL.search(converted):
+        raise FlawscopeError(f"{where}: {full} holds a control character, got {_show(value)}; in double quotes "
+                             "YAML reads a backslash as an escape (\"C:\\new\" holds a newline): write it unquoted "
+                             "or in single quotes")
     if converted is None or not _within(spec, converted):
         close = _closest(value, spec.choices) if isinstance(value, str) else None
         hint = f" (did you mean {_show(close)}?)" if close else ""
