@@ -5,7 +5,11 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +302,43 @@ def test_same_file_names_in_two_folders_do_not_overwrite(trained, tmp_path, caps
     assert len(sources) == 4
 
 
+def test_pipeline_save_settings_reach_every_file_and_no_two_outputs_share_a_name(trained, tmp_path, capsys) -> None:
+    """json_arrays=png and save_extra from the pipeline file hold in the CLI and for results saved
+    through the API; inputs a.png, a_res.png and A.png (a case-blind file system) get apart."""
+    dataset, out = trained
+    inputs = tmp_path / "in"
+    image = (dataset / "test" / "scratch" / "000.png").read_bytes()
+    for name in ("x/a.png", "x/a_res.png", "y/A.png"):
+        (inputs / name).parent.mkdir(parents=True, exist_ok=True)
+        (inputs / name).write_bytes(image)
+    config = get_pipeline_config("anomaly_detection")
+    config["SubModules"]["AnomalyDetection"].update(json_arrays="png", save_extra=True, threshold=0.8,
+                                                    model_dir=str(out / "best_model/inference"))
+    written = tmp_path / "pipe.yaml"
+    written.write_text(yaml.safe_dump(config))
+    save = tmp_path / "out"
+    assert main(["--pipeline", str(written), "--input", str(inputs), "--recursive", "--save_path", str(save)]) == 0
+    assert len(list(save.iterdir())) == 3 * 6  # JSON, its two arrays, three pictures each
+    assert sorted(p.name for p in save.glob("*.json")) == ["a_res.json", "a_res_res.json", "y_A_res.json"]
+    for data in map(json.loads, map(Path.read_text, save.glob("*.json"))):
+        assert Image.open(save / data["map"]).mode.startswith("I;16")
+    good, missing = create_pipeline(str(written)).predict([str(inputs / "x/a.png"), str(tmp_path / "nope.png")])
+    assert missing.error and missing.threshold == 0.8
+    assert len(good.save_to_img(tmp_path / "api")) == 3
+    assert json.loads(good.save_to_json(tmp_path / "api").read_text())["map"] == "a_res.map.png"
+
+
+def test_a_reader_that_stops_early_stops_the_cli_quietly(tmp_path) -> None:
+    """flawscope ... | head: the closed pipe ends the run with SIGPIPE's status, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    run = subprocess.run([sys.executable, "-m", "flawscope", "--pipeline", "anomaly_detection", "--input", str(DEMO),
+                          "--save_path", str(tmp_path / "out")], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                         timeout=300)
+    os.close(write_end)
+    assert run.returncode == 141 and "Traceback" not in run.stderr
+
+
 def test_threshold_override_changes_the_decision_not_the_score(trained) -> None:
     dataset, out = trained
     image = dataset / "test" / "scratch" / "000.png"
@@ -320,6 +361,52 @@ def test_odd_inputs_become_error_results_and_the_others_go_on(pipeline, trained)
     assert [r.error is None for r in results] == [True, False, False, False, False, False, True]
     assert "download failed" in results[1].error and "download failed" in results[2].error
     assert "bytes" in results[3].error and "La" in results[4].error and "empty" in results[5].error
+
+
+@pytest.fixture
+def any_path_server(trained):
+    """Serves one good image for any path; paths with "slow" trickle it out a few bytes at a time."""
+    dataset, _ = trained
+    body = (dataset / "test" / "good" / "000.png").read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            step = 64 if "slow" in self.path else len(body)
+            for start in range(0, len(body), step):
+                self.wfile.write(body[start:start + step])
+                self.wfile.flush()
+                time.sleep(0.05 if step < len(body) else 0)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_urls_with_odd_names_and_slow_servers(pipeline, any_path_server, monkeypatch) -> None:
+    """A last segment of ".." or over a file name's length still downloads and predicts; an
+    upper-case scheme is a URL; a server slower than the timeout in all is an error result, even
+    though no single read waits that long."""
+    base = any_path_server
+    fine = [f"{base}/sub/..", f"{base}/{'a' * 300}.png", f"HTTP://{base.removeprefix('http://')}/x.png"]
+    assert [r.error for r in pipeline.predict(fine)] == [None, None, None]
+    monkeypatch.setattr("flawscope.inference.inputs.URL_TIMEOUT_S", 1)
+    slow, after = pipeline.predict([f"{base}/slow.png", f"{base}/x.png"])
+    assert slow.error == f"{base}/slow.png: download failed (not complete after 1 s)" and after.error is None
+
+
+def test_arrays_and_pil_images_over_the_pixel_limit_are_error_results(pipeline, monkeypatch) -> None:
+    monkeypatch.setattr("flawscope.inference.inputs.MAX_PIXELS", 99)
+    results = list(pipeline.predict([np.zeros((10, 10), np.uint8), Image.new("RGB", (20, 5)),
+                                     np.zeros((9, 11, 3), np.uint8)]))
+    assert [r.error for r in results] == ["array: image is too large (10x10 = 100 pixels, limit 99)",
+                                          "PIL image: image is too large (20x5 = 100 pixels, limit 99)", None]
 
 
 def test_a_16_bit_pil_image_reads_as_the_same_file_does(pipeline, tmp_path) -> None:

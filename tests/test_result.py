@@ -7,6 +7,7 @@ from PIL import Image
 from scipy import ndimage
 
 from flawscope.inference import result as result_module
+from flawscope.errors import FlawscopeError
 from flawscope.inference.result import AnomalyResult, Region, rle_decode, rle_encode
 
 H, W = 48, 64  # big enough that the score label (top-left) misses the blobs
@@ -97,11 +98,52 @@ def test_json_png_arrays(tmp_path):
     path = result.save_to_json(tmp_path, arrays="png")
     assert path.name == "result_res.json"
     data = json.loads(path.read_text())
-    assert data["map"] == "result_res_map.png" and data["pred"] == "result_res_pred.png"
+    assert data["map"] == "result_res.map.png" and data["pred"] == "result_res.pred.png"
     map16 = _read(tmp_path / data["map"])
     assert map16.dtype == np.uint16
     np.testing.assert_allclose(map16 / 65535, result.map, atol=1 / 65535)
     np.testing.assert_array_equal(_read(tmp_path / data["pred"]) > 0, result.pred)
+
+
+def test_json_arrays_and_pictures_never_share_a_file(tmp_path):
+    """save_to_json("x.json", arrays="png") beside save_to_img("x.png", extra=True): five files."""
+    result = _result()
+    written = [result.save_to_json(tmp_path / "x.json", arrays="png"), *result.save_to_img(tmp_path / "x.png", extra=True)]
+    data = json.loads(written[0].read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["x.json", data["map"], data["pred"], "x.png", "x_map.png", "x_pred.png"])
+    assert _read(tmp_path / data["map"]).dtype == np.uint16  # not overwritten by the jet picture
+
+
+def test_save_defaults_come_from_the_result_and_long_names_fit(tmp_path):
+    result = _result(input_path="/data/" + "é" * 200 + ".png")  # 400 bytes of UTF-8
+    result.json_arrays, result.save_extra = "png", True
+    json_path, pictures = result.save_to_json(tmp_path), result.save_to_img(tmp_path)
+    assert len(pictures) == 3 and all(len(p.name.encode()) <= 255 for p in [json_path, *pictures])
+    assert json.loads(json_path.read_text())["map"].endswith(".map.png")
+    assert result.stem == "é" * 100
+    with pytest.raises(FlawscopeError, match=r"x\.jpg: save_to_img writes PNG files"):
+        result.save_to_img(tmp_path / "x.jpg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([json_path.name, "é" * 100 + "_res.map.png",
+                                                                 "é" * 100 + "_res.pred.png", *(p.name for p in pictures)])
+
+
+def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk's OSError names no file; the CLI's one-line error needs the one being written."""
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(result_module.os, "replace", full_disk)
+    with pytest.raises(OSError) as caught:
+        _result().save_to_json(tmp_path / "x.json")
+    assert caught.value.filename == str(tmp_path / "x.json") and caught.value.strerror == "No space left on device"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_label_cuts_the_score_so_an_ok_image_never_reads_as_the_threshold():
+    assert _result(score=0.4996)._label_text() == "score 0.49 OK"
+    assert _result(score=0.5)._label_text() == "score 0.50 ANOMALY"
+    assert _result(score=0.29)._label_text() == "score 0.29 OK"
 
 
 def test_save_to_img(tmp_path):

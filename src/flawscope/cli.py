@@ -12,6 +12,7 @@ user error (one line on stderr), also when prediction could not read some of its
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -135,7 +136,7 @@ def run(argv: list[str] | None = None) -> int:
         save_path = Path(args.save_path or "output")
         check_output_dir(save_path, "--save_path")
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
-        counts = save_results(pipeline.predict(args.input), save_path, pipeline.json_arrays, pipeline.save_extra)
+        counts = save_results(pipeline.predict(args.input), save_path)
         return _prediction_status(counts)
     if args.config:
         from flawscope.config import load_config
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     except FlawscopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped (| head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool that stopped this way
     except OSError as exc:  # the file system refused (full disk, permissions, a file in the way)
         if exc.filename is None:
             raise

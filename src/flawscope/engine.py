@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flawscope.device import check_device_spec, parse_device
 from flawscope.errors import FlawscopeError, check_output_dir
-from flawscope.inference.result import AnomalyResult
+from flawscope.inference.result import AnomalyResult, fit_name
 from flawscope.logs import log
 
 
@@ -86,11 +86,12 @@ def predict(cfg: dict) -> dict:
     return save_results(predictor.predict(p["input"]), Path(cfg["Global"]["output"]))
 
 
-def save_results(results: Iterable[AnomalyResult], save_path: Path, json_arrays: str = "rle",
-                 save_extra: bool = False) -> dict:
-    """Save each result's JSON and picture, print one line each, and count the outcomes.
+def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
+    """Save each result's JSON and pictures (as its ``json_arrays``/``save_extra`` say), print
+    one line each, and count the outcomes.
 
-    Two inputs with the same file name (from different folders) get distinct output names.
+    Two inputs with the same file name (from different folders) get distinct output names, also
+    where the file system does not tell upper from lower case.
     """
     counts = {"images": 0, "anomalous": 0, "errors": 0}
     used: set[str] = set()
@@ -102,13 +103,13 @@ def save_results(results: Iterable[AnomalyResult], save_path: Path, json_arrays:
             print(f"{res.input_path}\terror: {res.error}")
             continue
         name = res.stem
-        if name in used and res.input_path:
-            name = f"{Path(res.input_path).parent.name}_{name}"
-        while name in used:
+        if name.casefold() in used and res.input_path:
+            name = fit_name(f"{Path(res.input_path).parent.name}_{name}")
+        while name.casefold() in used:
             name += "_"
-        used.add(name)
-        res.save_to_json(save_path / f"{name}_res.json", arrays=json_arrays)
-        res.save_to_img(save_path / f"{name}_res.png", extra=save_extra)
+        used.add(name.casefold())
+        res.save_to_json(save_path / f"{name}_res.json")
+        res.save_to_img(save_path / f"{name}_res.png")
         counts["anomalous"] += int(res.is_anomaly)
         print(f"{res.input_path}\tscore={res.score:.3f}\tis_anomaly={res.is_anomaly}")
     return counts

@@ -153,7 +153,9 @@ class AnomalyDetectionPipeline:
         """Results in input order; ``recursive``/``on_error`` default to the config's."""
         kwargs.setdefault("recursive", self.recursive)
         kwargs.setdefault("on_error", self.on_error)
-        return self.predictor.predict(input, **kwargs)
+        for result in self.predictor.predict(input, **kwargs):
+            result.json_arrays, result.save_extra = self.json_arrays, self.save_extra
+            yield result
 
     __call__ = predict
 

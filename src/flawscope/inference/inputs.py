@@ -11,6 +11,7 @@ import glob
 import http.client
 import os
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -19,19 +20,43 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flawscope.data.io import image_to_rgb, is_image_file, is_listed_file, read_image
+from flawscope.data.io import MAX_PIXELS, image_to_rgb, is_image_file, is_listed_file, read_image
 from flawscope.errors import FlawscopeError, first_line
 
 URL_TIMEOUT_S = 20
 URL_MAX_BYTES = 50 << 20
 
 
+_URL_SCHEMES = ("http://", "https://")
+_CHUNK = 1 << 16
+
+
+def _is_url(text: str) -> bool:
+    return text.lower().startswith(_URL_SCHEMES)  # schemes are case-insensitive (RFC 3986)
+
+
 def _fetch(url: str) -> bytes:
+    """The body, within URL_TIMEOUT_S in all: urlopen's timeout bounds each socket read only,
+    so a server trickling bytes would otherwise stall the whole prediction."""
+    deadline = time.monotonic() + URL_TIMEOUT_S
+    chunks: list[bytes] = []
+    size = 0
     with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310 - http(s) only
-        data = response.read(URL_MAX_BYTES + 1)
-    if len(data) > URL_MAX_BYTES:
-        raise FlawscopeError(f"{url}: larger than {URL_MAX_BYTES >> 20} MB")
-    return data
+        while chunk := response.read(_CHUNK):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > URL_MAX_BYTES:
+                raise FlawscopeError(f"{url}: larger than {URL_MAX_BYTES >> 20} MB")
+            if time.monotonic() > deadline:
+                raise FlawscopeError(f"{url}: download failed (not complete after {URL_TIMEOUT_S} s)")
+    return b"".join(chunks)
+
+
+def _check_size(height: int, width: int, name: str) -> None:
+    """The same limit as for files: a 30000x30000 frame would take tens of GB to score."""
+    if height * width > MAX_PIXELS:
+        raise FlawscopeError(f"{name}: image is too large ({width}x{height} = {width * height} pixels, "
+                             f"limit {MAX_PIXELS})")
 
 
 def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
@@ -41,6 +66,7 @@ def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
                              f"not empty, got shape {array.shape}")
     if array.dtype != np.uint8:
         raise FlawscopeError(f"{name}: array must be uint8, got {array.dtype}")
+    _check_size(array.shape[0], array.shape[1], name)
     return np.repeat(np.asarray(array)[:, :, None], 3, axis=2) if array.ndim == 2 else np.array(array[:, :, :3])
 
 
@@ -48,6 +74,7 @@ def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
     """As a file of that mode is read: 16-bit and float images scaled by their range, not clipped."""
     if not image.width or not image.height:
         raise FlawscopeError(f"{name}: the image is empty ({image.width}x{image.height})")
+    _check_size(image.height, image.width, name)
     try:
         return image_to_rgb(image)
     except (ValueError, OSError) as exc:
@@ -62,7 +89,7 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
         if not text.strip():
             yield text, FlawscopeError("an empty path: give an image file, directory, glob or URL")
             return
-        if text.startswith(("http://", "https://")):
+        if _is_url(text):
             yield text, text
             return
         try:
@@ -109,13 +136,14 @@ def load_input(name: str | None, source: Any) -> np.ndarray:
         return _pil_to_rgb(source, name or "PIL image")
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, name or "array")
-    if source.startswith(("http://", "https://")):
+    if _is_url(source):
         try:
             data = _fetch(source)
         except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: a malformed URL
             raise FlawscopeError(f"{source}: download failed ({first_line(exc)})") from None
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / (Path(source.split("?")[0]).name or "download")
+            # A fixed name: the URL's last segment may be "..", or longer than a file name may be.
+            path = Path(tmp) / "download"
             path.write_bytes(data)
             try:
                 return read_image(path)

@@ -147,7 +147,7 @@ class Predictor:
                 if on_error == "raise" or not isinstance(error, FlawscopeError):
                     raise error
                 yield from self._flush(pending)
-                yield AnomalyResult.from_error(name, str(error), self.info.model)
+                yield AnomalyResult.from_error(name, str(error), self.info.model, self.threshold)
             yield from self._flush(pending)
 
     def _flush(self, pending: list[tuple[str | None, np.ndarray]]) -> Iterator[AnomalyResult]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pprint
 import uuid
@@ -31,6 +32,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from flawscope.data.io import IMAGE_EXTENSIONS
+from flawscope.errors import FlawscopeError
+
 THRESHOLD = 0.5
 """Normalised decision threshold for both the image score and the map's pixels."""
 
@@ -41,6 +45,7 @@ ArrayMode = Literal["rle", "list", "png", "none"]
 
 _HEAT_FIFTHS = 2  # the heat map's share of the overlay picture, in fifths: 40%
 _OUTLINE_WIDTH = 2
+_STEM_BYTES = 200  # of a file name's 255: room for "_res.map.png" and a folder's name before it
 _RED = (255, 0, 0)
 _GREEN = (0, 160, 0)
 
@@ -73,6 +78,10 @@ class AnomalyResult:
     model_name: str
     regions: list[Region] = field(default_factory=list)
     error: str | None = None
+    # How save_to_json / save_to_img write when not told: a pipeline sets its json_arrays and
+    # save_extra here, so its settings hold for results saved through the Python API too.
+    json_arrays: ArrayMode = "rle"
+    save_extra: bool = False
 
     @classmethod
     def from_map(
@@ -136,7 +145,8 @@ class AnomalyResult:
         )
 
     @classmethod
-    def from_error(cls, input_path: str | None, error: str, model_name: str = "") -> AnomalyResult:
+    def from_error(cls, input_path: str | None, error: str, model_name: str = "",
+                   threshold: float = THRESHOLD) -> AnomalyResult:
         """A result for an input that could not be processed, so batches report it, not crash."""
         return cls(
             input_path=input_path,
@@ -144,7 +154,7 @@ class AnomalyResult:
             score=None,
             raw_score=None,
             is_anomaly=None,
-            threshold=THRESHOLD,
+            threshold=float(threshold),
             map=None,
             pred=None,
             model_name=model_name,
@@ -161,8 +171,9 @@ class AnomalyResult:
 
     @property
     def stem(self) -> str:
-        """File-name stem for outputs: the input's stem, or "result" when there is no path."""
-        return Path(self.input_path).stem if self.input_path else "result"
+        """File-name stem for outputs: the input's stem, or "result" when there is no path; cut
+        to leave room for the suffixes within a file name's 255 bytes."""
+        return fit_name(Path(self.input_path).stem) if self.input_path else "result"
 
     # ---------------------------------------------------------------- JSON
 
@@ -199,18 +210,20 @@ class AnomalyResult:
             "error": self.error,
         }
 
-    def save_to_json(self, dir_or_file: str | os.PathLike, arrays: ArrayMode = "rle") -> Path:
+    def save_to_json(self, dir_or_file: str | os.PathLike, arrays: ArrayMode | None = None) -> Path:
         """Write the JSON; a ``.json`` path is the file, anything else a directory that gets
-        ``<stem>_res.json``. With ``arrays="png"`` the map (16-bit, map*65535) and pred (8-bit,
-        0/255) go next to it as ``<json stem>_map.png``/``<json stem>_pred.png``, referenced by
-        file name; named after the JSON so they never clash with ``save_to_img``'s pictures."""
+        ``<stem>_res.json``. ``arrays`` defaults to ``json_arrays``. With ``"png"`` the map
+        (16-bit, map*65535) and pred (8-bit, 0/255) go next to it as ``<json stem>.map.png`` /
+        ``<json stem>.pred.png``, referenced by file name: the dot keeps them apart from
+        ``save_to_img``'s ``_map.png`` / ``_pred.png`` pictures, whatever the names."""
+        arrays = self.json_arrays if arrays is None else arrays
         path = _output_path(dir_or_file, ".json", f"{self.stem}_res.json")
         if arrays != "png" or self.error is not None:
             data = self.to_json("none" if arrays == "png" else arrays)
         else:
             data = self.to_json("none")
             for key, picture in (("map", self._map16()), ("pred", self._pred_image())):
-                png = path.with_name(f"{path.stem}_{key}.png")
+                png = path.with_name(f"{path.stem}.{key}.png")
                 _write_atomic(png, _png_bytes(picture))
                 data[key] = png.name
         # allow_nan=False: NaN/Infinity are not JSON; fail here rather than in a client.
@@ -235,20 +248,29 @@ class AnomalyResult:
         self._draw_label(picture)
         return picture
 
+    def _label_text(self) -> str:
+        """"score 0.73 ANOMALY" or "score 0.12 OK". The score is cut, not rounded, to two
+        decimals: 0.4996 rounded would read "0.50 OK" at threshold 0.5 (the 1e-9 keeps 0.29, which
+        is 28.999... hundredths in binary, at 0.29)."""
+        return f"score {math.floor(self.score * 100 + 1e-9) / 100:.2f} {'ANOMALY' if self.is_anomaly else 'OK'}"
+
     def _draw_label(self, picture: Image.Image) -> None:
-        """Write "score 0.73 ANOMALY"/"score 0.12 OK" top-left on a red/green box."""
-        verdict = "ANOMALY" if self.is_anomaly else "OK"
-        text = f"score {self.score:.2f} {verdict}"
+        """Write the label top-left on a red (anomaly) or green (OK) box."""
+        text = self._label_text()
         font = ImageFont.load_default(size=max(10, min(picture.size) // 25))
         draw = ImageDraw.Draw(picture)
         _, _, right, bottom = draw.textbbox((3, 2), text, font=font)
         draw.rectangle((0, 0, right + 3, bottom + 3), fill=_RED if self.is_anomaly else _GREEN)
         draw.text((3, 2), text, fill=(255, 255, 255), font=font)
 
-    def save_to_img(self, dir_or_file: str | os.PathLike, extra: bool = False) -> list[Path]:
+    def save_to_img(self, dir_or_file: str | os.PathLike, extra: bool | None = None) -> list[Path]:
         """Write ``<stem>_res.png`` into a directory, or to the given ``.png`` file; with
-        ``extra`` also ``<stem>_map.png`` and ``<stem>_pred.png``. Nothing for an error result."""
+        ``extra`` (default: ``save_extra``) also ``<stem>_map.png`` and ``<stem>_pred.png``.
+        Nothing for an error result."""
         path = _output_path(dir_or_file, ".png", f"{self.stem}_res.png")
+        if path.suffix.lower() != ".png":
+            raise FlawscopeError(f"{path}: save_to_img writes PNG files: give a .png file or a directory")
+        extra = self.save_extra if extra is None else extra
         if self.error is not None:
             return []
         # Only the pictures it writes: at 20 MP the map picture alone is 80 MB in Pillow.
@@ -261,9 +283,10 @@ class AnomalyResult:
             _write_atomic(target, _png_bytes(pictures[key]))
         return list(targets.values())
 
-    def save_all(self, directory: str | os.PathLike, arrays: ArrayMode = "rle") -> list[Path]:
-        """JSON and the result picture into ``directory``; returns the paths written."""
-        return [self.save_to_json(directory, arrays), *self.save_to_img(directory)]
+    def save_all(self, directory: str | os.PathLike) -> list[Path]:
+        """JSON and pictures into ``directory``, as ``json_arrays`` and ``save_extra`` say;
+        returns the paths written."""
+        return [self.save_to_json(directory), *self.save_to_img(directory)]
 
     def _map16(self) -> Image.Image:
         return Image.fromarray(np.round(self.map * 65535).astype(np.uint16))
@@ -322,21 +345,31 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
     return flat.reshape((height, width), order="F")
 
 
+def fit_name(stem: str, limit: int = _STEM_BYTES) -> str:
+    """``stem`` cut to ``limit`` bytes of UTF-8 at a character boundary."""
+    return stem.encode()[:limit].decode(errors="ignore") or "result"
+
+
 def _output_path(dir_or_file: str | os.PathLike, suffix: str, default_name: str) -> Path:
-    """A path ending in ``suffix`` is the file; anything else is a directory for default_name."""
+    """A path ending in ``suffix`` or another image suffix is the file; anything else is a
+    directory for default_name (``out/x.jpg`` is a file name, which save_to_img refuses)."""
     path = Path(dir_or_file)
-    return path if path.suffix.lower() == suffix else path / default_name
+    return path if path.suffix.lower() in {suffix, *IMAGE_EXTENSIONS} else path / default_name
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file in the same directory + os.replace, so readers never see half a
-    file. The temp file is opened normally (not mkstemp) so it gets the usual umask permissions."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    file. The temp file is opened normally (not mkstemp) so it gets the usual umask permissions;
+    its name is short, so any name that fits fits with it. A failure names ``path``."""
+    tmp = path.with_name(f".{uuid.uuid4().hex[:16]}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk's error names no file
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
