@@ -4,6 +4,7 @@ method, and the refusals that keep the evaluation split out of calibration."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,21 @@ def test_fpr_threshold_is_the_conformal_quantile():
     threshold, bound = fpr_threshold(scores, 0.01)
     assert 10 < threshold < 10 + 1e-9 and bound == pytest.approx(1 / 11)
     assert fpr_threshold(scores, 0.0)[0] > 10
-    assert fpr_threshold(np.full(5, 0.3), 0.5)[0] == 0.3  # constant scores: rank 3 of 5
+    # Constant scores: flagging from rank 3 of 5 would flag all five; just above them instead.
+    threshold, bound = fpr_threshold(np.full(5, 0.3), 0.5)
+    assert 0.3 < threshold < 0.3 + 1e-9 and bound == pytest.approx(1 / 6)
+
+
+def test_fpr_threshold_with_tied_scores_flags_no_more_than_its_bound():
+    """Most good scores at a floor of 0: the rank's value is 0, and ">= 0" would flag them all."""
+    rng = np.random.default_rng(0)
+
+    def good(n: int) -> np.ndarray:
+        return np.where(rng.random(n) < 0.95, 0.0, rng.random(n) + 1)
+
+    threshold, bound = fpr_threshold(good(200), 0.1)
+    assert threshold >= 1 and bound == pytest.approx(20 / 201)
+    assert np.mean(good(20000) >= threshold) <= bound
 
 
 def test_fpr_threshold_bound_holds_on_new_samples():
@@ -44,7 +59,7 @@ def _train_cfg(method: str = "fpr", directory: Path | None = None) -> dict:
     return {"threshold_method": method, "calibration_dir": str(directory) if directory else None}
 
 
-def test_calibration_set_sources(tmp_path):
+def test_calibration_set_sources(tmp_path, monkeypatch):
     data = load_dataset(make_mvtec(tmp_path / "data"))
     held, fit = data.train[:2], data.train[2:]
     assert calibration_set(_train_cfg(), data, held, fit).source == "held-out good training images"
@@ -56,10 +71,17 @@ def test_calibration_set_sources(tmp_path):
     Image.fromarray(texture(np.random.default_rng(99))).save(folder / "a.png")
     both = calibration_set(_train_cfg(directory=folder), data, held, fit)
     assert len(both.good) == 3 and both.defects == [] and "calibration_dir" in both.source
+    monkeypatch.chdir(tmp_path)  # recorded absolute: evaluate may run from another folder
+    assert calibration_set(_train_cfg(directory=Path("more_good")), data, held, fit).calibration_dir == str(folder)
 
     labelled = calibration_set(_train_cfg("f1", make_mvtec(tmp_path / "cal", n_train=2, seed=5)), data, held, fit)
     assert len(labelled.defects) == 2 and all(s.mask is not None for s in labelled.defects)
     assert len(labelled.good) == 2 + 2 + 2  # held out + the calibration set's train/good and test/good
+
+    # The layout the f1 error suggests, test/<type>/ + ground_truth/ without train/good/, is taken.
+    shutil.rmtree(tmp_path / "cal" / "train")
+    defects_only = calibration_set(_train_cfg("f1", tmp_path / "cal"), data, held, fit)
+    assert len(defects_only.defects) == 2 and len(defects_only.good) == 2 + 2
 
 
 @pytest.mark.parametrize("case", ["f1_without_defects", "dataset_itself", "missing_dir", "training_copy",

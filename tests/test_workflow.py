@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+import safetensors.numpy
 from safetensors.torch import load_file
 
 from conftest import make_mvtec, tiny_overrides
@@ -286,6 +287,7 @@ def test_an_output_folder_that_is_a_file(trained, tmp_path, capsys, under) -> No
     (("input_size: 64\n", ""), "damaged model description: missing key input_size"),
     (("resize_mode: resize", "resize_mode: crop"), "resize_mode must be one of resize, letterbox"),
     ("truncate", "model.safetensors: not a readable safetensors file, truncated or damaged"),
+    ("nan", "STFPM: the model's output is NaN or infinite: its weights are damaged"),
 ])
 def test_a_damaged_model_directory_is_one_error_line(trained, tmp_path, capsys, edit, message) -> None:
     model_dir = tmp_path / "model"
@@ -293,6 +295,11 @@ def test_a_damaged_model_directory_is_one_error_line(trained, tmp_path, capsys, 
     if edit == "truncate":
         weights = model_dir / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
+    elif edit == "nan":  # readable, every value in place, and one weight NaN
+        tensors = safetensors.numpy.load_file(model_dir / "model.safetensors")
+        name = next(k for k, v in tensors.items() if "student" in k and v.dtype.kind == "f" and v.ndim == 4)
+        tensors[name] = np.full_like(tensors[name], np.nan)
+        safetensors.numpy.save_file(tensors, model_dir / "model.safetensors")
     elif isinstance(edit, dict):  # set keys to values
         meta = model_dir / "inference.yml"
         meta.write_text(yaml.safe_dump(yaml.safe_load(meta.read_text()) | edit, sort_keys=False))

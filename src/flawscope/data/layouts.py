@@ -160,7 +160,9 @@ def _is_segdataset(root: Path) -> bool:
 
 
 def _is_mvtec(root: Path) -> bool:
-    return (root / "train" / GOOD).is_dir()
+    """train/good/, or test/ with ground_truth/: a labelled set without training images, such as
+    a Train.calibration_dir of defects (training still needs train/good/)."""
+    return (root / "train" / GOOD).is_dir() or (root / "test").is_dir() and (root / "ground_truth").is_dir()
 
 
 def _is_folder(root: Path) -> bool:

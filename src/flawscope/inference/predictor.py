@@ -74,6 +74,9 @@ class Predictor:
             x = normalize(torch.from_numpy(batch).to(self.device), self.info.mean, self.info.std)
             maps, scores = self.model.map_and_score(x)
             maps, scores = maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
+            if not (np.isfinite(scores).all() and np.isfinite(maps).all()):  # at the input size: cheap
+                raise FlawscopeError(f"{self.info.model}: the model's output is NaN or infinite: its weights are "
+                                     "damaged, or its training diverged")
             return [(self.resizer.to_original(m, (img.shape[1], img.shape[0])), float(s))
                     for m, s, img in zip(maps, scores, images)]
 

@@ -43,12 +43,21 @@ _PIXELS_PER_IMAGE = 65536  # subsample of each good map kept for the pixel quant
 
 def fpr_threshold(scores: np.ndarray, fpr: float) -> tuple[float, float]:
     """(threshold, bound): flagging ``score >= threshold`` flags a new good sample with
-    probability at most ``bound``, which is ``fpr`` unless there are too few scores to reach it."""
+    probability at most ``bound``, which is ``fpr`` unless there are too few scores to reach it.
+
+    When scores tie at the rank's value (a floor such as a zero distance), flagging from it would
+    flag every tied score: the threshold moves up to the next higher score, as a new score at
+    or above that is above the rank's value, which the bound is for."""
     n = len(scores)
     rank = math.ceil((n + 1) * (1 - fpr))  # 1-based rank among the sorted scores
-    if rank > n:
-        return float(np.nextafter(np.max(scores), np.inf)), 1 / (n + 1)
-    return float(np.partition(scores, rank - 1)[rank - 1]), (n - rank + 1) / (n + 1)
+    if rank <= n:
+        value = np.partition(scores, rank - 1)[rank - 1]
+        if np.count_nonzero(scores >= value) <= n - rank + 1:
+            return float(value), (n - rank + 1) / (n + 1)
+        above = scores[scores > value]
+        if above.size:
+            return float(above.min()), (n - rank + 1) / (n + 1)
+    return float(np.nextafter(np.max(scores), np.inf)), 1 / (n + 1)
 
 
 @dataclass
@@ -90,6 +99,8 @@ def calibration_set(train_cfg: dict, dataset: Dataset, held_out: list[Sample],
             "Train.threshold_method=f1: needs defective images with masks that are not the evaluation "
             "split; set Train.calibration_dir to a dataset holding some (e.g. test/<type>/ + "
             "ground_truth/), or use Train.threshold_method=fpr")
+    # Absolute: evaluate compares it with its dataset, from whatever folder it is run in.
+    directory = str(Path(directory).resolve()) if directory else None
     if not good:
         return CalibrationSet(list(fit_samples), defects, "training images", directory)
     return CalibrationSet(good, defects, " + ".join(sources), directory)
