@@ -65,6 +65,8 @@ def test_the_last_checkpoint_recalibrates_on_new_good_images_without_training(tr
     assert "nothing left to train" in (out / "train.log").read_text()
     cal = yaml.safe_load((out / "best_model/inference/inference.yml").read_text())["calibration"]
     assert str(cal_dir) in cal["source"] and cal["details"]["num_good"] == 2 + 6  # held out + new
+    files = json.loads((out / "train_result.json").read_text())["models"]["best"]
+    assert files["checkpoint"] == str(full / "iter_6")  # nothing trained: the checkpoint resumed from
 
 
 def test_saved_models_are_readable_as_the_umask_allows(trained, tmp_path) -> None:
@@ -107,6 +109,16 @@ def test_select_best_keeps_the_best_evaluated_student(trained, tmp_path) -> None
                    for k in saved if k.startswith("student."))
         assert same == (it == best["iteration"]), it
     assert "best evaluation" in (out / "train.log").read_text()
+
+    # Resumed after the best evaluation: the selection and the history carry on from the checkpoint.
+    resumed = tmp_path / "resumed"
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, resumed, iters=9), "Train.eval_interval=3",
+                "Train.select_best=true", "Train.learning_rate=2.0", f"Train.resume_path={out / 'iter_6'}") == 0
+    again = json.loads((resumed / "train_result.json").read_text())
+    assert again["eval_history"] == result["eval_history"] and again["selected_iteration"] == best["iteration"]
+    assert again["models"]["best"]["checkpoint"] == str(resumed / "iter_9")
+    again_saved = load_file(str(resumed / "best_model/inference/model.safetensors"))
+    assert all(np.array_equal(saved[k], again_saved[k]) for k in saved)
 
 
 def test_hard_fraction_trains_on_the_hardest_positions(trained, tmp_path) -> None:
@@ -240,6 +252,62 @@ def test_mask_of_another_size(tmp_path, capsys) -> None:
     Image.new("L", (32, 32)).save(mask)
     out = tmp_path / "out"
     _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out), fragment=str(mask))
+
+
+@pytest.mark.parametrize("bad", ["test/good/000.png", "calibration"])
+def test_an_image_that_is_no_image_fails_before_training(tmp_path, capsys, bad) -> None:
+    """A test image (first read at the first evaluation) or a calibration_dir image (at calibration,
+    after training) that is no image stops the run before it starts."""
+    data = make_mvtec(tmp_path / "data")
+    extra = []
+    if bad == "calibration":
+        cal = make_mvtec(tmp_path / "cal", n_train=2, seed=5) / "train" / "good"
+        extra, bad = [f"Train.calibration_dir={cal}"], next(cal.iterdir())
+    else:
+        bad = data / bad
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out), *extra,
+                   fragment=f"{bad}: not a readable image")
+
+
+@pytest.mark.parametrize("case, fragment", [
+    (["Train.epochs_iters=3"], "is at iteration 6, past Train.epochs_iters 3"),
+    (["Global.seed=8"], "was trained with seed 42, this run has 8"),
+    (["Train.batch_size=2"], "was trained with batch_size 4, this run has 2"),
+    ("truncate", "checkpoint.safetensors: not a readable safetensors file"),
+    ("json", "checkpoint.json: damaged checkpoint description"),
+])
+def test_a_checkpoint_that_cannot_be_resumed_fails_before_anything_is_written(trained, tmp_path, capsys, case,
+                                                                            fragment) -> None:
+    dataset, full = trained
+    checkpoint = tmp_path / "iter_6"
+    shutil.copytree(full / "iter_6", checkpoint)
+    if case == "truncate":
+        weights = checkpoint / "checkpoint.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif case == "json":
+        (checkpoint / "checkpoint.json").write_text('{"iter')
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(dataset, out), f"Train.resume_path={checkpoint}",
+                   *(case if isinstance(case, list) else []), fragment=fragment)
+
+
+def test_a_failed_training_leaves_no_model_to_be_taken_for_its_own(trained, tmp_path, capsys) -> None:
+    """A second run into the same output that fails part-way: the first run's best_model/ is still
+    there, but evaluate and predict must not use it as if it were the new run's."""
+    dataset, _ = trained
+    out = tmp_path / "out"
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=2)) == 0
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=2), "Train.learning_rate=1e30") == 2
+    assert "training diverged" in capsys.readouterr().err
+    assert json.loads((out / "train_result.json").read_text())["done_flag"] is False
+    image = next((dataset / "test" / "good").iterdir())
+    assert _cli("Global.mode=predict", f"Global.output={out}", f"Predict.input={image}") == 2
+    err = capsys.readouterr().err
+    assert "the last training in" in err and "did not finish" in err and not list(out.glob("*_res.json"))
+    assert _cli("Global.mode=predict", f"Global.output={out}", f"Predict.input={image}",
+                f"Predict.model_dir={out / 'best_model/inference'}") == 0  # given explicitly, it is the user's call
 
 
 def test_unknown_config_key(tmp_path, capsys) -> None:
@@ -454,7 +522,7 @@ def test_a_grown_model_is_not_calibrated_on_images_it_holds(trained, tmp_path, c
     again = tmp_path / "again"
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={again}", *small, base) == 2
     err = capsys.readouterr().err
-    assert "error: Train.add_normals: the good images held out for calibration are all in" in err
+    assert "error: Train.add_normals: the good calibration images are all in" in err
     assert "Traceback" not in err and not again.exists()
 
     grown_data = tmp_path / "grown_data"  # the 8 images and 4 new ones
@@ -471,7 +539,24 @@ def test_a_grown_model_is_not_calibrated_on_images_it_holds(trained, tmp_path, c
     info = yaml.safe_load((grown / "best_model/inference/inference.yml").read_text())
     assert info["calibration"]["details"]["num_good"] == len(held) - held_old
     log = (grown / "train.log").read_text()
-    assert f"{held_old} of the {len(held)} good images held out for calibration are in" in log
+    assert f"{held_old} of the good calibration images are in" in log
+
+    # Train.calibration_dir's good images are filtered alike, and the model keeps its own settings.
+    new_data = make_mvtec(tmp_path / "new_data", n_train=4, seed=3)
+    cal = tmp_path / "cal"
+    cal.mkdir()
+    for image in sorted((dataset / "train/good").iterdir())[:2]:  # in the base model's banks
+        shutil.copy(image, cal / f"old_{image.name}")
+    shutil.copy(next((make_mvtec(tmp_path / "newer", n_train=1, seed=5) / "train/good").iterdir()), cal / "newer.png")
+    with_dir = tmp_path / "with_dir"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={new_data}", f"Global.output={with_dir}", *small,
+                      base, f"Train.calibration_dir={cal}", "Model.input_size=64") == 0
+    info = yaml.safe_load((with_dir / "best_model/inference/inference.yml").read_text())
+    assert info["calibration"]["details"]["num_good"] == 2 + 1 and info["input_size"] == 128
+    log = (with_dir / "train.log").read_text()
+    assert "2 of the good calibration images are in" in log
+    assert "the config's Model section differs in input_size 64 (the model's: 128)" in log
+    assert yaml.safe_load((with_dir / "config.yaml").read_text())["Model"]["input_size"] == 128
 
 
 def test_copied_training_images_are_used_once(tmp_path, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,13 +14,26 @@ from flawscope.logs import log
 
 
 def inference_dir(cfg: dict, key: str) -> Path | None:
-    """The model directory a mode reads: the given one, else the one training wrote, else None."""
+    """The model directory a mode reads: the given one, else the one training wrote, else None.
+
+    Not the one training wrote while ``train_result.json`` says a later run there did not finish:
+    that best_model/ is an earlier run's, and taking it for the new one would be silent."""
     section, name = key.split(".")
     given = cfg[section][name]
     if given:
         return Path(given)
-    trained = Path(cfg["Global"]["output"]) / "best_model" / "inference"
-    return trained if trained.is_dir() else None
+    output = Path(cfg["Global"]["output"])
+    trained = output / "best_model" / "inference"
+    if not trained.is_dir():
+        return None
+    try:
+        done = json.loads((output / "train_result.json").read_text(encoding="utf-8")).get("done_flag", True)
+    except (OSError, ValueError, AttributeError):  # none (a model put there by hand), or unreadable
+        done = True
+    if done is False:
+        raise FlawscopeError(f"{output / 'train_result.json'}: the last training in {output} did not finish "
+                             f"(done_flag false), so {trained} is an earlier run's model; give {key} or train again")
+    return trained
 
 
 def check_dataset(cfg: dict) -> dict:

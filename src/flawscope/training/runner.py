@@ -30,7 +30,7 @@ from flawscope.config import dump_config
 from flawscope.data.layouts import Dataset, Sample, load_dataset, unique_images
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
-from flawscope.errors import FlawscopeError
+from flawscope.errors import FlawscopeError, first_line
 from flawscope.evaluation.evaluate import auroc_summary, collect
 from flawscope.inference.model_dir import ModelInfo, load_model_dir, save_model_dir
 from flawscope.inference.predictor import Predictor
@@ -42,7 +42,7 @@ from flawscope.models.stfpm import STFPM
 from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, split_calibration
 from flawscope.training.distributed import World
 from flawscope.training.patchcore_fit import add_normals, fit_patchcore, repeated_images
-from flawscope.training.stfpm_trainer import STFPMTrainConfig, fit_image_bank, fit_stfpm
+from flawscope.training.stfpm_trainer import Checkpoint, STFPMTrainConfig, fit_image_bank, fit_stfpm, read_checkpoint
 
 
 def load_training_images(samples: list[Sample], resizer: Resizer) -> torch.Tensor:
@@ -53,16 +53,23 @@ def load_training_images(samples: list[Sample], resizer: Resizer) -> torch.Tenso
     return out
 
 
-def check_mask_sizes(samples: list[Sample]) -> None:
-    """Compare image and mask sizes from the file headers, before training rather than at its end."""
+def check_headers(samples: list[Sample]) -> None:
+    """Open every image's and mask's header and compare their sizes: a file that is no image, or
+    a mask of another size, then fails before training rather than at its first evaluation or
+    at calibration. (Only a full decode finds a truncated file; that stays where it is read.)"""
     for sample in samples:
+        for path in (sample.image, sample.mask):
+            if path is None:
+                continue
+            try:
+                with Image.open(path):
+                    pass
+            except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+                raise FlawscopeError(f"{path}: not a readable image ({first_line(exc)})") from None
         if sample.mask is None:
             continue
-        try:
-            with Image.open(sample.image) as image, Image.open(sample.mask) as mask:
-                image_size, mask_size = image.size, mask.size
-        except OSError as exc:
-            raise FlawscopeError(f"{sample.mask}: unreadable ({exc})") from None
+        with Image.open(sample.image) as image, Image.open(sample.mask) as mask:
+            image_size, mask_size = image.size, mask.size
         if image_size != mask_size:
             raise FlawscopeError(f"{sample.mask}: mask is {mask_size[0]}x{mask_size[1]} but its image "
                                  f"{sample.image.name} is {image_size[0]}x{image_size[1]}")
@@ -84,8 +91,10 @@ def train(cfg: dict, world: World) -> dict:
     if base is not None and not isinstance(base[0], PatchCore):
         raise FlawscopeError(f"Train.add_normals: {t['add_normals']} is a {base[1].model} model; only PatchCore "
                              "memory banks can take more normal images (retrain the others)")
-    resizer = Resizer(base[1].input_size, base[1].resize_mode) if base else Resizer(m["input_size"], m["resize_mode"])
-    check_mask_sizes(dataset.val)
+    differ = _take_base_settings(cfg, base[1]) if base is not None else []
+    resizer = Resizer(m["input_size"], m["resize_mode"])
+    check_headers(dataset.val + calib_set.good + calib_set.defects)
+    resume = _read_resume(cfg, len(fit_samples)) if g["model"] == "STFPM" and t["resume_path"] else None
     torch.manual_seed(g["seed"])  # the student's initial weights
     np.random.seed(g["seed"] % 2**32)
     model, info = base or _new_model(cfg)  # reads the backbone's weights before anything is written
@@ -96,12 +105,19 @@ def train(cfg: dict, world: World) -> dict:
     needed = base is not None or t["add_calibration_images"] or image_bank  # or the model checks them, or they join it
     calib_images = load_training_images(calib_samples if needed else [], resizer)
     held_out_count = len(calib_samples)
-    if base is not None and calib_samples:
+    dropped = 0
+    if base is not None:  # neither the held-out images nor calibration_dir's may be in the model already
         calib_samples, calib_images = _new_to(model, calib_samples, calib_images, info)
-        if not calib_samples and not t["calibration_dir"]:
-            raise FlawscopeError(f"Train.add_normals: the good images held out for calibration are all in "
-                                 f"{t['add_normals']} already; set Train.calibration_dir to new good images")
         calib_set = calibration_set(t, dataset, calib_samples, fit_samples)
+        dropped = held_out_count - len(calib_samples)
+        if calib_set.source != "training images":
+            from_dir = calib_set.good[len(calib_samples):]
+            calib_set.good[len(calib_samples):] = _new_to(model, from_dir, load_training_images(from_dir, resizer),
+                                                          info)[0]
+            dropped += len(from_dir) - (len(calib_set.good) - len(calib_samples))
+        if not calib_set.good or held_out_count and calib_set.source == "training images":
+            raise FlawscopeError(f"Train.add_normals: the good calibration images are all in {t['add_normals']} "
+                                 "already; set Train.calibration_dir to new good images")
     # the student's score is measured against good images it never saw: the held-out ones, decoded above, then
     # Train.calibration_dir's (none: the image score stays the student's)
     extra = [] if calib_set.source == "training images" else calib_set.good[len(calib_samples):]
@@ -109,17 +125,57 @@ def train(cfg: dict, world: World) -> dict:
     joining = calib_images if t["add_calibration_images"] else None
     output = Path(g["output"])
     if world.is_main:
+        # Until this run ends, evaluate, predict and export must not take an earlier run's
+        # best_model/ here for this one's: the done flag says it is not done (engine.inference_dir).
+        _write_json(output / "train_result.json", {"done_flag": False, "model_name": g["model"]})
         dump_config(cfg, output / "config.yaml")
     with log_to_file(output / "train.log") if world.is_main else nullcontext():
         if copies:
             copy, original = copies[0]
             log.warning("%d training images are copies of others (%s of %s%s): each image is used once",
                         len(copies), copy.image, original.image, ", ..." if len(copies) > 1 else "")
-        if len(calib_samples) < held_out_count:
-            log.warning("%d of the %d good images held out for calibration are in %s already: not calibrated on",
-                        held_out_count - len(calib_samples), held_out_count, t["add_normals"])
-        return _train(cfg, _Loaded(dataset, fit_samples, calib_set, images, held_out, joining),
+        if differ:
+            log.warning("Train.add_normals: the model keeps its own settings; the config's Model section differs "
+                        "in %s", ", ".join(differ))
+        if dropped:
+            log.warning("%d of the good calibration images are in %s already: not calibrated on", dropped,
+                        t["add_normals"])
+        return _train(cfg, _Loaded(dataset, fit_samples, calib_set, images, held_out, joining, resume),
                       model.to(world.device), info, world, output)
+
+
+def _take_base_settings(cfg: dict, info: ModelInfo) -> list[str]:
+    """``Train.add_normals`` grows a model as it was built: its Model settings replace the
+    config's, so config.yaml records what the model is. Returns where they differed."""
+    m = cfg["Model"]
+    own = {**info.model_config, "input_size": info.input_size, "resize_mode": info.resize_mode}
+    differ = [f"{key} {m[key]!r} (the model's: {value!r})" for key, value in own.items() if key in m and m[key] != value]
+    m.update({key: value for key, value in own.items() if key in m})
+    return differ
+
+
+def _read_resume(cfg: dict, train_images: int) -> Checkpoint:
+    """``Train.resume_path``, read and checked before anything is written."""
+    t = cfg["Train"]
+    checkpoint = read_checkpoint(t["resume_path"], _resume_settings(cfg, train_images))
+    if checkpoint.iteration > t["epochs_iters"]:
+        raise FlawscopeError(f"Train.resume_path: {checkpoint.path} is at iteration {checkpoint.iteration}, past "
+                             f"Train.epochs_iters {t['epochs_iters']}")
+    return checkpoint
+
+
+def _resume_settings(cfg: dict, train_images: int) -> dict:
+    """What a checkpoint records and a run resumed from it must share."""
+    g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
+    return {"seed": g["seed"], "batch_size": t["batch_size"], "train_images": train_images,
+            "input_size": m["input_size"], "hard_fraction": t["hard_fraction"]}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
 
 
 @torch.no_grad()
@@ -128,7 +184,7 @@ def _new_to(model: PatchCore, samples: list[Sample], images: torch.Tensor,
     """The held-out calibration images that the model grown with ``Train.add_normals`` does not
     hold already (``repeated_images``: by its image bank, without which all are kept). Images it
     holds score as low as a training image: calibrating on them would set the thresholds too low."""
-    if not len(model.image_bank):
+    if not samples or not len(model.image_bank):
         return samples, images
     descriptors = torch.cat([model.features(normalize(images[i:i + 8], info.mean, info.std))[1]
                              for i in range(0, len(images), 8)])
@@ -161,6 +217,7 @@ class _Loaded:
     images: torch.Tensor  # fit_samples decoded and resized, NxSxSx3 uint8
     held_out: torch.Tensor | None  # STFPM with an image bank: the good images its own score is measured against
     joining: torch.Tensor | None  # Train.add_calibration_images: the held-out images that join the banks
+    resume: Checkpoint | None  # Train.resume_path, read
 
 
 def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, world: World, output: Path) -> dict:
@@ -174,7 +231,7 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
 
     t0 = time.time()
     if isinstance(model, STFPM):
-        history = _fit_stfpm(cfg, model, images, held_out, world, normalizer, output, evaluate)
+        history = _fit_stfpm(cfg, model, images, held_out, world, normalizer, output, evaluate, data)
     else:
         history = _fit_patchcore(cfg, model, images, device, normalizer)
     if not world.is_main:
@@ -207,7 +264,7 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
                         "source": info.calibration.source},
         "models": {"best": {"inference_model_dir": str(model_dir), **history.get("files", {})}},
     }
-    (output / "train_result.json").write_text(json.dumps(result, indent=2))
+    _write_json(output / "train_result.json", result)
     log.info("training done in %.0fs; inference model: %s", result["train_seconds"], model_dir)
     return result
 
@@ -219,7 +276,7 @@ def model_config_from(name: str, section: dict) -> dict:
 
 
 def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Tensor | None, world: World,
-               normalizer: Callable, output: Path, evaluate: Callable | None) -> dict:
+               normalizer: Callable, output: Path, evaluate: Callable | None, data: _Loaded) -> dict:
     """Train the student; with ``global_score``, then fill the image bank, to be evaluated again
     (``final_eval``: the evaluations during training score with the student alone)."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
@@ -228,14 +285,19 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
                                  weight_decay=t["weight_decay"], log_interval=t["log_interval"],
                                  eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"],
                                  select_best=t["select_best"], hard_fraction=t["hard_fraction"])
-    history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate,
-                        Path(t["resume_path"]) if t["resume_path"] else None, world)
+    settings = {**_resume_settings(cfg, len(images)), "epochs_iters": t["epochs_iters"]}
+    if data.resume is not None and data.resume.meta.get("epochs_iters", t["epochs_iters"]) != t["epochs_iters"]:
+        log.warning("Train.resume_path: %s was trained towards %d iterations, this run %d: the learning-rate "
+                    "schedule changes from here on", data.resume.path, data.resume.meta["epochs_iters"],
+                    t["epochs_iters"])
+    history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate, data.resume, world,
+                        settings)
     if model.global_score and world.is_main:
         fit_image_bank(model, images, held_out, world.device, normalizer, size=m["image_bank_size"], seed=g["seed"])
         history["final_eval"] = {"iteration": history.get("selected_iteration", t["epochs_iters"]), "image_bank": True}
     history["provenance"] = {"iterations": history.get("selected_iteration", t["epochs_iters"]),
                              "hard_fraction": t["hard_fraction"]}
-    history["files"] = {"checkpoint": str(output / f"iter_{t['epochs_iters']}")}
+    history["files"] = {"checkpoint": history.pop("checkpoint")}
     return history
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -27,6 +30,8 @@ from flawscope.training.patchcore_fit import image_bank_rows
 from flawscope.training.distributed import World
 
 log = logging.getLogger("flawscope")
+
+CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")
 
 
 @dataclass
@@ -80,63 +85,122 @@ def _teacher_features(model: STFPM, images: torch.Tensor, device: torch.device,
     return [torch.cat(level) for level in zip(*feats)]
 
 
-def save_checkpoint(path: Path, model: STFPM, optimizer: torch.optim.Optimizer, iteration: int) -> None:
-    """Student weights and SGD momentum as safetensors, the iteration as JSON (no pickle)."""
-    path.mkdir(parents=True, exist_ok=True)
+@dataclass
+class Checkpoint:
+    """A checkpoint, read and checked before the run writes anything (``read_checkpoint``)."""
+
+    path: Path
+    iteration: int
+    tensors: dict[str, torch.Tensor]  # student weights, SGD momentum and, with select_best, the best student
+    meta: dict  # checkpoint.json: the iteration, the settings it was trained with, select_best's state
+
+
+def save_checkpoint(path: Path, model: STFPM, optimizer: torch.optim.Optimizer, meta: dict,
+                    best: dict[str, torch.Tensor] | None = None) -> None:
+    """Student weights, SGD momentum (and the best student so far) as safetensors, ``meta`` as
+    JSON (no pickle). Written beside and moved in, so an interrupted save leaves the previous
+    checkpoint of that name whole, never half of one."""
+    staging = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.student.state_dict().items()}
     for i, p in enumerate(model.student.parameters()):
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             tensors[f"momentum.{i}"] = buf.detach().cpu().contiguous()
-    write_safetensors(tensors, path / "checkpoint.safetensors")
-    (path / "checkpoint.json").write_text(json.dumps({"iteration": iteration}))
+    tensors |= {f"best.{k}": v.cpu().contiguous() for k, v in (best or {}).items()}
+    write_safetensors(tensors, staging / CHECKPOINT_FILES[0])
+    (staging / CHECKPOINT_FILES[1]).write_text(json.dumps(meta))
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        path.rename(old)
+    staging.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, model: STFPM, optimizer: torch.optim.Optimizer) -> int:
-    """Restore a checkpoint written by ``save_checkpoint``; returns the iteration it stopped at."""
+def read_checkpoint(path: str | Path, settings: dict) -> Checkpoint:
+    """Read ``Train.resume_path``, refusing one trained with other ``settings`` (the seed decides
+    which images were held out for calibration, the batch size and images what each iteration
+    saw): the resumed run would be no continuation of it."""
     path = Path(path)
-    files = path / "checkpoint.safetensors", path / "checkpoint.json"
+    files = [path / name for name in CHECKPOINT_FILES]
     if not all(f.is_file() for f in files):
-        raise FlawscopeError(f"Train.resume_path: {path} is not a checkpoint directory (needs {files[0].name}, {files[1].name})")
-    tensors = load_file(str(files[0]))
+        raise FlawscopeError(f"Train.resume_path: {path} is not a checkpoint directory (needs {', '.join(CHECKPOINT_FILES)})")
+    try:
+        meta = json.loads(files[1].read_text(encoding="utf-8"))
+        iteration = int(meta["iteration"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
+        raise FlawscopeError(f"{files[1]}: damaged checkpoint description ({first_line(exc)})") from None
+    try:
+        tensors = load_file(str(files[0]))
+    except (OSError, SafetensorError) as exc:
+        raise FlawscopeError(f"{files[0]}: not a readable safetensors file, truncated or damaged "
+                             f"({first_line(exc)})") from None
+    for key, value in settings.items():
+        if key in meta and meta[key] != value:
+            raise FlawscopeError(f"Train.resume_path: {path} was trained with {key} {meta[key]!r}, this run has "
+                                 f"{value!r}; resume with the same settings, or train anew")
+    return Checkpoint(path, iteration, tensors, meta)
+
+
+def _restore(checkpoint: Checkpoint, model: STFPM, optimizer: torch.optim.Optimizer) -> None:
+    tensors = checkpoint.tensors
     try:
         model.student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     except RuntimeError as exc:
-        raise FlawscopeError(f"Train.resume_path: {path} does not fit this model ({first_line(exc)})") from None
+        raise FlawscopeError(f"Train.resume_path: {checkpoint.path} does not fit this model ({first_line(exc)})") from None
     device = next(model.student.parameters()).device
     for i, p in enumerate(model.student.parameters()):
         if f"momentum.{i}" in tensors:
             optimizer.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(device)
-    return int(json.loads(files[1].read_text())["iteration"])
+
+
+def _mean_over_processes(loss: torch.Tensor, world: World) -> torch.Tensor:
+    """The loss of the whole global batch: what the log shows, and what stops every process at
+    once when training diverges (one raising alone would leave the others waiting for it in the
+    gradients' all-reduce)."""
+    if world.size == 1:
+        return loss
+    total = loss.clone()
+    dist.all_reduce(total)
+    return total / world.size
 
 
 def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device: torch.device,
               normalize: Callable[[torch.Tensor], torch.Tensor], output: Path,
-              evaluate: Callable[[STFPM], dict] | None = None, resume: Path | None = None,
-              world: World = World()) -> dict:
+              evaluate: Callable[[STFPM], dict] | None = None, resume: Checkpoint | None = None,
+              world: World = World(), settings: dict | None = None) -> dict:
     """Train ``model.student`` on ``images`` (NxSxSx3 uint8); returns the metrics and losses.
 
     With ``cfg.select_best`` the student ends with the weights of the evaluation that scored best
     (image AUROC, then pixel AUROC; the earliest on ties), as PaddleX's best_model does; otherwise
     with the last iteration's.
 
-    Checkpoints go to ``output/iter_<N>/`` every ``save_interval`` iterations and at the end. In a
-    distributed run every process draws the same global batch of ``batch_size`` images per
-    process and trains on its own slice; rank 0 alone saves and evaluates.
+    Checkpoints go to ``output/iter_<N>/`` every ``save_interval`` iterations and at the end,
+    with ``settings`` (what a resumed run must share) and the evaluations so far, so that a run
+    resumed from one selects as the uninterrupted run would. In a distributed run every process
+    draws the same global batch of ``batch_size`` images per process and trains on its own slice;
+    rank 0 alone saves and evaluates.
     """
     # NHWC: the depthwise convolutions of the student train about 1.7x faster on CPU (same maths, rounding aside).
     model.to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.SGD(model.student.parameters(), lr=cfg.learning_rate,
                                 momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    start = load_checkpoint(resume, model, optimizer) if resume else 0
-    if start >= cfg.iterations:
-        log.info("checkpoint is at iteration %d of %d: nothing left to train", start, cfg.iterations)
+    history: dict = {"loss": [], "eval": [], "checkpoint": None}
+    best: tuple[tuple[float, float], int, dict] | None = None  # (key, iteration, student weights)
+    start = 0
+    if resume is not None:
+        _restore(resume, model, optimizer)
+        start, history["eval"], history["checkpoint"] = resume.iteration, list(resume.meta.get("eval", [])), str(resume.path)
+        if cfg.select_best and "best" in resume.meta:
+            weights = {k[5:]: v.to(device) for k, v in resume.tensors.items() if k.startswith("best.")}
+            best = tuple(resume.meta["best"]["key"]), resume.meta["best"]["iteration"], weights
+        if start == cfg.iterations:
+            log.info("checkpoint is at iteration %d of %d: nothing left to train", start, cfg.iterations)
     student = model.student
     if world.size > 1:
         student = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-    cached = _teacher_features(model, images, device, normalize, cfg.cache_limit_bytes)
-    history: dict = {"loss": [], "eval": []}
-    best: tuple[tuple[float, float], int, dict] | None = None  # (key, iteration, student weights)
+    cached = _teacher_features(model, images, device, normalize, cfg.cache_limit_bytes) if start < cfg.iterations else None
     t0 = time.time()
     # A bar only on a terminal: piped to a file, the log line every log_interval carries the progress.
     bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it", dynamic_ncols=True,
@@ -152,24 +216,23 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
         else:
             teacher = [level[idx].to(device).float() for level in cached]
         loss = stfpm_loss(teacher, student(batch), cfg.hard_fraction)
-        if not torch.isfinite(loss):
-            raise FlawscopeError(f"training diverged at iteration {it + 1} (loss {loss.item()}); lower Train.learning_rate")
+        shown = _mean_over_processes(loss.detach(), world)
+        if not torch.isfinite(shown):
+            raise FlawscopeError(f"training diverged at iteration {it + 1} (loss {shown.item()}); lower Train.learning_rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         done = it + 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+        bar.set_postfix(loss=f"{shown.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
         if done % cfg.log_interval == 0 or done == cfg.iterations:
             elapsed = time.time() - t0
             eta = elapsed / (done - start) * (cfg.iterations - done)
-            log.info("iter %d/%d loss %.5f lr %.4g elapsed %.0fs eta %.0fs", done, cfg.iterations, loss.item(),
+            log.info("iter %d/%d loss %.5f lr %.4g elapsed %.0fs eta %.0fs", done, cfg.iterations, shown.item(),
                      optimizer.param_groups[0]["lr"], elapsed, eta)
-            history["loss"].append([done, round(loss.item(), 6)])
+            history["loss"].append([done, round(shown.item(), 6)])
         if not world.is_main:
             continue
-        if done % cfg.save_interval == 0 or done == cfg.iterations:
-            save_checkpoint(output / f"iter_{done}", model, optimizer, done)
         if evaluate is not None and (done % cfg.eval_interval == 0 or done == cfg.iterations):
             model.eval()
             metrics = evaluate(model)
@@ -179,6 +242,12 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
             key = (metrics.get("image_auroc") or 0.0, metrics.get("pixel_auroc") or 0.0)
             if cfg.select_best and (best is None or key > best[0]):
                 best = key, done, {k: v.detach().clone() for k, v in model.student.state_dict().items()}
+        if done % cfg.save_interval == 0 or done == cfg.iterations:  # after the evaluation, which it records
+            meta = {"iteration": done, **(settings or {}), "eval": history["eval"]}
+            if best is not None:
+                meta["best"] = {"key": list(best[0]), "iteration": best[1]}
+            history["checkpoint"] = str(output / f"iter_{done}")
+            save_checkpoint(Path(history["checkpoint"]), model, optimizer, meta, best[2] if best else None)
     bar.close()
     if best is not None:
         model.student.load_state_dict(best[2])
