@@ -19,6 +19,7 @@ from flawscope.evaluation.evaluate import (
     compute_metrics,
     evaluate_model,
     evaluate_samples,
+    mask_warnings,
     shift_warning,
     summarize,
 )
@@ -93,6 +94,18 @@ def test_good_images_flagged_beyond_chance_are_called_a_shift() -> None:
     assert warning.startswith("6 of the 20 good images here are flagged (30%)") and "5%" in warning
     assert "Train.calibration_dir" in warning
     assert shift_warning(outcomes(20), dataclasses.replace(cal, details={"method": "f1"})) is None  # no FPR promised
+
+
+def test_defect_images_without_a_usable_mask_are_named() -> None:
+    def outcome(name: str, label: int, mask: np.ndarray | None) -> Outcome:
+        return Outcome(Sample(Path(name), None, label, "crack" if label else "good"), 1.0, mask, None)
+
+    blank, marked = np.zeros((4, 4), bool), np.eye(4, dtype=bool)
+    assert mask_warnings([outcome("good.png", 0, blank), outcome("a.png", 1, marked)]) == []
+    warnings = mask_warnings([outcome("a.png", 1, None), outcome("b.png", 1, blank), outcome("c.png", 1, None)])
+    assert warnings == ["2 defect image(s) have no mask (e.g. a.png): left out of the pixel metrics",
+                        "1 defect image(s) have an empty mask (e.g. b.png): every pixel flagged on them counts as a "
+                        "false positive"]
 
 
 def test_evaluate_warns_when_the_good_images_are_flagged_too_often(trained, tmp_path) -> None:

@@ -195,6 +195,22 @@ def thresholds_of(predictor: Predictor) -> dict:
     }
 
 
+def mask_warnings(outcomes: Sequence[Outcome]) -> list[str]:
+    """Defect images whose masks cannot say where the defect is: without one, an image counts in
+    the image metrics only; with an empty one, its flagged pixels all count as false positives."""
+    defects = [o for o in outcomes if o.sample.label == 1]
+    missing = [o.sample.image for o in defects if o.mask is None]
+    empty = [o.sample.image for o in defects if o.mask is not None and not o.mask.any()]
+    warnings = []
+    if missing:
+        warnings.append(f"{len(missing)} defect image(s) have no mask (e.g. {missing[0]}): left out of the pixel "
+                        "metrics")
+    if empty:
+        warnings.append(f"{len(empty)} defect image(s) have an empty mask (e.g. {empty[0]}): every pixel flagged on "
+                        "them counts as a false positive")
+    return warnings
+
+
 def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_dir: Path,
                    batch_size: int = 8) -> dict:
     """``Global.mode=evaluate``: ``evaluate_result.json``, ``evaluate.log`` and the report."""
@@ -213,6 +229,7 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
         shift = shift_warning(outcomes, predictor.info.calibration)
         if shift:
             result["warnings"].append(shift)
+        result["warnings"] += mask_warnings(outcomes)
         result["report"] = str(write_report(output / REPORT_DIR, result, outcomes, predictor))
         (output / "evaluate_result.json").write_text(json.dumps(result, indent=2))
         m = result["metrics"]
