@@ -11,7 +11,7 @@ A pipeline config is a small YAML file::
         batch_size: 1
         device: cpu
         backend: auto          # torch | onnxruntime | openvino (CPU) | auto: what model_dir holds
-        min_region_area: 0     # drop predicted defect regions smaller than this (pixels)
+        min_region_area: 0     # drop predicted defect regions smaller than this (pixels); the score still decides is_anomaly
         threshold: 0.5         # normalised decision threshold; 0.5 = the calibrated one
         outline_ok_images: false  # also outline regions on images judged OK
         recursive: false       # descend into sub-directories of a directory input
