@@ -63,6 +63,25 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     assert "coreset_ratio" not in cfg["Model"] and "search" not in cfg["Model"] and "add_normals" not in cfg["Train"]
 
 
+def test_a_training_config_that_leaves_out_newer_keys_is_told_what_it_gets(caplog, tmp_path) -> None:
+    """Left-out keys keep older configs as they were; a config written from scratch hears so."""
+    shipped = yaml.safe_load(Path(resolve_config_path("STFPM")).read_text())
+    for key in ("score_levels", "global_score"):
+        del shipped["Model"][key]
+    del shipped["Train"]["hard_fraction"]
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump(shipped))
+    cfg = load_config(mine, ["Global.mode=train", "Model.score_levels=2"])
+    assert cfg["Train"]["hard_fraction"] is None and "global_score" not in cfg["Model"]
+    (warning,) = [r.getMessage() for r in caplog.records if "leaves out" in r.getMessage()]
+    assert "Model.global_score (unset; shipped: true), Train.hard_fraction (null; shipped: 0.1):" in warning
+    assert "score_levels" not in warning  # given by the override
+    caplog.clear()
+    load_config("STFPM", ["Global.mode=train"])
+    load_config(mine, ["Global.mode=predict"])  # only training reads them
+    assert not [r for r in caplog.records if "leaves out" in r.getMessage()]
+
+
 def test_a_key_of_the_other_model_is_ignored_with_a_warning(caplog, tmp_path) -> None:
     """Set on the command line or in a file, it does not reach the run, and the user is told."""
     cfg = load_config("PatchCore", ["Train.epochs_iters=5000", "Model.map_combine=sum"])

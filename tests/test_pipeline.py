@@ -446,7 +446,7 @@ def test_a_pipeline_file_that_is_not_utf8_repeats_a_key_or_names_no_device(tmp_p
         assert len(err) == 1 and str(path) in err[0] and problem in err[0]
     assert main(["--pipeline", "anomaly_detection", "--device", "tpu", "--input", str(DEMO),
                  "--save_path", str(tmp_path / "out")]) == 2
-    assert "device: 'tpu' is not a device" in capsys.readouterr().err
+    assert "error: --device: 'tpu' is not a device" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -166,6 +166,10 @@ def test_predict_writes_json_and_picture_at_the_image_size(trained, tmp_path, ca
     assert res["size"] == [64, 64] and isinstance(res["is_anomaly"], bool) and 0 <= res["score"] <= 1
     assert Image.open(save / "000_res.png").size == (64, 64)
     assert str(image) in capsys.readouterr().out
+    # A PatchCore config given an STFPM directory: the directory decides, and the user is told.
+    assert main(["-c", "PatchCore", "-o", "Global.mode=predict", "-o", f"Global.output={save}",
+                 "-o", f"Predict.model_dir={out / 'best_model/inference'}", "-o", f"Predict.input={image}"]) == 0
+    assert "holds a STFPM model: it is used as it is (Global.model PatchCore" in capsys.readouterr().err
 
 
 def test_predict_says_when_it_falls_back_to_the_bundled_model(trained, tmp_path, capsys) -> None:

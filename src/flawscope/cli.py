@@ -125,6 +125,7 @@ def run(argv: list[str] | None = None) -> int:
         raise FlawscopeError("--pipeline runs a pipeline config, -c/-o a module config: give one of them "
                              "(pipeline settings: --device, --batch_size, --backend, --model_dir, or its YAML)")
     if args.pipeline:
+        from flawscope.device import parse_device
         from flawscope.engine import save_results
         from flawscope.pipeline import create_pipeline
 
@@ -135,6 +136,8 @@ def run(argv: list[str] | None = None) -> int:
                     if v is not None}
         save_path = Path(args.save_path or "output")
         check_output_dir(save_path, "--save_path")
+        if args.device:  # named as the user typed it, before the pipeline's own check names its setting
+            parse_device(args.device, "--device")
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
         counts = save_results(pipeline.predict(args.input), save_path)
         return _prediction_status(counts)

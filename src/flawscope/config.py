@@ -266,10 +266,33 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict
     model = cfg.get("Global", {}).get("model")
     for full, spec in _unused_keys(cfg, SCHEMA, "", model):
         log.warning("%s: %s is not used by %s (a key of %s): ignored", where, full, model, ", ".join(spec.used_by))
-    optional = () if cfg.get("Global", {}).get("mode") == "train" else TRAIN_ONLY_SECTIONS
-    cfg = _complete(cfg, SCHEMA, "", model, where, optional)
+    training = cfg.get("Global", {}).get("mode") == "train"
+    older = _older_defaults(cfg, model) if training else []
+    if older:
+        log.warning("%s leaves out %s: they take the defaults that keep configs written before them as they were, "
+                    "not the shipped %s.yaml's; set them to choose", where, ", ".join(older), model)
+    cfg = _complete(cfg, SCHEMA, "", model, where, () if training else TRAIN_ONLY_SECTIONS)
     _check_consistency(cfg, where)
     return cfg
+
+
+def _older_defaults(cfg: dict[str, Any], model: str | None) -> list[str]:
+    """The keys ``cfg`` leaves out whose default is not what the shipped config of ``model`` sets
+    (newer settings default to the behaviour before them), as ``Section.key (default; shipped)``."""
+    shipped_path = CONFIG_DIR / f"{model}.yaml"
+    if model not in MODELS or not shipped_path.is_file():
+        return []
+    shipped = load_yaml(shipped_path.read_text(encoding="utf-8"))
+    older = []
+    for section in TRAIN_ONLY_SECTIONS:
+        for name, spec in SCHEMA[section].items():
+            if name in cfg.get(section, {}) or model not in spec.used_by or name not in shipped.get(section, {}):
+                continue
+            if spec.default is _NO_DEFAULT and model not in spec.required_for:  # the model class's default
+                older.append(f"{section}.{name} (unset; shipped: {_show(shipped[section][name])})")
+            elif spec.default is not _NO_DEFAULT and spec.default != shipped[section][name]:
+                older.append(f"{section}.{name} ({_show(spec.default)}; shipped: {_show(shipped[section][name])})")
+    return older
 
 
 def _unused_keys(data: dict[str, Any], schema: dict[str, Any], prefix: str,

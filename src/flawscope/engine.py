@@ -15,13 +15,24 @@ from flawscope.logs import log
 
 def inference_dir(cfg: dict, key: str) -> Path | None:
     """The model directory a mode reads: the given one, else the one training wrote, else None.
-
-    Not the one training wrote while ``train_result.json`` says a later run there did not finish:
-    that best_model/ is an earlier run's, and taking it for the new one would be silent."""
+    The directory says which model it is; a config naming another is told so."""
     section, name = key.split(".")
     given = cfg[section][name]
-    if given:
-        return Path(given)
+    found = Path(given) if given else _trained_dir(cfg, key)
+    if found is not None:
+        from flawscope.inference.model_dir import read_model_info
+
+        model = read_model_info(found).model
+        if model != cfg["Global"]["model"]:
+            log.warning("%s holds a %s model: it is used as it is (Global.model %s does not apply to %s)", found,
+                        model, cfg["Global"]["model"], cfg["Global"]["mode"])
+    return found
+
+
+def _trained_dir(cfg: dict, key: str) -> Path | None:
+    """``Global.output/best_model/inference``, but not while ``train_result.json`` says a later
+    run there did not finish: that one is an earlier run's, and taking it for the new one would
+    be silent."""
     output = Path(cfg["Global"]["output"])
     trained = output / "best_model" / "inference"
     if not trained.is_dir():
@@ -114,7 +125,7 @@ def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
         if res.error:
             counts["errors"] += 1
             counts["error"] = res.error  # the last one's message
-            print(f"{res.input_path}\terror: {res.error}")
+            print(f"{res.input_path}\terror: {res.error.removeprefix(f'{res.input_path}: ')}")  # the path once
             continue
         name = res.stem
         if name.casefold() in used and res.input_path:
