@@ -393,3 +393,11 @@ def test_text_values_with_control_characters_are_refused_quoted_backslashes_kept
         load_config("STFPM", ['Global.output="C:\\new"'])
     for typed in ("C:\\new", "'C:\\new'"):
         assert load_config("STFPM", [f"Global.output={typed}"])["Global"]["output"] == "C:\\new"
+
+
+def test_paths_in_config_keys_start_from_the_home_folder_at_a_tilde(monkeypatch, tmp_path) -> None:
+    """No shell expands "~" after "=": -o Global.dataset_dir=~/data would be a folder named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config("STFPM", ["Global.dataset_dir=~/data", "Predict.input=http://host/~a.png", "Train.batch_size=8"])
+    assert cfg["Global"]["dataset_dir"] == str(tmp_path / "data")
+    assert cfg["Predict"]["input"] == "http://host/~a.png"  # not a path at its start: as typed

@@ -11,6 +11,7 @@ import copy
 import difflib
 import json
 import numbers
+import os
 import re
 from collections.abc import Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class Key:
     subset_of: tuple[int, ...] = ()  # list[int] only: non-empty, distinct, drawn from these
     required_for: tuple[str, ...] = ()
     used_by: tuple[str, ...] = MODELS  # a key set for another model is ignored, with a warning
+    path: bool = False  # a file or folder: a leading ~ is the home folder (no shell expands it after "=")
 
 
 STFPM_ONLY = ("STFPM",)
@@ -66,9 +68,9 @@ SCHEMA: dict[str, Any] = {
     "Global": {
         "model": Key(str, choices=MODELS, required_for=MODELS),
         "mode": Key(str, choices=MODES, required_for=MODELS),
-        "dataset_dir": Key(str, None, nullable=True),
+        "dataset_dir": Key(str, None, nullable=True, path=True),
         "device": Key(str, "cpu"),  # parsed (and checked against the machine) by flawscope.device
-        "output": Key(str, "output"),
+        "output": Key(str, "output", path=True),
         "seed": Key(int, 42, ge=0, le=2**32 - 1),
     },
     "CheckDataset": {
@@ -111,8 +113,8 @@ SCHEMA: dict[str, Any] = {
         "learning_rate": Key(float, gt=0, required_for=STFPM_ONLY, used_by=STFPM_ONLY),
         "momentum": Key(float, ge=0, lt=1, required_for=STFPM_ONLY, used_by=STFPM_ONLY),
         "weight_decay": Key(float, ge=0, required_for=STFPM_ONLY, used_by=STFPM_ONLY),
-        "pretrain_weight_path": Key(str, None, nullable=True),
-        "resume_path": Key(str, None, nullable=True, used_by=STFPM_ONLY),
+        "pretrain_weight_path": Key(str, None, nullable=True, path=True),
+        "resume_path": Key(str, None, nullable=True, used_by=STFPM_ONLY, path=True),
         "log_interval": Key(int, 10, ge=1, used_by=STFPM_ONLY),
         "eval_interval": Key(int, 500, ge=1, used_by=STFPM_ONLY),
         "save_interval": Key(int, 500, ge=1, used_by=STFPM_ONLY),
@@ -122,21 +124,21 @@ SCHEMA: dict[str, Any] = {
         "image_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
         "pixel_fpr": Key(float, ge=0, lt=1, required_for=MODELS),
         "threshold_method": Key(str, "fpr", choices=("fpr", "f1")),
-        "calibration_dir": Key(str, None, nullable=True),
+        "calibration_dir": Key(str, None, nullable=True, path=True),
         "add_calibration_images": Key(bool, False),  # False: held out for good, as configs written before it
-        "add_normals": Key(str, None, nullable=True, used_by=PATCHCORE_ONLY),  # a model dir whose bank grows
+        "add_normals": Key(str, None, nullable=True, used_by=PATCHCORE_ONLY, path=True),  # a model dir whose bank grows
     },
     "Evaluate": {
-        "weight_path": Key(str, None, nullable=True),
+        "weight_path": Key(str, None, nullable=True, path=True),
         "backend": Key(str, "auto", choices=BACKENDS),
     },
     "Export": {
-        "weight_path": Key(str, None, nullable=True),
+        "weight_path": Key(str, None, nullable=True, path=True),
         "format": Key(str, "onnx", choices=("onnx", "openvino")),
     },
     "Predict": {
-        "model_dir": Key(str, None, nullable=True),
-        "input": Key(str, None, nullable=True),
+        "model_dir": Key(str, None, nullable=True, path=True),
+        "input": Key(str, None, nullable=True, path=True),
         "batch_size": Key(int, 1, ge=1),
         "backend": Key(str, "auto", choices=BACKENDS),
     },
@@ -421,6 +423,8 @@ def check_value(full: str, spec: Key, value: Any, where: str) -> Any:
     if value is None and spec.nullable:
         return None
     converted = _convert(spec.kind, value)
+    if spec.path and isinstance(converted, str):
+        converted = os.path.expanduser(converted)
     if isinstance(converted, str) and _CONTROL.search(converted):
         raise FlawscopeError(f"{where}: {full} holds a control character, got {_show(value)}; in double quotes "
                              "YAML reads a backslash as an escape (\"C:\\new\" holds a newline): write it unquoted "

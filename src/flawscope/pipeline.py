@@ -66,7 +66,7 @@ PIPELINES: dict[str, dict[str, Any]] = {
 SETTINGS: dict[str, Key] = {
     "module_name": Key(str, choices=("anomaly_detection",)),
     "model_name": Key(str, choices=MODELS),  # informative, as in PaddleX: the model directory decides
-    "model_dir": Key(str, nullable=True),
+    "model_dir": Key(str, nullable=True, path=True),
     "batch_size": Key(int, ge=1),
     "device": Key(str),  # parsed (and checked against the machine) by flawscope.device
     "backend": Key(str, choices=BACKENDS),
