@@ -401,3 +401,10 @@ def test_paths_in_config_keys_start_from_the_home_folder_at_a_tilde(monkeypatch,
     cfg = load_config("STFPM", ["Global.dataset_dir=~/data", "Predict.input=http://host/~a.png", "Train.batch_size=8"])
     assert cfg["Global"]["dataset_dir"] == str(tmp_path / "data")
     assert cfg["Predict"]["input"] == "http://host/~a.png"  # not a path at its start: as typed
+
+
+def test_a_blur_wider_than_the_input_is_refused() -> None:
+    """4 sigma of reflect padding must stay inside the map: 15.75 is the most a 64-pixel input takes."""
+    assert load_config("STFPM", ["Global.mode=train", "Model.input_size=64", "Model.smooth_sigma=15.75"])
+    with pytest.raises(FlawscopeError, match="Model.smooth_sigma 15.8 blurs over 4 sigma = 64 pixels.*at most 15.75"):
+        load_config("STFPM", ["Global.mode=train", "Model.input_size=64", "Model.smooth_sigma=15.8"])

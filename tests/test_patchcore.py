@@ -465,3 +465,16 @@ def test_stride_16_descriptors_have_cells_of_as_many_features_as_stride_32s():
     assert old.global_strides == (32,) and old.descriptor_widths == [c32 * 4, c32 * 4]
     with pytest.raises(ValueError, match="global_strides must be some of 8, 16 and 32"):
         PatchCore(pretrained=False, global_score=True, global_strides=(4,))
+
+
+def test_an_image_bank_without_spread_is_not_divided_by_zero():
+    """Two images: one distance measured twice, so no bank. Three at equal distances: their spread
+    is 0 and counts as a thousandth of the mean."""
+    bank = _Bank()
+    bank.set_image_bank(torch.randn(2, 6), torch.randn(4))
+    assert len(bank.image_bank) == 0 and torch.equal(bank.combined_score(torch.tensor([1.5]), torch.randn(1, 6)),
+                                                     torch.tensor([1.5]))
+    corners = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.5, 0.75 ** 0.5, 0.0]])
+    bank.set_image_bank(torch.cat([corners, torch.ones(3, 3)], dim=1), torch.randn(4))
+    mean, std = bank.score_reference[2:4].tolist()
+    assert mean == pytest.approx(1, abs=1e-3) and std == pytest.approx(1e-3 * mean)

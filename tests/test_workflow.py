@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from conftest import make_mvtec, tiny_overrides
 from flawscope.cli import main
+from flawscope.inference.predictor import Predictor
 
 
 def _cli(*overrides: str) -> int:
@@ -431,6 +432,20 @@ def _patchcore(*overrides: str) -> int:
     for o in overrides:
         args += ["-o", o]
     return main(args)
+
+
+def test_patchcore_on_four_images_with_half_held_out_still_flags_the_defects(tmp_path) -> None:
+    """Two images fitted: each is the other's nearest, so the image bank's distances have no
+    spread; dividing by it put good images millions of spreads away, and once the held-out images
+    joined the thresholds flagged nothing."""
+    data = make_mvtec(tmp_path / "data", n_train=4, n_good=3, n_defect=3)
+    out = tmp_path / "out"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={data}", f"Global.output={out}",
+                      "Model.input_size=64", "Model.global_grid=1", "Train.calibration_fraction=0.5") == 0
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    assert predictor.info.calibration.image_threshold < 1000
+    results = list(predictor.predict(str(data / "test"), recursive=True))
+    assert [r.is_anomaly for r in results] == [False] * 3 + [True] * 3  # test/good/, then test/scratch/
 
 
 def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import numbers
 import os
 import re
@@ -402,6 +403,11 @@ def _complete(
 
 def _check_consistency(cfg: dict[str, Any], where: str) -> None:
     """Rules that tie keys together, which per-key checks cannot see."""
+    model = cfg.get("Model", {})
+    if model.get("smooth_sigma") and math.ceil(4 * model["smooth_sigma"]) >= model["input_size"]:
+        raise FlawscopeError(f"{where}: Model.smooth_sigma {model['smooth_sigma']} blurs over 4 sigma = "
+                             f"{math.ceil(4 * model['smooth_sigma'])} pixels, as far as the whole "
+                             f"{model['input_size']}-pixel input: it must be at most {(model['input_size'] - 1) / 4:g}")
     convert = cfg["CheckDataset"]["convert"]
     if convert["enable"] and convert["src_dataset_type"] is None:
         raise FlawscopeError(

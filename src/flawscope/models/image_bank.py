@@ -90,8 +90,10 @@ class ImageBankScore:
         images it was not fitted on. ``keep``: the images (rows) the bank holds, all by default.
         Each descriptor's reference is every image's distance to the nearest kept image other than
         itself: a kept image's leave-one-out distance, and for the others what a new normal image
-        meets. With fewer than two of either there is no spread to measure, and the image score
-        stays the model's own. Descriptors are rounded to float16 values: a grid's cells make the
+        meets. With fewer than two kept images or two reference scores, or only two images (each
+        the other's nearest: one distance, measured twice), there is no spread to measure, and the
+        image score stays the model's own. A spread under a thousandth of its mean counts as that
+        much: dividing by ~0 would put new good images millions of spreads away. Descriptors are rounded to float16 values: a grid's cells make the
         image bank large (10k values an image with Lite0 at 4x4), and saved as float16 it loses nothing.
         """
         device = self.score_reference.device
@@ -99,7 +101,7 @@ class ImageBankScore:
         descriptors = descriptors.to(device, torch.float16).float()
         reference_scores = reference_scores.to(device).float()
         keep = torch.arange(len(descriptors), device=device) if keep is None else keep.to(device)
-        if len(keep) < 2 or len(reference_scores) < 2:
+        if len(keep) < 2 or len(descriptors) < 3 or len(reference_scores) < 2:
             descriptors, reference_scores = descriptors[:0], reference_scores[:0]
             self.score_reference = torch.tensor([0.0, 1.0], device=device)
         else:
@@ -108,7 +110,8 @@ class ImageBankScore:
                 distances = torch.cdist(part, part[keep])
                 distances[keep, torch.arange(len(keep), device=device)] = torch.inf  # not itself
                 reference.append(distances.min(1).values)
-            self.score_reference = torch.stack([v for r in reference for v in (r.mean(), r.std().clamp_min(1e-6))])
+            self.score_reference = torch.stack([v for r in reference
+                                                for v in (r.mean(), torch.maximum(r.std(), 1e-3 * r.mean().abs()).clamp_min(1e-6))])
             descriptors = descriptors[keep]
         self.image_bank, self.reference_scores = descriptors, reference_scores
 

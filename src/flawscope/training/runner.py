@@ -350,8 +350,11 @@ def _add_calibration_images(cfg: dict, model: torch.nn.Module, fitted: torch.Ten
                             image_bank_size=m["image_bank_size"])
         joined = stats["new_images"]
     elif isinstance(model, PatchCore):
+        calibrated_without_bank = model.global_score and not len(model.image_bank)
         stats = fit_patchcore(model, torch.cat([fitted, joining]), normalizer, device, m["coreset_ratio"], g["seed"],
                               t["batch_size"], m["projection_dim"], image_bank_size=m["image_bank_size"])
+        if calibrated_without_bank:  # too few images for one then: a bank now would score on another scale
+            model.set_image_bank(model.image_bank[:0], model.reference_scores[:0])
         joined = len(joining)
     elif model.global_score and len(model.image_bank):
         fit_image_bank(model, torch.cat([fitted, joining]), held_out, device, normalizer, size=m["image_bank_size"],
