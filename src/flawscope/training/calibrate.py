@@ -5,7 +5,8 @@ split-conformal quantile of the raw scores of n good images the model was not tr
 ceil((n+1)(1 - image_fpr))-th smallest, so a new good part is flagged with probability at most
 ``image_fpr``. When n is too small for that (n + 1 < 1 / image_fpr), the threshold goes just above
 the highest good score and the bound is 1 / (n + 1), which the log and ``details`` state. The pixel
-threshold likewise over their pixels.
+threshold likewise over their pixels: a random 65,536 of each larger map, so that images of
+mixed sizes weigh alike (the pixel FPR is then an average over images, not over all pixels).
 
 ``Train.threshold_method: f1`` picks the thresholds that maximise F1 on good images plus labelled
 defects (images with masks). Those defects must come from ``Train.calibration_dir``: the training
