@@ -124,7 +124,8 @@ def test_save_defaults_come_from_the_result_and_long_names_fit(tmp_path):
     assert result.stem == "é" * 100
     with pytest.raises(FlawscopeError, match=r"x\.jpg: save_to_img writes PNG files"):
         result.save_to_img(tmp_path / "x.jpg")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([json_path.name, "é" * 100 + "_res.map.png",
+    assert result.save_to_json(tmp_path / "sub.png") == tmp_path / "sub.png" / f"{result.stem}_res.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([json_path.name, "é" * 100 + "_res.map.png", "sub.png",
                                                                  "é" * 100 + "_res.pred.png", *(p.name for p in pictures)])
 
 

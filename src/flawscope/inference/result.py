@@ -267,9 +267,9 @@ class AnomalyResult:
         """Write ``<stem>_res.png`` into a directory, or to the given ``.png`` file; with
         ``extra`` (default: ``save_extra``) also ``<stem>_map.png`` and ``<stem>_pred.png``.
         Nothing for an error result."""
+        if Path(dir_or_file).suffix.lower() in IMAGE_EXTENSIONS - {".png"}:  # meant as a file, not a folder
+            raise FlawscopeError(f"{dir_or_file}: save_to_img writes PNG files: give a .png file or a directory")
         path = _output_path(dir_or_file, ".png", f"{self.stem}_res.png")
-        if path.suffix.lower() != ".png":
-            raise FlawscopeError(f"{path}: save_to_img writes PNG files: give a .png file or a directory")
         extra = self.save_extra if extra is None else extra
         if self.error is not None:
             return []
@@ -351,10 +351,9 @@ def fit_name(stem: str, limit: int = _STEM_BYTES) -> str:
 
 
 def _output_path(dir_or_file: str | os.PathLike, suffix: str, default_name: str) -> Path:
-    """A path ending in ``suffix`` or another image suffix is the file; anything else is a
-    directory for default_name (``out/x.jpg`` is a file name, which save_to_img refuses)."""
+    """A path ending in ``suffix`` is the file; anything else is a directory for default_name."""
     path = Path(dir_or_file)
-    return path if path.suffix.lower() in {suffix, *IMAGE_EXTENSIONS} else path / default_name
+    return path if path.suffix.lower() == suffix else path / default_name
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
