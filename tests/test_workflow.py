@@ -52,6 +52,14 @@ def test_resume_reproduces_an_uninterrupted_run(trained, tmp_path) -> None:
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_towards_more_iterations_says_the_schedule_changes(trained, tmp_path) -> None:
+    dataset, full = trained
+    longer = tmp_path / "longer"
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, longer, iters=9), f"Train.resume_path={full / 'iter_3'}") == 0
+    assert "was trained towards 6 iterations, this run 9: the learning-rate schedule changes" in \
+        (longer / "train.log").read_text()
+
+
 def test_the_last_checkpoint_recalibrates_on_new_good_images_without_training(trained, tmp_path) -> None:
     """What the evaluate mode's shift warning advises for STFPM: resume from the last checkpoint with
     Train.calibration_dir. The student is the trained one; the thresholds come from the new images."""

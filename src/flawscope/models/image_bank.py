@@ -93,8 +93,9 @@ class ImageBankScore:
         meets. With fewer than two kept images or two reference scores, or only two images (each
         the other's nearest: one distance, measured twice), there is no spread to measure, and the
         image score stays the model's own. A spread under a thousandth of its mean counts as that
-        much: dividing by ~0 would put new good images millions of spreads away. Descriptors are rounded to float16 values: a grid's cells make the
-        image bank large (10k values an image with Lite0 at 4x4), and saved as float16 it loses nothing.
+        much: dividing by ~0 would put new good images millions of spreads away. Descriptors are
+        rounded to float16 values: a grid's cells make the image bank large (10k values an image
+        with Lite0 at 4x4), and saved as float16 it loses nothing.
         """
         device = self.score_reference.device
         self._indexes = {}

@@ -231,7 +231,7 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
 
     t0 = time.time()
     if isinstance(model, STFPM):
-        history = _fit_stfpm(cfg, model, images, held_out, world, normalizer, output, evaluate, data)
+        history = _fit_stfpm(cfg, model, images, held_out, world, normalizer, output, evaluate, data.resume)
     else:
         history = _fit_patchcore(cfg, model, images, device, normalizer)
     if not world.is_main:
@@ -276,7 +276,7 @@ def model_config_from(name: str, section: dict) -> dict:
 
 
 def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Tensor | None, world: World,
-               normalizer: Callable, output: Path, evaluate: Callable | None, data: _Loaded) -> dict:
+               normalizer: Callable, output: Path, evaluate: Callable | None, resume: Checkpoint | None) -> dict:
     """Train the student; with ``global_score``, then fill the image bank, to be evaluated again
     (``final_eval``: the evaluations during training score with the student alone)."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
@@ -286,12 +286,10 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
                                  eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"],
                                  select_best=t["select_best"], hard_fraction=t["hard_fraction"])
     settings = {**_resume_settings(cfg, len(images)), "epochs_iters": t["epochs_iters"]}
-    if data.resume is not None and data.resume.meta.get("epochs_iters", t["epochs_iters"]) != t["epochs_iters"]:
+    if resume is not None and resume.meta.get("epochs_iters", t["epochs_iters"]) != t["epochs_iters"]:
         log.warning("Train.resume_path: %s was trained towards %d iterations, this run %d: the learning-rate "
-                    "schedule changes from here on", data.resume.path, data.resume.meta["epochs_iters"],
-                    t["epochs_iters"])
-    history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate, data.resume, world,
-                        settings)
+                    "schedule changes from here on", resume.path, resume.meta["epochs_iters"], t["epochs_iters"])
+    history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate, resume, world, settings)
     if model.global_score and world.is_main:
         fit_image_bank(model, images, held_out, world.device, normalizer, size=m["image_bank_size"], seed=g["seed"])
         history["final_eval"] = {"iteration": history.get("selected_iteration", t["epochs_iters"]), "image_bank": True}
