@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from conftest import make_mvtec
-from flawscope.benchmark import COLUMNS, markdown_table
+from flawscope.benchmark import COLUMNS, _run_dirs, markdown_table
 from flawscope.cli import main
 
 TINY = ["Model.input_size=64", "Model.global_grid=1", "Train.epochs_iters=2", "Train.batch_size=2", "Train.calibration_fraction=0.3"]
@@ -27,7 +28,7 @@ def test_benchmark_two_datasets(tmp_path, capsys) -> None:
     assert set(report["machine"]) >= {"platform", "cpu", "torch_threads", "gpu"}
     runs = report["runs"]
     assert [(r["dataset"], r["model"], r["status"]) for r in runs] == [("texture", "STFPM", "ok"),
-                                                                       ("texture_1", "STFPM", "ok")]
+                                                                       ("texture_2", "STFPM", "ok")]
     for run in runs:
         for _, keys, _ in COLUMNS[2:]:
             for key in keys:
@@ -64,3 +65,14 @@ def test_bad_arguments_fail_before_any_run(tmp_path, capsys, args, fragment) -> 
     assert main(["benchmark", "--datasets", str(data), "--output", str(out), *args]) == 2
     assert fragment in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_every_run_gets_its_own_folder() -> None:
+    """Datasets hz, hz_2 and hz again, the same model twice, and config files by path: no run
+    writes into another's folder, and none into the config file's own path."""
+    runs = _run_dirs([Path("/a/hz"), Path("/b/hz_2"), Path("/c/hz")],
+                     ["PatchCore", "PatchCore", "/tmp/mine.yaml", "/x/PatchCore.yaml"], Path("out"))
+    folders = [run_dir for *_, run_dir in runs]
+    assert len(runs) == 3 * 3 and len(set(folders)) == len(folders)
+    assert {f.parent.name for f in folders} == {"hz", "hz_2", "hz_3"}
+    assert {f.name for f in folders} == {"PatchCore", "mine", "PatchCore_2"}

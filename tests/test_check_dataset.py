@@ -347,3 +347,17 @@ def test_a_broken_link_in_a_folder_is_reported_not_skipped(tmp_path):
     assert result["attributes"]["defect_types"]["train"] == {"good": 4}
     assert _problems(result) == {"003.png": f"a broken symbolic link (to {tmp_path / 'share' / '003.png'}, "
                                             "which does not exist)"}
+
+
+def test_a_file_listed_twice_is_named_for_what_it_is_not_a_copy_of_itself(tmp_path):
+    root = tmp_path / "seg"
+    for i in range(4):
+        _image(root / "img" / f"{i}.png", value=10 * i)
+    _mask(root / "mask" / "3.png")
+    (root / "train.txt").write_text("img/0.png\nimg/1.png\nimg/1.png\nimg/2.png\n")
+    (root / "val.txt").write_text("img/2.png\nimg/3.png mask/3.png\n")
+    result = _run(root, tmp_path / "out")
+    warnings = {Path(w["file"]).name: w["problem"] for w in result["warnings"]}
+    assert warnings["1.png"] == "listed 2 times in train"
+    assert warnings["2.png"] == "listed in both train and val: evaluated on an image that is trained on"
+    assert result["attributes"]["duplicate_files"] == []

@@ -160,12 +160,25 @@ def _child(spec_path: str) -> int:
 
 
 def _run_dirs(datasets: list[Path], models: list[str], output: Path) -> list[tuple[Path, str, str, Path]]:
-    """(dataset dir, dataset name, model, run dir) for every pair; same-named datasets are numbered."""
-    names: list[str] = []
-    for dataset in datasets:
-        name = dataset.resolve().name
-        names.append(name if name not in names else f"{name}_{len(names)}")
-    return [(d, n, m, output / n / m) for d, n in zip(datasets, names) for m in models]
+    """(dataset dir, dataset name, model, run dir) for every pair: a folder per dataset, named
+    after it, and in it one per model (a config file's by its stem), numbered where names repeat."""
+    names = _unique([d.resolve().name for d in datasets])
+    models = list(dict.fromkeys(models))  # the same model twice is one run
+    folders = _unique([Path(m).stem for m in models])
+    return [(d, n, m, output / n / f) for d, n in zip(datasets, names) for m, f in zip(models, folders)]
+
+
+def _unique(names: list[str]) -> list[str]:
+    """``names`` with a repeated one numbered (``hz``, ``hz_2``), never onto a name taken before
+    it or one that a later name is itself."""
+    taken: list[str] = []
+    for i, name in enumerate(names):
+        candidate, number = name, 1
+        while candidate in taken or (candidate != name and candidate in names[i + 1:]):
+            number += 1
+            candidate = f"{name}_{number}"
+        taken.append(candidate)
+    return taken
 
 
 def _run_child(spec: dict) -> dict:
