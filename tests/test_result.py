@@ -141,10 +141,13 @@ def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_label_cuts_the_score_so_an_ok_image_never_reads_as_the_threshold():
+def test_the_label_rounds_the_score_but_never_across_the_threshold():
     assert _result(score=0.4996)._label_text() == "score 0.49 OK"
     assert _result(score=0.5)._label_text() == "score 0.50 ANOMALY"
-    assert _result(score=0.29)._label_text() == "score 0.29 OK"
+    assert _result(score=0.59996)._label_text() == "score 0.60 ANOMALY"
+    assert _result(score=0.286)._label_text() == "score 0.29 OK"
+    assert _result(score=0.5001, threshold=0.505)._label_text() == "score 0.50 OK"
+    assert _result(score=0.5051, threshold=0.505)._label_text() == "score 0.51 ANOMALY"
 
 
 def test_save_to_img(tmp_path):

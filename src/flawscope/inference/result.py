@@ -249,10 +249,14 @@ class AnomalyResult:
         return picture
 
     def _label_text(self) -> str:
-        """"score 0.73 ANOMALY" or "score 0.12 OK". The score is cut, not rounded, to two
-        decimals: 0.4996 rounded would read "0.50 OK" at threshold 0.5 (the 1e-9 keeps 0.29, which
-        is 28.999... hundredths in binary, at 0.29)."""
-        return f"score {math.floor(self.score * 100 + 1e-9) / 100:.2f} {'ANOMALY' if self.is_anomaly else 'OK'}"
+        """"score 0.73 ANOMALY" or "score 0.12 OK": the score to two decimals, rounded unless
+        that would cross the threshold (0.4996 would read "0.50 OK" at 0.5: it reads 0.49)."""
+        shown = round(self.score, 2)
+        if self.is_anomaly and shown < self.threshold:
+            shown = math.ceil(self.score * 100 - 1e-9) / 100
+        elif not self.is_anomaly and shown >= self.threshold:
+            shown = math.floor(self.score * 100 + 1e-9) / 100
+        return f"score {shown:.2f} {'ANOMALY' if self.is_anomaly else 'OK'}"
 
     def _draw_label(self, picture: Image.Image) -> None:
         """Write the label top-left on a red (anomaly) or green (OK) box."""
