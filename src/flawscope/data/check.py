@@ -345,18 +345,18 @@ def _duplicates(found: _Findings) -> list[list[str]]:
     defect image in the training split; other copies only inflate or leak, so they warn."""
     groups = []
     for entries in found.by_digest.values():
-        splits_of: dict[Path, list[str]] = {}
-        for split, _, path in entries:
-            splits_of.setdefault(path, []).append(split)
-        for path, splits in splits_of.items():  # one file listed more than once: no copy of another
+        by_path: dict[Path, list[tuple[str, str, Path]]] = {}
+        for entry in entries:
+            by_path.setdefault(entry[2], []).append(entry)
+        for path, listed in by_path.items():  # one file listed more than once: no copy of another
+            splits = [split for split, _, _ in listed]
             if len(set(splits)) > 1:
                 found.warning(path, f"listed in both {' and '.join(sorted(set(splits)))}: evaluated on an image "
                                     "that is trained on")
             elif len(splits) > 1:
                 found.warning(path, f"listed {len(splits)} times in {splits[0]}")
-        distinct = [next(e for e in entries if e[2] == path) for path in splits_of]
-        if len(distinct) > 1:
-            groups.append(distinct)
+        if len(by_path) > 1:
+            groups.append([listed[0] for listed in by_path.values()])
     for entries in groups:
         defects = [path for _, kind, path in entries if kind not in (GOOD, UNKNOWN)]
         for split, kind, path in entries:

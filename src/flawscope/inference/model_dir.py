@@ -14,6 +14,8 @@ import math
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field
 from dataclasses import fields as dataclass_fields
 from pathlib import Path
@@ -129,23 +131,34 @@ def _three_numbers(value: object) -> bool:
     return isinstance(value, list) and len(value) == 3 and all(_number(v) for v in value)
 
 
-def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo) -> Path:
-    """Write the directory atomically: a half-written model directory never appears at ``path``."""
-    path = Path(path)
+@contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """A folder to fill that then replaces ``path`` whole: a half-written folder never appears
+    there, and an interrupted write leaves the earlier one as it was (it is moved aside, not
+    deleted, until the new one is in place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # A plain mkdir, not mkdtemp (whose folder is private): a service under another account must read the model.
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
     try:
+        yield tmp
+        old = tmp.with_name(tmp.name + ".old")
+        if path.exists():
+            path.rename(old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo) -> Path:
+    """Write the directory atomically (``staged_dir``)."""
+    path = Path(path)
+    with staged_dir(path) as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         write_safetensors(tensors, tmp / WEIGHTS_FILE)
         meta = {"flawscope_version": __version__, **asdict(info)}
         (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -224,10 +224,10 @@ class AnomalyResult:
             data = self.to_json("none")
             for key, picture in (("map", self._map16()), ("pred", self._pred_image())):
                 png = path.with_name(f"{path.stem}.{key}.png")
-                _write_atomic(png, _png_bytes(picture))
+                write_atomic(png, _png_bytes(picture))
                 data[key] = png.name
         # allow_nan=False: NaN/Infinity are not JSON; fail here rather than in a client.
-        _write_atomic(path, json.dumps(data, allow_nan=False).encode())
+        write_atomic(path, json.dumps(data, allow_nan=False).encode())
         return path
 
     # ---------------------------------------------------------------- images
@@ -284,7 +284,7 @@ class AnomalyResult:
         if extra:
             targets |= {key: path.with_name(f"{base}_{key}.png") for key in ("map", "pred")}
         for key, target in targets.items():
-            _write_atomic(target, _png_bytes(pictures[key]))
+            write_atomic(target, _png_bytes(pictures[key]))
         return list(targets.values())
 
     def save_all(self, directory: str | os.PathLike) -> list[Path]:
@@ -360,7 +360,7 @@ def _output_path(dir_or_file: str | os.PathLike, suffix: str, default_name: str)
     return path if path.suffix.lower() == suffix else path / default_name
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file in the same directory + os.replace, so readers never see half a
     file. The temp file is opened normally (not mkstemp) so it gets the usual umask permissions;
     its name is short, so any name that fits fits with it. A failure names ``path``."""

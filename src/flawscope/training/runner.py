@@ -34,6 +34,7 @@ from flawscope.errors import FlawscopeError, first_line
 from flawscope.evaluation.evaluate import auroc_summary, collect
 from flawscope.inference.model_dir import ModelInfo, load_model_dir, save_model_dir
 from flawscope.inference.predictor import Predictor
+from flawscope.inference.result import write_atomic
 from flawscope.logs import log, log_to_file
 from flawscope.models import MODELS, build_model
 from flawscope.models.image_bank import grid_splits
@@ -58,21 +59,19 @@ def check_headers(samples: list[Sample]) -> None:
     a mask of another size, then fails before training rather than at its first evaluation or
     at calibration. (Only a full decode finds a truncated file; that stays where it is read.)"""
     for sample in samples:
-        for path in (sample.image, sample.mask):
-            if path is None:
-                continue
-            try:
-                with Image.open(path):
-                    pass
-            except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
-                raise FlawscopeError(f"{path}: not a readable image ({first_line(exc)})") from None
-        if sample.mask is None:
-            continue
-        with Image.open(sample.image) as image, Image.open(sample.mask) as mask:
-            image_size, mask_size = image.size, mask.size
-        if image_size != mask_size:
+        image_size = _header_size(sample.image)
+        mask_size = _header_size(sample.mask) if sample.mask is not None else None
+        if mask_size is not None and image_size != mask_size:
             raise FlawscopeError(f"{sample.mask}: mask is {mask_size[0]}x{mask_size[1]} but its image "
                                  f"{sample.image.name} is {image_size[0]}x{image_size[1]}")
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        raise FlawscopeError(f"{path}: not a readable image ({first_line(exc)})") from None
 
 
 def train(cfg: dict, world: World) -> dict:
@@ -127,7 +126,7 @@ def train(cfg: dict, world: World) -> dict:
     if world.is_main:
         # Until this run ends, evaluate, predict and export must not take an earlier run's
         # best_model/ here for this one's: the done flag says it is not done (engine.inference_dir).
-        _write_json(output / "train_result.json", {"done_flag": False, "model_name": g["model"]})
+        write_atomic(output / "train_result.json", json.dumps({"done_flag": False, "model_name": g["model"]}, indent=2).encode())
         dump_config(cfg, output / "config.yaml")
     with log_to_file(output / "train.log") if world.is_main else nullcontext():
         if copies:
@@ -169,13 +168,6 @@ def _resume_settings(cfg: dict, train_images: int) -> dict:
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     return {"seed": g["seed"], "batch_size": t["batch_size"], "train_images": train_images,
             "input_size": m["input_size"], "hard_fraction": t["hard_fraction"]}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 @torch.no_grad()
@@ -264,7 +256,7 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
                         "source": info.calibration.source},
         "models": {"best": {"inference_model_dir": str(model_dir), **history.get("files", {})}},
     }
-    _write_json(output / "train_result.json", result)
+    write_atomic(output / "train_result.json", json.dumps(result, indent=2).encode())
     log.info("training done in %.0fs; inference model: %s", result["train_seconds"], model_dir)
     return result
 

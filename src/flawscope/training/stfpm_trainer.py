@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from flawscope.errors import FlawscopeError, first_line
-from flawscope.inference.model_dir import write_safetensors
+from flawscope.inference.model_dir import staged_dir, write_safetensors
 from flawscope.models.stfpm import STFPM, stfpm_loss
 from flawscope.training.patchcore_fit import image_bank_rows
 from flawscope.training.distributed import World
@@ -98,24 +97,17 @@ class Checkpoint:
 def save_checkpoint(path: Path, model: STFPM, optimizer: torch.optim.Optimizer, meta: dict,
                     best: dict[str, torch.Tensor] | None = None) -> None:
     """Student weights, SGD momentum (and the best student so far) as safetensors, ``meta`` as
-    JSON (no pickle). Written beside and moved in, so an interrupted save leaves the previous
-    checkpoint of that name whole, never half of one."""
-    staging = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    JSON (no pickle). Written as a model directory is (``staged_dir``), so an interrupted save
+    leaves the previous checkpoint of that name whole, never half of one."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.student.state_dict().items()}
     for i, p in enumerate(model.student.parameters()):
         buf = optimizer.state.get(p, {}).get("momentum_buffer")
         if buf is not None:
             tensors[f"momentum.{i}"] = buf.detach().cpu().contiguous()
     tensors |= {f"best.{k}": v.cpu().contiguous() for k, v in (best or {}).items()}
-    write_safetensors(tensors, staging / CHECKPOINT_FILES[0])
-    (staging / CHECKPOINT_FILES[1]).write_text(json.dumps(meta))
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        path.rename(old)
-    staging.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    with staged_dir(path) as staging:
+        write_safetensors(tensors, staging / CHECKPOINT_FILES[0])
+        (staging / CHECKPOINT_FILES[1]).write_text(json.dumps(meta))
 
 
 def read_checkpoint(path: str | Path, settings: dict) -> Checkpoint:
