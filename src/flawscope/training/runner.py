@@ -184,14 +184,20 @@ def _new_to(model: PatchCore, samples: list[Sample], images: torch.Tensor,
     return [s for s, h in zip(samples, held) if not h], images[~held]
 
 
-def _new_model(cfg: dict) -> tuple[torch.nn.Module, ModelInfo]:
-    """The configured model with its pretrained backbone, and the inference description to fill."""
-    g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
+def check_grid(m: dict) -> None:
+    """Refuse an image-level score whose grid does not fit the input size, before any work (the
+    benchmark checks each run's config with it before the first starts)."""
     side = m["input_size"] // 32  # the stride-32 feature map is side x side
     if m.get("global_score") and not grid_splits(side, m["global_grid"]):
         fits = ", ".join(str(d) for d in range(1, side + 1) if grid_splits(side, d))
         raise FlawscopeError(f"Model.global_grid: {m['global_grid']} does not split the {side}x{side} map of stride-32 "
                              f"features of a {m['input_size']}-pixel input into cells of 2x2 or more (use {fits})")
+
+
+def _new_model(cfg: dict) -> tuple[torch.nn.Module, ModelInfo]:
+    """The configured model with its pretrained backbone, and the inference description to fill."""
+    g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
+    check_grid(m)
     spec = backbone_spec(m["backbone"])
     model_config = model_config_from(g["model"], m)
     model = build_model(g["model"], model_config, pretrained=t["pretrain_weight_path"] or True)
