@@ -157,6 +157,26 @@ def test_folder_with_abnormal_and_masks(tmp_path):
     assert result["attributes"]["defect_types"] == {"train": {"good": 4}, "val": {"defect": 1, "good": 1}}
 
 
+@pytest.mark.parametrize("defect_value, passes", [(65535, True), (1, True), (1000, False)])
+def test_16_bit_masks_pass_with_the_values_training_reads(tmp_path, defect_value, passes):
+    """Training reads any nonzero mask pixel as defect; the check accepts a 16-bit mask's full
+    scale as it accepts 255, and still names values that look like a resampled mask."""
+    root = tmp_path / "data"
+    for i in range(3):
+        _image(root / "good" / f"{i}.png", value=i)
+    _image(root / "abnormal" / "a.png", value=99)
+    pixels = np.zeros((16, 16), dtype=np.uint16)
+    pixels[4:8, 4:8] = defect_value
+    (root / "mask").mkdir(parents=True)
+    Image.fromarray(pixels).save(root / "mask" / "a.png")
+
+    result = _run(root, tmp_path / "out", "CheckDataset.dataset_type=Folder")
+
+    assert result["check_pass"] == passes, result["problems"]
+    if not passes:
+        assert "mask has values 0, 1000" in _problems(result)["a.png"]
+
+
 def test_image_formats_depths_and_modes(tmp_path):
     good = tmp_path / "data" / "good"
     _image(good / "gray.png")

@@ -40,7 +40,7 @@ CHECK_DIR = "check_dataset"  # under Global.output: demo_img/ and histogram.png
 SAMPLE_NUM = 10  # demo images per split, as in PaddleX
 NUM_CLASSES = 2  # good and defect
 UNKNOWN = "unknown"  # defect type of a list entry whose mask cannot be read
-MASK_VALUE_SETS = ({0, 255}, {0, 1})  # 0 normal; 255 or 1 defect, never both
+MASK_VALUE_SETS = ({0, 255}, {0, 1}, {0, 65535})  # 0 normal; 255, 1 or 16-bit 65535 defect, never mixed
 OVERLAY_COLOR = (255, 0, 0)
 
 
@@ -320,7 +320,7 @@ def _check_mask(
     if not any(values <= allowed for allowed in MASK_VALUE_SETS):
         shown = ", ".join(map(str, sorted(values)[:8])) + (", ..." if len(values) > 8 else "")
         found.problem(
-            path, f"mask has values {shown}; expected 0 = normal and 255 (or 1) = defect{at}"
+            path, f"mask has values {shown}; expected 0 = normal and 255 (or 1, or 65535 in a 16-bit mask) = defect{at}"
         )
     return mask
 
