@@ -1,7 +1,8 @@
 """Time of the evaluate mode's metrics alone, on one model's outputs for a dataset's test split.
 
-The model runs once over the split; then ``compute_metrics`` (overall and per defect type) is
-timed ``--repeats`` times on those same outputs, and a digest of its JSON is printed, so that two
+The model runs once over the split (``collect``, which also counts each image's pixel scores
+into the metrics' bins as it goes); then ``compute_metrics`` (overall and per defect type) is
+timed ``--repeats`` times on what it collected, and a digest of its JSON is printed, so that two
 versions of the metrics code can be compared on identical inputs
 (``PYTHONPATH=WORKTREE/src python benchmarks/metrics_time.py ...`` for the other one).
 
@@ -28,11 +29,11 @@ def main() -> None:
     args = parser.parse_args()
     samples = load_dataset(args.dataset_dir).val
     start = time.perf_counter()
-    outcomes = collect(Predictor.from_dir(args.model_dir), samples)
-    print(f"{len(samples)} images predicted in {time.perf_counter() - start:.1f} s")
+    collected = collect(Predictor.from_dir(args.model_dir), samples)
+    print(f"{len(samples)} images predicted and collected in {time.perf_counter() - start:.1f} s")
     for _ in range(args.repeats):
         start = time.perf_counter()
-        result = compute_metrics(outcomes)
+        result = compute_metrics(collected)
         seconds = time.perf_counter() - start
         digest = hashlib.sha256(json.dumps(result, sort_keys=True).encode()).hexdigest()[:12]
         print(f"compute_metrics: {seconds:.2f} s  (result sha256 {digest}, image AUROC {result['image_auroc']}, "

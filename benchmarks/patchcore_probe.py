@@ -27,7 +27,7 @@ from flawscope.backbones import backbone_spec
 from flawscope.data.io import read_image, read_mask
 from flawscope.data.layouts import load_dataset
 from flawscope.data.transforms import Resizer, normalize
-from flawscope.evaluation.metrics import image_auroc, pixel_auroc
+from flawscope.evaluation.metrics import PixelScores, image_auroc, pixel_auroc
 from flawscope.models.patchcore import PatchCore
 from flawscope.training.patchcore_fit import fit_patchcore
 
@@ -151,8 +151,8 @@ def evaluate(model: PatchCore, samples, resizer: Resizer, norm, args) -> dict:
         "image_auroc_map_max": image_auroc(labels, map_max),
         "image_auroc_patch_max": image_auroc(labels, patch_max),
         **{f"image_auroc_{name}_descriptor_alone": image_auroc(labels, d) for name, d in zip(("mean", "spread"), alone)},
-        "pixel_auroc_original_size": pixel_auroc(masks, maps),
-        "pixel_auroc_input_size": pixel_auroc(masks_in, maps_in),
+        "pixel_auroc_original_size": pixel_auroc(PixelScores.of(masks, maps)),
+        "pixel_auroc_input_size": pixel_auroc(PixelScores.of(masks_in, maps_in)),
         f"batch{args.batch_size}_ms_per_image": {"backbone_embed": embed_s / n * 1e3, "scoring": score_s / n * 1e3},
         "batch1_ms_per_image_median": {"backbone_embed": float(np.median(lat[:, 0])) if len(lat) else None,
                                        "scoring": float(np.median(lat[:, 1])) if len(lat) else None},

@@ -18,7 +18,7 @@ from flawscope.config import load_config
 from flawscope.data.io import read_image, read_mask
 from flawscope.data.layouts import Sample, load_dataset
 from flawscope.errors import FlawscopeError
-from flawscope.evaluation.metrics import best_f1, pixel_best_f1
+from flawscope.evaluation.metrics import PixelScores, best_f1, pixel_best_f1
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
 from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, fpr_threshold, split_calibration
@@ -162,7 +162,7 @@ def test_f1_thresholds_are_f1_optimal_on_the_calibration_set(trained, tmp_path):
     assert cal.image_threshold == best_f1([s.label for s in samples], [score for _, score in outputs])[1]
     masks = [read_mask(s.mask, m.shape[::-1]) if s.mask else np.zeros(m.shape, bool)
              for s, (m, _) in zip(samples, outputs)]
-    assert cal.pixel_threshold == pytest.approx(pixel_best_f1(masks, [m for m, _ in outputs])[1])
+    assert cal.pixel_threshold == pytest.approx(pixel_best_f1(PixelScores.of(masks, [m for m, _ in outputs]))[1])
     assert cal.details["method"] == "f1" and cal.details["num_defect"] == 2
     assert cal.image_score(cal.image_threshold) == pytest.approx(0.5)
 

@@ -14,7 +14,9 @@ from flawscope.cli import main
 from flawscope.data.io import read_image, read_mask
 from flawscope.data.layouts import Sample, load_dataset
 from flawscope.evaluation.evaluate import (
+    Collected,
     Outcome,
+    PixelGroup,
     collect,
     compute_metrics,
     evaluate_model,
@@ -83,10 +85,10 @@ def test_worst_mistake_grids_and_calibration_warning(trained, tmp_path) -> None:
 def test_good_images_flagged_beyond_chance_are_called_a_shift() -> None:
     """Calibration promised at most 5% of good parts flagged: 2 of 20 is chance, 6 of 20 is not."""
     cal = Calibration(1.0, 0.0, 1.0, 0.0, "held-out good training images", {"image_fpr_bound": 0.05, "num_good": 19})
-    defect = Outcome(Sample(Path("bad.png"), None, 1, "crack"), 9.0, None, None, is_anomaly=False)
+    defect = Outcome(Sample(Path("bad.png"), None, 1, "crack"), 9.0, None, is_anomaly=False)
 
     def outcomes(flagged: int) -> list[Outcome]:
-        return [defect] + [Outcome(Sample(Path(f"{i}.png"), None, 0, "good"), 0.0, None, None, is_anomaly=i < flagged)
+        return [defect] + [Outcome(Sample(Path(f"{i}.png"), None, 0, "good"), 0.0, 0, is_anomaly=i < flagged)
                            for i in range(20)]
 
     assert shift_warning(outcomes(2), cal) is None
@@ -98,7 +100,8 @@ def test_good_images_flagged_beyond_chance_are_called_a_shift() -> None:
 
 def test_defect_images_without_a_usable_mask_are_named() -> None:
     def outcome(name: str, label: int, mask: np.ndarray | None) -> Outcome:
-        return Outcome(Sample(Path(name), None, label, "crack" if label else "good"), 1.0, mask, None)
+        return Outcome(Sample(Path(name), None, label, "crack" if label else "good"), 1.0,
+                       None if mask is None else int(mask.sum()))
 
     blank, marked = np.zeros((4, 4), bool), np.eye(4, dtype=bool)
     assert mask_warnings([outcome("good.png", 0, blank), outcome("a.png", 1, marked)]) == []
@@ -158,8 +161,9 @@ def test_collect_keeps_maps_only_where_there_is_ground_truth(trained, tmp_path) 
     dataset, out = trained
     predictor = Predictor.from_dir(out / "best_model/inference")
     defects = [dataclasses.replace(s, mask=None) for s in load_dataset(dataset).val if s.label == 1]
-    outcomes = collect(predictor, defects)
-    assert all(o.mask is None and o.raw_map is None and o.pred is not None for o in outcomes)
+    collected = collect(predictor, defects)
+    assert all(o.mask_pixels is None and o.is_anomaly is not None for o in collected.outcomes)
+    assert collected.defects == {} and collected.pixels().scores.pixels == 0
     assert evaluate_samples(predictor, defects)["num_with_masks"] == 0
 
 
@@ -167,32 +171,39 @@ def test_collect_keeps_maps_only_where_there_is_ground_truth(trained, tmp_path) 
 def test_collect_pairs_each_image_with_its_own_mask(trained) -> None:
     dataset, out = trained
     samples = load_dataset(dataset).val
-    outcomes = collect(Predictor.from_dir(out / "best_model/inference"), samples, batch_size=4)
-    assert [o.sample for o in outcomes] == samples
-    defects = [o for o in outcomes if o.sample.mask is not None]
-    assert len(defects) == 2 and not np.array_equal(*(read_mask(o.sample.mask) for o in defects))
-    for o in defects:
-        assert np.array_equal(o.mask, read_mask(o.sample.mask))
+    collected = collect(Predictor.from_dir(out / "best_model/inference"), samples, batch_size=4)
+    assert [o.sample for o in collected.outcomes] == samples
+    defects = [o for o in collected.outcomes if o.sample.mask is not None]
+    masks = [read_mask(o.sample.mask) for o in defects]
+    assert len(defects) == 2 and not np.array_equal(*masks)
+    assert [o.mask_pixels for o in defects] == [int(m.sum()) for m in masks]
+    held = [mask for group in collected.defects.values() for mask, _ in group.scores.images]  # small: exact
+    assert len(held) == 2 and all(any(np.array_equal(h, m) for h in held) for m in masks)
+    assert not collected.good.scores.defects and collected.good.scores.pixels > 0
 
 
 def test_each_defect_type_is_scored_with_all_good_images() -> None:
     """The per-type table computes fewer metrics than the whole split, with the same values."""
     rng = np.random.default_rng(0)
+    collected = Collected([], PixelGroup(), {})
 
     def outcome(name: str, label: int, kind: str, strength: float) -> Outcome:
         mask = np.zeros((16, 16), bool)
         mask[4:4 + 4 * label, 5:9] = True
         amap = (rng.random((16, 16)) + strength * mask).astype(np.float32)
         pred = amap > 1.1
-        return Outcome(Sample(Path(name), None, label, kind), float(amap.max()), mask, amap,
-                       is_anomaly=bool(pred.any()), pred=pred)
+        group = collected.defects.setdefault(kind, PixelGroup()) if label else collected.good
+        group.add(mask, amap, pred)
+        return Outcome(Sample(Path(name), None, label, kind), float(amap.max()), int(mask.sum()),
+                       is_anomaly=bool(pred.any()))
 
     good = [outcome(f"good{i}", 0, "good", 0) for i in range(5)]
     types = {"crack": [outcome(f"crack{i}", 1, "crack", 0.8) for i in range(3)],
              "stain": [outcome(f"stain{i}", 1, "stain", 0.2) for i in range(4)]}
-    per_type = compute_metrics(good + types["crack"] + types["stain"])["per_defect_type"]
+    collected.outcomes = good + types["crack"] + types["stain"]
+    per_type = compute_metrics(collected)["per_defect_type"]
     keys = ("image_auroc", "image_ap", "image_recall", "pixel_auroc", "aupro", "pixel_f1", "pixel_iou")
     for kind, chosen in types.items():
-        full = summarize(good + chosen)
+        full = summarize(good + chosen, collected.good + collected.defects[kind])
         assert per_type[kind] == {"count": len(chosen), **{key: full[key] for key in keys}}
     assert per_type["crack"]["pixel_auroc"] > per_type["stain"]["pixel_auroc"]

@@ -6,8 +6,9 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from flawscope.data.layouts import Sample
-from flawscope.evaluation.evaluate import AUPRO_FPR_LIMIT, Outcome, summarize
+from flawscope.evaluation.evaluate import AUPRO_FPR_LIMIT, Outcome, PixelGroup, summarize
 from flawscope.evaluation.metrics import (
+    PixelScores,
     aupro,
     best_f1,
     confusion,
@@ -98,9 +99,9 @@ def _reference_aupro(masks, maps, fpr_limit):
 def test_aupro_matches_slow_reference(seed, fpr_limit):
     masks, maps = _random_case(seed)
     expected = _reference_aupro(masks, maps, fpr_limit)
-    assert aupro(masks, maps, fpr_limit) == pytest.approx(expected, abs=1e-9)
-    binned = aupro(masks, maps, fpr_limit, max_exact_pixels=0, num_thresholds=1000)
-    assert binned == pytest.approx(expected, abs=1e-2)
+    assert aupro(PixelScores.of(masks, maps), fpr_limit) == pytest.approx(expected, abs=1e-9)
+    binned = aupro(PixelScores.of(masks, maps, 0), fpr_limit)
+    assert binned == pytest.approx(expected, abs=1e-4)
 
 
 def test_pro_curve_hand_computed_and_8_connected():
@@ -110,44 +111,44 @@ def test_pro_curve_hand_computed_and_8_connected():
     mask[2, 2] = True
     amap = np.zeros((4, 4), np.float32)
     amap[2, 2] = 1.0
-    fpr, pro = pro_curve([mask], [amap])
+    fpr, pro = pro_curve(PixelScores.of([mask], [amap]))
     np.testing.assert_allclose(fpr, [0, 0, 1])
     np.testing.assert_allclose(pro, [0, 0.2, 1])  # 4-connectivity would give 0.5
     # From (0, 0.2) to (1, 1): area on [0, 0.3] = 0.3 * 0.2 + 0.8 * 0.3**2 / 2.
-    assert aupro([mask], [amap]) == pytest.approx((0.06 + 0.036) / 0.3)
+    assert aupro(PixelScores.of([mask], [amap])) == pytest.approx((0.06 + 0.036) / 0.3)
 
 
 def test_pro_is_mean_over_regions_not_pixels():
     # Regions of 1 and 3 pixels; the 1-pixel one and one pixel of the other are found first.
     mask = np.array([[1, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 0], [0, 0, 0, 0]], bool)
     amap = np.array([[9, 1, 1, 1], [1, 1, 8, 0], [1, 1, 0, 1], [1, 1, 1, 1]], np.float32)
-    fpr, pro = pro_curve([mask], [amap])
+    fpr, pro = pro_curve(PixelScores.of([mask], [amap]))
     assert pro[np.flatnonzero(fpr == 0)[-1]] == pytest.approx((1 + 1 / 3) / 2)
-    assert aupro([mask], [amap]) == pytest.approx(2 / 3)
+    assert aupro(PixelScores.of([mask], [amap])) == pytest.approx(2 / 3)
 
 
 def test_aupro_edge_cases():
     normal = [np.zeros((8, 8), bool)] * 2
     maps = [np.random.default_rng(0).random((8, 8))] * 2
-    assert aupro(normal, maps) is None
-    assert pixel_auroc(normal, maps) is None
-    assert aupro([np.ones((8, 8), bool)], maps[:1]) is None  # no good pixel: FPR undefined
+    assert aupro(PixelScores.of(normal, maps)) is None
+    assert pixel_auroc(PixelScores.of(normal, maps)) is None
+    assert aupro(PixelScores.of([np.ones((8, 8), bool)], maps[:1])) is None  # no good pixel: FPR undefined
 
     one_pixel = np.zeros((8, 8), bool)
     one_pixel[3, 5] = True
     perfect = one_pixel * 0.9 + 0.1
-    assert aupro([one_pixel], [perfect]) == pytest.approx(1.0)
-    assert pixel_auroc([one_pixel], [perfect]) == pytest.approx(1.0)
+    assert aupro(PixelScores.of([one_pixel], [perfect])) == pytest.approx(1.0)
+    assert pixel_auroc(PixelScores.of([one_pixel], [perfect])) == pytest.approx(1.0)
     # A constant map is the diagonal: area fpr_limit**2 / 2, normalised fpr_limit / 2.
     constant = np.full((8, 8), 0.5)
-    assert aupro([one_pixel], [constant]) == pytest.approx(0.15)
-    assert aupro([one_pixel], [constant], max_exact_pixels=0) == pytest.approx(0.15)
-    assert pixel_auroc([one_pixel], [constant]) == pytest.approx(0.5)
+    assert aupro(PixelScores.of([one_pixel], [constant])) == pytest.approx(0.15)
+    assert aupro(PixelScores.of([one_pixel], [constant], 0)) == pytest.approx(0.15)
+    assert pixel_auroc(PixelScores.of([one_pixel], [constant])) == pytest.approx(0.5)
 
     with pytest.raises(ValueError):
-        aupro([one_pixel], [constant[:4]])
+        PixelScores.of([one_pixel], [constant[:4]])
     with pytest.raises(ValueError):
-        aupro([one_pixel], [constant], fpr_limit=0)
+        aupro(PixelScores.of([one_pixel], [constant]), fpr_limit=0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -156,10 +157,42 @@ def test_pixel_auroc_matches_sklearn_exact_and_binned(seed):
     expected = roc_auc_score(
         np.concatenate([m.ravel() for m in masks]), np.concatenate([a.ravel() for a in maps])
     )
-    assert pixel_auroc(masks, maps) == pytest.approx(expected, abs=1e-12)
-    assert pixel_auroc(masks, maps, max_exact_pixels=0) == pytest.approx(expected, abs=1e-4)
-    coarse = pixel_auroc(masks, maps, max_exact_pixels=0, num_thresholds=100)
-    assert coarse == pytest.approx(expected, abs=1e-2)
+    assert pixel_auroc(PixelScores.of(masks, maps)) == pytest.approx(expected, abs=1e-12)
+    assert pixel_auroc(PixelScores.of(masks, maps, 0)) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("shift", [0.0, -0.5, -2.0])
+def test_binned_metrics_hold_with_an_outlier_and_negative_scores(shift):
+    """The bins follow each score's own magnitude: one pixel 50,000 times the others' scale
+    coarsens nothing (equal-width bins over min..max put the rest into two bins), and scores
+    below zero, or on both sides of it, keep their order."""
+    masks, maps = _random_case(0)
+    maps = [a + shift for a in maps]
+    maps[0] = maps[0].copy()
+    maps[0][0, 0] = 50_000.0
+    for metric in (pixel_auroc, aupro):
+        exact = metric(PixelScores.of(masks, maps))
+        assert metric(PixelScores.of(masks, maps, 0)) == pytest.approx(exact, abs=1e-4), metric.__name__
+
+
+def test_pixel_scores_stream_and_add_up():
+    """Images added one at a time past the exact limit, or two sets added together, give the
+    counts of all the images binned at once: evaluation scores each defect type with the good
+    images this way, without holding their maps."""
+    masks, maps = _random_case(1, images=6)
+    whole = PixelScores.of(masks, maps, 0)
+    streamed = PixelScores(max_exact_pixels=2 * masks[0].size)  # exact for two images, then binned
+    for mask, amap in zip(masks, maps):
+        streamed.add(mask, amap)
+    assert not streamed.images and streamed.pixels == sum(m.size for m in masks)
+    halves = PixelScores.of(masks[:3], maps[:3], 10**6) + PixelScores.of(masks[3:], maps[3:], 2 * masks[0].size)
+    for scores in (streamed, halves):
+        for weighting in ("pixel", "region"):
+            for got, want in zip(scores.data(weighting), whole.data(weighting)):
+                np.testing.assert_array_equal(got, want)
+    exact = PixelScores.of(masks[:2], maps[:2]) + PixelScores.of(masks[2:4], maps[2:4])  # small: stays exact
+    assert len(exact.images) == 4 and pixel_auroc(exact) == pytest.approx(
+        roc_auc_score(np.concatenate([m.ravel() for m in masks[:4]]), np.concatenate([a.ravel() for a in maps[:4]])))
 
 
 def test_best_f1_constant_scores_predicts_everything():
@@ -211,13 +244,13 @@ def _brute_best_f1(masks, maps):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_pixel_best_f1_matches_brute_force(seed):
     masks, maps = _random_case(seed)
-    f1, threshold = pixel_best_f1(masks, maps)
+    f1, threshold = pixel_best_f1(PixelScores.of(masks, maps))
     assert f1 == pytest.approx(_brute_best_f1(masks, maps), abs=1e-12)
     y = np.concatenate([m.ravel() for m in masks])
     s = np.concatenate([a.ravel() for a in maps])
     assert rates(confusion(y, s >= threshold))["f1"] == pytest.approx(f1)
-    binned, _ = pixel_best_f1(masks, maps, max_exact_pixels=0, num_thresholds=1000)
-    assert binned == pytest.approx(f1, abs=1e-2)
+    binned, _ = pixel_best_f1(PixelScores.of(masks, maps, 0))
+    assert binned == pytest.approx(f1, abs=1e-4)
 
 
 def test_pixel_best_f1_and_roc_edge_cases():
@@ -225,20 +258,20 @@ def test_pixel_best_f1_and_roc_edge_cases():
     one_pixel[3, 5] = True
     constant = np.full((8, 8), 0.5)
     # Constant map: the only threshold predicts all 64 pixels, tp=1 fp=63 -> F1 = 2 / 65.
-    assert pixel_best_f1([one_pixel], [constant])[0] == pytest.approx(2 / 65)
-    assert pixel_best_f1([one_pixel], [one_pixel * 0.9 + 0.1]) == (pytest.approx(1.0), pytest.approx(1.0))
-    assert pixel_best_f1([np.zeros((8, 8), bool)], [constant]) is None  # all-normal masks
-    assert pixel_roc_curve([np.zeros((8, 8), bool)], [constant]) is None
-    fpr, tpr = pixel_roc_curve([one_pixel], [constant])
+    assert pixel_best_f1(PixelScores.of([one_pixel], [constant]))[0] == pytest.approx(2 / 65)
+    assert pixel_best_f1(PixelScores.of([one_pixel], [one_pixel * 0.9 + 0.1])) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert pixel_best_f1(PixelScores.of([np.zeros((8, 8), bool)], [constant])) is None  # all-normal masks
+    assert pixel_roc_curve(PixelScores.of([np.zeros((8, 8), bool)], [constant])) is None
+    fpr, tpr = pixel_roc_curve(PixelScores.of([one_pixel], [constant]))
     np.testing.assert_allclose(fpr, [0, 1])
     np.testing.assert_allclose(tpr, [0, 1])
 
 
 def test_pixel_roc_curve_integrates_to_pixel_auroc():
     masks, maps = _random_case(3)
-    fpr, tpr = pixel_roc_curve(masks, maps)
+    fpr, tpr = pixel_roc_curve(PixelScores.of(masks, maps))
     assert fpr[0] == 0 and fpr[-1] == 1 and np.all(np.diff(fpr) >= 0)
-    assert np.trapezoid(tpr, fpr) == pytest.approx(pixel_auroc(masks, maps), abs=1e-12)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(pixel_auroc(PixelScores.of(masks, maps)), abs=1e-12)
 
 
 def test_paddlex_miou_hand_computed():
@@ -291,11 +324,12 @@ def test_paddlex_miou_matches_paddleseg_procedure(seed):
     assert paddlex_miou(masks, maps) == pytest.approx(tn / good, abs=1e-12)
 
 
-def _random_outcomes(seed: int) -> list[Outcome]:
+def _random_outcomes(seed: int) -> tuple[list[Outcome], PixelGroup, list[tuple]]:
     """Good images, defects with masks of two strengths, and one defect without a mask (image
-    metrics only); decisions made at fixed raw thresholds, as a Predictor would."""
+    metrics only); decisions made at fixed raw thresholds, as a Predictor would. Also the
+    (mask, map, predicted mask) of each image with a mask, and their PixelGroup."""
     rng = np.random.default_rng(seed)
-    outcomes = []
+    outcomes, pixel, group = [], [], PixelGroup()
     for index in range(9):
         label, has_mask = int(index >= 4), index != 8
         mask = np.zeros((20, 20), bool)
@@ -304,11 +338,13 @@ def _random_outcomes(seed: int) -> list[Outcome]:
             mask[y:y + rng.integers(2, 7), x:x + rng.integers(2, 7)] = True
         amap = (rng.random((20, 20)) + (0.3 + 0.4 * (index % 2)) * mask * rng.random((20, 20))).astype(np.float32)
         score = float(amap.max() + 0.3 * rng.random())
-        pred = amap > 0.95
+        pred = amap > 0.95 if score > 1.1 else np.zeros_like(mask)
         outcomes.append(Outcome(Sample(Path(f"{index}.png"), None, label, "crack" if label else "good"), score,
-                                mask if has_mask else None, amap if has_mask else None,
-                                is_anomaly=score > 1.1, pred=pred if score > 1.1 else np.zeros_like(pred)))
-    return outcomes
+                                int(mask.sum()) if has_mask else None, is_anomaly=score > 1.1))
+        if has_mask:
+            pixel.append((mask, amap, pred))
+            group.add(mask, amap, pred)
+    return outcomes, group, pixel
 
 
 @pytest.mark.parametrize("seed", [1, 6])
@@ -316,22 +352,21 @@ def test_summarize_reports_what_the_metric_functions_give(seed):
     """Each number of ``summarize`` is the metric of the right data: image metrics over every
     image's raw score, pixel metrics over the masked images' raw maps, AUPRO up to FPR 0.3,
     decision metrics from the Predictor's is_anomaly and pred."""
-    outcomes = _random_outcomes(seed)
+    outcomes, group, pixel = _random_outcomes(seed)
     labels = [o.sample.label for o in outcomes]
     scores = [o.raw_score for o in outcomes]
-    pixel = [o for o in outcomes if o.mask is not None]
-    masks, maps = [o.mask for o in pixel], [o.raw_map for o in pixel]
+    masks, maps, preds = map(list, zip(*pixel))
     y, s = np.concatenate([m.ravel() for m in masks]), np.concatenate([a.ravel() for a in maps])
     image_rates = rates(confusion(labels, [o.is_anomaly for o in outcomes]))
-    pixel_rates = rates(mask_confusion(masks, [o.pred for o in pixel]))
+    pixel_rates = rates(mask_confusion(masks, preds))
     assert AUPRO_FPR_LIMIT == 0.3
     expected = {
         "image_auroc": roc_auc_score(labels, scores),
         "image_ap": average_precision_score(labels, scores),
         "image_best_f1": best_f1(labels, scores)[0],
         "pixel_auroc": roc_auc_score(y, s),
-        "aupro": aupro(masks, maps, 0.3),
-        "pixel_best_f1": pixel_best_f1(masks, maps)[0],
+        "aupro": aupro(PixelScores.of(masks, maps), 0.3),
+        "pixel_best_f1": pixel_best_f1(PixelScores.of(masks, maps))[0],
         "paddlex_miou": paddlex_miou(masks, maps),
         **{f"image_{k}": v for k, v in image_rates.items() if k != "iou"},  # no image IoU reported
         **{f"pixel_{k}": v for k, v in pixel_rates.items()},
@@ -340,15 +375,16 @@ def test_summarize_reports_what_the_metric_functions_give(seed):
     # slip would mix up differ.
     assert None not in expected.values()
     assert abs(expected["image_auroc"] - expected["pixel_auroc"]) > 0.01
-    assert abs(aupro(masks, maps, 1.0) - expected["aupro"]) > 0.01
-    assert abs(aupro(masks, maps, 0.05) - expected["aupro"]) > 0.01
+    assert abs(aupro(PixelScores.of(masks, maps), 1.0) - expected["aupro"]) > 0.01
+    assert abs(aupro(PixelScores.of(masks, maps), 0.05) - expected["aupro"]) > 0.01
     assert len({round(v, 3) for k, v in expected.items() if k.startswith("image_")}) >= 5
 
-    result = summarize(outcomes)
+    result = summarize(outcomes, group)
     assert set(expected) <= set(result)
     for key, value in expected.items():
         assert result[key] == pytest.approx(value, abs=1e-6), key
     assert (result["num_images"], result["num_good"], result["num_defect"], result["num_with_masks"]) == (9, 4, 5, 8)
     assert result["best_f1_thresholds"] == {"image": pytest.approx(best_f1(labels, scores)[1], abs=1e-6),
-                                            "pixel": pytest.approx(pixel_best_f1(masks, maps)[1], abs=1e-6)}
-    assert summarize(outcomes, fpr_limit=0.05)["aupro"] == pytest.approx(aupro(masks, maps, 0.05), abs=1e-6)
+                                            "pixel": pytest.approx(pixel_best_f1(PixelScores.of(masks, maps))[1], abs=1e-6)}
+    assert summarize(outcomes, group, fpr_limit=0.05)["aupro"] == pytest.approx(
+        aupro(PixelScores.of(masks, maps), 0.05), abs=1e-6)

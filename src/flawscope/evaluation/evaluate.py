@@ -18,7 +18,7 @@ import functools
 import json
 from collections.abc import Collection, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +44,52 @@ _PER_TYPE_KEYS = ("image_auroc", "image_ap", "image_recall", "pixel_auroc", "aup
 
 @dataclass
 class Outcome:
-    """What one image gave: raw outputs for ranking, the Predictor's decision for thresholds."""
+    """What one image gave: its raw score for ranking, the Predictor's decision for thresholds."""
 
     sample: Sample
     raw_score: float
-    mask: np.ndarray | None  # None: a defect image without ground truth (image metrics only)
-    raw_map: np.ndarray | None  # kept only when there is a mask to score it against
+    mask_pixels: int | None  # defect pixels in its mask; None: a defect image without one (image metrics only)
     score: float | None = None  # normalised; None while the model is not calibrated
     is_anomaly: bool | None = None
-    pred: np.ndarray | None = None
+
+
+@dataclass
+class PixelGroup:
+    """What the pixel metrics need of some images, summed as they come: no map outlives its
+    image once the images pass ``metrics.MAX_EXACT_PIXELS`` (a test set of camera images would
+    otherwise hold its maps, masks and predicted masks, 6 bytes a pixel, until the end)."""
+
+    scores: metrics.PixelScores = field(default_factory=metrics.PixelScores)
+    confusion: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("tp", "fp", "fn", "tn"), 0))
+    paddlex: tuple[int, int] = (0, 0)  # metrics.paddlex_counts, summed
+
+    def add(self, mask: np.ndarray, raw_map: np.ndarray, pred: np.ndarray | None, miou: bool = True) -> None:
+        """One image: its mask, raw map and, once calibrated, the Predictor's predicted mask;
+        ``miou``: also PaddleX's mIoU terms (an opening of the map, up to 50 ms a megapixel)."""
+        self.scores.add(mask, raw_map)
+        if miou:
+            self.paddlex = tuple(a + b for a, b in zip(self.paddlex, metrics.paddlex_counts(mask, raw_map)))
+        if pred is not None:
+            self.confusion = {k: v + self.confusion[k] for k, v in metrics.confusion(mask, pred).items()}
+
+    def __add__(self, other: PixelGroup) -> PixelGroup:
+        return PixelGroup(self.scores + other.scores, {k: v + other.confusion[k] for k, v in self.confusion.items()},
+                          tuple(a + b for a, b in zip(self.paddlex, other.paddlex)))
+
+
+@dataclass
+class Collected:
+    """One pass of a model over a split: each image's outcome, and the pixels of the images with
+    ground truth, grouped so that each defect type can be scored with the good images."""
+
+    outcomes: list[Outcome]
+    good: PixelGroup
+    defects: dict[str, PixelGroup]  # by defect type
+
+    def pixels(self, defect_type: str | None = None) -> PixelGroup:
+        """The good images' pixels with every defect type's, or with one type's."""
+        chosen = self.defects.values() if defect_type is None else [self.defects.get(defect_type, PixelGroup())]
+        return sum(chosen, self.good)
 
 
 def _read(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
@@ -64,66 +101,70 @@ def _read(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8,
-            desc: str = "evaluate") -> list[Outcome]:
+            desc: str = "evaluate", miou: bool = True) -> Collected:
     """Run the model once over ``samples``, reading the next chunk meanwhile; decisions only when
-    the model is calibrated."""
+    the model is calibrated; PaddleX's mIoU terms unless ``miou`` is false (``auroc_summary``
+    does without)."""
     calibrated = predictor.info.calibration is not None
     chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     reads = read_ahead(lambda chunk: [_read(s) for s in chunk], chunks, 1)
-    outcomes = []
+    collected = Collected([], PixelGroup(), {})
     with closing(reads):
         for chunk, reading in tqdm(reads, total=len(chunks), desc=desc, leave=False, unit="batch", disable=None):
             images, masks = zip(*reading.result())
             for sample, image, mask, (raw_map, raw_score) in zip(chunk, images, masks,
                                                                 predictor.raw_outputs(images)):
-                outcome = Outcome(sample, raw_score, mask, raw_map if mask is not None else None)
+                outcome = Outcome(sample, raw_score, None if mask is None else int(np.count_nonzero(mask)))
+                pred = None
                 if calibrated:
                     res = predictor.result(image, raw_map, raw_score)
-                    outcome.score, outcome.is_anomaly, outcome.pred = res.score, res.is_anomaly, res.pred
-                outcomes.append(outcome)
-    return outcomes
+                    outcome.score, outcome.is_anomaly, pred = res.score, res.is_anomaly, res.pred
+                if mask is not None:
+                    group = collected.good if sample.label == 0 else collected.defects.setdefault(
+                        sample.defect_type, PixelGroup())
+                    group.add(mask, raw_map, pred, miou)
+                collected.outcomes.append(outcome)
+    return collected
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
-def auroc_summary(outcomes: Sequence[Outcome]) -> dict:
+def auroc_summary(collected: Collected) -> dict:
     """Image and pixel AUROC only: what training logs at each ``Train.eval_interval``, without
     the AUPRO, F1 and per-type work of a full evaluation."""
-    pixel = [o for o in outcomes if o.mask is not None]
+    outcomes = collected.outcomes
     return {
         "image_auroc": _round(metrics.image_auroc([o.sample.label for o in outcomes], [o.raw_score for o in outcomes])),
-        "pixel_auroc": _round(metrics.pixel_auroc([o.mask for o in pixel], [o.raw_map for o in pixel])),
+        "pixel_auroc": _round(metrics.pixel_auroc(collected.pixels().scores)),
     }
 
 
-def summarize(outcomes: Sequence[Outcome], fpr_limit: float = AUPRO_FPR_LIMIT,
+def summarize(outcomes: Sequence[Outcome], pixels: PixelGroup, fpr_limit: float = AUPRO_FPR_LIMIT,
               keys: Collection[str] | None = None) -> dict:
-    """Every metric of ``outcomes`` (flat, rounded, None where undefined) plus the confusion
-    counts and the best-F1 thresholds found on them; with ``keys``, only those metrics (each
-    pixel metric is a pass over every map)."""
+    """Every metric of ``outcomes`` and their ``pixels`` (flat, rounded, None where undefined)
+    plus the confusion counts and the best-F1 thresholds found on them; with ``keys``, only those
+    metrics (each pixel metric is a pass over every pixel's score)."""
     labels = np.array([o.sample.label for o in outcomes], dtype=int)
     raw = np.array([o.raw_score for o in outcomes], dtype=np.float64)
-    pixel = [o for o in outcomes if o.mask is not None]
-    masks, maps = [o.mask for o in pixel], [o.raw_map for o in pixel]
     image_best = functools.cache(lambda: metrics.best_f1(labels, raw))
-    pixel_best = functools.cache(lambda: metrics.pixel_best_f1(masks, maps))
+    pixel_best = functools.cache(lambda: metrics.pixel_best_f1(pixels.scores))
+    tn, good_pixels = pixels.paddlex
     wanted = set(_METRIC_KEYS if keys is None else keys)
     computed = {
         "image_auroc": lambda: metrics.image_auroc(labels, raw),
         "image_ap": lambda: metrics.image_ap(labels, raw),
         "image_best_f1": lambda: image_best()[0] if image_best() else None,
-        "pixel_auroc": lambda: metrics.pixel_auroc(masks, maps),
-        "aupro": lambda: metrics.aupro(masks, maps, fpr_limit),
+        "pixel_auroc": lambda: metrics.pixel_auroc(pixels.scores),
+        "aupro": lambda: metrics.aupro(pixels.scores, fpr_limit),
         "pixel_best_f1": lambda: pixel_best()[0] if pixel_best() else None,
-        "paddlex_miou": lambda: metrics.paddlex_miou(masks, maps),
+        "paddlex_miou": lambda: tn / good_pixels if good_pixels else None,
     }
     out = {key: computed[key]() if key in computed and key in wanted else None for key in _METRIC_KEYS}
     confusion = None
     if outcomes and outcomes[0].is_anomaly is not None:
-        confusion = {"image": metrics.confusion(labels, [o.is_anomaly for o in outcomes]),
-                     "pixel": metrics.mask_confusion(masks, [o.pred for o in pixel])}
+        confusion = {"image": metrics.confusion(labels, [o.is_anomaly for o in outcomes]), "pixel": pixels.confusion}
         for level in ("image", "pixel"):
             for name, value in metrics.rates(confusion[level]).items():
                 if f"{level}_{name}" in out:
@@ -135,7 +176,7 @@ def summarize(outcomes: Sequence[Outcome], fpr_limit: float = AUPRO_FPR_LIMIT,
         "num_images": len(outcomes),
         "num_good": int((labels == 0).sum()),
         "num_defect": int((labels == 1).sum()),
-        "num_with_masks": len(pixel),
+        "num_with_masks": sum(o.mask_pixels is not None for o in outcomes),
         "confusion": confusion,
         "best_f1_thresholds": {"image": _round(image_best()[1]) if image_best() else None,
                                "pixel": _round(pixel_best()[1]) if pixel_best() else None},
@@ -143,14 +184,16 @@ def summarize(outcomes: Sequence[Outcome], fpr_limit: float = AUPRO_FPR_LIMIT,
     return out
 
 
-def compute_metrics(outcomes: Sequence[Outcome], fpr_limit: float = AUPRO_FPR_LIMIT) -> dict:
+def compute_metrics(collected: Collected, fpr_limit: float = AUPRO_FPR_LIMIT) -> dict:
     """``summarize`` of the split, with ``per_defect_type`` (each type with the good images)."""
-    result = summarize(outcomes, fpr_limit)
+    outcomes = collected.outcomes
+    result = summarize(outcomes, collected.pixels(), fpr_limit)
     good = [o for o in outcomes if o.sample.label == 0]
     per_type = {}
     for defect_type in sorted({o.sample.defect_type for o in outcomes if o.sample.label == 1}):
         chosen = [o for o in outcomes if o.sample.label == 1 and o.sample.defect_type == defect_type]
-        per_type[defect_type] = {"count": len(chosen), **summarize(good + chosen, fpr_limit, _PER_TYPE_KEYS)}
+        per_type[defect_type] = {"count": len(chosen), **summarize(good + chosen, collected.pixels(defect_type),
+                                                                   fpr_limit, _PER_TYPE_KEYS)}
     result["per_defect_type"] = per_type
     return result
 
@@ -199,8 +242,8 @@ def mask_warnings(outcomes: Sequence[Outcome]) -> list[str]:
     """Defect images whose masks cannot say where the defect is: without one, an image counts in
     the image metrics only; with an empty one, its flagged pixels all count as false positives."""
     defects = [o for o in outcomes if o.sample.label == 1]
-    missing = [o.sample.image for o in defects if o.mask is None]
-    empty = [o.sample.image for o in defects if o.mask is not None and not o.mask.any()]
+    missing = [o.sample.image for o in defects if o.mask_pixels is None]
+    empty = [o.sample.image for o in defects if o.mask_pixels == 0]
     warnings = []
     if missing:
         warnings.append(f"{len(missing)} defect image(s) have no mask (e.g. {missing[0]}): left out of the pixel "
@@ -218,9 +261,10 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
 
     output.mkdir(parents=True, exist_ok=True)
     with log_to_file(output / "evaluate.log"):
-        outcomes = collect(predictor, dataset.val, batch_size)
+        collected = collect(predictor, dataset.val, batch_size)
+        outcomes = collected.outcomes
         result = {"done_flag": True, "model_dir": str(model_dir), "dataset_dir": str(dataset.root),
-                  "metrics": compute_metrics(outcomes), "thresholds": thresholds_of(predictor),
+                  "metrics": compute_metrics(collected), "thresholds": thresholds_of(predictor),
                   "aupro_fpr_limit": AUPRO_FPR_LIMIT, "warnings": []}
         calibration_dir = predictor.info.calibration.details.get("calibration_dir")
         if calibration_dir and Path(calibration_dir).resolve() == dataset.root.resolve():
@@ -230,7 +274,7 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
         if shift:
             result["warnings"].append(shift)
         result["warnings"] += mask_warnings(outcomes)
-        result["report"] = str(write_report(output / REPORT_DIR, result, outcomes, predictor))
+        result["report"] = str(write_report(output / REPORT_DIR, result, collected, predictor))
         (output / "evaluate_result.json").write_text(json.dumps(result, indent=2))
         m = result["metrics"]
         for warning in result["warnings"]:

@@ -3,15 +3,19 @@
 Every metric returns None (never raises, never NaN) when the data cannot define it, e.g. a
 test set with only good images has no image AUROC; the report prints "n/a" for those.
 
-Pixel metrics (``pixel_auroc``, ``pro_curve``, ``aupro``) are exact up to
+Pixel metrics (``pixel_auroc``, ``pro_curve``, ``aupro``, ``pixel_best_f1``) take a
+``PixelScores``, to which images are added one at a time. They are exact up to
 ``max_exact_pixels`` pixels in total: all pixels are concatenated and scikit-learn sorts them.
-Sorting costs roughly 60-80 bytes per pixel, which for a full-resolution test set would be tens
-of GB, so above that size the scores are binned into ``num_thresholds`` equal-width bins between
-the global min and max of the maps (streamed image by image), and scikit-learn computes the curve
-from the per-bin (weighted) counts. That is the exact curve of the quantised scores: it only
-differs where a defect pixel and a good pixel fall into the same bin, which with 100,000 bins over
-[0, 1] means scores closer than 1e-5. No subsampling, so the result is deterministic and uses
-every pixel.
+Sorting costs roughly 60-80 bytes per pixel, and holding every map at full size 5 bytes, which
+for a test set of camera images would be tens of GB; so above that size each image's scores
+are counted into bins as it comes, and scikit-learn computes the curve from the per-bin
+(weighted) counts. A bin is a float32 score with the 11 lowest of its 23 mantissa bits
+dropped: 2^-12 of its value wide at any scale (4,096 bins an octave), so the bins need no range
+known in advance, an outlier coarsens nothing, and any images' counts add up. That is the exact
+curve of the quantised scores: it only differs where a defect pixel and a good pixel fall into
+the same bin, scores within 0.025% of each other. (On the bundled model's maps of MVTec
+transistor's 26 M test pixels: pixel AUROC and AUPRO within 2e-8 of the exact ones.) No
+subsampling, so the result is deterministic and uses every pixel.
 
 Thresholded metrics (``confusion``, ``rates``, ``mask_confusion``) score decisions already made,
 e.g. ``AnomalyResult.is_anomaly`` and ``AnomalyResult.pred``, so they measure exactly what a user
@@ -45,7 +49,9 @@ from sklearn.metrics import (
 from flawscope.inference.result import CONNECTIVITY
 
 MAX_EXACT_PIXELS = 4_000_000
-NUM_THRESHOLDS = 100_000
+_DROPPED_BITS = 11  # of float32's 23 mantissa bits: a bin is 2**-12 of its scores' value wide
+_BLOCK_BITS = 23 - _DROPPED_BITS  # the bins are kept in blocks of one float exponent (an octave)
+_DENSE_BINS = 1 << 22  # an image's scores spanning fewer bins are counted without sorting
 
 
 def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float | None:
@@ -95,67 +101,165 @@ def f1_at(labels: ArrayLike, scores: ArrayLike, threshold: float) -> float | Non
     return float(f1_score(labels, np.asarray(scores, dtype=np.float64) >= threshold))
 
 
-def pixel_auroc(
-    masks: Sequence[np.ndarray],
-    maps: Sequence[np.ndarray],
-    *,
-    max_exact_pixels: int = MAX_EXACT_PIXELS,
-    num_thresholds: int = NUM_THRESHOLDS,
-) -> float | None:
-    """ROC AUC over all pixels of all images; None without both defect and good pixels.
+class PixelScores:
+    """The pixels of many images for the pixel metrics, added an image at a time so that no
+    caller need hold every map: as they are while they total at most ``max_exact_pixels``, then
+    as counts per score bin (see the module docstring). Two sets add up (``a + b``): a defect
+    type is scored with the split's good images without scoring them again."""
 
-    Exact up to ``max_exact_pixels``, binned above (see the module docstring).
-    """
-    data = _pixel_data(masks, maps, "pixel", max_exact_pixels, num_thresholds)
+    def __init__(self, max_exact_pixels: int = MAX_EXACT_PIXELS) -> None:
+        self.max_exact_pixels = max_exact_pixels
+        self.images: list[tuple[np.ndarray, np.ndarray]] = []  # (mask, map) while exact
+        # Once binned: each octave's block of bins, 3 x 2**_BLOCK_BITS counts of good pixels,
+        # defect pixels and defect pixels by region.
+        self.blocks: dict[int, np.ndarray] | None = None
+        self.pixels = self.defects = 0
+
+    @classmethod
+    def of(cls, masks: Sequence[np.ndarray], maps: Sequence[np.ndarray],
+           max_exact_pixels: int = MAX_EXACT_PIXELS) -> PixelScores:
+        if len(masks) != len(maps):
+            raise ValueError(f"{len(masks)} masks but {len(maps)} maps")
+        scores = cls(max_exact_pixels)
+        for mask, amap in zip(masks, maps):
+            scores.add(mask, amap)
+        return scores
+
+    def add(self, mask: np.ndarray, amap: np.ndarray) -> None:
+        """One image: its ground truth (True = defect) and its map of the same shape."""
+        mask, amap = np.asarray(mask, dtype=bool), np.asarray(amap)
+        if mask.shape != amap.shape:
+            raise ValueError(f"mask shape {mask.shape} != map shape {amap.shape}")
+        self.pixels += mask.size
+        self.defects += int(np.count_nonzero(mask))
+        self._keep([(mask, amap)])
+
+    def __add__(self, other: PixelScores) -> PixelScores:
+        both = PixelScores(min(self.max_exact_pixels, other.max_exact_pixels))
+        both.pixels, both.defects = self.pixels + other.pixels, self.defects + other.defects
+        if self.blocks is not None or other.blocks is not None:
+            mine, theirs = self.blocks or {}, other.blocks or {}
+            both.blocks = {b: mine.get(b, 0) + theirs.get(b, 0) for b in mine.keys() | theirs.keys()}  # new arrays
+        both._keep(self.images + other.images)
+        return both
+
+    def _keep(self, images: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Hold ``images`` as they are, or count them into the bins once the total is past
+        ``max_exact_pixels``."""
+        if self.blocks is None and self.pixels <= self.max_exact_pixels:
+            self.images += images
+            return
+        if self.blocks is None:
+            self.blocks = {}
+        for mask, amap in self.images + images:
+            keys, counts = _histogram(mask, amap)
+            blocks = keys >> _BLOCK_BITS
+            for block in np.unique(blocks):
+                inside = slice(np.searchsorted(blocks, block), np.searchsorted(blocks, block, "right"))
+                totals = self.blocks.setdefault(int(block), np.zeros((3, 1 << _BLOCK_BITS)))
+                totals[:, keys[inside] & ((1 << _BLOCK_BITS) - 1)] += counts[:, inside]  # keys are unique
+        self.images = []
+
+    def data(self, weighting: Literal["pixel", "region"]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """(y_true, y_score, sample_weight) for scikit-learn: one entry per pixel while exact, else
+        one good and one defect entry per score bin, at the bin's lowest score, with the summed
+        weights. ``weighting``: "pixel" (every pixel weighs 1: ROC) or "region" (a defect pixel
+        weighs 1/its region's size: PRO). None without a defect pixel or without a good one."""
+        if self.defects == 0 or self.defects == self.pixels:
+            return None
+        if self.blocks is None:
+            y_true = np.concatenate([m.ravel() for m, _ in self.images])
+            y_score = np.concatenate([a.ravel() for _, a in self.images])
+            if weighting == "pixel":
+                return y_true, y_score, None
+            return y_true, y_score, np.concatenate([_region_weights(m).ravel() for m, _ in self.images])
+        order = sorted(self.blocks)
+        good, defect, by_region = np.concatenate([self.blocks[b] for b in order], axis=1)
+        scores = _lowest_scores(np.concatenate([(b << _BLOCK_BITS) + np.arange(1 << _BLOCK_BITS) for b in order]))
+        y_true = np.repeat([False, True], len(scores))
+        y_score = np.concatenate([scores, scores])
+        weight = np.concatenate([good, defect if weighting == "pixel" else by_region])
+        keep = weight > 0
+        return y_true[keep], y_score[keep], weight[keep]
+
+
+def _region_weights(mask: np.ndarray) -> np.ndarray:
+    """1 for a good pixel, 1/its region's size for a defect pixel (PRO as a weighted ROC)."""
+    if not mask.any():
+        return np.ones(mask.shape)
+    labels, _ = ndimage.label(mask, structure=CONNECTIVITY)
+    sizes = np.bincount(labels.ravel())
+    return np.where(mask, 1.0 / np.maximum(sizes, 1)[labels], 1.0)
+
+
+def _score_keys(amap: np.ndarray) -> np.ndarray:
+    """Each score's bin: its float32 bits as an integer that sorts as the scores do (a negative
+    float's bits sort backwards, so all but its sign bit are flipped), less the low bits."""
+    bits = np.ascontiguousarray(amap, dtype=np.float32).view(np.int32)
+    return ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> _DROPPED_BITS).astype(np.int64)
+
+
+def _lowest_scores(keys: np.ndarray) -> np.ndarray:
+    """The lowest score of each bin of ``_score_keys``: a threshold there flags the whole bin."""
+    ordered = keys.astype(np.int32) << _DROPPED_BITS
+    return (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).view(np.float32).astype(np.float64)
+
+
+def _histogram(mask: np.ndarray, amap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One image's occupied bins, ascending, and their 3 x N counts: good pixels, defect pixels
+    and defect pixels by region."""
+    keys, flat = _score_keys(amap).ravel(), mask.ravel()
+    low, high = int(keys.min()), int(keys.max())
+    if high - low < _DENSE_BINS:  # a dense count over the span: no sort
+        present, index = np.arange(low, high + 1), keys - low
+    else:
+        present, index = np.unique(keys, return_inverse=True)
+    counts = np.zeros((3, len(present)))
+    if flat.any():
+        defects = index[flat]
+        counts[0] = np.bincount(index[~flat], minlength=len(present))
+        counts[1] = np.bincount(defects, minlength=len(present))
+        counts[2] = np.bincount(defects, _region_weights(mask).ravel()[flat], len(present))
+    else:  # a good image: no regions to label
+        counts[0] = np.bincount(index, minlength=len(present))
+    occupied = counts[0] + counts[1] > 0
+    return present[occupied], counts[:, occupied]
+
+
+def pixel_auroc(scores: PixelScores) -> float | None:
+    """ROC AUC over all pixels of all images; None without both defect and good pixels."""
+    data = scores.data("pixel")
     if data is None:
         return None
     y_true, y_score, weight = data
     return float(roc_auc_score(y_true, y_score, sample_weight=weight))
 
 
-def pixel_roc_curve(
-    masks: Sequence[np.ndarray],
-    maps: Sequence[np.ndarray],
-    *,
-    max_exact_pixels: int = MAX_EXACT_PIXELS,
-    num_thresholds: int = NUM_THRESHOLDS,
-) -> tuple[np.ndarray, np.ndarray] | None:
+def pixel_roc_curve(scores: PixelScores) -> tuple[np.ndarray, np.ndarray] | None:
     """(fpr, tpr) of all pixels, for plotting; None when ``pixel_auroc`` is None."""
-    data = _pixel_data(masks, maps, "pixel", max_exact_pixels, num_thresholds)
+    data = scores.data("pixel")
     if data is None:
         return None
     fpr, tpr, _ = roc_curve(data[0], data[1], sample_weight=data[2])
     return fpr, tpr
 
 
-def pixel_best_f1(
-    masks: Sequence[np.ndarray],
-    maps: Sequence[np.ndarray],
-    *,
-    max_exact_pixels: int = MAX_EXACT_PIXELS,
-    num_thresholds: int = NUM_THRESHOLDS,
-) -> tuple[float, float] | None:
+def pixel_best_f1(scores: PixelScores) -> tuple[float, float] | None:
     """(best pixel F1 over all thresholds, its threshold): the segmentation F1-max of the
     literature, and the F1-optimal pixel threshold for calibration. None without both classes."""
-    data = _pixel_data(masks, maps, "pixel", max_exact_pixels, num_thresholds)
+    data = scores.data("pixel")
     if data is None:
         return None
     return best_f1(*data)
 
 
-def pro_curve(
-    masks: Sequence[np.ndarray],
-    maps: Sequence[np.ndarray],
-    *,
-    max_exact_pixels: int = MAX_EXACT_PIXELS,
-    num_thresholds: int = NUM_THRESHOLDS,
-) -> tuple[np.ndarray, np.ndarray] | None:
+def pro_curve(scores: PixelScores) -> tuple[np.ndarray, np.ndarray] | None:
     """(fpr, pro) from (0, 0) to (1, 1), fpr non-decreasing, for plotting and ``aupro``.
 
     None without a defect region or without a good pixel. Collinear points are dropped; that
     changes neither the plot nor the integral.
     """
-    data = _pixel_data(masks, maps, "region", max_exact_pixels, num_thresholds)
+    data = scores.data("region")
     if data is None:
         return None
     y_true, y_score, weight = data
@@ -163,14 +267,7 @@ def pro_curve(
     return fpr, np.clip(pro, 0.0, 1.0)  # float rounding of the 1/size weights
 
 
-def aupro(
-    masks: Sequence[np.ndarray],
-    maps: Sequence[np.ndarray],
-    fpr_limit: float = 0.3,
-    *,
-    max_exact_pixels: int = MAX_EXACT_PIXELS,
-    num_thresholds: int = NUM_THRESHOLDS,
-) -> float | None:
+def aupro(scores: PixelScores, fpr_limit: float = 0.3) -> float | None:
     """Area under the PRO curve for FPR in [0, fpr_limit], divided by fpr_limit (so in [0, 1]).
 
     As MVTec AD's reference: trapezoids, with the curve linearly interpolated at fpr_limit. A
@@ -178,8 +275,7 @@ def aupro(
     """
     if not 0 < fpr_limit <= 1:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    curve = pro_curve(masks, maps, max_exact_pixels=max_exact_pixels,
-                      num_thresholds=num_thresholds)
+    curve = pro_curve(scores)
     if curve is None:
         return None
     fpr, pro = curve
@@ -190,68 +286,6 @@ def aupro(
         fpr = np.append(fpr[:right], fpr_limit)
         pro = np.append(pro[:right], pro[left] + t * (pro[right] - pro[left]))
     return float(trapezoid(pro, fpr) / fpr_limit)
-
-
-def _pixel_data(
-    masks: Sequence[np.ndarray],
-    maps: Sequence[np.ndarray],
-    weighting: Literal["pixel", "region"],
-    max_exact_pixels: int,
-    num_thresholds: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-    """(y_true, y_score, sample_weight) for scikit-learn: one entry per pixel when small enough,
-    else one good and one defect entry per score bin with the summed weights.
-
-    ``weighting``: "pixel" (every pixel weighs 1: ROC) or "region" (defect pixels weigh
-    1/region size: PRO). None when there is no defect pixel or no good pixel.
-    """
-    if len(masks) != len(maps):
-        raise ValueError(f"{len(masks)} masks but {len(maps)} maps")
-    masks = [np.asarray(m, dtype=bool) for m in masks]
-    for mask, amap in zip(masks, maps):
-        if mask.shape != amap.shape:
-            raise ValueError(f"mask shape {mask.shape} != map shape {amap.shape}")
-    total = sum(m.size for m in masks)
-    positives = sum(np.count_nonzero(m) for m in masks)
-    if positives == 0 or positives == total:
-        return None
-
-    def weights(mask: np.ndarray) -> np.ndarray | None:
-        """None where every pixel weighs 1: all of them for ROC, a good image's for PRO."""
-        if weighting == "pixel" or not mask.any():
-            return None
-        labels, _ = ndimage.label(mask, structure=CONNECTIVITY)
-        sizes = np.bincount(labels.ravel())
-        return np.where(mask, 1.0 / np.maximum(sizes, 1)[labels], 1.0)
-
-    if total <= max_exact_pixels:
-        y_true = np.concatenate([m.ravel() for m in masks])
-        y_score = np.concatenate([np.ravel(a) for a in maps])
-        if weighting == "pixel":
-            return y_true, y_score, None
-        return y_true, y_score, np.concatenate([np.ones(m.size) if (w := weights(m)) is None else w.ravel()
-                                                for m in masks])
-
-    low = min(float(np.min(a)) for a in maps)
-    high = max(float(np.max(a)) for a in maps)
-    scale = num_thresholds / (high - low) if high > low else 0.0
-    good = np.zeros(num_thresholds)
-    defect = np.zeros(num_thresholds)
-    for mask, amap in zip(masks, maps):
-        bins = ((np.asarray(amap, dtype=np.float64) - low) * scale).astype(np.int64)
-        np.minimum(bins, num_thresholds - 1, out=bins)  # the max lands exactly on the top edge
-        if not mask.any():  # a good image: every pixel counts once, as a good one
-            good += np.bincount(bins.ravel(), None, num_thresholds)
-            continue
-        w = weights(mask)
-        for totals, where in ((good, ~mask), (defect, mask)):
-            totals += np.bincount(bins[where], None if w is None else w[where], num_thresholds)
-    edges = low + np.arange(num_thresholds) / scale if scale else np.full(num_thresholds, low)
-    y_true = np.repeat([False, True], num_thresholds)
-    y_score = np.concatenate([edges, edges])
-    weight = np.concatenate([good, defect])
-    keep = weight > 0
-    return y_true[keep], y_score[keep], weight[keep]
 
 
 def confusion(labels: ArrayLike, predicted: ArrayLike) -> dict[str, int]:
@@ -331,16 +365,19 @@ def paddlex_miou(
     """
     if len(masks) != len(maps):
         raise ValueError(f"{len(masks)} masks but {len(maps)} maps")
-    footprint = disk(opening_radius)
-    true_negatives = good = 0
-    for mask, amap in zip(masks, maps):
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != np.shape(amap):
-            raise ValueError(f"mask shape {mask.shape} != map shape {np.shape(amap)}")
-        predicted = _open_reflected(np.asarray(amap) > threshold, footprint)
-        true_negatives += int(np.count_nonzero(~predicted & ~mask))
-        good += int(np.count_nonzero(~mask))
-    return true_negatives / good if good else None
+    terms = [paddlex_counts(mask, amap, threshold, opening_radius) for mask, amap in zip(masks, maps)]
+    good = sum(g for _, g in terms)
+    return sum(t for t, _ in terms) / good if good else None
+
+
+def paddlex_counts(mask: np.ndarray, amap: np.ndarray, threshold: float = 0.01,
+                   opening_radius: int = 4) -> tuple[int, int]:
+    """``paddlex_miou``'s terms for one image: (good pixels predicted good, good pixels)."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != np.shape(amap):
+        raise ValueError(f"mask shape {mask.shape} != map shape {np.shape(amap)}")
+    predicted = _open_reflected(np.asarray(amap) > threshold, disk(opening_radius))
+    return int(np.count_nonzero(~predicted & ~mask)), int(np.count_nonzero(~mask))
 
 
 def _open_reflected(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:

@@ -24,7 +24,9 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.metrics import roc_curve
 
+from flawscope.data.io import read_mask
 from flawscope.evaluation import metrics
+from flawscope.evaluation.evaluate import Collected
 from flawscope.inference.predictor import Predictor
 
 WORST = 8  # images per grid of worst mistakes
@@ -50,8 +52,9 @@ def _save(fig: Figure, path: Path) -> str:
     return path.name
 
 
-def plot_roc(outcomes: Sequence, result: dict, path: Path) -> str | None:
+def plot_roc(collected: Collected, result: dict, path: Path) -> str | None:
     """Image and pixel ROC curves; the dot is where the calibrated image threshold operates."""
+    outcomes = collected.outcomes
     m = result["metrics"]
     labels = np.array([o.sample.label for o in outcomes])
     fig = _figure(5.5, 5)
@@ -64,8 +67,7 @@ def plot_roc(outcomes: Sequence, result: dict, path: Path) -> str | None:
             ax.plot([m["image_fpr"]], [m["image_recall"]], "o", color=_THRESHOLD, ms=8,
                     label="calibrated image threshold")
         drawn = True
-    pixel = [o for o in outcomes if o.mask is not None]
-    curve = metrics.pixel_roc_curve([o.mask for o in pixel], [o.raw_map for o in pixel])
+    curve = metrics.pixel_roc_curve(collected.pixels().scores)
     if curve is not None:
         ax.plot(*curve, color=_GOOD, lw=2, label=f"pixel (AUROC {m['pixel_auroc']:.3f})")
         drawn = True
@@ -79,10 +81,9 @@ def plot_roc(outcomes: Sequence, result: dict, path: Path) -> str | None:
     return _save(fig, path)
 
 
-def plot_pro(outcomes: Sequence, result: dict, path: Path) -> str | None:
+def plot_pro(collected: Collected, result: dict, path: Path) -> str | None:
     """The PRO curve over [0, fpr_limit], the part AUPRO integrates, with that area shaded."""
-    pixel = [o for o in outcomes if o.mask is not None]
-    curve = metrics.pro_curve([o.mask for o in pixel], [o.raw_map for o in pixel])
+    curve = metrics.pro_curve(collected.pixels().scores)
     if curve is None:
         return None
     limit = result["aupro_fpr_limit"]
@@ -101,8 +102,9 @@ def plot_pro(outcomes: Sequence, result: dict, path: Path) -> str | None:
     return _save(fig, path)
 
 
-def plot_histogram(outcomes: Sequence, result: dict, path: Path) -> str:
+def plot_histogram(collected: Collected, result: dict, path: Path) -> str:
     """Raw image scores of good and defective images with the calibrated threshold (score 0.5)."""
+    outcomes = collected.outcomes
     good = [o.raw_score for o in outcomes if o.sample.label == 0]
     defect = [o.raw_score for o in outcomes if o.sample.label == 1]
     everything = good + defect
@@ -140,8 +142,9 @@ def plot_grid(predictor: Predictor, chosen: Sequence, title: str, path: Path) ->
         picture = res.img["res"]
         picture.thumbnail((_GRID_PIXELS, _GRID_PIXELS))
         ax.imshow(picture)
-        if outcome.mask is not None and outcome.mask.any():
-            mask = Image.fromarray(outcome.mask.astype(np.uint8) * 255).resize(picture.size, Image.Resampling.BILINEAR)
+        if outcome.mask_pixels:  # read again: evaluation keeps no mask
+            mask = Image.fromarray(read_mask(outcome.sample.mask).astype(np.uint8) * 255).resize(
+                picture.size, Image.Resampling.BILINEAR)
             ax.contour(np.asarray(mask), levels=[127.5], colors="cyan", linewidths=1)
         ax.set_title(f"{outcome.sample.image.name} ({outcome.sample.defect_type})\nscore {res.score:.3f}",
                      fontsize=9)
@@ -163,7 +166,7 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]
 
 
-def write_report(directory: Path, result: dict, outcomes: Sequence, predictor: Predictor) -> Path:
+def write_report(directory: Path, result: dict, collected: Collected, predictor: Predictor) -> Path:
     """Write the plots and ``evaluate_report.md`` into ``directory``; returns the Markdown path."""
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob("*.png"):  # a rerun must not show the previous run's mistakes
@@ -239,11 +242,11 @@ def write_report(directory: Path, result: dict, outcomes: Sequence, predictor: P
     lines += ["## Plots", ""]
     plots = {"roc_curve.png": plot_roc, "pro_curve.png": plot_pro, "score_histogram.png": plot_histogram}
     for name, plot in plots.items():
-        saved = plot(outcomes, result, directory / name)
+        saved = plot(collected, result, directory / name)
         lines += [f"![{name[:-4]}]({saved})" if saved else f"{name[:-4]}: n/a (needs good and defective data)", ""]
     grids = (("Worst false positives (good images flagged)", "worst_false_positives.png"),
              ("Worst false negatives (defective images passed as OK)", "worst_false_negatives.png"))
-    for (heading, name), chosen in zip(grids, _worst(outcomes)):
+    for (heading, name), chosen in zip(grids, _worst(collected.outcomes)):
         lines += [f"## {heading}", ""]
         if chosen:
             lines += ["Red: predicted outline; cyan: ground truth.", "",

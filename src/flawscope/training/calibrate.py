@@ -32,7 +32,7 @@ import numpy as np
 from flawscope.data.io import read_image, read_mask
 from flawscope.data.layouts import Dataset, Sample, load_dataset, unique_images
 from flawscope.errors import FlawscopeError
-from flawscope.evaluation.metrics import best_f1, pixel_best_f1
+from flawscope.evaluation.metrics import PixelScores, best_f1, pixel_best_f1
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
 
@@ -177,7 +177,7 @@ def calibrate(predictor: Predictor, cal_set: CalibrationSet, image_fpr: float, p
         image_f1, image_threshold = best_f1(labels, [s for _, s in good + defects])
         masks = [np.zeros(m.shape, bool) for m, _ in good]
         masks += [read_mask(s.mask, (m.shape[1], m.shape[0])) for s, (m, _) in zip(cal_set.defects, defects)]
-        best = pixel_best_f1(masks, [m for m, _ in good + defects])
+        best = pixel_best_f1(PixelScores.of(masks, [m for m, _ in good + defects]))
         if best is None:
             raise FlawscopeError("Train.calibration_dir: the defect masks mark no pixel (or every pixel); "
                                  "cannot fit an F1-optimal pixel threshold")

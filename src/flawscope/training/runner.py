@@ -368,4 +368,4 @@ def _add_calibration_images(cfg: dict, model: torch.nn.Module, fitted: torch.Ten
 
 
 def _evaluate(model: torch.nn.Module, predictor: Predictor, samples: list[Sample]) -> dict:
-    return auroc_summary(collect(predictor, samples))
+    return auroc_summary(collect(predictor, samples, miou=False))
