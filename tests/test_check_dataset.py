@@ -381,3 +381,31 @@ def test_a_file_listed_twice_is_named_for_what_it_is_not_a_copy_of_itself(tmp_pa
     assert warnings["1.png"] == "listed 2 times in train"
     assert warnings["2.png"] == "listed in both train and val: evaluated on an image that is trained on"
     assert result["attributes"]["duplicate_files"] == []
+
+
+def test_an_image_listed_good_in_train_and_defective_in_val_is_a_problem(tmp_path):
+    root = tmp_path / "data"
+    for i in range(3):
+        _image(root / "img" / f"{i}.png", value=i)
+    _mask(root / "msk" / "2.png")
+    (root / "train.txt").write_text("img/0.png\nimg/1.png\nimg/2.png\n")
+    (root / "val.txt").write_text("img/2.png msk/2.png\n")
+    result = _run(root, tmp_path / "out")
+    assert not result["check_pass"]
+    assert _problems(result)["2.png"] == ("defect image in the training split: listed as good in train and as a "
+                                          "defect in val")
+
+
+def test_mvtec_without_train_is_reported_not_stopped(tmp_path):
+    root = _mvtec(tmp_path / "data", n_train=0)
+    result = _run(root, tmp_path / "out")
+    assert not result["check_pass"] and "empty split: no training images" in _problems(result)["good"]
+
+
+def test_an_unreadable_list_is_one_problem(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    (root / "train.txt").write_text("a.png\n")
+    (root / "val.txt").write_bytes("é.png\n".encode("latin-1"))
+    problems = [p for p in _run(root, tmp_path / "out")["problems"] if p["file"].endswith("val.txt")]
+    assert len(problems) == 1 and "empty split" not in problems[0]["problem"]

@@ -271,3 +271,54 @@ def test_voc_images_sharing_a_stem_are_refused(tmp_path):
     with pytest.raises(FlawscopeError, match=r"a\.png: same name as a\.jpg"):
         convert_dataset(root, "VOC")
     assert not (root / "train.txt").exists()
+
+
+def test_labelme_anno_list_outside_the_dataset_is_refused_and_writes_nothing(tmp_path):
+    """A list line leading out of the dataset once drew its mask over the source image itself."""
+    root = tmp_path / "ds"
+    photo = _image(tmp_path / "0.png", value=7)
+    _labelme(tmp_path / "0.json", "0.png", [_shape("rectangle", [[1, 1], [8, 8]])])
+    (root / "train_anno_list.txt").parent.mkdir(parents=True)
+    (root / "train_anno_list.txt").write_text("../0.json\n")
+    before = photo.read_bytes()
+    with pytest.raises(FlawscopeError, match=r"train_anno_list.txt:1: \.\./0\.json is outside the dataset folder"):
+        convert_dataset(root, "LabelMe")
+    assert photo.read_bytes() == before and sorted(p.name for p in root.iterdir()) == ["train_anno_list.txt"]
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"shapes": None}, "'shapes' is not a list"),
+    ({"shapes": [{"label": "x", "points": None}]}, "shape 0 is not a LabelMe shape"),
+    ({"shapes": [{"label": "x", "points": [[1, 2, 3], [4, 5, 6], [7, 8, 9]]}]}, "shape 0 is not a LabelMe shape"),
+    ({"shapes": [], "imageWidth": None, "imagePath": "corrupt.png"}, "cannot read the image of a.json"),
+])
+def test_malformed_labelme_files_are_one_error_naming_the_file(tmp_path, data, fragment):
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    (root / "corrupt.png").write_bytes(b"not a png")
+    (root / "a.json").write_text(json.dumps({"imagePath": "a.png", "imageWidth": 16, "imageHeight": 16, **data}))
+    with pytest.raises(FlawscopeError, match=fragment):
+        convert_dataset(root, "LabelMe")
+    assert not (root / "train.txt").exists()
+
+
+def test_labelme_circles_and_exif_rotated_images_without_a_size(tmp_path):
+    """A circle is its centre and a point on it; without imageWidth/imageHeight the mask takes the
+    size the image is read at, turned upright as its EXIF says (LabelMe records that size)."""
+    root = tmp_path / "data"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: stored 24 wide, 16 high, read 16 wide, 24 high
+    root.mkdir()
+    Image.new("RGB", (24, 16), (90, 90, 90)).save(root / "a.jpg", exif=exif)
+    (root / "a.json").write_text(json.dumps({"imagePath": "a.jpg", "shapes": [_shape("circle", [[8, 12], [8, 16]])]}))
+    convert_dataset(root, "LabelMe")
+    mask = _converted_mask(root, _lines(root / "val.txt")[0]) > 0
+    assert mask.shape == (24, 16) and mask[12, 8] and mask[9, 8] and not mask[12, 3] and not mask[2, 8]
+    assert 45 <= mask.sum() <= 65  # pi * 4**2 = 50, the edge pixels included as LabelMe draws it
+
+
+def test_voc_class_pngs_without_an_image_are_named(tmp_path, caplog):
+    root = _voc(tmp_path / "data")
+    _image(root / "SegmentationClass" / "zz_orphan.png", value=1)
+    convert_dataset(root, "VOC")
+    assert "have no image" in caplog.text and "zz_orphan.png" in caplog.text

@@ -164,3 +164,23 @@ def test_unique_images_keeps_the_first_of_byte_identical_files(tmp_path):
     assert unique == [a, b, c] and copies == [(a_copy, a)]
     with pytest.raises(FlawscopeError, match="missing.png: cannot read file"):
         unique_images([a, Sample(tmp_path / "missing.png", None, 0, "good")])
+
+
+def test_folder_of_good_images_with_an_abnormal_folder_beside_them(tmp_path):
+    for i in range(5):
+        _image(tmp_path / f"{i}.png")
+    _image(tmp_path / "abnormal" / "d.png", defect=True)
+    _image(tmp_path / "mask" / "d.png", defect=True)
+    ds = load_dataset(tmp_path)
+    assert ds.layout == "Folder" and _names(ds.train) == ["0.png", "1.png", "2.png", "3.png"]
+    assert [(s.image.name, s.label, s.mask.name if s.mask else None) for s in ds.val] == [
+        ("4.png", 0, None), ("d.png", 1, "d.png")]
+
+
+def test_mvtec_test_good_in_another_case_is_good(tmp_path):
+    _image(tmp_path / "train" / "good" / "0.png")
+    _image(tmp_path / "test" / "Good" / "1.png")
+    _image(tmp_path / "test" / "crack" / "2.png", defect=True)
+    _image(tmp_path / "ground_truth" / "crack" / "2_mask.png", defect=True)
+    ds = load_dataset(tmp_path)
+    assert [(s.image.name, s.label) for s in ds.val] == [("1.png", 0), ("2.png", 1)]

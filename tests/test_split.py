@@ -161,3 +161,20 @@ def test_unreadable_list_is_one_error_line(tmp_path):
     (root / "train.txt").write_text("img/00.png mask/00.png\n", encoding="utf-16")  # Notepad's "Unicode"
     with pytest.raises(FlawscopeError, match=f"{root / 'train.txt'}: cannot read the list"):
         split_dataset(root, 80, 20)
+
+
+def test_an_image_listed_as_good_and_as_a_defect_stays_out_of_train(tmp_path):
+    """Listed twice, once without a mask in train and once with its defect mask in val: a defect
+    image, which no seed draws into train, and the same lists at every run of a seed."""
+    root = _segdataset(tmp_path / "data", n_good=6, n_defect=2)
+    with (root / "train.txt").open("a") as lists:
+        lists.write("img/06.png\n")  # 06 is a defect image (val.txt lists its mask)
+    results = set()
+    for seed in range(4):
+        split_dataset(root, 50, 50, seed=seed)
+        train = _lines(root / "train.txt")
+        assert not any(line.startswith(("img/06.png", "img/07.png")) for line in train), (seed, train)
+        assert _lines(root / "val.txt").count("img/06.png mask/06.png") == 1
+        results.add((seed, tuple(train)))
+    split_dataset(root, 50, 50, seed=0)
+    assert (0, tuple(_lines(root / "train.txt"))) in results

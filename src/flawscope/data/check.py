@@ -186,8 +186,9 @@ def _list_items(root: Path, layout: str, found: _Findings) -> dict[str, list[_It
         for split in SPLITS:
             list_file = root / f"{split}.txt"
             if list_file.is_file():
-                splits[split] = _list_entries(root, list_file, found)
-                if not splits[split]:
+                entries = _list_entries(root, list_file, found)
+                splits[split] = entries or []
+                if entries == []:
                     found.problem(list_file, "empty split: the list names no images")
             else:  # train.txt exists, or the layout would not have been recognised
                 splits[split] = []
@@ -212,7 +213,8 @@ def _list_items(root: Path, layout: str, found: _Findings) -> dict[str, list[_It
 
 def _check_mvtec_dirs(root: Path, splits: dict[str, list[_Item]], found: _Findings) -> None:
     """MVTec trains on train/good/ only, so defect folders under train/ would be ignored."""
-    for directory in sorted((root / "train").iterdir()):
+    train = root / "train"
+    for directory in sorted(train.iterdir()) if train.is_dir() else []:
         if directory.is_dir() and directory.name != GOOD:
             for path in sorted(p for p in directory.iterdir() if is_image_file(p)):
                 found.problem(
@@ -224,13 +226,14 @@ def _check_mvtec_dirs(root: Path, splits: dict[str, list[_Item]], found: _Findin
         found.problem(root / "test", "empty split: no images in test/")
 
 
-def _list_entries(root: Path, list_file: Path, found: _Findings) -> list[_Item]:
-    """The entries of a PaddleX list; a malformed line is a problem, not the end of the check."""
+def _list_entries(root: Path, list_file: Path, found: _Findings) -> list[_Item] | None:
+    """The entries of a PaddleX list, None when it cannot be read; a malformed line is a
+    problem, not the end of the check."""
     try:
         lines = read_lines(list_file)
     except FlawscopeError as exc:
         found.problem(list_file, _reason(exc, list_file))
-        return []
+        return None
     items = []
     for lineno, line in enumerate(lines, start=1):
         fields = line.split()
@@ -350,7 +353,11 @@ def _duplicates(found: _Findings) -> list[list[str]]:
             by_path.setdefault(entry[2], []).append(entry)
         for path, listed in by_path.items():  # one file listed more than once: no copy of another
             splits = [split for split, _, _ in listed]
-            if len(set(splits)) > 1:
+            as_defect = [split for split, kind, _ in listed if kind not in (GOOD, UNKNOWN)]
+            if as_defect and ("train", GOOD) in {(split, kind) for split, kind, _ in listed}:
+                found.problem(path, f"defect image in the training split: listed as good in train and as a defect "
+                                    f"in {as_defect[0]}")
+            elif len(set(splits)) > 1:
                 found.warning(path, f"listed in both {' and '.join(sorted(set(splits)))}: evaluated on an image "
                                     "that is trained on")
             elif len(splits) > 1:

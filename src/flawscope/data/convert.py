@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flawscope.data.io import is_image_file, read_mask
+from flawscope.data.io import is_image_file, read_mask, upright_size
 from flawscope.data.layouts import DEFECT, GOOD, Sample, load_dataset, read_lines
 from flawscope.data.split import sample_lines, write_lists
 from flawscope.errors import FlawscopeError
@@ -156,6 +156,10 @@ def _from_voc(root: Path, masks: _Masks) -> Splits:
             return Sample(image, None, 0, GOOD)
         return masks.sample(image, read_mask(mask), Path("SegmentationClass", f"{stem}.png"))
 
+    orphans = sorted(set(class_masks) - set(images))
+    if orphans:
+        log.warning("%s: %d class PNG(s) have no image in %s and are not used (e.g. %s.png)",
+                    class_dir, len(orphans), image_dir, orphans[0])
     set_dir = root / "ImageSets" / "Segmentation"
     if not (set_dir / "train.txt").is_file():
         return _by_label([sample(stem, str(image_dir)) for stem in images])
@@ -170,7 +174,7 @@ def _from_voc(root: Path, masks: _Masks) -> Splits:
 
 
 def _from_labelme(root: Path, masks: _Masks) -> Splits:
-    """LabelMe JSON files (polygons, rectangles) next to their images, anywhere under ``root``.
+    """LabelMe JSON files (polygons, rectangles, circles) next to their images, anywhere under ``root``.
 
     PaddleX's ``train_anno_list.txt`` / ``val_anno_list.txt`` (JSON paths relative to
     ``root``), when present, say which file goes where and nothing else is used. Otherwise
@@ -178,11 +182,8 @@ def _from_labelme(root: Path, masks: _Masks) -> Splits:
     """
     anno_lists = {split: root / f"{split}_anno_list.txt" for split in _SPLITS}
     if anno_lists["train"].is_file():
-        return {
-            split: _labelme_samples(root, [root / line.strip() for line in read_lines(path) if line.strip()]
-                                    if path.is_file() else [], masks)
-            for split, path in anno_lists.items()
-        }
+        return {split: _labelme_samples(root, _listed_files(root, path) if path.is_file() else [], masks)
+                for split, path in anno_lists.items()}
     samples = _labelme_samples(root, _visible(root, "*.json", masks.skip), masks)
     if not samples:
         raise FlawscopeError(f"{root}: no LabelMe annotation files (*.json) found; "
@@ -194,6 +195,20 @@ def _from_labelme(root: Path, masks: _Masks) -> Splits:
         if is_image_file(path) and path not in annotated and MASK_DIR not in path.relative_to(root).parts
     ]
     return _by_label(samples)
+
+
+def _listed_files(root: Path, list_file: Path) -> list[Path]:
+    """The files an anno list names, relative to ``root``; one outside ``root`` is refused, as
+    its mask would be drawn outside ``converted_masks/``."""
+    files = []
+    for lineno, line in enumerate(read_lines(list_file), 1):
+        if line.strip():
+            path = Path(os.path.normpath(root / line.strip()))
+            if not path.is_relative_to(root):
+                raise FlawscopeError(f"{list_file}:{lineno}: {line.strip()} is outside the dataset folder {root}; "
+                                     "LabelMe files must be in it")
+            files.append(path)
+    return files
 
 
 def _visible(root: Path, pattern: str, skip: Path | None) -> list[Path]:
@@ -221,7 +236,7 @@ def _labelme_sample(root: Path, json_path: Path, masks: _Masks) -> Sample | None
     if not isinstance(data, dict) or "shapes" not in data:
         log.warning("%s: not a LabelMe file (no 'shapes'), skipped", json_path)
         return None
-    if not data.get("imagePath"):
+    if not isinstance(data.get("imagePath"), str) or not data["imagePath"]:
         raise FlawscopeError(f"{json_path}: LabelMe file has no imagePath")
     # LabelMe on Windows writes backslashes; the path is relative to the JSON file.
     image = Path(os.path.normpath(json_path.parent / data["imagePath"].replace("\\", "/")))
@@ -229,11 +244,16 @@ def _labelme_sample(root: Path, json_path: Path, masks: _Masks) -> Sample | None
         raise FlawscopeError(
             f"{json_path}: its imagePath {data['imagePath']!r} ({image}) does not exist"
         )
-    if data.get("imageWidth") and data.get("imageHeight"):
-        size = (int(data["imageWidth"]), int(data["imageHeight"]))
-    else:
-        with Image.open(image) as img:
-            size = img.size
+    width, height = data.get("imageWidth"), data.get("imageHeight")
+    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+        size = (width, height)
+    else:  # LabelMe records the size as shown: an EXIF rotation by 90 degrees swaps it
+        try:
+            with Image.open(image) as img:
+                size = upright_size(img)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise FlawscopeError(f"{image}: cannot read the image of {json_path.name} (not an image, or a corrupt "
+                                 f"one), and the LabelMe file gives no imageWidth and imageHeight") from exc
     mask = _draw_shapes(json_path, data["shapes"], size)
     return masks.sample(image, mask, json_path.relative_to(root).with_suffix(".png"))
 
@@ -246,20 +266,37 @@ def _draw_shapes(
     Shapes that enclose no area (lines, points) are refused rather than dropped, since
     dropping them would silently lose a defect annotation.
     """
+    if not isinstance(shapes, list):
+        raise FlawscopeError(f"{json_path}: 'shapes' is not a list of LabelMe shapes")
     mask = Image.new("L", size, 0)
     draw = ImageDraw.Draw(mask)
     for index, shape in enumerate(shapes):
+        points = _points(shape)
+        if points is None:
+            raise FlawscopeError(f"{json_path}: shape {index} is not a LabelMe shape with 'points' as [x, y] pairs")
         kind = shape.get("shape_type") or "polygon"  # old LabelMe files leave it out
-        points = [(float(x), float(y)) for x, y in shape.get("points", [])]
         value = 0 if shape.get("label") == LABELME_BACKGROUND else 255
         if kind == "polygon" and len(points) >= 3:
             draw.polygon(points, fill=value, outline=value)
         elif kind == "rectangle" and len(points) == 2:
             (x0, y0), (x1, y1) = points
             draw.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), fill=value)
+        elif kind == "circle" and len(points) == 2:  # LabelMe's circle: its centre, then a point on it
+            (cx, cy), (x, y) = points
+            r = float(np.hypot(x - cx, y - cy))
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=value)
         else:
             raise FlawscopeError(
                 f"{json_path}: shape {index} ({kind!r} with {len(points)} points) is not a polygon"
-                " (3+ points) or rectangle (2 points), so it marks no defect area"
+                " (3+ points), rectangle or circle (2 points), so it marks no defect area"
             )
     return np.asarray(mask) > 0
+
+
+def _points(shape: Any) -> list[tuple[float, float]] | None:
+    """A shape's points as (x, y) floats; None when they are not a list of number pairs."""
+    points = shape.get("points") if isinstance(shape, dict) else None
+    if not isinstance(points, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p) for p in points):
+        return None
+    return [(float(x), float(y)) for x, y in points]

@@ -131,7 +131,7 @@ def _load_mvtec(root: Path) -> Splits:
     train = [Sample(p, None, 0, GOOD) for p in _images(root / "train" / GOOD)]
     val = []
     for directory in _subdirs(root / "test"):
-        if directory.name == GOOD:
+        if directory.name.lower() == GOOD:  # test/Good too, as the Folder layout reads good/
             val += [Sample(p, None, 0, GOOD) for p in _images(directory)]
         else:
             masks = _masks_by_stem(root / "ground_truth" / directory.name)
@@ -140,7 +140,8 @@ def _load_mvtec(root: Path) -> Splits:
 
 
 def _load_folder(root: Path) -> Splits:
-    """With abnormal images, every 5th sorted normal image is held out for val (80/20)."""
+    """Good images in good/ (or the folder itself); with abnormal images, every 5th sorted good
+    image is held out for val (80/20)."""
     normal_dir = _first(root, _NORMAL_DIRS)
     normals = [Sample(p, None, 0, GOOD) for p in _images(normal_dir or root)]
     masks = _masks_by_stem(_first(root, _MASK_DIRS))
@@ -149,7 +150,7 @@ def _load_folder(root: Path) -> Splits:
         for directory in _subdirs(root) if directory.name.lower() in _ABNORMAL_DIRS
         for p in _images(directory)
     ]
-    if normal_dir is None or not abnormals:
+    if not abnormals:
         return normals, []
     train = [s for i, s in enumerate(normals) if (i + 1) % _VAL_EVERY]
     return train, normals[_VAL_EVERY - 1 :: _VAL_EVERY] + abnormals

@@ -75,6 +75,18 @@ def write_lists(root: Path, lists: dict[str, list[str]]) -> list[Path]:
     return backups
 
 
+def _one_per_image(samples: list[Sample]) -> list[Sample]:
+    """Each image once: an image listed twice (in train and val, or with two masks) is a defect
+    image if any of its entries says so, and an entry with a mask wins over one without, so that
+    no defect image is drawn into train."""
+    kept: dict[Path, Sample] = {}
+    for sample in samples:
+        first = kept.get(sample.image)
+        if first is None or (sample.label, sample.mask is not None) > (first.label, first.mask is not None):
+            kept[sample.image] = sample
+    return list(kept.values())
+
+
 def split_dataset(
     root: str | os.PathLike[str], train_percent: int, val_percent: int, seed: int = 42,
     layout: str = "auto",
@@ -93,7 +105,7 @@ def split_dataset(
         )
     root = Path(root)
     dataset = load_dataset(root, layout)
-    samples = sorted(set(dataset.train + dataset.val), key=lambda s: s.image)
+    samples = sorted(_one_per_image(dataset.train + dataset.val), key=lambda s: s.image)
     good = [s for s in samples if not s.label]
     defects = [s for s in samples if s.label]
     random.Random(seed).shuffle(good)

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from flawscope.data.io import read_image
+from flawscope.data.io import read_image, upright_size
 from flawscope.backbones import backbone_spec
 from flawscope.config import dump_config
 from flawscope.data.layouts import Dataset, Sample, load_dataset, unique_images
@@ -67,9 +67,10 @@ def check_headers(samples: list[Sample]) -> None:
 
 
 def _header_size(path: Path) -> tuple[int, int]:
+    """The size the image is read at (``read_image`` turns it upright as its EXIF says)."""
     try:
         with Image.open(path) as image:
-            return image.size
+            return upright_size(image)
     except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise FlawscopeError(f"{path}: not a readable image ({first_line(exc)})") from None
 
@@ -83,6 +84,12 @@ def train(cfg: dict, world: World) -> dict:
     if not g["dataset_dir"]:
         raise FlawscopeError("Global.dataset_dir: required for training (-o Global.dataset_dir=PATH)")
     dataset = load_dataset(g["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
+    defects = [s for s in dataset.train if s.label]
+    if defects:
+        more = f" (and {len(defects) - 1} more)" if len(defects) > 1 else ""
+        raise FlawscopeError(f"{defects[0].image}: a defect image in the training split{more}: its mask "
+                             f"{defects[0].mask} marks a defect, and anomaly detection trains on good images only; "
+                             "list it in val.txt (CheckDataset.split moves defect images there)")
     train_samples, copies = unique_images(dataset.train)
     fit_samples, calib_samples = split_calibration(train_samples, t["calibration_fraction"], g["seed"])
     calib_set = calibration_set(t, dataset, calib_samples, fit_samples)  # fails here, not after training
