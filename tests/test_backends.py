@@ -201,3 +201,33 @@ def test_a_bad_backend_in_the_config_is_a_config_error(tmp_path, capsys) -> None
                  "-o", f"Global.output={tmp_path / 'out'}"]) == 2
     assert "Predict.backend" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_patchcore_with_feature_dim_and_approximate_search_exports_without_faiss(tmp_path, monkeypatch) -> None:
+    """Channel pooling is a constant matrix in the graph (adaptive pooling did not export), and the
+    graph searches exactly, so a deployment machine needs no faiss for an approximate model."""
+    from flawscope.inference.model_dir import load_model_dir
+    from flawscope.models import knn
+
+    dataset = make_mvtec(tmp_path / "data")
+    assert main(["-c", "PatchCore", "-o", "Global.mode=train", "-o", f"Global.dataset_dir={dataset}",
+                 "-o", f"Global.output={tmp_path / 'out'}", "-o", "Model.input_size=128", "-o", "Model.global_grid=2",
+                 "-o", "Model.feature_dim=64", "-o", "Model.search=approximate",
+                 "-o", "Train.calibration_fraction=0.25"]) == 0
+    model_dir = tmp_path / "out/best_model/inference"
+    images = _images(dataset)
+    expected = list(Predictor(*load_model_dir(model_dir, exact_search=True)).predict(images))
+    monkeypatch.setattr(knn, "faiss", None)
+    export_model(model_dir, tmp_path / "export", "onnx")
+    _assert_same_results(expected, list(Predictor.from_dir(tmp_path / "export").predict(images)))
+    with pytest.raises(FlawscopeError, match=r"inference\.yml: .*approximate.*faiss"):
+        Predictor.from_dir(model_dir, backend="torch")  # torch itself would search with faiss
+
+
+def test_a_model_too_large_for_one_onnx_file_is_refused_before_tracing(trained, tmp_path, monkeypatch) -> None:
+    from flawscope.inference import export
+
+    monkeypatch.setattr(export, "_ONNX_FILE_LIMIT", 1000)
+    with pytest.raises(FlawscopeError, match=r"GiB of weights and banks, over the 2 GiB an ONNX file can hold"):
+        export_model(trained[1] / "best_model/inference", tmp_path / "export", "onnx")
+    assert not (tmp_path / "export").exists()

@@ -28,6 +28,7 @@ ONNX_FILE = "model.onnx"
 OPENVINO_FILE = "model.xml"
 OPENVINO_WEIGHTS = "model.bin"  # beside model.xml
 GRAPH_FILES = (ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS)
+_ONNX_FILE_LIMIT = 2**31  # protobuf: one serialised message, so one graph file, of at most 2 GiB
 
 
 class _MapAndScore(torch.nn.Module):
@@ -76,15 +77,22 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
     try:
         import onnx  # noqa: F401 - torch's exporter needs it
     except ImportError:
-        raise FlawscopeError("Export: the onnx package is missing; pip install 'flawscope[export]'") from None
+        extra = "openvino" if fmt == "openvino" else "export"
+        raise FlawscopeError(f"Export: the onnx package is missing; pip install 'flawscope[{extra}]'") from None
     if fmt == "openvino":
         try:
             import openvino  # noqa: F401 - export_graph converts with it
         except ImportError:
             raise FlawscopeError("Export.format=openvino: the openvino package is missing; "
                                  "pip install 'flawscope[openvino]'") from None
-    model, info = load_model_dir(model_dir)
+    model, info = load_model_dir(model_dir, exact_search=True)  # the graph searches exactly in any case
+    size = sum(t.numel() * 4 for t in model.state_dict().values())  # float32 in the graph
+    if size >= _ONNX_FILE_LIMIT:
+        raise FlawscopeError(f"{model_dir}: the model holds {size / 2**30:.1f} GiB of weights and banks, over the "
+                             "2 GiB an ONNX file can hold; train with a smaller Model.coreset_ratio or "
+                             "Model.image_bank_size")
     output = Path(output)
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, info.input_size, info.input_size)
     name = OPENVINO_FILE if fmt == "openvino" else ONNX_FILE
@@ -100,5 +108,7 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
             path.replace(output / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(output.iterdir()):  # a failed export leaves no empty folder
+            output.rmdir()
     log.info("exported %s to %s", model_dir, output / name)
     return {"done_flag": True, "format": fmt, "model_file": str(output / name)}

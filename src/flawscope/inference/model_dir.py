@@ -183,15 +183,23 @@ def read_model_info(path: str | Path) -> ModelInfo:
         raise FlawscopeError(f"{meta_path}: damaged model description: {exc}") from None
 
 
-def load_model_dir(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelInfo]:
-    """Rebuild the model from ``inference.yml`` and load its weights, ready for inference."""
+def load_model_dir(path: str | Path, device: torch.device | str = "cpu",
+                   exact_search: bool = False) -> tuple[nn.Module, ModelInfo]:
+    """Rebuild the model from ``inference.yml`` and load its weights, ready for inference.
+    ``exact_search``: build a PatchCore of approximate search as an exact one, as its exported
+    graph searches (which then needs no faiss)."""
     info = read_model_info(path)
     weights_path = Path(path) / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FlawscopeError(f"{path}: not an inference model directory (missing {WEIGHTS_FILE})")
+    config = dict(info.model_config)
+    if exact_search and config.get("search") == "approximate":
+        config["search"] = "exact"
     try:
-        model = build_model(info.model, info.model_config, pretrained=False)
-    except (TypeError, ValueError, FlawscopeError) as exc:
+        model = build_model(info.model, config, pretrained=False)
+    except FlawscopeError as exc:  # a setting this machine cannot run (approximate search without faiss)
+        raise FlawscopeError(f"{Path(path) / META_FILE}: {exc}") from None
+    except (TypeError, ValueError) as exc:
         raise FlawscopeError(f"{Path(path) / META_FILE}: model_config does not fit model {info.model} "
                              f"({first_line(exc)})") from None
     try:

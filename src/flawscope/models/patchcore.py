@@ -12,6 +12,7 @@ images' leave-one-out patch scores.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,7 +64,10 @@ class PatchCore(ImageBankScore, nn.Module):
         self.extractor.requires_grad_(False)
         self._patch_levels = [levels.index(s) for s in self.strides]
         self._global_levels = [levels.index(s) for s in self.global_strides] if self.global_score else []
-        self.embed_dim = self.feature_dim or sum(self.extractor.out_channels[i] for i in self._patch_levels)
+        channels = sum(self.extractor.out_channels[i] for i in self._patch_levels)
+        self.embed_dim = self.feature_dim or channels
+        if self.feature_dim is not None:  # a constant, so that the ONNX export sees a matrix product
+            self.register_buffer("channel_pool", _channel_pool(channels, self.feature_dim), persistent=False)
         self.blur = GaussianBlur(smooth_sigma)
         self.register_buffer("memory_bank", torch.empty(0, self.embed_dim))
         self.register_buffer("projection", torch.empty(self.embed_dim, 0))
@@ -102,9 +106,7 @@ class PatchCore(ImageBankScore, nn.Module):
         emb = torch.cat([feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                                       for f in feats[1:]], dim=1)
         if self.feature_dim is not None:
-            b, c, h, w = emb.shape
-            rows = emb.permute(0, 2, 3, 1).reshape(-1, 1, c)
-            emb = F.adaptive_avg_pool1d(rows, self.feature_dim).view(b, h, w, -1).permute(0, 3, 1, 2)
+            emb = (emb.permute(0, 2, 3, 1) @ self.channel_pool).permute(0, 3, 1, 2)
         return emb, descriptor
 
     @staticmethod
@@ -205,3 +207,13 @@ class PatchCore(ImageBankScore, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.anomaly_map(self.patch_scores(self.embed(x)), x.shape[-2:])
+
+
+def _channel_pool(channels: int, size: int) -> torch.Tensor:
+    """channels x size: ``F.adaptive_avg_pool1d`` over the channels as a matrix (output i averages
+    channels floor(i*C/D) to ceil((i+1)*C/D)), which the ONNX exporter cannot take from traced shapes."""
+    pool = np.zeros((channels, size), dtype=np.float32)
+    for i in range(size):
+        start, end = i * channels // size, -(-(i + 1) * channels // size)
+        pool[start:end, i] = 1 / (end - start)
+    return torch.from_numpy(pool)
