@@ -62,7 +62,7 @@ def test_labelme_polygons_and_rectangles(tmp_path):
     (root / "notes.json").write_text('{"not": "labelme"}')
     before = _snapshot(root)
 
-    assert convert_dataset(root, "LabelMe") == root
+    assert convert_dataset(root, "LabelMe") is None  # no split asked, none reported
 
     assert all(p.read_bytes() == data for p, data in before.items())  # nothing touched
     assert _lines(root / "train.txt") == ["images/empty.png", "images/erased.png", "images/unannotated.png"]

@@ -178,3 +178,18 @@ def test_an_image_listed_as_good_and_as_a_defect_stays_out_of_train(tmp_path):
         results.add((seed, tuple(train)))
     split_dataset(root, 50, 50, seed=0)
     assert (0, tuple(_lines(root / "train.txt"))) in results
+
+
+def test_a_refused_split_after_a_conversion_leaves_the_dataset_as_it_was(tmp_path):
+    root, out = tmp_path / "data", tmp_path / "out"
+    cfg = load_config("STFPM", [
+        "Global.mode=check_dataset", f"Global.dataset_dir={root}", f"Global.output={out}",
+        "CheckDataset.convert.enable=true", "CheckDataset.convert.src_dataset_type=MVTec",
+        "CheckDataset.split.enable=true", "CheckDataset.split.train_percent=10", "CheckDataset.split.val_percent=90",
+    ])
+    for i in range(2):
+        _image(root / "train" / "good" / f"{i}.png", value=i)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    with pytest.raises(FlawscopeError, match="10% of its 2 good images is none"):
+        run_check_dataset(cfg)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before

@@ -90,15 +90,16 @@ def run_check_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
     layout = options["dataset_type"]
     done: dict[str, Any] = {}
     output = Path(cfg["Global"]["output"])
-    if options["convert"]["enable"]:
-        convert_dataset(dataset_dir, options["convert"]["src_dataset_type"], skip=output)
-        done["convert"] = {"src_dataset_type": options["convert"]["src_dataset_type"]}
-        layout = "SegDataset"
     split = options["split"]
-    if split["enable"]:
-        done["split"] = split_dataset(
-            dataset_dir, split["train_percent"], split["val_percent"], split["seed"], layout
-        )
+    split_args = (split["train_percent"], split["val_percent"], split["seed"]) if split["enable"] else None
+    if options["convert"]["enable"]:  # and the split with it, so that a refused split writes nothing
+        split_report = convert_dataset(dataset_dir, options["convert"]["src_dataset_type"], output, split_args)
+        done["convert"] = {"src_dataset_type": options["convert"]["src_dataset_type"]}
+        if split_report is not None:
+            done["split"] = split_report
+        layout = "SegDataset"
+    elif split_args is not None:
+        done["split"] = split_dataset(dataset_dir, *split_args, layout)
         layout = "SegDataset"
     result = check_dataset(dataset_dir, output, layout) | done
     result_path = output / RESULT_FILE

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from flawscope.data.io import is_image_file, read_mask, upright_size
 from flawscope.data.layouts import DEFECT, GOOD, Sample, load_dataset, read_lines
-from flawscope.data.split import sample_lines, write_lists
+from flawscope.data.split import check_percentages, sample_lines, split_samples, write_lists
 from flawscope.errors import FlawscopeError
 
 log = logging.getLogger("flawscope")
@@ -37,13 +37,17 @@ Splits = dict[str, list[Sample]]
 
 
 def convert_dataset(root: str | os.PathLike[str], src_type: str,
-                    skip: str | os.PathLike[str] | None = None) -> Path:
+                    skip: str | os.PathLike[str] | None = None,
+                    split: tuple[int, int, int] | None = None) -> dict[str, Any] | None:
     """Write a SegDataset layout (train.txt, val.txt, converted_masks/) into ``root`` from its
-    ``src_type`` annotations ("LabelMe", "VOC" or "MVTec") and return ``root``. ``skip``: a
-    folder under ``root`` whose files are not the dataset's (the check's own output).
+    ``src_type`` annotations ("LabelMe", "VOC" or "MVTec"). ``skip``: a folder under ``root``
+    whose files are not the dataset's (the check's own output). ``split``: (train_percent,
+    val_percent, seed) to re-split the converted images before the lists are written (see
+    ``split.split_samples``, whose report is returned).
 
     Masks are drawn into a hidden folder first, which replaces ``converted_masks/`` only once
-    every list line is known to be writable: a refused conversion leaves the dataset as it was.
+    every list line is known to be writable and the split done: a refused conversion or split
+    leaves the dataset as it was.
     """
     root = Path(root).absolute()
     if not root.is_dir():
@@ -60,10 +64,14 @@ def convert_dataset(root: str | os.PathLike[str], src_type: str,
     skip = Path(skip).absolute() if skip is not None else None
     # only an output inside the dataset holds files to skip; one above it holds the dataset itself
     masks = _Masks(root, skip if skip is not None and skip != root and skip.is_relative_to(root) else None)
+    report = None
     try:
         splits = converters[src_type](root, masks)
-        lists = {split: sample_lines(root, splits[split]) for split in _SPLITS}
-        write_lists(root, lists)
+        if split is not None:
+            check_percentages(*split[:2])
+            splits["train"], splits["val"], report = split_samples(root, splits["train"] + splits["val"], *split)
+        lists = {name: sample_lines(root, splits[name]) for name in _SPLITS}
+        backups = write_lists(root, lists)
         masks.commit()
     finally:
         shutil.rmtree(masks.staging, ignore_errors=True)
@@ -71,7 +79,7 @@ def convert_dataset(root: str | os.PathLike[str], src_type: str,
         "Converted %s dataset %s to SegDataset lists: train %d, val %d images",
         src_type, root, len(splits["train"]), len(splits["val"]),
     )
-    return root
+    return None if report is None else report | {"backups": [str(path) for path in backups]}
 
 
 class _Masks:

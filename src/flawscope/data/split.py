@@ -92,20 +92,31 @@ def split_dataset(
     layout: str = "auto",
 ) -> dict[str, Any]:
     """Re-split the dataset at ``root`` (any layout; ``layout`` as for ``load_dataset``) into
-    train.txt / val.txt.
+    train.txt / val.txt (``split_samples``). Returns what was done, for the check report."""
+    root = Path(root)
+    check_percentages(train_percent, val_percent)
+    dataset = load_dataset(root, layout)
+    train, val, report = split_samples(root, dataset.train + dataset.val, train_percent, val_percent, seed)
+    backups = write_lists(
+        root, {"train": sorted(sample_lines(root, train)), "val": sorted(sample_lines(root, val))}
+    )
+    return report | {"backups": [str(path) for path in backups]}
 
-    ``train_percent`` of the good images (rounded), drawn with ``random.Random(seed)`` from
-    the sorted list so a seed always gives the same split, go to train; the other good images
-    and all defect images go to val. Returns what was done, for the check report.
-    """
+
+def check_percentages(train_percent: int, val_percent: int) -> None:
     if train_percent <= 0 or val_percent <= 0 or train_percent + val_percent != 100:
         raise FlawscopeError(
             f"split: train_percent and val_percent must both be above 0 and add up to 100,"
             f" got {train_percent} and {val_percent}"
         )
-    root = Path(root)
-    dataset = load_dataset(root, layout)
-    samples = sorted(_one_per_image(dataset.train + dataset.val), key=lambda s: s.image)
+
+
+def split_samples(root: Path, samples: list[Sample], train_percent: int, val_percent: int,
+                  seed: int) -> tuple[list[Sample], list[Sample], dict[str, Any]]:
+    """(train, val, report): ``train_percent`` of the good images (rounded), drawn with
+    ``random.Random(seed)`` from the sorted list so a seed always gives the same split, go to
+    train; the other good images and all defect images go to val."""
+    samples = sorted(_one_per_image(samples), key=lambda s: s.image)
     good = [s for s in samples if not s.label]
     defects = [s for s in samples if s.label]
     random.Random(seed).shuffle(good)
@@ -114,15 +125,12 @@ def split_dataset(
         raise FlawscopeError(f"{root}: split: {train_percent}% of its {len(good)} good images is none; "
                              "training needs at least one (raise train_percent)")
     train, val = good[:n_train], good[n_train:] + defects
-    backups = write_lists(
-        root, {"train": sorted(sample_lines(root, train)), "val": sorted(sample_lines(root, val))}
-    )
     log.info(
         "Split %s: %d of %d good images to train (%d%%, seed %d); val gets the other %d and all"
         " %d defect images (anomaly detection trains on good images only)",
         root, n_train, len(good), train_percent, seed, len(good) - n_train, len(defects),
     )
-    return {
+    return train, val, {
         "train_percent": train_percent,
         "val_percent": val_percent,
         "seed": seed,
@@ -131,5 +139,4 @@ def split_dataset(
         "good_images": len(good),
         "defect_images_kept_in_val": len(defects),
         "note": "percentages apply to the good images; defect images never go to train",
-        "backups": [str(path) for path in backups],
     }
