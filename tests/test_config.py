@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -408,3 +409,38 @@ def test_a_blur_wider_than_the_input_is_refused() -> None:
     assert load_config("STFPM", ["Global.mode=train", "Model.input_size=64", "Model.smooth_sigma=15.75"])
     with pytest.raises(FlawscopeError, match="Model.smooth_sigma 15.8 blurs over 4 sigma = 64 pixels.*at most 15.75"):
         load_config("STFPM", ["Global.mode=train", "Model.input_size=64", "Model.smooth_sigma=15.8"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("Model.smooth_sigma=.inf", "Model.smooth_sigma must be a number >= 0, got Infinity"),
+    ("Train.learning_rate=1e400", "Train.learning_rate must be a number > 0"),
+    ("Train.weight_decay=.nan", "Train.weight_decay must be a number"),
+    ("Global.output=''", "Global.output must be a path, got an empty one"),
+])
+def test_infinite_numbers_and_empty_paths_are_refused(override, fragment):
+    with pytest.raises(FlawscopeError, match=re.escape(fragment)):
+        load_config("STFPM", [override])
+
+
+def test_a_path_of_a_bare_tilde_is_the_home_folder_and_null_still_clears(monkeypatch):
+    monkeypatch.setenv("HOME", "/home/someone")
+    cfg = load_config("STFPM", ["Global.dataset_dir=~", "Train.calibration_dir=~"])
+    assert cfg["Global"]["dataset_dir"] == cfg["Train"]["calibration_dir"] == "/home/someone"
+    assert load_config("STFPM", ["Train.calibration_dir=null"])["Train"]["calibration_dir"] is None
+
+
+def test_a_folder_named_like_a_shipped_config_does_not_hide_it(tmp_path, monkeypatch):
+    """-o Global.output=STFPM makes such a folder in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "STFPM").mkdir()
+    assert load_config("STFPM")["Global"]["model"] == "STFPM"
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(FlawscopeError, match="sub: is a directory"):
+        load_config("sub")
+
+
+def test_a_predict_config_with_a_model_section_but_no_input_size(tmp_path):
+    """Prediction reads no Model section: smooth_sigma alone is not checked against a missing input_size."""
+    path = tmp_path / "predict.yaml"
+    path.write_text("Global:\n  model: STFPM\n  mode: predict\nModel:\n  smooth_sigma: 2.0\n")
+    assert load_config(path)["Model"]["smooth_sigma"] == 2.0

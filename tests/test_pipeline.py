@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -209,6 +210,25 @@ def test_get_pipeline_config_and_create_from_it(tmp_path, monkeypatch, capsys) -
     written.write_text(yaml.safe_dump(config))
     with pytest.raises(Exception, match="typo_key"):
         create_pipeline(str(written))
+
+
+def test_get_pipeline_config_at_a_terminal_asks_and_ctrl_d_is_no(tmp_path, monkeypatch, capsys) -> None:
+    written = tmp_path / "Pipe.YAML"  # a file name in any case, not a folder
+    assert main(["--get_pipeline_config", "anomaly_detection", "--save_path", str(written)]) == 0
+    assert written.is_file()
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+
+    def ctrl_d(prompt: str) -> str:
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", ctrl_d)
+    before = written.read_text() + "# mine\n"
+    written.write_text(before)
+    assert main(["--get_pipeline_config", "anomaly_detection", "--save_path", str(written)]) == 2
+    assert "not overwritten" in capsys.readouterr().err and written.read_text() == before
+    monkeypatch.setattr("builtins.input", lambda prompt: "y")
+    assert main(["--get_pipeline_config", "anomaly_detection", "--save_path", str(written)]) == 0
+    assert "# mine" not in written.read_text()
 
 
 @pytest.mark.parametrize("key, value, allowed", [
@@ -457,3 +477,14 @@ def test_pipeline_options_with_a_module_config_are_refused(tmp_path, capsys) -> 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--save_path, --batch_size" in err[0] and "Global.output" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_model_name_is_checked_against_the_model_and_a_config_names_a_known_pipeline(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="flawscope")
+    create_pipeline(model_name="PatchCore")  # the bundled model is an STFPM: used, with a warning
+    assert "holds model STFPM, which is used: model_name PatchCore chooses nothing" in caplog.text
+    caplog.clear()
+    create_pipeline()
+    assert "chooses nothing" not in caplog.text
+    with pytest.raises(FlawscopeError, match="config: pipeline_name must be one of anomaly_detection, got 'foo'"):
+        create_pipeline(config={"pipeline_name": "foo"})

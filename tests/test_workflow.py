@@ -741,8 +741,19 @@ def test_several_gpus_relaunch_under_torchrun(tmp_path, monkeypatch) -> None:
         return 0
 
     monkeypatch.setattr(distributed.subprocess, "call", fake_call)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     cfg = load_config("STFPM", [f"Global.output={tmp_path / 'out'}"])
     assert distributed.relaunch(cfg, [torch.device("cuda", 2), torch.device("cuda", 3)]) == {"done_flag": True}
     (command, visible, config_text), = calls
     assert command[1:4] == ["-m", "torch.distributed.run", "--standalone"] and "--nproc_per_node=2" in command
     assert visible == "2,3" and command[-1] == "Global.device=gpu:0,1" and "epochs_iters" in config_text
+
+
+def test_gpu_indices_count_among_the_gpus_a_scheduler_left_visible(monkeypatch) -> None:
+    """Under SLURM's CUDA_VISIBLE_DEVICES=4,5,6 this process's gpu:0,2 are physical GPUs 4 and 6."""
+    from flawscope.training.distributed import visible_devices
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    assert visible_devices([torch.device("cuda", 0), torch.device("cuda", 2)]) == "4,6"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-1a2b, GPU-3c4d")  # UUIDs as well
+    assert visible_devices([torch.device("cuda", 1)]) == "GPU-3c4d"

@@ -69,13 +69,17 @@ def _write_pipeline_config(name: str, save_path: str | None, yes: bool) -> Path:
 
     config = get_pipeline_config(name)
     target = Path(save_path or ".")
-    if target.suffix not in (".yaml", ".yml"):
+    if target.suffix.lower() not in (".yaml", ".yml"):
         target = target / f"{name}.yaml"
     check_output_dir(target.parent, "--save_path")
     if target.exists() and not yes:
         if not sys.stdin.isatty():
             raise FlawscopeError(f"{target}: already exists (use --yes to overwrite)")
-        if input(f"{target} exists. Overwrite? [y/N] ").strip().lower() not in ("y", "yes"):
+        try:
+            answer = input(f"{target} exists. Overwrite? [y/N] ")
+        except EOFError:  # Ctrl-D: no answer, so no
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
             raise FlawscopeError(f"{target}: not overwritten")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(yaml.safe_dump(config, sort_keys=False))

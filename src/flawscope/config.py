@@ -168,14 +168,14 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
-    if path.is_dir():
-        raise FlawscopeError(f"{name_or_path}: is a directory, expected a YAML config file")
     name = str(name_or_path)
-    if Path(name).name == name:
+    if Path(name).name == name:  # a folder of that name (-o Global.output=STFPM) is no config
         stem = name[: -len(".yaml")] if name.lower().endswith(".yaml") else name
         for shipped in sorted(CONFIG_DIR.glob("*.yaml")):
             if shipped.stem.lower() == stem.lower():
                 return shipped
+    if path.is_dir():
+        raise FlawscopeError(f"{name_or_path}: is a directory, expected a YAML config file")
     raise FlawscopeError(
         f"{name_or_path}: no such config file or shipped config "
         f"(shipped configs: {', '.join(shipped_configs()) or 'none'})"
@@ -204,9 +204,12 @@ def _yaml_value(raw: str, where: str) -> Any:
     return value
 
 
-def _text_value(raw: str, where: str) -> Any:
+def _text_value(raw: str, where: str, path: bool = False) -> Any:
     """A text key's value as typed: a path like ``runs #3``, ``0755`` or ``*.png`` means itself,
-    not a YAML comment, number or alias. YAML's null words and quoted strings read as in YAML."""
+    not a YAML comment, number or alias. YAML's null words and quoted strings read as in YAML,
+    except a path's ``~``, which is the home folder, as in a shell."""
+    if raw == "~" and path:
+        return raw
     if raw in _YAML_NULLS or len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
         return _yaml_value(raw, where)
     return raw
@@ -369,7 +372,7 @@ def _apply_override(cfg: dict[str, Any], text: str) -> None:
     node = cfg
     for name in path[:-1]:
         node = node.setdefault(name, {})
-    value = _text_value(raw, where) if spec.kind is str else _yaml_value(raw, where)
+    value = _text_value(raw, where, spec.path) if spec.kind is str else _yaml_value(raw, where)
     node[path[-1]] = check_value(full, spec, value, where)
 
 
@@ -404,7 +407,7 @@ def _complete(
 def _check_consistency(cfg: dict[str, Any], where: str) -> None:
     """Rules that tie keys together, which per-key checks cannot see."""
     model = cfg.get("Model", {})
-    if model.get("smooth_sigma") and math.ceil(4 * model["smooth_sigma"]) >= model["input_size"]:
+    if model.get("smooth_sigma") and "input_size" in model and math.ceil(4 * model["smooth_sigma"]) >= model["input_size"]:
         raise FlawscopeError(f"{where}: Model.smooth_sigma {model['smooth_sigma']} blurs over 4 sigma = "
                              f"{math.ceil(4 * model['smooth_sigma'])} pixels, as far as the whole "
                              f"{model['input_size']}-pixel input: it must be at most {(model['input_size'] - 1) / 4:g}")
@@ -430,6 +433,9 @@ def check_value(full: str, spec: Key, value: Any, where: str) -> Any:
         return None
     converted = _convert(spec.kind, value)
     if spec.path and isinstance(converted, str):
+        if not converted.strip():
+            raise FlawscopeError(f"{where}: {full} must be a path, got an empty one"
+                                 + (" (null leaves it unset)" if spec.nullable else ""))
         converted = os.path.expanduser(converted)
     if isinstance(converted, str) and _CONTROL.search(converted):
         raise FlawscopeError(f"{where}: {full} holds a control character, got {_show(value)}; in double quotes "
@@ -446,10 +452,9 @@ def _convert(kind: Any, value: Any) -> Any:
     """The value as ``kind``, or None when it is not one (bools are never numbers)."""
     if isinstance(value, bool):
         return value if kind is bool else None
-    if kind is float and isinstance(value, numbers.Real):
-        return float(value)  # numpy's scalars too
-    if kind is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-        return float(value)
+    if kind is float and isinstance(value, numbers.Real | str):  # numpy's scalars; YAML 1.1 reads 1e-4 as text
+        number = float(value) if not isinstance(value, str) or _SCIENTIFIC.fullmatch(value.strip()) else None
+        return number if number is not None and math.isfinite(number) else None
     if kind == list[int]:
         ints = isinstance(value, list) and all(type(x) is int for x in value)
         return list(value) if ints else None

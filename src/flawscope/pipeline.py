@@ -36,6 +36,7 @@ from flawscope.device import check_device_spec, parse_device
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.predictor import Predictor
 from flawscope.inference.result import THRESHOLD, AnomalyResult
+from flawscope.logs import log
 
 PIPELINES: dict[str, dict[str, Any]] = {
     "anomaly_detection": {
@@ -146,6 +147,10 @@ class AnomalyDetectionPipeline:
         self.predictor = Predictor.from_dir(sub["model_dir"], device, sub["backend"], batch_size=sub["batch_size"],
                                             min_region_area=sub["min_region_area"], threshold=sub["threshold"],
                                             outline_ok_images=sub["outline_ok_images"])
+        if self.predictor.info.model != sub["model_name"]:  # PaddleX users may expect it to choose the model
+            where = f"model_dir {sub['model_dir']}" if sub["model_dir"] else "the bundled model (model_dir null)"
+            log.warning("%s holds model %s, which is used: model_name %s chooses nothing, the model "
+                        "directory does", where, self.predictor.info.model, sub["model_name"])
         self.recursive, self.on_error = sub["recursive"], sub["on_error"]
         self.json_arrays, self.save_extra = sub["json_arrays"], sub["save_extra"]
 
@@ -169,6 +174,9 @@ def create_pipeline(pipeline: str | Path = "anomaly_detection", config: dict[str
     if config is not None:
         if not isinstance(config, dict):
             raise FlawscopeError(f"config: must be a dict shaped like the pipeline's YAML, not {type(config).__name__}")
+        if config.get("pipeline_name", "anomaly_detection") not in PIPELINES:
+            raise FlawscopeError(f"config: pipeline_name must be one of {', '.join(PIPELINES)}, "
+                                 f"got {config['pipeline_name']!r}")
         cfg = get_pipeline_config("anomaly_detection")
         _merge(cfg, config, "config")
         _check_settings(cfg, "config")

@@ -58,7 +58,7 @@ def relaunch(cfg: dict, devices: list[torch.device]) -> dict:
     """Run this training as ``len(devices)`` torchrun processes; returns rank 0's train_result."""
     with tempfile.TemporaryDirectory() as tmp:
         config = dump_config(cfg, Path(tmp) / "config.yaml")
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(str(d.index) for d in devices))
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=visible_devices(devices))
         # The children see the listed GPUs as 0..N-1: rewrite the spec accordingly.
         spec = "gpu:" + ",".join(str(i) for i in range(len(devices)))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(devices)}",
@@ -67,6 +67,14 @@ def relaunch(cfg: dict, devices: list[torch.device]) -> dict:
     if code != 0:
         raise FlawscopeError(f"distributed training on {len(devices)} GPUs failed (exit status {code}); see the log above")
     return json.loads((Path(cfg["Global"]["output"]) / "train_result.json").read_text())
+
+
+def visible_devices(devices: list[torch.device]) -> str:
+    """``CUDA_VISIBLE_DEVICES`` for children that use ``devices``: their indices count among the
+    GPUs this process sees, which a scheduler (SLURM: ``CUDA_VISIBLE_DEVICES=4,5``) may already
+    have narrowed, so they are mapped through what it set."""
+    inherited = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return ",".join(inherited[d.index] if d.index < len(inherited) else str(d.index) for d in devices)
 
 
 def leave() -> None:
