@@ -59,6 +59,8 @@ def test_failed_run_is_a_row_not_a_crash() -> None:
     (["--models", "NoSuchModel"], "NoSuchModel"),
     (["-o", "Train.epoch_iters=3"], "Train.epoch_iters"),
     (["-o", "Model.input_size=128"], "Model.global_grid: 4 does not split the 4x4 map"),
+    (["-o", "Model.strides=[4,8,16]"], "global_strides [16, 32] must be among the strides [4, 8, 16]"),
+    (["-o", "Model.backbone=resnet50"], "unknown backbone 'resnet50'"),
 ])
 def test_bad_arguments_fail_before_any_run(tmp_path, capsys, args, fragment) -> None:
     data = make_mvtec(tmp_path / "data", n_train=3, n_good=1, n_defect=1)

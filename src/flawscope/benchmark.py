@@ -35,7 +35,7 @@ from flawscope.engine import evaluate, train
 from flawscope.errors import FlawscopeError
 from flawscope.inference.backends import choose_backend
 from flawscope.inference.predictor import Predictor
-from flawscope.training.runner import check_grid
+from flawscope.training.runner import check_model_settings
 
 RUN_FILE = "benchmark_run.json"
 WARMUP = 3
@@ -219,7 +219,7 @@ def run_benchmark(datasets: list[str | Path], models: list[str], overrides: list
     for spec in specs:
         cfg = _run_config(spec, "train")
         parse_device(cfg["Global"]["device"])
-        check_grid(cfg["Model"])
+        check_model_settings(cfg)
         if not load_dataset(spec["dataset_dir"], cfg["CheckDataset"]["dataset_type"]).val:
             raise FlawscopeError(f"{spec['dataset_dir']}: no test/validation images to evaluate on")
     results = [_run_child(spec) for spec in specs]

@@ -191,9 +191,15 @@ def _new_to(model: PatchCore, samples: list[Sample], images: torch.Tensor,
     return [s for s, h in zip(samples, held) if not h], images[~held]
 
 
+def check_model_settings(cfg: dict) -> None:
+    """Refuse Model settings that do not fit together (a grid, levels, a backbone) by building
+    the model without its weights: the benchmark checks every run's config before the first."""
+    check_grid(cfg["Model"])
+    build_model(cfg["Global"]["model"], model_config_from(cfg["Global"]["model"], cfg["Model"]), pretrained=False)
+
+
 def check_grid(m: dict) -> None:
-    """Refuse an image-level score whose grid does not fit the input size, before any work (the
-    benchmark checks each run's config with it before the first starts)."""
+    """Refuse an image-level score whose grid does not fit the input size, before any work."""
     side = m["input_size"] // 32  # the stride-32 feature map is side x side
     if m.get("global_score") and not grid_splits(side, m["global_grid"]):
         fits = ", ".join(str(d) for d in range(1, side + 1) if grid_splits(side, d))
