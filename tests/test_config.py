@@ -444,3 +444,13 @@ def test_a_predict_config_with_a_model_section_but_no_input_size(tmp_path):
     path = tmp_path / "predict.yaml"
     path.write_text("Global:\n  model: STFPM\n  mode: predict\nModel:\n  smooth_sigma: 2.0\n")
     assert load_config(path)["Model"]["smooth_sigma"] == 2.0
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("Global.seed=010", "YAML reads 010 as an octal number (8); write 10"),
+    ("Train.epochs_iters=0400", "YAML reads 0400 as an octal number (256); write 400"),
+])
+def test_a_number_with_a_leading_zero_is_refused_not_read_as_octal(override, fragment):
+    with pytest.raises(FlawscopeError, match=re.escape(fragment)):
+        load_config("STFPM", [override])
+    assert load_config("STFPM", ["Global.seed=0"])["Global"]["seed"] == 0

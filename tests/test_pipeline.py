@@ -488,3 +488,9 @@ def test_model_name_is_checked_against_the_model_and_a_config_names_a_known_pipe
     assert "chooses nothing" not in caplog.text
     with pytest.raises(FlawscopeError, match="config: pipeline_name must be one of anomaly_detection, got 'foo'"):
         create_pipeline(config={"pipeline_name": "foo"})
+
+
+@pytest.mark.parametrize("device", ["", 0])
+def test_an_empty_or_falsy_device_is_refused_not_ignored(device) -> None:
+    with pytest.raises(FlawscopeError, match="device"):
+        create_pipeline(device=device)

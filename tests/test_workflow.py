@@ -389,7 +389,7 @@ def test_an_output_folder_that_is_a_file(trained, tmp_path, capsys, under) -> No
     (("input_size: 64", "input_size: 64\ninput_size: 64"),
      "unreadable model description (YAML line 18, column 1: 'input_size' appears twice in one mapping)"),
     (("input_size: 64", "input_size: 100"), "input_size must be a multiple of 32 from 32 to 4096, not 100"),
-    (("  backbone: ", "  backbone: nonet #"), "inference.yml: model_config does not fit model STFPM (Model.backbone"),
+    (("  backbone: ", "  backbone: nonet #"), "inference.yml: Model.backbone: unknown backbone 'nonet'"),
     (("input_size: 64", "input_size: 64\nfoo: 1"), "damaged model description: unknown key foo"),
     (("input_size: 64\n", ""), "damaged model description: missing key input_size"),
     (("resize_mode: resize", "resize_mode: crop"), "resize_mode must be one of resize, letterbox"),

@@ -140,7 +140,7 @@ def run(argv: list[str] | None = None) -> int:
                     if v is not None}
         save_path = Path(args.save_path or "output")
         check_output_dir(save_path, "--save_path")
-        if args.device:  # named as the user typed it, before the pipeline's own check names its setting
+        if args.device is not None:  # named as the user typed it, before the pipeline's own check names its setting
             parse_device(args.device, "--device")
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
         counts = save_results(pipeline.predict(args.input), save_path)

@@ -153,6 +153,7 @@ _KIND_NAMES = {
     list[int]: "a list of integers",
 }
 # PyYAML follows YAML 1.1, which reads 1e-4 (no dot) as a string; accept it for float keys.
+_OCTAL = re.compile(r"[-+]?0[0-7_]*[0-7][0-7_]*")  # YAML 1.1's octal: 010 is 8
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # no path, device or name holds one
 
@@ -372,6 +373,9 @@ def _apply_override(cfg: dict[str, Any], text: str) -> None:
     node = cfg
     for name in path[:-1]:
         node = node.setdefault(name, {})
+    if spec.kind in (int, float) and _OCTAL.fullmatch(raw):
+        raise FlawscopeError(f"{where}: {full}: YAML reads {raw} as an octal number ({yaml.safe_load(raw)}); "
+                             f"write {int(raw.replace('_', ''), 10)}")
     value = _text_value(raw, where, spec.path) if spec.kind is str else _yaml_value(raw, where)
     node[path[-1]] = check_value(full, spec, value, where)
 

@@ -185,6 +185,6 @@ def create_pipeline(pipeline: str | Path = "anomaly_detection", config: dict[str
     unknown = sorted(set(overrides) - set(SETTINGS))
     if unknown:
         raise FlawscopeError(f"unknown pipeline setting '{unknown[0]}' (allowed: {', '.join(SETTINGS)})")
-    cfg["SubModules"]["AnomalyDetection"].update(overrides, **({"device": device} if device else {}))
+    cfg["SubModules"]["AnomalyDetection"].update(overrides, **({"device": device} if device is not None else {}))
     _check_settings(cfg, "pipeline setting", prefix="")
     return AnomalyDetectionPipeline(cfg)
