@@ -188,6 +188,8 @@ def test_an_export_whose_description_has_another_input_size_fails_on_loading(tra
 
 def test_an_export_replaces_the_graphs_of_an_earlier_export_in_its_folder(trained, tmp_path) -> None:
     model_dir, exported = trained[1] / "best_model/inference", tmp_path / "export"
+    (exported / ".export.killed").mkdir(parents=True)  # what an export killed half-way leaves
+    (exported / ".export.killed" / "model.onnx").write_bytes(b"half")
     export_model(model_dir, exported, "openvino")
     assert {p.name for p in exported.iterdir()} == {"inference.yml", "model.xml", "model.bin"}
     export_model(model_dir, exported, "onnx")

@@ -230,22 +230,23 @@ def test_a_refused_conversion_leaves_the_dataset_as_it_was(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["a.json", "a.png", "b.json", "b.png", "train.txt"]
 
 
-def test_labelme_skips_the_checks_own_output_inside_the_dataset(tmp_path):
-    """Run from inside the dataset folder with the default Global.output, twice: the check's
-    demo images and histogram never become training images."""
+@pytest.mark.parametrize("output", ["output", "."])
+def test_labelme_skips_the_checks_own_output_inside_the_dataset(tmp_path, output):
+    """Run from inside the dataset folder with the default Global.output, or with the dataset
+    folder as the output, twice: the check's demo images and histogram never become training images."""
     root = tmp_path / "data"
     for value, name in enumerate(("a", "b", "c")):
         _image(root / f"{name}.png", value=10 * value)
     _labelme(root / "c.json", "c.png", [_shape("rectangle", [[2, 2], [8, 8]])])
     cfg = load_config("STFPM", [
-        "Global.mode=check_dataset", f"Global.dataset_dir={root}", f"Global.output={root / 'output'}",
+        "Global.mode=check_dataset", f"Global.dataset_dir={root}", f"Global.output={root / output}",
         "CheckDataset.convert.enable=true", "CheckDataset.convert.src_dataset_type=LabelMe",
     ])
     for _ in range(2):
         result = run_check_dataset(cfg)
         assert result["check_pass"], result["problems"]
         assert _lines(root / "train.txt") == ["a.png", "b.png"]
-    assert list((root / "output" / "check_dataset" / "demo_img").iterdir())
+    assert list((root / output / "check_dataset" / "demo_img").iterdir())
 
 
 @pytest.mark.parametrize(("train", "val", "where", "first"), [
@@ -322,3 +323,15 @@ def test_voc_class_pngs_without_an_image_are_named(tmp_path, caplog):
     _image(root / "SegmentationClass" / "zz_orphan.png", value=1)
     convert_dataset(root, "VOC")
     assert "have no image" in caplog.text and "zz_orphan.png" in caplog.text
+
+
+def test_labelme_json_to_dataset_folders_are_no_good_images(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "a.png", value=1)
+    _image(root / "b.png", value=2)
+    _labelme(root / "b.json", "b.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    for name in ("img.png", "label.png", "label_viz.png"):  # what labelme_json_to_dataset b.json writes
+        _image(root / "b_json" / name, value=3)
+    (root / "b_json" / "label_names.txt").write_text("_background_\nscratch\n")
+    convert_dataset(root, "LabelMe")
+    assert _lines(root / "train.txt") == ["a.png"] and len(_lines(root / "val.txt")) == 1

@@ -184,3 +184,10 @@ def test_mvtec_test_good_in_another_case_is_good(tmp_path):
     _image(tmp_path / "ground_truth" / "crack" / "2_mask.png", defect=True)
     ds = load_dataset(tmp_path)
     assert [(s.image.name, s.label) for s in ds.val] == [("1.png", 0), ("2.png", 1)]
+
+
+def test_a_list_with_backslashes_says_so(tmp_path):
+    _image(tmp_path / "img" / "0.png")
+    (tmp_path / "train.txt").write_text("img\\0.png\n")
+    _raises(tmp_path, "train.txt:1: " + str(tmp_path / "img\\0.png") + " does not exist (the list separates "
+            "folders with backslashes: write /)")

@@ -494,3 +494,10 @@ def test_model_name_is_checked_against_the_model_and_a_config_names_a_known_pipe
 def test_an_empty_or_falsy_device_is_refused_not_ignored(device) -> None:
     with pytest.raises(FlawscopeError, match="device"):
         create_pipeline(device=device)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [({"on_error": "bogus"}, "on_error must be"),
+                                              ({"recursive": "no"}, "recursive must be true or false")])
+def test_bad_predict_arguments_are_flawscope_errors(kwargs, fragment) -> None:
+    with pytest.raises(FlawscopeError, match=fragment):
+        list(create_pipeline().predict(np.zeros((8, 8, 3), np.uint8), **kwargs))

@@ -93,7 +93,9 @@ def run_check_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
     split = options["split"]
     split_args = (split["train_percent"], split["val_percent"], split["seed"]) if split["enable"] else None
     if options["convert"]["enable"]:  # and the split with it, so that a refused split writes nothing
-        split_report = convert_dataset(dataset_dir, options["convert"]["src_dataset_type"], output, split_args)
+        # the check writes under the output: to be skipped, its own folder where that is the dataset's
+        skip = output / CHECK_DIR if output.absolute() == Path(dataset_dir).absolute() else output
+        split_report = convert_dataset(dataset_dir, options["convert"]["src_dataset_type"], skip, split_args)
         done["convert"] = {"src_dataset_type": options["convert"]["src_dataset_type"]}
         if split_report is not None:
             done["split"] = split_report

@@ -31,6 +31,8 @@ log = logging.getLogger("flawscope")
 
 MASK_DIR = "converted_masks"
 LABELME_BACKGROUND = "_background_"  # LabelMe's label for areas that are explicitly not defect
+# labelme_json_to_dataset writes img.png, label.png, label_viz.png and this beside them: no good images
+_LABELME_EXPORT = "label_names.txt"
 _SPLITS = ("train", "val")
 
 Splits = dict[str, list[Sample]]
@@ -186,7 +188,8 @@ def _from_labelme(root: Path, masks: _Masks) -> Splits:
 
     PaddleX's ``train_anno_list.txt`` / ``val_anno_list.txt`` (JSON paths relative to
     ``root``), when present, say which file goes where and nothing else is used. Otherwise
-    every LabelMe file under ``root`` is used, and images without one are good images.
+    every LabelMe file under ``root`` is used, and images without one are good images, except
+    in the folders ``labelme_json_to_dataset`` writes (a mask and its overlay among them).
     """
     anno_lists = {split: root / f"{split}_anno_list.txt" for split in _SPLITS}
     if anno_lists["train"].is_file():
@@ -201,6 +204,7 @@ def _from_labelme(root: Path, masks: _Masks) -> Splits:
         Sample(path, None, 0, GOOD)
         for path in _visible(root, "*", masks.skip)
         if is_image_file(path) and path not in annotated and MASK_DIR not in path.relative_to(root).parts
+        and not (path.parent / _LABELME_EXPORT).is_file()
     ]
     return _by_label(samples)
 

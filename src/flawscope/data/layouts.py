@@ -120,7 +120,8 @@ def _read_list(root: Path, list_file: Path) -> list[Sample]:
         image, mask = [root / field for field in fields] + [None] * (2 - len(fields))
         for path in (image, mask):
             if path is not None and not path.is_file():
-                raise FlawscopeError(f"{list_file}:{lineno}: {path} does not exist")
+                hint = " (the list separates folders with backslashes: write /)" if "\\" in line else ""
+                raise FlawscopeError(f"{list_file}:{lineno}: {path} does not exist{hint}")
         label = int(mask is not None and bool(read_mask(mask).any()))
         samples.append(Sample(image, mask, label, DEFECT if label else GOOD))
     return samples

@@ -28,6 +28,7 @@ ONNX_FILE = "model.onnx"
 OPENVINO_FILE = "model.xml"
 OPENVINO_WEIGHTS = "model.bin"  # beside model.xml
 GRAPH_FILES = (ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS)
+_STAGING_PREFIX = ".export."
 _ONNX_FILE_LIMIT = 2**31  # protobuf: one serialised message, so one graph file, of at most 2 GiB
 
 
@@ -98,7 +99,9 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
     name = OPENVINO_FILE if fmt == "openvino" else ONNX_FILE
     # Written beside, then moved in, an earlier export's graphs gone: a folder holding another
     # model's model.xml next to this inference.yml would predict with that model.
-    staging = Path(tempfile.mkdtemp(prefix=".export.", dir=output))
+    for leftover in output.glob(f"{_STAGING_PREFIX}*"):  # an export killed before it could clean up
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=output))
     try:
         export_graph(_MapAndScore(model), (example,), ["image"], staging / name, fmt)
         shutil.copy(Path(model_dir) / META_FILE, staging / META_FILE)

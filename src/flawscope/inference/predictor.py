@@ -124,7 +124,9 @@ class Predictor:
         raises FlawscopeError (``on_error="raise"``).
         """
         if on_error not in ("result", "raise"):
-            raise ValueError(f"on_error must be 'result' or 'raise', not {on_error!r}")
+            raise FlawscopeError(f"on_error must be 'result' or 'raise', not {on_error!r}")
+        if not isinstance(recursive, bool):  # "no" would be true
+            raise FlawscopeError(f"recursive must be true or false, not {recursive!r}")
         pending: list[tuple[str | None, np.ndarray]] = []
         # Only inputs known up front are read ahead. Any other iterable is read as it is consumed:
         # a camera loop may refill its buffer for the next frame, or wait for a result before
