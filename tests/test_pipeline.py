@@ -482,7 +482,7 @@ def test_pipeline_options_with_a_module_config_are_refused(tmp_path, capsys) -> 
 def test_model_name_is_checked_against_the_model_and_a_config_names_a_known_pipeline(caplog) -> None:
     caplog.set_level(logging.WARNING, logger="flawscope")
     create_pipeline(model_name="PatchCore")  # the bundled model is an STFPM: used, with a warning
-    assert "holds model STFPM, which is used: model_name PatchCore chooses nothing" in caplog.text
+    assert "the bundled STFPM model is used: model_name PatchCore chooses nothing" in caplog.text
     caplog.clear()
     create_pipeline()
     assert "chooses nothing" not in caplog.text

@@ -147,10 +147,9 @@ class AnomalyDetectionPipeline:
         self.predictor = Predictor.from_dir(sub["model_dir"], device, sub["backend"], batch_size=sub["batch_size"],
                                             min_region_area=sub["min_region_area"], threshold=sub["threshold"],
                                             outline_ok_images=sub["outline_ok_images"])
-        if self.predictor.info.model != sub["model_name"]:  # PaddleX users may expect it to choose the model
-            where = f"model_dir {sub['model_dir']}" if sub["model_dir"] else "the bundled model (model_dir null)"
-            log.warning("%s holds model %s, which is used: model_name %s chooses nothing, the model "
-                        "directory does", where, self.predictor.info.model, sub["model_name"])
+        if sub["model_dir"] is None and self.predictor.info.model != sub["model_name"]:  # as PaddleX's would
+            log.warning("model_dir is null, so the bundled %s model is used: model_name %s chooses nothing, "
+                        "model_dir does", self.predictor.info.model, sub["model_name"])
         self.recursive, self.on_error = sub["recursive"], sub["on_error"]
         self.json_arrays, self.save_extra = sub["json_arrays"], sub["save_extra"]
 
