@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -291,7 +292,7 @@ def test_labelme_anno_list_outside_the_dataset_is_refused_and_writes_nothing(tmp
     ({"shapes": None}, "'shapes' is not a list"),
     ({"shapes": [{"label": "x", "points": None}]}, "shape 0 is not a LabelMe shape"),
     ({"shapes": [{"label": "x", "points": [[1, 2, 3], [4, 5, 6], [7, 8, 9]]}]}, "shape 0 is not a LabelMe shape"),
-    ({"shapes": [], "imageWidth": None, "imagePath": "corrupt.png"}, "cannot read the image of a.json"),
+    ({"shapes": [], "imageWidth": None, "imagePath": "corrupt.png"}, "corrupt.png: not an image"),
 ])
 def test_malformed_labelme_files_are_one_error_naming_the_file(tmp_path, data, fragment):
     root = tmp_path / "data"
@@ -335,3 +336,63 @@ def test_labelme_json_to_dataset_folders_are_no_good_images(tmp_path):
     (root / "b_json" / "label_names.txt").write_text("_background_\nscratch\n")
     convert_dataset(root, "LabelMe")
     assert _lines(root / "train.txt") == ["a.png"] and len(_lines(root / "val.txt")) == 1
+
+
+def test_labelme_anno_lists_of_a_dataset_named_through_dot_dot(tmp_path, monkeypatch):
+    root = tmp_path / "ds"
+    _image(root / "images" / "a.png", value=1)
+    _image(root / "images" / "b.png", value=2)
+    _labelme(root / "annotations" / "a.json", "../images/a.png", [])
+    _labelme(root / "annotations" / "b.json", "..\\images\\b.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    (root / "train_anno_list.txt").write_text("annotations/a.json\n")
+    (root / "val_anno_list.txt").write_text("annotations\\b.json\n")  # written on Windows
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    convert_dataset("../ds", "LabelMe")
+    assert _lines(root / "train.txt") == ["images/a.png"]
+    assert _lines(root / "val.txt") == [f"images/b.png {MASK_DIR}/annotations/b.png"]
+
+
+def test_labelme_file_listed_twice_says_so(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    _labelme(root / "a.json", "a.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    (root / "train_anno_list.txt").write_text("a.json\n")
+    (root / "val_anno_list.txt").write_text("a.json\n")
+    with pytest.raises(FlawscopeError, match=r"a.png: its annotation a.json is listed twice"):
+        convert_dataset(root, "LabelMe")
+
+
+@pytest.mark.parametrize("shape, fragment", [
+    (_shape("rectangle", [[20, 20], [30, 30]]), "shape 0 ('rectangle') covers no pixel of the 16x16 image"),
+    (_shape("polygon", [[1, 1], [float("nan"), 2], [3, 9]]), "shape 0 is not a LabelMe shape"),
+])
+def test_labelme_shapes_that_mark_nothing_are_refused(tmp_path, shape, fragment):
+    """An annotation lost silently would make a defect image a good training image."""
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    (root / "a.json").write_text(json.dumps({"imagePath": "a.png", "imageWidth": 16, "imageHeight": 16,
+                                             "shapes": [shape]}))
+    with pytest.raises(FlawscopeError, match=re.escape(fragment)):
+        convert_dataset(root, "LabelMe")
+
+
+def test_a_label_names_file_alone_does_not_hide_good_images(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "good" / "a.png", value=1)
+    (root / "good" / "label_names.txt").write_text("scratch\n")  # not labelme_json_to_dataset's folder
+    _image(root / "b.png", value=2)
+    _labelme(root / "b.json", "b.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    convert_dataset(root, "LabelMe")
+    assert _lines(root / "train.txt") == ["good/a.png"]
+
+
+def test_convert_and_split_write_sorted_lists_as_the_split_alone_does(tmp_path):
+    root = tmp_path / "data"
+    for i in range(8):
+        _image(root / f"{i}.png", value=i)
+    _labelme(root / "7.json", "7.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    report = convert_dataset(root, "LabelMe", split=(50, 50, 3))
+    assert report["train_samples"] == 4 and report["defect_images_kept_in_val"] == 1
+    for name in ("train.txt", "val.txt"):
+        assert _lines(root / name) == sorted(_lines(root / name))

@@ -388,3 +388,23 @@ def test_summarize_reports_what_the_metric_functions_give(seed):
                                             "pixel": pytest.approx(pixel_best_f1(PixelScores.of(masks, maps))[1], abs=1e-6)}
     assert summarize(outcomes, group, fpr_limit=0.05)["aupro"] == pytest.approx(
         aupro(PixelScores.of(masks, maps), 0.05), abs=1e-6)
+
+
+def test_binned_scores_of_minus_zero_tie_with_zero_and_kept_images_are_copies():
+    """-0.0 and 0.0 are one score (their bits differ); an exact set holds its own copies, so a
+    caller may reuse one buffer per image; an image of no pixels adds nothing."""
+    mask = np.zeros((4, 4), bool)
+    mask[:2] = True
+    amap = np.where(mask, np.float32(0.0), np.float32(-0.0)).astype(np.float32)
+    for limit in (10**6, 0):
+        assert pixel_auroc(PixelScores.of([mask], [amap], limit)) == pytest.approx(0.5)
+    masks, maps = _random_case(2, images=4)
+    expected = pixel_auroc(PixelScores.of(masks, maps))
+    streamed, mask_buffer, map_buffer = PixelScores(), np.empty_like(masks[0]), np.empty_like(maps[0])
+    for mask, amap in zip(masks, maps):
+        mask_buffer[...], map_buffer[...] = mask, amap
+        streamed.add(mask_buffer, map_buffer)
+    assert pixel_auroc(streamed) == pytest.approx(expected, abs=1e-12)
+    empty = PixelScores.of(masks, maps, 0)
+    empty.add(np.zeros((0, 5), bool), np.zeros((0, 5), np.float32))
+    assert pixel_auroc(empty) == pytest.approx(pixel_auroc(PixelScores.of(masks, maps, 0)))

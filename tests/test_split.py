@@ -169,6 +169,8 @@ def test_an_image_listed_as_good_and_as_a_defect_stays_out_of_train(tmp_path):
     root = _segdataset(tmp_path / "data", n_good=6, n_defect=2)
     with (root / "train.txt").open("a") as lists:
         lists.write("img/06.png\n")  # 06 is a defect image (val.txt lists its mask)
+    with (root / "train.txt").open("a") as lists:  # and by its absolute path, and another spelling
+        lists.write(f"{root}/img/06.png\nimg/../img/07.png\n")
     results = set()
     for seed in range(4):
         split_dataset(root, 50, 50, seed=seed)

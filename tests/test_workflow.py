@@ -267,6 +267,16 @@ def test_mask_of_another_size(tmp_path, capsys) -> None:
     _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out), fragment=str(mask))
 
 
+def test_an_image_good_in_train_and_defective_in_val_fails_before_training(tmp_path, capsys) -> None:
+    data = make_mvtec(tmp_path / "data")
+    goods = sorted((data / "train" / "good").glob("*.png"))
+    (data / "train.txt").write_text("".join(f"{p.relative_to(data)}\n" for p in goods) + f"{data}/test/scratch/000.png\n")
+    (data / "val.txt").write_text("test/scratch/000.png ground_truth/scratch/000_mask.png\ntest/good/000.png\n")
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out),
+                   fragment="listed as good in train and as a defect in val")
+
+
 def test_a_defect_image_in_a_segdataset_train_list_fails_before_training(tmp_path, capsys) -> None:
     data = make_mvtec(tmp_path / "data")
     goods = sorted((data / "train" / "good").glob("*.png"))
@@ -278,7 +288,8 @@ def test_a_defect_image_in_a_segdataset_train_list_fails_before_training(tmp_pat
                    fragment=f"{data / 'test/scratch/000.png'}: a defect image in the training split")
 
 
-def test_an_exif_rotated_test_image_with_its_upright_mask_trains(tmp_path) -> None:
+@pytest.mark.parametrize("suffix", [".jpg", ".tif"])  # Pillow turns a TIFF's header size upright itself
+def test_an_exif_rotated_test_image_with_its_upright_mask_trains(tmp_path, suffix) -> None:
     """The mask fits the image as it is read (turned upright), not as its header stores it."""
     data = make_mvtec(tmp_path / "data", n_defect=1)
     image = data / "test" / "scratch" / "000.png"
@@ -286,7 +297,7 @@ def test_an_exif_rotated_test_image_with_its_upright_mask_trains(tmp_path) -> No
     upright = Image.open(image).convert("RGB").resize((64, 48))
     exif = Image.Exif()
     exif[0x0112] = 6  # stored turned: read back as upright's 64x48
-    upright.transpose(Image.Transpose.ROTATE_90).save(image.with_suffix(".jpg"), exif=exif)
+    upright.transpose(Image.Transpose.ROTATE_90).save(image.with_suffix(suffix), exif=exif)
     image.unlink()
     Image.open(mask).resize((64, 48)).save(mask)
     out = tmp_path / "out"

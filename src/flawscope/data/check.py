@@ -94,7 +94,7 @@ def run_check_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
     split_args = (split["train_percent"], split["val_percent"], split["seed"]) if split["enable"] else None
     if options["convert"]["enable"]:  # and the split with it, so that a refused split writes nothing
         # the check writes under the output: to be skipped, its own folder where that is the dataset's
-        skip = output / CHECK_DIR if output.absolute() == Path(dataset_dir).absolute() else output
+        skip = output / CHECK_DIR if os.path.abspath(output) == os.path.abspath(dataset_dir) else output
         split_report = convert_dataset(dataset_dir, options["convert"]["src_dataset_type"], skip, split_args)
         done["convert"] = {"src_dataset_type": options["convert"]["src_dataset_type"]}
         if split_report is not None:

@@ -10,7 +10,9 @@ good images to val.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import logging
 import os
 import shutil
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flawscope.data.io import is_image_file, read_mask, upright_size
+from flawscope.data.io import is_image_file, read_image, read_mask
 from flawscope.data.layouts import DEFECT, GOOD, Sample, load_dataset, read_lines
 from flawscope.data.split import check_percentages, sample_lines, split_samples, write_lists
 from flawscope.errors import FlawscopeError
@@ -51,7 +53,7 @@ def convert_dataset(root: str | os.PathLike[str], src_type: str,
     every list line is known to be writable and the split done: a refused conversion or split
     leaves the dataset as it was.
     """
-    root = Path(root).absolute()
+    root = Path(os.path.abspath(root))  # normalised: list lines are compared with it as text
     if not root.is_dir():
         raise FlawscopeError(f"{root}: dataset directory does not exist")
     converters: dict[str, Callable[[Path, _Masks], Splits]] = {
@@ -63,7 +65,7 @@ def convert_dataset(root: str | os.PathLike[str], src_type: str,
         raise FlawscopeError(
             f"unknown src_dataset_type {src_type!r}: expected {', '.join(converters)}"
         )
-    skip = Path(skip).absolute() if skip is not None else None
+    skip = Path(os.path.abspath(skip)) if skip is not None else None
     # only an output inside the dataset holds files to skip; one above it holds the dataset itself
     masks = _Masks(root, skip if skip is not None and skip != root and skip.is_relative_to(root) else None)
     report = None
@@ -72,7 +74,8 @@ def convert_dataset(root: str | os.PathLike[str], src_type: str,
         if split is not None:
             check_percentages(*split[:2])
             splits["train"], splits["val"], report = split_samples(root, splits["train"] + splits["val"], *split)
-        lists = {name: sample_lines(root, splits[name]) for name in _SPLITS}
+        # a split's lists are sorted, as split_dataset writes them: the order decides the held-out images
+        lists = {name: (sorted if split else list)(sample_lines(root, splits[name])) for name in _SPLITS}
         backups = write_lists(root, lists)
         masks.commit()
     finally:
@@ -92,6 +95,7 @@ class _Masks:
         self.final = root / MASK_DIR
         self.staging = root / f".{MASK_DIR}.{uuid.uuid4().hex[:8]}.tmp"
         self.skip = skip  # a folder of files that are not the dataset's
+        self.owners: dict[Path, Path] = {}  # each mask drawn, by name: its image
 
     def sample(self, image: Path, mask: np.ndarray, name: Path) -> Sample:
         """A sample for ``image``; a mask with defect pixels is saved as 0/255 PNG ``name``
@@ -100,8 +104,12 @@ class _Masks:
             return Sample(image, None, 0, GOOD)
         path = self.staging / name
         if path.exists():
+            if self.owners[name] == image:
+                raise FlawscopeError(f"{image}: its annotation {name.with_suffix('.json')} is listed twice (in one "
+                                     "anno list, or in both): list it once")
             raise FlawscopeError(f"{image}: its mask would be {self.final / name}, as another image's: "
                                  "rename one of them")
+        self.owners[name] = image
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask.astype(np.uint8) * 255).save(path)
         return Sample(image, self.final / name, 1, DEFECT)
@@ -204,9 +212,19 @@ def _from_labelme(root: Path, masks: _Masks) -> Splits:
         Sample(path, None, 0, GOOD)
         for path in _visible(root, "*", masks.skip)
         if is_image_file(path) and path not in annotated and MASK_DIR not in path.relative_to(root).parts
-        and not (path.parent / _LABELME_EXPORT).is_file()
+        and not _labelme_export(path.parent)
     ]
     return _by_label(samples)
+
+
+@functools.cache  # asked for each image of the folder: said once
+def _labelme_export(folder: Path) -> bool:
+    """Whether ``folder`` is one that ``labelme_json_to_dataset`` wrote: its images are an
+    annotated image's copy, mask and overlay, not good images."""
+    if (folder / _LABELME_EXPORT).is_file() and (folder / "label.png").is_file():
+        log.info("%s: written by labelme_json_to_dataset, its images are not used", folder)
+        return True
+    return False
 
 
 def _listed_files(root: Path, list_file: Path) -> list[Path]:
@@ -214,8 +232,8 @@ def _listed_files(root: Path, list_file: Path) -> list[Path]:
     its mask would be drawn outside ``converted_masks/``."""
     files = []
     for lineno, line in enumerate(read_lines(list_file), 1):
-        if line.strip():
-            path = Path(os.path.normpath(root / line.strip()))
+        if line.strip():  # LabelMe on Windows writes backslashes, as in imagePath
+            path = Path(os.path.normpath(root / line.strip().replace("\\", "/")))
             if not path.is_relative_to(root):
                 raise FlawscopeError(f"{list_file}:{lineno}: {line.strip()} is outside the dataset folder {root}; "
                                      "LabelMe files must be in it")
@@ -259,13 +277,8 @@ def _labelme_sample(root: Path, json_path: Path, masks: _Masks) -> Sample | None
     width, height = data.get("imageWidth"), data.get("imageHeight")
     if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
         size = (width, height)
-    else:  # LabelMe records the size as shown: an EXIF rotation by 90 degrees swaps it
-        try:
-            with Image.open(image) as img:
-                size = upright_size(img)
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise FlawscopeError(f"{image}: cannot read the image of {json_path.name} (not an image, or a corrupt "
-                                 f"one), and the LabelMe file gives no imageWidth and imageHeight") from exc
+    else:  # LabelMe records the size as shown, which is the size the image is read at
+        size = tuple(read_image(image).shape[1::-1])
     mask = _draw_shapes(json_path, data["shapes"], size)
     return masks.sample(image, mask, json_path.relative_to(root).with_suffix(".png"))
 
@@ -275,40 +288,52 @@ def _draw_shapes(
 ) -> np.ndarray:
     """Fill LabelMe shapes in order (``_background_`` ones erase), as an HxW bool mask.
 
-    Shapes that enclose no area (lines, points) are refused rather than dropped, since
-    dropping them would silently lose a defect annotation.
+    Shapes that enclose no area (lines, points) or cover no pixel of the image are refused
+    rather than dropped, since dropping them would silently lose a defect annotation.
     """
     if not isinstance(shapes, list):
         raise FlawscopeError(f"{json_path}: 'shapes' is not a list of LabelMe shapes")
     mask = Image.new("L", size, 0)
-    draw = ImageDraw.Draw(mask)
     for index, shape in enumerate(shapes):
         points = _points(shape)
         if points is None:
             raise FlawscopeError(f"{json_path}: shape {index} is not a LabelMe shape with 'points' as [x, y] pairs")
         kind = shape.get("shape_type") or "polygon"  # old LabelMe files leave it out
-        value = 0 if shape.get("label") == LABELME_BACKGROUND else 255
-        if kind == "polygon" and len(points) >= 3:
-            draw.polygon(points, fill=value, outline=value)
-        elif kind == "rectangle" and len(points) == 2:
-            (x0, y0), (x1, y1) = points
-            draw.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), fill=value)
-        elif kind == "circle" and len(points) == 2:  # LabelMe's circle: its centre, then a point on it
-            (cx, cy), (x, y) = points
-            r = float(np.hypot(x - cx, y - cy))
-            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=value)
-        else:
+        erase = shape.get("label") == LABELME_BACKGROUND
+        drawn = Image.new("1", size, 0)
+        if not _draw(ImageDraw.Draw(drawn), kind, points):
             raise FlawscopeError(
                 f"{json_path}: shape {index} ({kind!r} with {len(points)} points) is not a polygon"
                 " (3+ points), rectangle or circle (2 points), so it marks no defect area"
             )
+        if drawn.getbbox() is None and not erase:  # outside the image, or of no size: a lost annotation
+            raise FlawscopeError(f"{json_path}: shape {index} ({kind!r}) covers no pixel of the "
+                                 f"{size[0]}x{size[1]} image")
+        mask.paste(0 if erase else 255, mask=drawn)
     return np.asarray(mask) > 0
+
+
+def _draw(draw: ImageDraw.ImageDraw, kind: str, points: list[tuple[float, float]]) -> bool:
+    """Fill one LabelMe shape; False for a kind or number of points that encloses no area."""
+    if kind == "polygon" and len(points) >= 3:
+        draw.polygon(points, fill=1, outline=1)
+    elif kind == "rectangle" and len(points) == 2:
+        (x0, y0), (x1, y1) = points
+        draw.rectangle((min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)), fill=1)
+    elif kind == "circle" and len(points) == 2:  # LabelMe's circle: its centre, then a point on it
+        (cx, cy), (x, y) = points
+        r = float(np.hypot(x - cx, y - cy))
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=1)
+    else:
+        return False
+    return True
 
 
 def _points(shape: Any) -> list[tuple[float, float]] | None:
     """A shape's points as (x, y) floats; None when they are not a list of number pairs."""
     points = shape.get("points") if isinstance(shape, dict) else None
     if not isinstance(points, list) or not all(
-            isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) for v in p) for p in points):
+            isinstance(p, list) and len(p) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)
+            for p in points):
         return None
     return [(float(x), float(y)) for x, y in points]

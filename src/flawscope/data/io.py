@@ -34,7 +34,6 @@ Pillow also refuses, on its own, images over ``2 * PIL.Image.MAX_IMAGE_PIXELS`` 
 so raising this above that needs Pillow's limit raised as well.
 """
 
-_EXIF_ORIENTATION = 0x0112
 _TIFF_BITS_PER_SAMPLE = 258
 _TIFF_SAMPLE_FORMAT = 339  # 1 unsigned, 2 signed integer, 3 float
 
@@ -102,12 +101,6 @@ def _decode(path: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndar
         except (OSError, SyntaxError, EOFError, ValueError) as exc:
             raise FlawscopeError(f"{path}: corrupt or truncated image ({_one_line(exc)})") from exc
         return convert(img)
-
-
-def upright_size(img: Image.Image) -> tuple[int, int]:
-    """(width, height) of an opened image as ``read_image`` returns it, from the header: EXIF
-    orientations 5-8 turn it by 90 degrees."""
-    return img.size[::-1] if img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8) else img.size
 
 
 def _one_line(exc: BaseException) -> str:

@@ -79,11 +79,12 @@ def _one_per_image(samples: list[Sample]) -> list[Sample]:
     """Each image once: an image listed twice (in train and val, or with two masks) is a defect
     image if any of its entries says so, and an entry with a mask wins over one without, so that
     no defect image is drawn into train."""
-    kept: dict[Path, Sample] = {}
+    kept: dict[str, Sample] = {}
     for sample in samples:
-        first = kept.get(sample.image)
+        image = os.path.abspath(sample.image)  # img/a.png, /data/img/a.png and img/../img/a.png alike
+        first = kept.get(image)
         if first is None or (sample.label, sample.mask is not None) > (first.label, first.mask is not None):
-            kept[sample.image] = sample
+            kept[image] = sample
     return list(kept.values())
 
 

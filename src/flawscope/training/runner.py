@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from flawscope.data.io import read_image, upright_size
+from flawscope.data.io import read_image, read_mask
 from flawscope.backbones import backbone_spec
 from flawscope.config import dump_config
 from flawscope.data.layouts import Dataset, Sample, load_dataset, unique_images
@@ -62,15 +63,14 @@ def check_headers(samples: list[Sample]) -> None:
         image_size = _header_size(sample.image)
         mask_size = _header_size(sample.mask) if sample.mask is not None else None
         if mask_size is not None and image_size != mask_size:
-            raise FlawscopeError(f"{sample.mask}: mask is {mask_size[0]}x{mask_size[1]} but its image "
-                                 f"{sample.image.name} is {image_size[0]}x{image_size[1]}")
+            # the headers' sizes are stored ones: an EXIF rotation is only certain once decoded
+            read_mask(sample.mask, tuple(read_image(sample.image).shape[1::-1]))
 
 
 def _header_size(path: Path) -> tuple[int, int]:
-    """The size the image is read at (``read_image`` turns it upright as its EXIF says)."""
     try:
         with Image.open(path) as image:
-            return upright_size(image)
+            return image.size
     except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise FlawscopeError(f"{path}: not a readable image ({first_line(exc)})") from None
 
@@ -85,6 +85,12 @@ def train(cfg: dict, world: World) -> dict:
         raise FlawscopeError("Global.dataset_dir: required for training (-o Global.dataset_dir=PATH)")
     dataset = load_dataset(g["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
     defects = [s for s in dataset.train if s.label]
+    as_defect = {os.path.abspath(s.image): s for s in dataset.val if s.label}
+    listed_twice = [s for s in dataset.train if os.path.abspath(s.image) in as_defect]
+    if listed_twice:
+        raise FlawscopeError(f"{listed_twice[0].image}: a defect image in the training split: listed as good in "
+                             f"train and as a defect in val (its mask {as_defect[os.path.abspath(listed_twice[0].image)].mask}); "
+                             "anomaly detection trains on good images only")
     if defects:
         more = f" (and {len(defects) - 1} more)" if len(defects) > 1 else ""
         raise FlawscopeError(f"{defects[0].image}: a defect image in the training split{more}: its mask "
