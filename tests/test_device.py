@@ -67,3 +67,16 @@ def test_unknown_spec_lists_accepted_forms(spec: str) -> None:
     with pytest.raises(FlawscopeError) as info:
         parse_device(spec)
     assert f"{spec!r} is not a device; use cpu, gpu (all visible GPUs), gpu:N" in str(info.value)
+
+
+def test_prediction_runs_on_the_first_of_several_gpus_and_says_so(monkeypatch, caplog) -> None:
+    import logging
+
+    from flawscope.device import one_device
+
+    fake_gpus(monkeypatch, 2)
+    caplog.set_level(logging.WARNING, logger="flawscope")
+    assert one_device("gpu:1,0") == torch.device("cuda", 1)
+    assert "names 2 GPUs; only training uses several, this runs on the first (cuda:1)" in caplog.text
+    caplog.clear()
+    assert one_device("gpu:0") == torch.device("cuda", 0) and not caplog.text

@@ -408,3 +408,15 @@ def test_binned_scores_of_minus_zero_tie_with_zero_and_kept_images_are_copies():
     empty = PixelScores.of(masks, maps, 0)
     empty.add(np.zeros((0, 5), bool), np.zeros((0, 5), np.float32))
     assert pixel_auroc(empty) == pytest.approx(pixel_auroc(PixelScores.of(masks, maps, 0)))
+
+
+def test_best_f1_thresholds_keep_small_raw_scores_exact():
+    """A model of small raw scores: rounding the threshold to 6 decimals made it 0, flagging all."""
+    outcomes, group, _ = _random_outcomes(1)
+    for o in outcomes:
+        o.raw_score *= 1e-8
+    result = summarize(outcomes, group)
+    labels, scores = [o.sample.label for o in outcomes], [o.raw_score for o in outcomes]
+    threshold = result["best_f1_thresholds"]["image"]
+    assert threshold == best_f1(labels, scores)[1] > 0
+    assert f1_at(labels, scores, threshold) == pytest.approx(result["image_best_f1"], abs=1e-6)

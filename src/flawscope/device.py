@@ -10,6 +10,7 @@ import sys
 import torch
 
 from flawscope.errors import FlawscopeError
+from flawscope.logs import log
 
 _SPEC = re.compile(r"(?P<cpu>cpu)|(?:gpu|cuda)(?::(?P<ids>\d+(?:,\d+)*))?")
 _ACCEPTED_FORMS = "cpu, gpu (all visible GPUs), gpu:N, gpu:N,M,... (cuda works as gpu)"
@@ -51,6 +52,16 @@ def parse_device(spec: str, key: str = "Global.device") -> list[torch.device]:
                 f"{key}: {spec!r} asked for GPU {i} but {count} CUDA device(s) are visible"
             )
     return [torch.device("cuda", i) for i in ids]
+
+
+def one_device(spec: str, key: str = "Global.device") -> torch.device:
+    """The device that prediction and evaluation run on: the first of several GPUs, said so
+    (only training spreads over several)."""
+    devices = parse_device(spec, key)
+    if len(devices) > 1:
+        log.warning("%s: %s names %d GPUs; only training uses several, this runs on the first (%s)",
+                    key, spec, len(devices), devices[0])
+    return devices[0]
 
 
 def peak_rss_mb() -> float:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
-from flawscope.device import check_device_spec, parse_device
+from flawscope.device import check_device_spec, one_device, parse_device
 from flawscope.errors import FlawscopeError, check_output_dir
 from flawscope.inference.result import AnomalyResult, fit_name
 from flawscope.logs import log
@@ -82,7 +82,7 @@ def evaluate(cfg: dict) -> dict:
     from flawscope.evaluation.evaluate import evaluate_model
     from flawscope.inference.predictor import Predictor
 
-    device = parse_device(cfg["Global"]["device"])[0]
+    device = one_device(cfg["Global"]["device"])
     model_dir = inference_dir(cfg, "Evaluate.weight_path")
     if model_dir is None:
         raise FlawscopeError("Evaluate.weight_path: no model given and none trained under "
@@ -106,7 +106,7 @@ def predict(cfg: dict) -> dict:
     if model_dir is None:
         log.warning("no Predict.model_dir and no trained model in %s/best_model/inference: predicting with the "
                     "bundled default model (STFPM, hazelnuts only)", cfg["Global"]["output"])
-    predictor = Predictor.from_dir(model_dir, parse_device(cfg["Global"]["device"])[0], p["backend"],
+    predictor = Predictor.from_dir(model_dir, one_device(cfg["Global"]["device"]), p["backend"],
                                    batch_size=p["batch_size"])
     return save_results(predictor.predict(p["input"]), Path(cfg["Global"]["output"]))
 

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from flawscope.config import BACKENDS, MODELS, Key, check_section, load_yaml, yaml_problem
-from flawscope.device import check_device_spec, parse_device
+from flawscope.device import check_device_spec, one_device
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.predictor import Predictor
 from flawscope.inference.result import THRESHOLD, AnomalyResult
@@ -143,7 +143,7 @@ class AnomalyDetectionPipeline:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
         sub = config["SubModules"]["AnomalyDetection"]
-        device = parse_device(sub["device"], f"{_SETTINGS_PREFIX}device")[0]
+        device = one_device(sub["device"], f"{_SETTINGS_PREFIX}device")
         self.predictor = Predictor.from_dir(sub["model_dir"], device, sub["backend"], batch_size=sub["batch_size"],
                                             min_region_area=sub["min_region_area"], threshold=sub["threshold"],
                                             outline_ok_images=sub["outline_ok_images"])

@@ -178,8 +178,9 @@ def summarize(outcomes: Sequence[Outcome], pixels: PixelGroup, fpr_limit: float 
         "num_defect": int((labels == 1).sum()),
         "num_with_masks": sum(o.mask_pixels is not None for o in outcomes),
         "confusion": confusion,
-        "best_f1_thresholds": {"image": _round(image_best()[1]) if image_best() else None,
-                               "pixel": _round(pixel_best()[1]) if pixel_best() else None},
+        # raw scores, unrounded: a small model's scores may lie closer together than 1e-6
+        "best_f1_thresholds": {"image": image_best()[1] if image_best() else None,
+                               "pixel": pixel_best()[1] if pixel_best() else None},
     }
     return out
 
