@@ -85,11 +85,15 @@ class Collected:
     outcomes: list[Outcome]
     good: PixelGroup
     defects: dict[str, PixelGroup]  # by defect type
+    _sums: dict[str | None, PixelGroup] = field(default_factory=dict, repr=False)
 
     def pixels(self, defect_type: str | None = None) -> PixelGroup:
-        """The good images' pixels with every defect type's, or with one type's."""
-        chosen = self.defects.values() if defect_type is None else [self.defects.get(defect_type, PixelGroup())]
-        return sum(chosen, self.good)
+        """The good images' pixels with every defect type's, or with one type's (summed once:
+        the metrics and the report's plots ask for the same)."""
+        if defect_type not in self._sums:
+            chosen = self.defects.values() if defect_type is None else [self.defects.get(defect_type, PixelGroup())]
+            self._sums[defect_type] = sum(chosen, self.good)
+        return self._sums[defect_type]
 
 
 def _read(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
