@@ -409,3 +409,12 @@ def test_an_unreadable_list_is_one_problem(tmp_path):
     (root / "val.txt").write_bytes("é.png\n".encode("latin-1"))
     problems = [p for p in _run(root, tmp_path / "out")["problems"] if p["file"].endswith("val.txt")]
     assert len(problems) == 1 and "empty split" not in problems[0]["problem"]
+
+
+def test_defect_images_without_masks_are_a_warning(tmp_path):
+    root = _mvtec(tmp_path / "data")
+    (root / "ground_truth" / "scratch" / "002_mask.png").unlink()
+    result = _run(root, tmp_path / "out")
+    assert result["check_pass"] and result["attributes"]["images_without_masks"] == [str(root / "test/scratch/002.png")]
+    warning, = [w for w in result["warnings"] if "have no mask" in w["problem"]]
+    assert warning["file"] == str(root / "test/scratch/002.png") and warning["problem"].startswith("1 defect image(s)")

@@ -153,11 +153,13 @@ class AnomalyDetectionPipeline:
         self.recursive, self.on_error = sub["recursive"], sub["on_error"]
         self.json_arrays, self.save_extra = sub["json_arrays"], sub["save_extra"]
 
-    def predict(self, input: Any, **kwargs: Any) -> Iterator[AnomalyResult]:  # noqa: A002 - PaddleX's name
-        """Results in input order; ``recursive``/``on_error`` default to the config's."""
-        kwargs.setdefault("recursive", self.recursive)
-        kwargs.setdefault("on_error", self.on_error)
-        for result in self.predictor.predict(input, **kwargs):
+    def predict(self, input: Any, recursive: bool | None = None,  # noqa: A002 - PaddleX's name
+                on_error: str | None = None) -> Iterator[AnomalyResult]:
+        """Results in input order; ``recursive``/``on_error`` default to the config's (its other
+        settings, such as batch_size, are set with create_pipeline)."""
+        recursive = self.recursive if recursive is None else recursive
+        on_error = self.on_error if on_error is None else on_error
+        for result in self.predictor.predict(input, recursive=recursive, on_error=on_error):
             result.json_arrays, result.save_extra = self.json_arrays, self.save_extra
             yield result
 

@@ -145,6 +145,10 @@ def check_dataset(
                 _overlay(image, mask).save(demo_dir / name, quality=90)
                 sample_paths[split].append(f"{CHECK_DIR}/demo_img/{name}")
     duplicates = _duplicates(found)
+    if found.without_masks:  # allowed, but a user who meant to give every mask should hear of it
+        count = len(found.without_masks)
+        found.warning(Path(found.without_masks[0]), f"{count} defect image(s) have no mask (this one, "
+                      "and the others in images_without_masks): evaluation leaves them out of the pixel metrics")
     images = {item.image for items in splits.values() for item in items}
     orphans = _masks_without_images(root, layout, found.used_masks, images)
     histogram = Path(output) / CHECK_DIR / "histogram.png"

@@ -224,7 +224,7 @@ def write_report(directory: Path, result: dict, collected: Collected, predictor:
         f"Fitted on {t['source']} ({details.get('num_good', details.get('num_images', '?'))} good images"
         f"{', ' + str(details['num_defect']) + ' defective' if details.get('num_defect') else ''}). "
         "Scores are normalised so that 0.5 is the threshold; the model "
-        "directory stores both, so predict, export and serving decide the same way."
+        "directory stores both, so predict, evaluate and the exported models decide the same way."
         + (f" A new good part exceeds the image threshold with probability at most "
            f"{_pct(details['image_fpr_bound'])} (conformal bound from the calibration images)."
            if details.get("image_fpr_bound") is not None else ""), "",
