@@ -152,8 +152,9 @@ def train(cfg: dict, world: World) -> dict:
         if dropped:
             log.warning("%d of the good calibration images are in %s already: not calibrated on", dropped,
                         t["add_normals"])
-        return _train(cfg, _Loaded(dataset, fit_samples, calib_set, images, held_out, joining, resume),
-                      model.to(world.device), info, world, output)
+        loaded = _Loaded(dataset, fit_samples, calib_set, images, held_out, joining, resume)
+        del images  # held by loaded alone, so that the second fit can let them go (_add_calibration_images)
+        return _train(cfg, loaded, model.to(world.device), info, world, output)
 
 
 def _take_base_settings(cfg: dict, info: ModelInfo) -> list[str]:
@@ -240,7 +241,7 @@ class _Loaded:
 def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, world: World, output: Path) -> dict:
     """Fit, calibrate, let the held-out good images join (``data.joining``), evaluate, save."""
     g, t = cfg["Global"], cfg["Train"]
-    dataset, images, held_out, joining = data.dataset, data.images, data.held_out, data.joining
+    dataset, held_out, joining = data.dataset, data.held_out, data.joining
     device = world.device
     predictor = Predictor(model, info, device)
     normalizer = partial(normalize, mean=info.mean, std=info.std)
@@ -248,15 +249,15 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
 
     t0 = time.time()
     if isinstance(model, STFPM):
-        history = _fit_stfpm(cfg, model, images, held_out, world, normalizer, output, evaluate, data.resume)
+        history = _fit_stfpm(cfg, model, data.images, held_out, world, normalizer, output, evaluate, data.resume)
     else:
-        history = _fit_patchcore(cfg, model, images, device, normalizer)
+        history = _fit_patchcore(cfg, model, data.images, device, normalizer)
     if not world.is_main:
         return {}
     info.calibration = calibrate(predictor, data.calib_set, t["image_fpr"], t["pixel_fpr"], t["threshold_method"])
     if joining is not None and len(joining):
         history["provenance"]["calibration_images_added"] = _add_calibration_images(
-            cfg, model, images, joining, held_out, device, normalizer, history)
+            cfg, model, data, device, normalizer, history)
     info.provenance = {"dataset": str(dataset.root), "layout": dataset.layout, "train_images": len(data.fit_samples),
                        "batch_size": t["batch_size"], "seed": g["seed"], **history["provenance"]}
     final_eval = history.pop("final_eval", None)
@@ -351,28 +352,33 @@ def _bank_mb(model: PatchCore) -> float:
     return round(model.memory_bank.numel() * 2 / 2**20, 1)  # saved as float16
 
 
-def _add_calibration_images(cfg: dict, model: torch.nn.Module, fitted: torch.Tensor, joining: torch.Tensor,
-                            held_out: torch.Tensor | None, device: torch.device, normalizer: Callable,
-                            history: dict) -> int:
+def _add_calibration_images(cfg: dict, model: torch.nn.Module, data: _Loaded, device: torch.device,
+                            normalizer: Callable, history: dict) -> int:
     """``Train.add_calibration_images``: once the thresholds are set, the banks are fitted again
     on every training image, the ``joining`` ones held out for calibration included: PatchCore's
     memory and image banks (a model grown with ``Train.add_normals`` takes them as more normals),
     STFPM's image bank (its student is not trained again, and its score stays measured against the
-    ``held_out`` images it never saw). The thresholds stay as calibrated. Returns how many joined."""
+    ``held_out`` images it never saw). The thresholds stay as calibrated. Returns how many joined.
+    ``data.images`` becomes every image, the earlier tensor let go before the second fit, as are
+    the first fit's search indexes: the second fit's peak is the highest of the train mode."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
+    joining = data.joining
+    model._indexes = {}  # rebuilt on the next search
     if isinstance(model, PatchCore) and t["add_normals"]:
         stats = add_normals(model, joining, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"],
                             image_bank_size=m["image_bank_size"])
         joined = stats["new_images"]
     elif isinstance(model, PatchCore):
         calibrated_without_bank = model.global_score and not len(model.image_bank)
-        stats = fit_patchcore(model, torch.cat([fitted, joining]), normalizer, device, m["coreset_ratio"], g["seed"],
+        data.images = torch.cat([data.images, joining])
+        stats = fit_patchcore(model, data.images, normalizer, device, m["coreset_ratio"], g["seed"],
                               t["batch_size"], m["projection_dim"], image_bank_size=m["image_bank_size"])
         if calibrated_without_bank:  # too few images for one then: a bank now would score on another scale
             model.set_image_bank(model.image_bank[:0], model.reference_scores[:0])
         joined = len(joining)
     elif model.global_score and len(model.image_bank):
-        fit_image_bank(model, torch.cat([fitted, joining]), held_out, device, normalizer, size=m["image_bank_size"],
+        data.images = torch.cat([data.images, joining])
+        fit_image_bank(model, data.images, data.held_out, device, normalizer, size=m["image_bank_size"],
                        seed=g["seed"])
         joined, stats = len(joining), None
     else:
