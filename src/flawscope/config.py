@@ -456,9 +456,10 @@ def _convert(kind: Any, value: Any) -> Any:
     """The value as ``kind``, or None when it is not one (bools are never numbers)."""
     if isinstance(value, bool):
         return value if kind is bool else None
-    if kind is float and isinstance(value, numbers.Real | str):  # numpy's scalars; YAML 1.1 reads 1e-4 as text
-        number = float(value) if not isinstance(value, str) or _SCIENTIFIC.fullmatch(value.strip()) else None
-        return number if number is not None and math.isfinite(number) else None
+    if kind is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads 1e-4 as text
+    if kind is float and isinstance(value, numbers.Real):  # numpy's scalars too
+        return float(value) if math.isfinite(value) else None
     if kind == list[int]:
         ints = isinstance(value, list) and all(type(x) is int for x in value)
         return list(value) if ints else None

@@ -98,7 +98,7 @@ class ImageBankScore:
         with Lite0 at 4x4), and saved as float16 it loses nothing.
         """
         device = self.score_reference.device
-        self._indexes = {}
+        self.drop_indexes()
         descriptors = descriptors.to(device, torch.float16).float()
         reference_scores = reference_scores.to(device).float()
         keep = torch.arange(len(descriptors), device=device) if keep is None else keep.to(device)
@@ -134,7 +134,7 @@ class ImageBankScore:
 
     def _size_on_load(self, state_dict: dict, prefix: str, names: tuple[str, ...]) -> None:
         """Banks are sized by fitting: take the saved tensors' shapes before loading them."""
-        self._indexes = {}
+        self.drop_indexes()
         for name in names:
             saved = state_dict.get(prefix + name)
             if saved is not None:
@@ -174,8 +174,12 @@ class ImageBankScore:
 
     def _apply(self, fn, *args, **kwargs):
         """``to()``, ``cuda()``, ``half()``... replace the banks: the indexes must be rebuilt."""
-        self._indexes = {}
+        self.drop_indexes()
         return super()._apply(fn, *args, **kwargs)
+
+    def drop_indexes(self) -> None:
+        """Let the search indexes go (packed copies of the banks); the next search rebuilds them."""
+        self._indexes = {}
 
     def descriptor_distances(self, descriptor: torch.Tensor) -> torch.Tensor:
         """BxK: each image descriptor's distance to the nearest training image's (K = 2 per global

@@ -118,7 +118,7 @@ class PatchCore(ImageBankScore, nn.Module):
         """Install a fitted bank, rounded to float16 values so that saving it as float16 loses nothing."""
         self._check_memory_bank(bank)
         device = self.coverage_radius.device
-        self._indexes = {}
+        self.drop_indexes()
         self.memory_bank = bank.to(device, torch.float16).float()
         self.projection = projection.to(device, torch.float32)
         self.coverage_radius = torch.tensor(float(coverage_radius), device=device)

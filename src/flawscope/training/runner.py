@@ -86,11 +86,11 @@ def train(cfg: dict, world: World) -> dict:
     dataset = load_dataset(g["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
     defects = [s for s in dataset.train if s.label]
     as_defect = {os.path.abspath(s.image): s for s in dataset.val if s.label}
-    listed_twice = [s for s in dataset.train if os.path.abspath(s.image) in as_defect]
-    if listed_twice:
-        raise FlawscopeError(f"{listed_twice[0].image}: a defect image in the training split: listed as good in "
-                             f"train and as a defect in val (its mask {as_defect[os.path.abspath(listed_twice[0].image)].mask}); "
-                             "anomaly detection trains on good images only")
+    for sample in dataset.train:
+        if (defect := as_defect.get(os.path.abspath(sample.image))) is not None:
+            raise FlawscopeError(f"{sample.image}: a defect image in the training split: listed as good in train and "
+                                 f"as a defect in val (its mask {defect.mask}); anomaly detection trains on good "
+                                 "images only")
     if defects:
         more = f" (and {len(defects) - 1} more)" if len(defects) > 1 else ""
         raise FlawscopeError(f"{defects[0].image}: a defect image in the training split{more}: its mask "
@@ -363,7 +363,7 @@ def _add_calibration_images(cfg: dict, model: torch.nn.Module, data: _Loaded, de
     the first fit's search indexes: the second fit's peak is the highest of the train mode."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     joining = data.joining
-    model._indexes = {}  # rebuilt on the next search
+    model.drop_indexes()
     if isinstance(model, PatchCore) and t["add_normals"]:
         stats = add_normals(model, joining, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"],
                             image_bank_size=m["image_bank_size"])
