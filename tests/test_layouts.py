@@ -186,6 +186,23 @@ def test_mvtec_test_good_in_another_case_is_good(tmp_path):
     assert [(s.image.name, s.label) for s in ds.val] == [("1.png", 0), ("2.png", 1)]
 
 
+def test_mvtec_train_good_in_another_case_is_read_and_passes_the_check(tmp_path):
+    """train/Good/ (a copy made on Windows or macOS) holds the training images, as test/Good/ is
+    read: it was no MVTec dataset at all on a case-sensitive disk, and the check called its
+    images defects under train/."""
+    from flawscope.data.check import check_dataset
+
+    _image(tmp_path / "train" / "Good" / "0.png")
+    _image(tmp_path / "train" / "Good" / "1.png")
+    _image(tmp_path / "test" / "good" / "2.png")
+    _image(tmp_path / "test" / "crack" / "3.png", defect=True)
+    _image(tmp_path / "ground_truth" / "crack" / "3_mask.png", defect=True)
+    ds = load_dataset(tmp_path)
+    assert ds.layout == "MVTec" and [s.image.name for s in ds.train] == ["0.png", "1.png"]
+    report = check_dataset(tmp_path, tmp_path / "check")
+    assert report["check_pass"], report
+
+
 def test_a_list_with_backslashes_says_so(tmp_path):
     _image(tmp_path / "img" / "0.png")
     (tmp_path / "train.txt").write_text("img\\0.png\n")

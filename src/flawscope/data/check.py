@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from flawscope.data.convert import convert_dataset
 from flawscope.data.io import is_image_file, read_image, read_mask
-from flawscope.data.layouts import DEFECT, GOOD, detect_layout, load_dataset, mask_dirs, read_lines
+from flawscope.data.layouts import (DEFECT, GOOD, detect_layout, load_dataset, mask_dirs, mvtec_train_dir,
+                                    read_lines)
 from flawscope.data.split import split_dataset
 from flawscope.errors import FlawscopeError
 
@@ -207,7 +208,7 @@ def _list_items(root: Path, layout: str, found: _Findings) -> dict[str, list[_It
         for split, samples in (("train", dataset.train), ("val", dataset.val))
     }
     if not splits["train"]:
-        train_dir = root / "train" / GOOD if layout == "MVTec" else root
+        train_dir = mvtec_train_dir(root) if layout == "MVTec" else root
         found.problem(train_dir, "empty split: no training images")
     if layout == "MVTec":
         _check_mvtec_dirs(root, splits, found)
@@ -222,7 +223,7 @@ def _check_mvtec_dirs(root: Path, splits: dict[str, list[_Item]], found: _Findin
     """MVTec trains on train/good/ only, so defect folders under train/ would be ignored."""
     train = root / "train"
     for directory in sorted(train.iterdir()) if train.is_dir() else []:
-        if directory.is_dir() and directory.name != GOOD:
+        if directory.is_dir() and directory != mvtec_train_dir(root):
             for path in sorted(p for p in directory.iterdir() if is_image_file(p)):
                 found.problem(
                     path, f"defect image in the training split ({directory.name}/ under train/)"

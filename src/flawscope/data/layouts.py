@@ -127,9 +127,15 @@ def _read_list(root: Path, list_file: Path) -> list[Sample]:
     return samples
 
 
+def mvtec_train_dir(root: Path) -> Path:
+    """An MVTec dataset's folder of training images: train/good/, any case (``train/Good/``, as
+    test/Good/ is read)."""
+    return _first(root / "train", (GOOD,)) or root / "train" / GOOD
+
+
 def _load_mvtec(root: Path) -> Splits:
     """Test images are the val split; test/good/ has no masks."""
-    train = [Sample(p, None, 0, GOOD) for p in _images(root / "train" / GOOD)]
+    train = [Sample(p, None, 0, GOOD) for p in _images(mvtec_train_dir(root))]
     val = []
     for directory in _subdirs(root / "test"):
         if directory.name.lower() == GOOD:  # test/Good too, as the Folder layout reads good/
@@ -164,7 +170,7 @@ def _is_segdataset(root: Path) -> bool:
 def _is_mvtec(root: Path) -> bool:
     """train/good/, or test/ with ground_truth/: a labelled set without training images, such as
     a Train.calibration_dir of defects (training still needs train/good/)."""
-    return (root / "train" / GOOD).is_dir() or (root / "test").is_dir() and (root / "ground_truth").is_dir()
+    return mvtec_train_dir(root).is_dir() or (root / "test").is_dir() and (root / "ground_truth").is_dir()
 
 
 def _is_folder(root: Path) -> bool:
