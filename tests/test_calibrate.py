@@ -179,6 +179,20 @@ def test_train_with_calibration_dir_and_f1(tmp_path):
     assert "calibration_dir" in json.loads((out / "train_result.json").read_text())["calibration"]["source"]
 
 
+def test_f1_with_defect_masks_that_mark_nothing_fails_before_training(tmp_path, capsys):
+    """Found after the whole training run before (an F1 pixel threshold needs defect pixels)."""
+    data, out = make_mvtec(tmp_path / "data"), tmp_path / "out"
+    cal_dir = make_mvtec(tmp_path / "cal", n_train=2, seed=5)
+    for mask in (cal_dir / "ground_truth" / "scratch").iterdir():
+        Image.fromarray(np.zeros((8, 8), np.uint8)).resize(Image.open(mask).size).save(mask)
+    args = ["Global.mode=train", *tiny_overrides(data, out), "Train.threshold_method=f1", f"Train.calibration_dir={cal_dir}"]
+    assert main(["-c", "STFPM", *[a for o in args for a in ("-o", o)]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == (f"error: Train.calibration_dir: {cal_dir}: the defect masks mark no pixel; "
+                                        "cannot fit an F1-optimal pixel threshold (use Train.threshold_method=fpr)")
+    assert not out.exists()
+
+
 def test_f1_without_labelled_defects_fails_before_training(tmp_path, capsys):
     data, out = make_mvtec(tmp_path / "data"), tmp_path / "out"
     args = ["Global.mode=train", *tiny_overrides(data, out), "Train.threshold_method=f1"]
@@ -196,8 +210,9 @@ def test_config_keys():
 
 
 def test_at_least_two_images_are_held_out_where_that_leaves_one_to_train_on(tmp_path):
+    """Never one: a single good score sets no scale (its normalised scores were all 0 or 1)."""
     samples = [Sample(tmp_path / f"{i}.png", None, 0, "good") for i in range(12)]
-    assert [len(split_calibration(samples[:n], 0.1, 0)[1]) for n in (1, 2, 3, 12)] == [0, 1, 2, 2]
+    assert [len(split_calibration(samples[:n], 0.1, 0)[1]) for n in (1, 2, 3, 12)] == [0, 0, 2, 2]
     assert len(split_calibration(samples * 3, 0.1, 0)[1]) == 4  # 10% of 36
     assert split_calibration(samples, 0.0, 0) == (samples, [])
 

@@ -14,6 +14,7 @@ import torch
 import yaml
 from PIL import Image
 import safetensors.numpy
+import safetensors.torch
 from safetensors.torch import load_file
 
 from conftest import make_mvtec, tiny_overrides
@@ -327,6 +328,7 @@ def test_an_image_that_is_no_image_fails_before_training(tmp_path, capsys, bad) 
     (["Train.batch_size=2"], "was trained with batch_size 4, this run has 2"),
     ("truncate", "checkpoint.safetensors: not a readable safetensors file"),
     ("json", "checkpoint.json: damaged checkpoint description"),
+    (["Model.strides=[8,16]", "Model.global_strides=[16]"], "does not fit this model (90 weights differ in name or shape, first _blocks.11"),
 ])
 def test_a_checkpoint_that_cannot_be_resumed_fails_before_anything_is_written(trained, tmp_path, capsys, case,
                                                                             fragment) -> None:
@@ -524,6 +526,11 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
     after = json.loads((grown / "train_result.json").read_text())["fit"]
     assert after["bank_size"] > before and after["added"] == after["bank_size"] - before
     assert after["repeated_images"] == 0
+    first_info, grown_info = (yaml.safe_load((d / "best_model/inference/inference.yml").read_text())
+                              for d in (first, grown))
+    assert grown_info["provenance"]["dataset"] == str(more)  # the new batch, and what the bank held before it
+    assert grown_info["provenance"]["grown_from"] == {"model_dir": str((first / "best_model/inference").resolve()),
+                                                      **first_info["provenance"]}
 
     again = tmp_path / "pc3"  # the first model's own training images: nothing to add
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={again}", *small,
@@ -707,6 +714,38 @@ def test_stfpm_trains_an_image_bank_and_scores_with_it(trained, tmp_path, capsys
     assert _cli("Global.mode=train", *tiny_overrides(dataset, bad), "Model.strides=[16, 32]", "Model.global_strides=[8, 32]") == 2
     err = capsys.readouterr().err
     assert "global_strides [8, 32] must be among the strides [16, 32]" in err and not bad.exists()
+
+
+def test_a_model_saved_before_the_spread_descriptor_grows_without_calibrating_on_its_images(trained, tmp_path) -> None:
+    """Its image bank holds the stride-32 mean alone: the held-out images are checked against that
+    part of their descriptors (a shape error before)."""
+    dataset = trained[0]
+    small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25"]
+    first = tmp_path / "first"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={first}", *small,
+                      "Model.global_strides=[32]") == 0
+    weights = first / "best_model/inference/model.safetensors"
+    state = load_file(str(weights))
+    mean_width = state["image_bank"].shape[1] // 2
+    state["image_bank"] = state["image_bank"][:, :mean_width].contiguous()
+    state["score_reference"] = state["score_reference"][:4].contiguous()
+    safetensors.torch.save_file(state, str(weights))
+    grown_data = tmp_path / "grown_data"  # its 8 images and 4 new ones
+    shutil.copytree(dataset, grown_data)
+    for image in (make_mvtec(tmp_path / "more", n_train=4, seed=3) / "train/good").iterdir():
+        shutil.copy(image, grown_data / "train/good" / f"new_{image.name}")
+    grown = tmp_path / "grown"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={grown_data}", f"Global.output={grown}", *small,
+                      f"Train.add_normals={first / 'best_model/inference'}", "Global.seed=7") == 0
+    assert "of the good calibration images are in" in (grown / "train.log").read_text()
+    assert load_file(str(grown / "best_model/inference/model.safetensors"))["image_bank"].shape == (12, mean_width)
+
+
+def test_select_best_without_an_evaluation_split_says_it_keeps_the_last_student(tmp_path) -> None:
+    dataset = make_mvtec(tmp_path / "data") / "train" / "good"  # a folder of good images: nothing to evaluate
+    out = tmp_path / "out"
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=2), "Train.select_best=true") == 0
+    assert "Train.select_best: the dataset has no evaluation split to select on" in (out / "train.log").read_text()
 
 
 def test_add_normals_refuses_an_stfpm_model(trained, tmp_path, capsys) -> None:

@@ -72,10 +72,10 @@ class CalibrationSet:
 
 
 def split_calibration(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out ``fraction`` of the good training images: at least two where that leaves one to
-    train on, as one good score sets no scale (the normalised scores of a model calibrated on one
-    image were all 0 or 1)."""
-    if fraction <= 0 or len(samples) < 2:
+    """Hold out ``fraction`` of the good training images: at least two, and one left to train on.
+    One good score sets no scale (the normalised scores of a model calibrated on one image were
+    all 0 or 1), so of two images none is held out: the training images calibrate, with a warning."""
+    if fraction <= 0 or len(samples) <= MIN_CALIBRATION_IMAGES:
         return list(samples), []
     count = min(max(MIN_CALIBRATION_IMAGES, round(len(samples) * fraction)), len(samples) - 1)
     order = np.random.default_rng(seed).permutation(len(samples))
@@ -95,6 +95,9 @@ def calibration_set(train_cfg: dict, dataset: Dataset, held_out: list[Sample],
         good += extra_good
         defects = labelled if f1 else []  # the FPR method uses good images only
         sources.append(f"Train.calibration_dir {directory}")
+    if f1 and defects and not any(read_mask(s.mask).any() for s in defects):
+        raise FlawscopeError(f"Train.calibration_dir: {directory}: the defect masks mark no pixel; cannot fit an "
+                             "F1-optimal pixel threshold (use Train.threshold_method=fpr)")
     if f1 and not defects:
         raise FlawscopeError(
             "Train.threshold_method=f1: needs defective images with masks that are not the evaluation "
@@ -156,6 +159,9 @@ def calibrate(predictor: Predictor, cal_set: CalibrationSet, image_fpr: float, p
     """Fit the image and pixel thresholds (see the module docstring) on ``cal_set``."""
     if cal_set.source == "training images":
         log.warning("no good images held out: thresholds fitted on training images will flag too many parts")
+    elif len(cal_set.good) < MIN_CALIBRATION_IMAGES:
+        log.warning("%d good calibration image sets no scale: normalised scores will be about 0 or 1; "
+                    "give more good images in Train.calibration_dir", len(cal_set.good))
     good = _maps(predictor, cal_set.good, batch_size)
     scores = np.array([score for _, score in good])
     rng = np.random.default_rng(0)

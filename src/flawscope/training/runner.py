@@ -44,7 +44,8 @@ from flawscope.models.stfpm import STFPM
 from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, split_calibration
 from flawscope.training.distributed import World
 from flawscope.training.patchcore_fit import add_normals, fit_patchcore, repeated_images
-from flawscope.training.stfpm_trainer import Checkpoint, STFPMTrainConfig, fit_image_bank, fit_stfpm, read_checkpoint
+from flawscope.training.stfpm_trainer import (Checkpoint, STFPMTrainConfig, check_fits, fit_image_bank, fit_stfpm,
+                                             read_checkpoint)
 
 
 def load_training_images(samples: list[Sample], resizer: Resizer) -> torch.Tensor:
@@ -110,6 +111,8 @@ def train(cfg: dict, world: World) -> dict:
     torch.manual_seed(g["seed"])  # the student's initial weights
     np.random.seed(g["seed"] % 2**32)
     model, info = base or _new_model(cfg)  # reads the backbone's weights before anything is written
+    if resume is not None:
+        check_fits(resume, model)
     log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
              dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
     images = load_training_images(fit_samples, resizer)  # reads every image before anything is written
@@ -194,7 +197,8 @@ def _new_to(model: PatchCore, samples: list[Sample], images: torch.Tensor,
         return samples, images
     descriptors = torch.cat([model.features(normalize(images[i:i + 8], info.mean, info.std))[1]
                              for i in range(0, len(images), 8)])
-    held = repeated_images(descriptors, model.image_bank).cpu()
+    width = model.image_bank.shape[1]  # a model saved before the spread descriptor keeps the mean only
+    held = repeated_images(descriptors[:, :width], model.image_bank).cpu()
     return [s for s, h in zip(samples, held) if not h], images[~held]
 
 
@@ -258,8 +262,10 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
     if joining is not None and len(joining):
         history["provenance"]["calibration_images_added"] = _add_calibration_images(
             cfg, model, data, device, normalizer, history)
+    grown_from = {"grown_from": {"model_dir": str(Path(t["add_normals"]).resolve()), **info.provenance}} \
+        if t.get("add_normals") else {}  # the base model's own record: which images the bank held first
     info.provenance = {"dataset": str(dataset.root), "layout": dataset.layout, "train_images": len(data.fit_samples),
-                       "batch_size": t["batch_size"], "seed": g["seed"], **history["provenance"]}
+                       "batch_size": t["batch_size"], "seed": g["seed"], **history["provenance"], **grown_from}
     final_eval = history.pop("final_eval", None)
     if evaluate is not None and final_eval is not None:
         metrics = evaluate(model)
@@ -307,6 +313,9 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
     if resume is not None and resume.meta.get("epochs_iters", t["epochs_iters"]) != t["epochs_iters"]:
         log.warning("Train.resume_path: %s was trained towards %d iterations, this run %d: the learning-rate "
                     "schedule changes from here on", resume.path, resume.meta["epochs_iters"], t["epochs_iters"])
+    if t["select_best"] and evaluate is None:
+        log.warning("Train.select_best: the dataset has no evaluation split to select on; the last iteration's "
+                    "student is kept")
     history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate, resume, world, settings)
     if model.global_score and world.is_main:
         fit_image_bank(model, images, held_out, world.device, normalizer, size=m["image_bank_size"], seed=g["seed"])

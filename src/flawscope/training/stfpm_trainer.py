@@ -135,12 +135,22 @@ def read_checkpoint(path: str | Path, settings: dict) -> Checkpoint:
     return Checkpoint(path, iteration, tensors, meta)
 
 
+def check_fits(checkpoint: Checkpoint, model: STFPM) -> None:
+    """Refuse a checkpoint whose student is not this model's (other strides or backbone), before
+    the run writes anything: the same names and shapes of weights."""
+    own = {k: tuple(v.shape) for k, v in model.student.state_dict().items()}
+    saved = {k[6:]: tuple(v.shape) for k, v in checkpoint.tensors.items() if k.startswith("model.")}
+    if own != saved:
+        differ = sorted(k for k in own.keys() | saved.keys() if own.get(k) != saved.get(k))
+        raise FlawscopeError(f"Train.resume_path: {checkpoint.path} does not fit this model ({len(differ)} weights "
+                             f"differ in name or shape, first {differ[0]}); resume with the Model settings it was "
+                             "trained with")
+
+
 def _restore(checkpoint: Checkpoint, model: STFPM, optimizer: torch.optim.Optimizer) -> None:
     tensors = checkpoint.tensors
-    try:
-        model.student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    except RuntimeError as exc:
-        raise FlawscopeError(f"Train.resume_path: {checkpoint.path} does not fit this model ({first_line(exc)})") from None
+    check_fits(checkpoint, model)
+    model.student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     device = next(model.student.parameters()).device
     for i, p in enumerate(model.student.parameters()):
         if f"momentum.{i}" in tensors:
