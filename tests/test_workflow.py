@@ -578,6 +578,15 @@ def test_held_out_images_join_the_banks_once_the_thresholds_are_set(trained, tmp
     assert len(grown_weights["image_bank"]) == len(joined_weights["image_bank"]) + 4
 
 
+def _with_four_new_images(dataset: Path, tmp_path: Path) -> Path:
+    """A copy of ``dataset`` whose train/good/ holds 4 new images (``new_*``) beside its own."""
+    grown_data = tmp_path / "grown_data"
+    shutil.copytree(dataset, grown_data)
+    for image in (make_mvtec(tmp_path / "more", n_train=4, seed=3) / "train/good").iterdir():
+        shutil.copy(image, grown_data / "train/good" / f"new_{image.name}")
+    return grown_data
+
+
 def test_a_grown_model_is_not_calibrated_on_images_it_holds(trained, tmp_path, capsys) -> None:
     """Growing a model (``Train.add_normals``) with a folder that holds its training images too:
     the held-out images it holds already would score like training images and pull the thresholds
@@ -596,10 +605,7 @@ def test_a_grown_model_is_not_calibrated_on_images_it_holds(trained, tmp_path, c
     assert "error: Train.add_normals: the good calibration images are all in" in err
     assert "Traceback" not in err and not again.exists()
 
-    grown_data = tmp_path / "grown_data"  # the 8 images and 4 new ones
-    shutil.copytree(dataset, grown_data)
-    for image in (make_mvtec(tmp_path / "more", n_train=4, seed=3) / "train/good").iterdir():
-        shutil.copy(image, grown_data / "train/good" / f"new_{image.name}")
+    grown_data = _with_four_new_images(dataset, tmp_path)
     old = {p.name for p in (dataset / "train/good").iterdir()}
     held = split_calibration(unique_images(load_dataset(grown_data).train)[0], 0.25, 7)[1]
     held_old = sum(s.image.name in old for s in held)
@@ -716,6 +722,39 @@ def test_stfpm_trains_an_image_bank_and_scores_with_it(trained, tmp_path, capsys
     assert "global_strides [8, 32] must be among the strides [16, 32]" in err and not bad.exists()
 
 
+@pytest.mark.parametrize("bank", ["Model.image_bank_size=3", "Model.global_score=false"])
+def test_a_model_knows_its_images_whatever_its_image_bank_keeps(trained, tmp_path, capsys, bank) -> None:
+    """A capped image bank keeps 3 of the images, and without the image-level score there is none:
+    the model directory's digests of the images it was fitted on still tell them apart. Growing
+    such a model with its own dataset calibrated on images it was fitted on (its image threshold
+    fell from 1.43 to 0.90, or 23 to 0.04) and re-added every patch; now it is refused as with the
+    full bank, and a new batch holding them adds only the new images."""
+    dataset = trained[0]
+    small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25",
+             bank]
+    first = tmp_path / "first"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={first}", *small) == 0
+    base = f"Train.add_normals={first / 'best_model/inference'}"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={tmp_path / 'again'}",
+                      *small, base) == 2
+    assert "error: Train.add_normals: the good calibration images are all in" in capsys.readouterr().err
+    grown_data = _with_four_new_images(dataset, tmp_path)
+    grown = tmp_path / "grown"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={grown_data}", f"Global.output={grown}", *small,
+                      base, "Global.seed=7", "Train.add_calibration_images=false") == 0
+    from flawscope.data.layouts import load_dataset, unique_images
+    from flawscope.training.calibrate import split_calibration
+
+    held = split_calibration(unique_images(load_dataset(grown_data).train)[0], 0.25, 7)[1]
+    new_held = sum(s.image.name.startswith("new_") for s in held)
+    fit = json.loads((grown / "train_result.json").read_text())["fit"]
+    assert (fit["new_images"], fit["repeated_images"]) == (4 - new_held, 8 - (len(held) - new_held))
+    info = yaml.safe_load((grown / "best_model/inference/inference.yml").read_text())
+    assert info["calibration"]["details"]["num_good"] == new_held  # not the held-out images it holds
+    fitted = load_file(str(grown / "best_model/inference/model.safetensors"))["fitted_images"]
+    assert fitted.shape == (8 + 4 - new_held, 8)
+
+
 def test_a_model_saved_before_the_spread_descriptor_grows_without_calibrating_on_its_images(trained, tmp_path) -> None:
     """Its image bank holds the stride-32 mean alone: the held-out images are checked against that
     part of their descriptors (a shape error before)."""
@@ -730,10 +769,7 @@ def test_a_model_saved_before_the_spread_descriptor_grows_without_calibrating_on
     state["image_bank"] = state["image_bank"][:, :mean_width].contiguous()
     state["score_reference"] = state["score_reference"][:4].contiguous()
     safetensors.torch.save_file(state, str(weights))
-    grown_data = tmp_path / "grown_data"  # its 8 images and 4 new ones
-    shutil.copytree(dataset, grown_data)
-    for image in (make_mvtec(tmp_path / "more", n_train=4, seed=3) / "train/good").iterdir():
-        shutil.copy(image, grown_data / "train/good" / f"new_{image.name}")
+    grown_data = _with_four_new_images(dataset, tmp_path)
     grown = tmp_path / "grown"
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={grown_data}", f"Global.output={grown}", *small,
                       f"Train.add_normals={first / 'best_model/inference'}", "Global.seed=7") == 0

@@ -2,7 +2,8 @@
 
     inference.yml        model name and config, input size, resize mode, normalisation,
                          calibrated thresholds and score normalisation, provenance
-    model.safetensors    the weights (no pickle: safe to load from anyone)
+    model.safetensors    the weights (no pickle: safe to load from anyone), and a digest of each
+                         image the model was fitted on (``fitted_images``, not a weight)
 
 ``Global.mode=export`` writes the same ``inference.yml`` beside ``model.onnx`` or ``model.xml``;
 ``inference/backends.py`` runs those.
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -23,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -33,6 +36,7 @@ from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
 
 META_FILE = "inference.yml"
+FITTED_IMAGES = "fitted_images"  # the tensor of image digests in the weights file
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -151,11 +155,15 @@ def staged_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo) -> Path:
-    """Write the directory atomically (``staged_dir``)."""
+def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo,
+                   fitted_images: torch.Tensor | None = None) -> Path:
+    """Write the directory atomically (``staged_dir``), with the ``image_digests`` of the images
+    the model was fitted on when given."""
     path = Path(path)
     with staged_dir(path) as tmp:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if fitted_images is not None:
+            tensors[FITTED_IMAGES] = fitted_images.contiguous()
         write_safetensors(tensors, tmp / WEIGHTS_FILE)
         meta = {"flawscope_version": __version__, **asdict(info)}
         (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
@@ -165,6 +173,27 @@ def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo) -> Path:
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """``safetensors.torch.save_file``, but with the permissions the umask gives (its own are 0600)."""
     path.write_bytes(save(tensors))
+
+
+def image_digests(images: torch.Tensor) -> torch.Tensor:
+    """Nx8 uint8: a 64-bit BLAKE2b digest of each model input (NxSxSx3 uint8). A model directory
+    keeps those of the images it was fitted on, so that ``Train.add_normals`` knows the images it
+    holds whatever its banks keep of them (a capped image bank, or none)."""
+    digests = [list(hashlib.blake2b(image.numpy().tobytes(), digest_size=8).digest()) for image in images.cpu()]
+    return torch.tensor(digests, dtype=torch.uint8).reshape(-1, 8)
+
+
+def read_fitted_images(path: str | Path) -> torch.Tensor:
+    """The ``image_digests`` a model directory keeps (none, 0x8, in one saved before them)."""
+    with safe_open(str(Path(path) / WEIGHTS_FILE), "pt") as weights:
+        return weights.get_tensor(FITTED_IMAGES) if FITTED_IMAGES in weights.keys() else \
+            torch.empty(0, 8, dtype=torch.uint8)
+
+
+def among(digests: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Which rows of ``digests`` are rows of ``known`` (bool, one per row)."""
+    known_set = {bytes(row) for row in known.tolist()}
+    return torch.tensor([bytes(row) in known_set for row in digests.tolist()], dtype=torch.bool)
 
 
 def read_model_info(path: str | Path) -> ModelInfo:
@@ -207,6 +236,7 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu",
     except Exception as exc:  # safetensors raises its own error types
         raise FlawscopeError(f"{weights_path}: not a readable safetensors file, truncated or damaged "
                              f"({first_line(exc)})") from None
+    tensors.pop(FITTED_IMAGES, None)  # a record, not a weight
     try:
         model.load_state_dict(tensors)
     except (RuntimeError, ValueError) as exc:

@@ -231,7 +231,8 @@ def _drop_repeated(image_bank: torch.Tensor, images: torch.Tensor, feats: torch.
 @torch.no_grad()
 def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor],
                 device: torch.device | str = "cpu", coreset_ratio: float = 0.01, seed: int = 0,
-                batch_size: int = 4, max_patches: int = 1 << 20, image_bank_size: int | None = None) -> dict:
+                batch_size: int = 4, max_patches: int = 1 << 20, image_bank_size: int | None = None,
+                known: torch.Tensor | None = None) -> dict:
     """Extend a fitted bank with more normal images without refitting from scratch.
 
     The coreset continues from the existing bank: new patches start at their distance to it, so
@@ -243,21 +244,29 @@ def add_normals(model: PatchCore, images_uint8: torch.Tensor, normalize: Callabl
     training images were added again. With ``image_bank_size``, the image bank keeps at most that
     many of its images and the new ones; the images it dropped before are no longer there to
     measure the reference on, which then runs slightly high (the kept images lie further apart).
+    ``known`` marks the images the caller knows the model holds (by its record of the images it
+    was fitted on, which a capped image bank, or none, cannot tell): left out as well.
     """
     if len(model.memory_bank) == 0:
         raise ValueError("add_normals needs a fitted PatchCore (its memory bank is empty)")
     model.to(device).eval()
+    repeats = int(known.sum()) if known is not None else 0
+    if repeats:
+        images_uint8 = images_uint8[~known.cpu()]
+    old_size = len(model.memory_bank)
+    stats = {"new_images": 0, "repeated_images": repeats, "patches": 0, "added": 0,
+             "bank_size": old_size, "coverage_radius": float(model.coverage_radius)}
+    if len(images_uint8) == 0:
+        return stats
     projection = model.projection.cpu()
     feats, proj, descriptors = extract_patches(model, images_uint8, normalize, device, projection, batch_size,
                                                max_patches, seed)
-    repeats = 0
     if descriptors is not None and len(model.image_bank):
         width = model.image_bank.shape[1]  # a model saved before the spread descriptor keeps the mean only
-        images_uint8, feats, proj, descriptors, repeats = _drop_repeated(model.image_bank, images_uint8, feats, proj,
-                                                                         descriptors[:, :width])
-    old_size = len(model.memory_bank)
-    stats = {"new_images": len(images_uint8), "repeated_images": repeats, "patches": len(feats), "added": 0,
-             "bank_size": old_size, "coverage_radius": float(model.coverage_radius)}
+        images_uint8, feats, proj, descriptors, more = _drop_repeated(model.image_bank, images_uint8, feats, proj,
+                                                                      descriptors[:, :width])
+        repeats += more
+    stats |= {"new_images": len(images_uint8), "repeated_images": repeats, "patches": len(feats)}
     if len(images_uint8) == 0:
         return stats
     proj = proj.to(device)

@@ -33,7 +33,8 @@ from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.evaluation.evaluate import auroc_summary, collect
-from flawscope.inference.model_dir import ModelInfo, load_model_dir, save_model_dir
+from flawscope.inference.model_dir import (ModelInfo, among, image_digests, load_model_dir, read_fitted_images,
+                                           save_model_dir)
 from flawscope.inference.predictor import Predictor
 from flawscope.inference.result import write_atomic
 from flawscope.logs import log, log_to_file
@@ -121,14 +122,15 @@ def train(cfg: dict, world: World) -> dict:
     calib_images = load_training_images(calib_samples if needed else [], resizer)
     held_out_count = len(calib_samples)
     dropped = 0
+    known = read_fitted_images(t["add_normals"]) if base is not None else None  # the images the base model holds
     if base is not None:  # neither the held-out images nor calibration_dir's may be in the model already
-        calib_samples, calib_images = _new_to(model, calib_samples, calib_images, info)
+        calib_samples, calib_images = _new_to(model, calib_samples, calib_images, info, known)
         calib_set = calibration_set(t, dataset, calib_samples, fit_samples)
         dropped = held_out_count - len(calib_samples)
         if calib_set.source != "training images":
             from_dir = calib_set.good[len(calib_samples):]
             calib_set.good[len(calib_samples):] = _new_to(model, from_dir, load_training_images(from_dir, resizer),
-                                                          info)[0]
+                                                          info, known)[0]
             dropped += len(from_dir) - (len(calib_set.good) - len(calib_samples))
         if not calib_set.good or held_out_count and calib_set.source == "training images":
             raise FlawscopeError(f"Train.add_normals: the good calibration images are all in {t['add_normals']} "
@@ -155,7 +157,7 @@ def train(cfg: dict, world: World) -> dict:
         if dropped:
             log.warning("%d of the good calibration images are in %s already: not calibrated on", dropped,
                         t["add_normals"])
-        loaded = _Loaded(dataset, fit_samples, calib_set, images, held_out, joining, resume)
+        loaded = _Loaded(dataset, fit_samples, calib_set, images, held_out, joining, resume, known)
         del images  # held by loaded alone, so that the second fit can let them go (_add_calibration_images)
         return _train(cfg, loaded, model.to(world.device), info, world, output)
 
@@ -188,17 +190,21 @@ def _resume_settings(cfg: dict, train_images: int) -> dict:
 
 
 @torch.no_grad()
-def _new_to(model: PatchCore, samples: list[Sample], images: torch.Tensor,
-            info: ModelInfo) -> tuple[list[Sample], torch.Tensor]:
+def _new_to(model: PatchCore, samples: list[Sample], images: torch.Tensor, info: ModelInfo,
+            known: torch.Tensor) -> tuple[list[Sample], torch.Tensor]:
     """The held-out calibration images that the model grown with ``Train.add_normals`` does not
-    hold already (``repeated_images``: by its image bank, without which all are kept). Images it
-    holds score as low as a training image: calibrating on them would set the thresholds too low."""
-    if not samples or not len(model.image_bank):
+    hold already: neither among the ``known`` digests of the images it was fitted on nor, by its
+    image bank, a repeat of one (``repeated_images``; a model saved before the digests has only
+    that). Images it holds score as low as a training image: calibrating on them would set the
+    thresholds too low."""
+    if not samples:
         return samples, images
-    descriptors = torch.cat([model.features(normalize(images[i:i + 8], info.mean, info.std))[1]
-                             for i in range(0, len(images), 8)])
-    width = model.image_bank.shape[1]  # a model saved before the spread descriptor keeps the mean only
-    held = repeated_images(descriptors[:, :width], model.image_bank).cpu()
+    held = among(image_digests(images), known)
+    if len(model.image_bank):
+        descriptors = torch.cat([model.features(normalize(images[i:i + 8], info.mean, info.std))[1]
+                                 for i in range(0, len(images), 8)])
+        width = model.image_bank.shape[1]  # a model saved before the spread descriptor keeps the mean only
+        held |= repeated_images(descriptors[:, :width], model.image_bank).cpu()
     return [s for s, h in zip(samples, held) if not h], images[~held]
 
 
@@ -240,6 +246,7 @@ class _Loaded:
     held_out: torch.Tensor | None  # STFPM with an image bank: the good images its own score is measured against
     joining: torch.Tensor | None  # Train.add_calibration_images: the held-out images that join the banks
     resume: Checkpoint | None  # Train.resume_path, read
+    known: torch.Tensor | None  # Train.add_normals: the digests of the images the base model holds
 
 
 def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, world: World, output: Path) -> dict:
@@ -255,7 +262,7 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
     if isinstance(model, STFPM):
         history = _fit_stfpm(cfg, model, data.images, held_out, world, normalizer, output, evaluate, data.resume)
     else:
-        history = _fit_patchcore(cfg, model, data.images, device, normalizer)
+        history = _fit_patchcore(cfg, model, data.images, device, normalizer, data.known)
     if not world.is_main:
         return {}
     info.calibration = calibrate(predictor, data.calib_set, t["image_fpr"], t["pixel_fpr"], t["threshold_method"])
@@ -271,7 +278,11 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
         metrics = evaluate(model)
         log.info("eval %s%s", "with the image bank " if final_eval.get("image_bank") else "", json.dumps(metrics))
         history["eval"].append({**final_eval, **metrics})
-    model_dir = save_model_dir(output / "best_model" / "inference", model, info)
+    joined = history["provenance"].get("calibration_images_added", 0)
+    seen = [image_digests(data.images[:len(data.fit_samples)]), *([image_digests(joining)] if joined else []),
+            *([data.known] if data.known is not None else [])]
+    fitted = torch.unique(torch.cat(seen), dim=0)  # what a later Train.add_normals must not take as new
+    model_dir = save_model_dir(output / "best_model" / "inference", model, info, fitted)
     selected = history.get("selected_iteration")
     final = next((e for e in reversed(history["eval"]) if e.get("iteration") == selected), None) if selected else None
     final = final or (history["eval"][-1] if history["eval"] else {})
@@ -327,12 +338,12 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
 
 
 def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: torch.device,
-                   normalizer: Callable) -> dict:
+                   normalizer: Callable, known: torch.Tensor | None) -> dict:
     """One pass over the images fills (or, with ``Train.add_normals``, extends) the memory bank."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     if t["add_normals"]:
         stats = add_normals(model, images, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"],
-                            image_bank_size=m["image_bank_size"])
+                            image_bank_size=m["image_bank_size"], known=among(image_digests(images), known))
         if stats["repeated_images"]:
             log.warning("%d of the %d good images are in the model %s already or repeat another: not added "
                         "again%s", stats["repeated_images"], len(images), t["add_normals"],
