@@ -406,6 +406,9 @@ def test_an_output_folder_that_is_a_file(trained, tmp_path, capsys, under) -> No
     (("input_size: 64", "input_size: 64\nfoo: 1"), "damaged model description: unknown key foo"),
     (("input_size: 64\n", ""), "damaged model description: missing key input_size"),
     (("resize_mode: resize", "resize_mode: crop"), "resize_mode must be one of resize, letterbox"),
+    (("  smooth_sigma: ", "  smooth_sigma: 100 #"),
+     "inference.yml: model_config smooth_sigma 100 blurs over the whole 64-pixel input: it must be at most 15.75"),
+    (("  smooth_sigma: ", "  smooth_sigma: -1 #"), "inference.yml: Model: smooth_sigma must be a number >= 0, not -1"),
     ("truncate", "model.safetensors: not a readable safetensors file, truncated or damaged"),
     ("nan", "STFPM: the model's output is NaN or infinite: its weights are damaged"),
 ])

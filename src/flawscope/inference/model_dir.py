@@ -222,6 +222,10 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu",
     if not weights_path.is_file():
         raise FlawscopeError(f"{path}: not an inference model directory (missing {WEIGHTS_FILE})")
     config = dict(info.model_config)
+    sigma = config.get("smooth_sigma")
+    if isinstance(sigma, (int, float)) and math.ceil(4 * sigma) >= info.input_size:  # as the config refuses it
+        raise FlawscopeError(f"{Path(path) / META_FILE}: model_config smooth_sigma {sigma} blurs over the whole "
+                             f"{info.input_size}-pixel input: it must be at most {(info.input_size - 1) / 4:g}")
     if exact_search and config.get("search") == "approximate":
         config["search"] = "exact"
     try:

@@ -18,6 +18,8 @@ class GaussianBlur(nn.Module):
 
     def __init__(self, sigma: float) -> None:
         super().__init__()
+        if not sigma >= 0:  # NaN too
+            raise ValueError(f"smooth_sigma must be a number >= 0, not {sigma}")
         self.sigma = float(sigma)
         radius = max(int(math.ceil(4 * self.sigma)), 0)
         x = torch.arange(-radius, radius + 1, dtype=torch.float32)
