@@ -501,3 +501,35 @@ def test_an_empty_or_falsy_device_is_refused_not_ignored(device) -> None:
 def test_bad_predict_arguments_are_flawscope_errors(kwargs, fragment) -> None:
     with pytest.raises(FlawscopeError, match=fragment):
         list(create_pipeline().predict(np.zeros((8, 8, 3), np.uint8), **kwargs))
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_on_error_raise_yields_the_results_read_before_the_bad_input(trained, batch_size) -> None:
+    dataset, out = trained
+    good = sorted(str(p) for p in (dataset / "test").rglob("*.png"))[:2]
+    predictor = create_pipeline(model_dir=str(out / "best_model/inference"), batch_size=batch_size)
+    results = []
+    with pytest.raises(FlawscopeError, match="missing.png"):
+        for result in predictor.predict([*good, "missing.png", good[0]], on_error="raise"):
+            results.append(result)
+    assert [r.input_path for r in results] == good
+
+
+def test_a_file_name_that_is_not_utf8_is_predicted_and_saved(tmp_path, capsys) -> None:
+    """A Latin-1 name from an old share or USB stick: its result is saved, and the run succeeds."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Path(os.fsdecode(bytes(folder) + b"/caf\xe9.jpg")).write_bytes((DEMO / "hazelnut_good.jpg").read_bytes())
+    assert main(["--pipeline", "anomaly_detection", "--input", str(folder), "--save_path", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["caf\ufffd_res.json", "caf\ufffd_res.png"]
+    assert "caf\\udce9.jpg\tscore=" in capsys.readouterr().out
+
+
+def test_a_folder_of_folders_in_module_mode_is_told_the_recursive_glob(tmp_path, capsys) -> None:
+    """-c refuses --recursive, so its hint is the recursive glob."""
+    (tmp_path / "in" / "lot1").mkdir(parents=True)
+    (tmp_path / "in" / "lot1" / "a.jpg").write_bytes((DEMO / "hazelnut_good.jpg").read_bytes())
+    assert main(["-c", "STFPM", "-o", "Global.mode=predict", "-o", f"Predict.input={tmp_path / 'in'}",
+                 "-o", f"Global.output={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"-o 'Predict.input={tmp_path / 'in'}/**/*'" in err and "--recursive" not in err

@@ -1,4 +1,5 @@
 import json
+import os
 
 import matplotlib
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from flawscope.engine import save_results
 from flawscope.inference import result as result_module
 from flawscope.errors import FlawscopeError
 from flawscope.inference.result import AnomalyResult, Region, rle_decode, rle_encode
@@ -242,3 +244,39 @@ def test_regions_are_listed_worst_first_in_the_result_and_its_json(tmp_path):
     assert saved["regions"] == expected
     assert result.summary(max_regions=1)["regions"] == [
         {"bbox": b.bbox, "area": 6, "max_score": 0.95}, "... 3 more"]  # a truncated listing leads with the worst
+
+
+def test_a_file_name_that_is_not_utf8_is_saved(tmp_path):
+    """A Latin-1 "café.png" reaches Python as a lone surrogate, which no UTF-8 name can hold."""
+    result = _result(input_path=os.fsdecode(b"/data/caf\xe9.png"))
+    assert result.stem == "caf\ufffd"
+    written = [result.save_to_json(tmp_path), *result.save_to_img(tmp_path, extra=True),
+               result.save_to_json(tmp_path / "x.json"), *result.save_to_img(tmp_path / "x.png")]
+    assert [p.name for p in written] == ["caf\ufffd_res.json", "caf\ufffd_res.png", "caf\ufffd_map.png",
+                                         "caf\ufffd_pred.png", "x.json", "x.png"]
+    assert json.loads(written[0].read_text())["input_path"] == result.input_path
+
+
+@pytest.mark.parametrize("arrays", ["rle", "list", "none", "png"])
+def test_the_json_property_is_what_the_file_holds(tmp_path, arrays):
+    result = _result()
+    result.json_arrays = arrays
+    saved = json.loads(result.save_to_json(tmp_path).read_text())
+    if arrays == "png":  # the arrays are files, named only once written
+        del saved["map"], saved["pred"]
+    assert result.json == saved
+
+
+def test_the_printed_score_never_contradicts_the_decision(tmp_path, capsys):
+    assert _result(score=0.49996).score_text(3) == "0.499" and _result(score=0.5).score_text(3) == "0.500"
+    assert _result(score=0.2864).score_text(3) == "0.286"
+    save_results([_result(score=0.49996, input_path="x.png"), _result(score=0.50001, input_path="y.png")], tmp_path)
+    assert capsys.readouterr().out.splitlines() == ["x.png\tscore=0.499\tis_anomaly=False",
+                                                    "y.png\tscore=0.500\tis_anomaly=True"]
+
+
+def test_a_name_that_is_not_utf8_prints_escaped(tmp_path, capsys):
+    name = os.fsdecode(b"caf\xe9.png")
+    save_results([_result(input_path=name), AnomalyResult.from_error(name, f"{name}: broken")], tmp_path)
+    assert capsys.readouterr().out.splitlines() == ["caf\\udce9.png\tscore=0.730\tis_anomaly=True",
+                                                    "caf\\udce9.png\terror: broken"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from flawscope.device import check_device_spec, one_device, parse_device
 from flawscope.errors import FlawscopeError, check_output_dir
+from flawscope.inference.inputs import RECURSIVE_HINT
 from flawscope.inference.result import AnomalyResult, fit_name
 from flawscope.logs import log
 
@@ -108,7 +109,21 @@ def predict(cfg: dict) -> dict:
                     "bundled default model (STFPM, hazelnuts only)", cfg["Global"]["output"])
     predictor = Predictor.from_dir(model_dir, one_device(cfg["Global"]["device"]), p["backend"],
                                    batch_size=p["batch_size"])
-    return save_results(predictor.predict(p["input"]), Path(cfg["Global"]["output"]))
+    return save_results(_module_hints(predictor.predict(p["input"])), Path(cfg["Global"]["output"]))
+
+
+def _module_hints(results: Iterable[AnomalyResult]) -> Iterator[AnomalyResult]:
+    """-c takes no --recursive: a folder holding only folders is told the recursive glob instead."""
+    for res in results:
+        if res.error and RECURSIVE_HINT in res.error:
+            res.error = res.error.replace(RECURSIVE_HINT, f"-o 'Predict.input={res.input_path}/**/*'")
+        yield res
+
+
+def _printable(text: str) -> str:
+    """``text`` as stdout can always write it: a file name's bytes that are not UTF-8 (kept as
+    lone surrogates) as escapes, not a UnicodeEncodeError after the result was saved."""
+    return text.encode(errors="backslashreplace").decode()
 
 
 def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
@@ -125,7 +140,7 @@ def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
         if res.error:
             counts["errors"] += 1
             counts["error"] = res.error  # the last one's message
-            print(f"{res.input_path}\terror: {res.error.removeprefix(f'{res.input_path}: ')}")  # the path once
+            print(_printable(f"{res.input_path}\terror: {res.error.removeprefix(f'{res.input_path}: ')}"))  # path once
             continue
         name = res.stem
         if name.casefold() in used and res.input_path:
@@ -136,7 +151,8 @@ def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
         res.save_to_json(save_path / f"{name}_res.json")
         res.save_to_img(save_path / f"{name}_res.png")
         counts["anomalous"] += int(res.is_anomaly)
-        print(f"{res.input_path}\tscore={res.score:.3f}\tis_anomaly={res.is_anomaly}")
+        # Rounded as the picture's label is: 0.49996 must not print "0.500" beside is_anomaly=False.
+        print(_printable(f"{res.input_path}\tscore={res.score_text(3)}\tis_anomaly={res.is_anomaly}"))
     return counts
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TypeVar
 
@@ -179,7 +181,8 @@ def read_ahead(load: Callable[[T], R], items: Iterable[T], depth: int) -> Iterat
 
     When the caller stops early, loads not started are cancelled and the one running is not
     waited for: the generator may be finalised by the garbage collector in any thread, the
-    reader's own included, where waiting for it would deadlock.
+    reader's own included, where waiting for it would deadlock. Nor does the process wait for it
+    at exit (a daemon thread, not a ThreadPoolExecutor's): Ctrl-C must not hang on a slow download.
     """
     if depth < 0:
         raise ValueError(f"depth must be >= 0, not {depth}")
@@ -187,7 +190,8 @@ def read_ahead(load: Callable[[T], R], items: Iterable[T], depth: int) -> Iterat
         for item in items:
             yield item, _load_now(load, item)
         return
-    pool = ThreadPoolExecutor(1, thread_name_prefix="flawscope-read")
+    jobs: queue.SimpleQueue[tuple[T, Future[R]] | None] = queue.SimpleQueue()
+    threading.Thread(target=_load_jobs, args=(load, jobs), name="flawscope-read", daemon=True).start()
     ahead: deque[tuple[T, Future[R]]] = deque()
     iterator = iter(items)
     try:
@@ -200,7 +204,8 @@ def read_ahead(load: Callable[[T], R], items: Iterable[T], depth: int) -> Iterat
                 while ahead:
                     yield ahead.popleft()
                 raise
-            ahead.append((item, pool.submit(load, item)))
+            ahead.append((item, Future()))
+            jobs.put(ahead[-1])
             if len(ahead) > depth:
                 yield ahead.popleft()
         while ahead:
@@ -208,7 +213,18 @@ def read_ahead(load: Callable[[T], R], items: Iterable[T], depth: int) -> Iterat
     finally:
         for _, future in ahead:  # never handed out: a caller who stopped early will not ask for them
             future.cancel()
-        pool.shutdown(wait=False)
+        jobs.put(None)  # the reader ends after the load it is in, if any
+
+
+def _load_jobs(load: Callable[[T], R], jobs: queue.SimpleQueue[tuple[T, Future[R]] | None]) -> None:
+    """The reader thread: loads each job not cancelled, until the None that ends them."""
+    while (job := jobs.get()) is not None:
+        item, future = job
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(load(item))
+            except BaseException as exc:  # whatever it is, the caller waiting for it gets it
+                future.set_exception(exc)
 
 
 def _load_now(load: Callable[[T], R], item: T) -> Future[R]:

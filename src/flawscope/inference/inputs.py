@@ -3,10 +3,12 @@
 Accepted: a file path, a directory (sorted; ``recursive`` to descend), a glob pattern, an http(s)
 URL, a numpy array (HxW or HxWx3 RGB uint8, channel order RGB), a PIL image, or a list mixing them.
 A bad item becomes an error string carried to its result; it never stops the other items.
+Hidden files and folders (".git", macOS "._x.jpg") are left out of a directory, as a glob leaves them.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import http.client
 import os
@@ -18,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+import torch
+from PIL import ExifTags, Image, ImageOps
 
 from flawscope.data.io import MAX_PIXELS, image_to_rgb, is_image_file, is_listed_file, read_image
 from flawscope.errors import FlawscopeError, first_line
@@ -30,25 +33,40 @@ URL_MAX_BYTES = 50 << 20
 _URL_SCHEMES = ("http://", "https://")
 _CHUNK = 1 << 16
 
+RECURSIVE_HINT = "predict with recursive=True, --recursive"
+"""Told for a directory holding only sub-directories; ``engine`` tells the module CLI its own way."""
+
 
 def _is_url(text: str) -> bool:
     return text.lower().startswith(_URL_SCHEMES)  # schemes are case-insensitive (RFC 3986)
 
 
 def _fetch(url: str) -> bytes:
-    """The body, within URL_TIMEOUT_S in all: urlopen's timeout bounds each socket read only,
-    so a server trickling bytes would otherwise stall the whole prediction."""
+    """The body, within URL_TIMEOUT_S in all: urlopen's timeout bounds each socket read only, and
+    ``read(n)`` waits for all n bytes, so a server trickling bytes would stall the prediction for
+    hours. ``read1`` returns what has come, and each wait is cut to the time left."""
     deadline = time.monotonic() + URL_TIMEOUT_S
+    late = FlawscopeError(f"{url}: download failed (not complete after {URL_TIMEOUT_S} s)")
     chunks: list[bytes] = []
     size = 0
     with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310 - http(s) only
-        while chunk := response.read(_CHUNK):
+        sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # where http.client keeps it
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise late
+            if sock is not None:
+                sock.settimeout(left)
+            try:
+                chunk = response.read1(_CHUNK)
+            except TimeoutError:
+                raise late from None
+            if not chunk:
+                break
             chunks.append(chunk)
             size += len(chunk)
             if size > URL_MAX_BYTES:
                 raise FlawscopeError(f"{url}: larger than {URL_MAX_BYTES >> 20} MB")
-            if time.monotonic() > deadline:
-                raise FlawscopeError(f"{url}: download failed (not complete after {URL_TIMEOUT_S} s)")
     return b"".join(chunks)
 
 
@@ -76,9 +94,48 @@ def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
         raise FlawscopeError(f"{name}: the image is empty ({image.width}x{image.height})")
     _check_size(image.height, image.width, name)
     try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # upright, as the same file read by path
+            image = ImageOps.exif_transpose(image)  # a copy: the caller's image stays as it is
         return image_to_rgb(image)
     except (ValueError, OSError) as exc:
         raise FlawscopeError(f"{name}: cannot convert a {image.mode} image to RGB ({first_line(exc)})") from None
+
+
+def _unlisted(exc: OSError) -> tuple[str, FlawscopeError]:
+    """The error item of a directory that could not be listed, named in its place."""
+    name = os.path.normpath(exc.filename)
+    return name, FlawscopeError(f"{name}: cannot list this directory ({exc.strerror or exc})")
+
+
+def _list_directory(path: Path, recursive: bool) -> tuple[list[tuple[str, Any]], bool]:
+    """(the images, sorted, with an error in the place of each directory that could not be
+    listed, which Path.glob would skip silently; whether ``path`` has sub-directories)."""
+    found: list[tuple[str, Any]] = []
+    nested = False
+    for root, dirs, files in os.walk(path, onerror=lambda exc: found.append(_unlisted(exc))):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        nested = nested or bool(dirs)
+        found += [(str(f), str(f)) for f in (Path(root, name) for name in files if not name.startswith("."))
+                  if is_image_file(f) and is_listed_file(f)]
+        if not recursive:
+            break
+    return sorted(found, key=lambda item: Path(item[0])), nested
+
+
+def _glob(pattern: str) -> list[tuple[str, Any]]:
+    """The images matching ``pattern``, sorted; for a recursive one (a ``**`` part) also an error
+    in the place of each directory it would search but could not list, which glob skips silently."""
+    found: list[tuple[str, Any]] = [(f, f) for f in glob.glob(pattern, recursive=True) if is_image_file(f)]
+    parts = Path(pattern).parts
+    if "**" in parts:
+        recursive_from = parts.index("**")
+        start = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        top = Path(*parts[:start]) if start else Path(os.curdir)
+        for root, dirs, _ in os.walk(top, onerror=lambda exc: found.append(_unlisted(exc))):
+            depth = start + len(Path(root).relative_to(top).parts)  # the pattern part of root's sub-directories
+            part = parts[depth] if depth < recursive_from else "*"
+            dirs[:] = [d for d in dirs if fnmatch.fnmatchcase(d, part) and (part[0] == "." or d[0] != ".")]
+    return sorted(found, key=lambda item: item[0])
 
 
 def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | None, Any]]:
@@ -100,24 +157,24 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
         if is_file:
             yield text, text
         elif is_dir:
-            pattern = "**/*" if recursive else "*"
-            files = sorted(p for p in path.glob(pattern) if is_image_file(p) and is_listed_file(p))
+            files, nested = _list_directory(path, recursive)
             if not files:
-                nested = not recursive and any(p.is_dir() for p in path.iterdir())
-                hint = " (it has sub-directories: predict with recursive=True, --recursive)" if nested else ""
+                hint = f" (it has sub-directories: {RECURSIVE_HINT})" if nested and not recursive else ""
                 yield text, FlawscopeError(f"{text}: no images in this directory{hint}")
-            for f in files:
-                yield str(f), str(f)
+            yield from files
         elif glob.has_magic(text):
-            files = sorted(f for f in glob.glob(text, recursive=True) if is_image_file(f))
+            files = _glob(text)
             if not files:
                 yield text, FlawscopeError(f"{text}: no images match this pattern")
-            for f in files:
-                yield f, f
+            yield from files
         else:
             yield text, FlawscopeError(f"{text}: no such file or directory")
     elif isinstance(inputs, (np.ndarray, Image.Image)):
         yield None, inputs
+    elif isinstance(inputs, torch.Tensor):  # iterable, but over its first axis, down to 0-d tensors
+        yield None, FlawscopeError("cannot predict on a torch.Tensor: give an HxWx3 uint8 RGB numpy array "
+                                   "(tensor.cpu().numpy(); a 3xHxW float one in [0, 1]: "
+                                   "tensor.permute(1, 2, 0).mul(255).round().byte().cpu().numpy())")
     elif isinstance(inputs, (bytes, bytearray, memoryview, dict)):  # iterable, but not of images
         yield None, FlawscopeError(f"cannot predict on an object of type {type(inputs).__name__}: give a path, "
                                    "URL, numpy array or PIL image (encoded bytes: PIL.Image.open(io.BytesIO(data)))")

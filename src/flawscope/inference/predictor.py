@@ -121,7 +121,7 @@ class Predictor:
         18.8; torch gained little); any other iterable is read as it is consumed.
 
         An input that cannot be read yields a result with ``error`` set (``on_error="result"``) or
-        raises FlawscopeError (``on_error="raise"``).
+        raises FlawscopeError (``on_error="raise"``) once the images before it have their results.
         """
         if on_error not in ("result", "raise"):
             raise FlawscopeError(f"on_error must be 'result' or 'raise', not {on_error!r}")
@@ -149,9 +149,9 @@ class Predictor:
                     if len(pending) == self.batch_size:
                         yield from self._flush(pending)
                     continue
+                yield from self._flush(pending)  # the images read before it keep their results, raised or not
                 if on_error == "raise" or not isinstance(error, FlawscopeError):
                     raise error
-                yield from self._flush(pending)
                 yield AnomalyResult.from_error(name, str(error), self.info.model, self.threshold)
             yield from self._flush(pending)
 

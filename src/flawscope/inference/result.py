@@ -22,7 +22,9 @@ import json
 import math
 import os
 import pprint
+import re
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,7 @@ ArrayMode = Literal["rle", "list", "png", "none"]
 _HEAT_FIFTHS = 2  # the heat map's share of the overlay picture, in fifths: 40%
 _OUTLINE_WIDTH = 2
 _STEM_BYTES = 200  # of a file name's 255: room for "_res.map.png" and a folder's name before it
+_SURROGATES = re.compile("[\ud800-\udfff]")  # how Python keeps a file name's bytes that are not UTF-8
 _RED = (255, 0, 0)
 _GREEN = (0, 160, 0)
 
@@ -179,8 +182,9 @@ class AnomalyResult:
 
     @property
     def json(self) -> dict[str, Any]:
-        """The JSON dict with the default encoding: ``pred`` as RLE, ``map`` omitted."""
-        return self.to_json()
+        """The dict ``save_to_json`` writes, arrays as ``json_arrays`` says; with "png" no arrays,
+        as the PNG files (and so the names the file gives for them) exist only once saved."""
+        return self.to_json("none" if self.json_arrays == "png" else self.json_arrays)
 
     def to_json(self, arrays: Literal["rle", "list", "none"] = "rle") -> dict[str, Any]:
         """JSON-ready dict. ``arrays``: "rle" (pred only), "list" (map rounded to 4 decimals and
@@ -217,7 +221,7 @@ class AnomalyResult:
         ``<json stem>.pred.png``, referenced by file name: the dot keeps them apart from
         ``save_to_img``'s ``_map.png`` / ``_pred.png`` pictures, whatever the names."""
         arrays = self.json_arrays if arrays is None else arrays
-        path = _output_path(dir_or_file, ".json", f"{self.stem}_res.json")
+        path = _output_path(dir_or_file, ".json", lambda: f"{self.stem}_res.json")
         if arrays != "png" or self.error is not None:
             data = self.to_json("none" if arrays == "png" else arrays)
         else:
@@ -248,15 +252,21 @@ class AnomalyResult:
         self._draw_label(picture)
         return picture
 
-    def _label_text(self) -> str:
-        """"score 0.73 ANOMALY" or "score 0.12 OK": the score to two decimals, rounded unless
-        that would cross the threshold (0.4996 would read "0.50 OK" at 0.5: it reads 0.49)."""
-        shown = round(self.score, 2)
+    def score_text(self, decimals: int = 2) -> str:
+        """The score to ``decimals`` decimals, rounded unless that would cross the threshold
+        (0.4996 would read "0.50" and OK at 0.5: it reads "0.49"), so it never contradicts
+        ``is_anomaly``."""
+        scale = 10**decimals
+        shown = round(self.score, decimals)
         if self.is_anomaly and shown < self.threshold:
-            shown = math.ceil(self.score * 100 - 1e-9) / 100
+            shown = math.ceil(self.score * scale - 1e-9) / scale
         elif not self.is_anomaly and shown >= self.threshold:
-            shown = math.floor(self.score * 100 + 1e-9) / 100
-        return f"score {shown:.2f} {'ANOMALY' if self.is_anomaly else 'OK'}"
+            shown = math.floor(self.score * scale + 1e-9) / scale
+        return f"{shown:.{decimals}f}"
+
+    def _label_text(self) -> str:
+        """"score 0.73 ANOMALY" or "score 0.12 OK" (see ``score_text``)."""
+        return f"score {self.score_text(2)} {'ANOMALY' if self.is_anomaly else 'OK'}"
 
     def _draw_label(self, picture: Image.Image) -> None:
         """Write the label top-left on a red (anomaly) or green (OK) box."""
@@ -273,7 +283,7 @@ class AnomalyResult:
         Nothing for an error result."""
         if Path(dir_or_file).suffix.lower() in IMAGE_EXTENSIONS - {".png"}:  # meant as a file, not a folder
             raise FlawscopeError(f"{dir_or_file}: save_to_img writes PNG files: give a .png file or a directory")
-        path = _output_path(dir_or_file, ".png", f"{self.stem}_res.png")
+        path = _output_path(dir_or_file, ".png", lambda: f"{self.stem}_res.png")
         extra = self.save_extra if extra is None else extra
         if self.error is not None:
             return []
@@ -350,14 +360,16 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
 
 
 def fit_name(stem: str, limit: int = _STEM_BYTES) -> str:
-    """``stem`` cut to ``limit`` bytes of UTF-8 at a character boundary."""
-    return stem.encode()[:limit].decode(errors="ignore") or "result"
+    """``stem`` cut to ``limit`` bytes of UTF-8 at a character boundary. A file name's bytes that
+    are not UTF-8 (Latin-1 ``b"caf\\xe9.jpg"``) become U+FFFD: they cannot be encoded as they are."""
+    return _SURROGATES.sub("\ufffd", stem).encode()[:limit].decode(errors="ignore") or "result"
 
 
-def _output_path(dir_or_file: str | os.PathLike, suffix: str, default_name: str) -> Path:
-    """A path ending in ``suffix`` is the file; anything else is a directory for default_name."""
+def _output_path(dir_or_file: str | os.PathLike, suffix: str, default_name: Callable[[], str]) -> Path:
+    """A path ending in ``suffix`` is the file; anything else is a directory for
+    ``default_name()``, only then asked for."""
     path = Path(dir_or_file)
-    return path if path.suffix.lower() == suffix else path / default_name
+    return path if path.suffix.lower() == suffix else path / default_name()
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -1,0 +1,148 @@
+"""Input expansion and loading without a model: listings, URLs, tensors and PIL images."""
+
+from __future__ import annotations
+
+import errno
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flawscope.data.io import read_image
+from flawscope.errors import FlawscopeError
+from flawscope.inference.inputs import expand_inputs, load_input
+
+DEMO = Path(__file__).resolve().parents[1] / "src" / "flawscope" / "assets" / "demo"
+
+
+def _names(items) -> list[tuple[str, str | None]]:
+    """(name, the error's message or None) per item."""
+    return [(name, str(source) if isinstance(source, Exception) else None) for name, source in items]
+
+
+@pytest.fixture
+def trickle_server():
+    """Serves a body of 4000 bytes one byte per 0.1 s (for at most 30 s); ``started`` is set at
+    the first request."""
+    started = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            started.set()
+            self.send_response(200)
+            self.send_header("Content-Length", "4000")
+            self.end_headers()
+            end = time.monotonic() + 30
+            try:
+                while time.monotonic() < end:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:  # the client gave up
+                pass
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/x.png", started
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_trickling_server_fails_within_the_timeout(trickle_server, monkeypatch) -> None:
+    """read(n) waited for all n bytes: one byte a tenth of a second kept it going far past the timeout."""
+    url, _ = trickle_server
+    monkeypatch.setattr("flawscope.inference.inputs.URL_TIMEOUT_S", 1)
+    start = time.monotonic()
+    with pytest.raises(FlawscopeError, match=r"download failed \(not complete after 1 s\)"):
+        load_input(url, url)
+    assert time.monotonic() - start < 3
+
+
+def test_ctrl_c_during_a_download_exits_at_once(trickle_server, tmp_path) -> None:
+    """The reader thread's download must not keep the process alive after Ctrl-C."""
+    url, started = trickle_server
+    cli = subprocess.Popen([sys.executable, "-m", "flawscope", "--pipeline", "anomaly_detection", "--input", url,
+                            "--save_path", str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    try:
+        assert started.wait(120), "the CLI never asked for the URL"
+        time.sleep(0.5)
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(timeout=10) == 130
+        assert "interrupted" in cli.stderr.read()
+    finally:
+        cli.kill()
+        cli.wait()
+
+
+def test_a_directory_skips_hidden_files_and_folders_as_a_glob_does(tmp_path) -> None:
+    image = (DEMO / "hazelnut_good.jpg").read_bytes()
+    for name in ("x.jpg", "._x.jpg", ".hidden/y.jpg", "sub/z.jpg", "sub/._z.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(image)
+    assert _names(expand_inputs(str(tmp_path))) == [(str(tmp_path / "x.jpg"), None)]
+    recursive = _names(expand_inputs(str(tmp_path), recursive=True))
+    assert recursive == [(str(tmp_path / "sub/z.jpg"), None), (str(tmp_path / "x.jpg"), None)]
+    assert recursive == _names(expand_inputs(f"{tmp_path}/**/*"))
+    (only_hidden := tmp_path / "only_hidden" / ".git").mkdir(parents=True)
+    (only_hidden / "a.jpg").write_bytes(image)
+    (error,) = _names(expand_inputs(str(only_hidden.parent)))
+    assert error[1].endswith("no images in this directory")  # no hint to descend: that would find none
+
+
+@pytest.mark.parametrize("recursive_glob", [False, True])
+def test_an_unreadable_sub_folder_is_an_error_item_in_its_place(tmp_path, monkeypatch, recursive_glob) -> None:
+    """Path.glob and glob.glob skip a folder they may not list; the user must learn its images
+    were not inspected. (The test runs as root, so the refusal is simulated.)"""
+    image = (DEMO / "hazelnut_good.jpg").read_bytes()
+    for name in ("a.jpg", "sub/b.jpg", "z/c.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(image)
+    scandir = os.scandir
+
+    def refusing(path=".") -> os.ScandirIterator:
+        if os.fspath(path).rstrip("/") == str(tmp_path / "sub"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    items = expand_inputs(f"{tmp_path}/**/*.jpg" if recursive_glob else str(tmp_path), recursive=True)
+    refused = f"{tmp_path / 'sub'}: cannot list this directory (Permission denied)"
+    assert _names(items) == [(str(tmp_path / "a.jpg"), None), (str(tmp_path / "sub"), refused),
+                             (str(tmp_path / "z/c.jpg"), None)]
+    # A folder that the pattern does not search is no error of it.
+    assert _names(expand_inputs(f"{tmp_path}/[!s]*/**/*.jpg")) == [(str(tmp_path / "z/c.jpg"), None)]
+
+
+@pytest.mark.parametrize("tensor", [torch.zeros(8, 8, 3, dtype=torch.uint8), torch.rand(3, 8, 8), torch.tensor(1.0)])
+def test_a_torch_tensor_is_refused_with_what_to_give(tensor) -> None:
+    ((name, error),) = expand_inputs(tensor)
+    assert name is None and isinstance(error, FlawscopeError)
+    assert "torch.Tensor" in str(error) and ".numpy()" in str(error)
+
+
+def test_a_pil_image_is_turned_upright_as_its_file_is(tmp_path) -> None:
+    """EXIF orientation 6 (rotate 90 degrees clockwise): a path applies it, so a PIL image must too."""
+    path = tmp_path / "rotated.jpg"
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[:5] = 255  # a white top band, to tell the rotation from its mirror image
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    with Image.open(path) as image:
+        from_pil = load_input(None, image)
+        assert image.size == (30, 20)  # the caller's image is left as it is
+    np.testing.assert_array_equal(from_pil, read_image(path))
+    assert from_pil.shape == (30, 20, 3)
