@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,11 +142,13 @@ def _load_calibration_dir(directory: Path, dataset: Dataset) -> tuple[list[Sampl
     return good, defects
 
 
-def _maps(predictor: Predictor, samples: list[Sample], batch_size: int) -> list[tuple[np.ndarray, float]]:
-    out = []
+def _outputs(predictor: Predictor, samples: list[Sample], batch_size: int) -> Iterator[tuple[Sample, np.ndarray, float]]:
+    """Each sample with its anomaly map and image score, a batch at a time: the caller keeps what
+    it needs of a map (a 9 MP image's is 36 MB), not the maps."""
     for i in range(0, len(samples), batch_size):
-        out += predictor.raw_outputs([read_image(s.image) for s in samples[i:i + batch_size]])
-    return out
+        batch = samples[i:i + batch_size]
+        for sample, (amap, score) in zip(batch, predictor.raw_outputs([read_image(s.image) for s in batch])):
+            yield sample, amap, score
 
 
 def _below(low: float, threshold: float) -> float:
@@ -162,14 +165,19 @@ def calibrate(predictor: Predictor, cal_set: CalibrationSet, image_fpr: float, p
     elif len(cal_set.good) < MIN_CALIBRATION_IMAGES:
         log.warning("%d good calibration image sets no scale: normalised scores will be about 0 or 1; "
                     "give more good images in Train.calibration_dir", len(cal_set.good))
-    good = _maps(predictor, cal_set.good, batch_size)
-    scores = np.array([score for _, score in good])
     rng = np.random.default_rng(0)
-    pixels = np.concatenate([m.ravel() if m.size <= _PIXELS_PER_IMAGE
-                             else rng.choice(m.ravel(), _PIXELS_PER_IMAGE, replace=False) for m, _ in good])
+    f1 = method != "fpr"
+    scores, pixels, defect_scores, pixel_scores = [], [], [], PixelScores()
+    for _, amap, score in _outputs(predictor, cal_set.good, batch_size):
+        scores.append(score)
+        pixels.append(amap.ravel() if amap.size <= _PIXELS_PER_IMAGE
+                      else rng.choice(amap.ravel(), _PIXELS_PER_IMAGE, replace=False))
+        if f1:
+            pixel_scores.add(np.zeros(amap.shape, bool), amap)
+    scores, pixels = np.array(scores), np.concatenate(pixels)
     details = {"method": method, "num_good": len(scores), "num_defect": len(cal_set.defects),
                "image_fpr": image_fpr, "pixel_fpr": pixel_fpr, "calibration_dir": cal_set.calibration_dir}
-    if method == "fpr":
+    if not f1:
         image_threshold, bound = fpr_threshold(scores, image_fpr)
         pixel_threshold, _ = fpr_threshold(pixels, pixel_fpr)
         details["image_fpr_bound"] = round(bound, 6)
@@ -178,12 +186,12 @@ def calibrate(predictor: Predictor, cal_set: CalibrationSet, image_fpr: float, p
                         "above the highest good score, which a new good part exceeds with probability up to "
                         "%.3g; hold out more images or set Train.calibration_dir", len(scores), image_fpr, bound)
     else:
-        defects = _maps(predictor, cal_set.defects, batch_size)
-        labels = [0] * len(good) + [1] * len(defects)
-        image_f1, image_threshold = best_f1(labels, [s for _, s in good + defects])
-        masks = [np.zeros(m.shape, bool) for m, _ in good]
-        masks += [read_mask(s.mask, (m.shape[1], m.shape[0])) for s, (m, _) in zip(cal_set.defects, defects)]
-        best = pixel_best_f1(PixelScores.of(masks, [m for m, _ in good + defects]))
+        for sample, amap, score in _outputs(predictor, cal_set.defects, batch_size):
+            defect_scores.append(score)
+            pixel_scores.add(read_mask(sample.mask, (amap.shape[1], amap.shape[0])), amap)
+        labels = [0] * len(scores) + [1] * len(defect_scores)
+        image_f1, image_threshold = best_f1(labels, [*scores, *defect_scores])
+        best = pixel_best_f1(pixel_scores)
         if best is None:
             raise FlawscopeError("Train.calibration_dir: the defect masks mark no pixel (or every pixel); "
                                  "cannot fit an F1-optimal pixel threshold")
