@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
 from conftest import make_mvtec
-from flawscope.benchmark import COLUMNS, _run_dirs, markdown_table
+from flawscope.benchmark import COLUMNS, _failure, _run_dirs, markdown_table
 from flawscope.cli import main
 
 TINY = ["Model.input_size=64", "Model.global_grid=1", "Train.epochs_iters=2", "Train.batch_size=2", "Train.calibration_fraction=0.3"]
@@ -22,9 +28,13 @@ def test_benchmark_two_datasets(tmp_path, capsys) -> None:
     first = make_mvtec(tmp_path / "texture", n_train=5, n_good=1, n_defect=2, seed=1)
     second = make_mvtec(tmp_path / "other" / "texture", n_train=5, n_good=1, n_defect=2, seed=2)  # same name
     out = tmp_path / "bench"
+    (out / "benchmark.md").parent.mkdir()
+    (out / "benchmark.md").write_text("an earlier benchmark's table")
+    elsewhere = f"Evaluate.weight_path={tmp_path / 'another_model'}"  # each run evaluates the model it trained
     assert main(["benchmark", "--datasets", str(first), str(second), "--output", str(out),
-                 "--batch_size", "2", "--repeats", "2", *_args(*TINY)]) == 0
+                 "--batch_size", "2", "--repeats", "2", *_args(*TINY, elsewhere)]) == 0
     report = json.loads((out / "benchmark.json").read_text())
+    assert report["complete"] is True
     assert set(report["machine"]) >= {"platform", "cpu", "torch_threads", "gpu"}
     runs = report["runs"]
     assert [(r["dataset"], r["model"], r["status"]) for r in runs] == [("texture", "STFPM", "ok"),
@@ -36,8 +46,10 @@ def test_benchmark_two_datasets(tmp_path, capsys) -> None:
         assert run["latency_b1_median_ms"] > 0 and run["throughput_img_s"] > 0
         assert run["peak_rss_mb"] >= run["peak_rss_train_mb"] > 50 and run["model_size_mb"] > 1
         assert run["peak_gpu_mb"] is None and run["torch_threads"] >= 1
-        assert (out / run["dataset"] / "STFPM" / "evaluate_result.json").is_file()
+        evaluation = json.loads((out / run["dataset"] / "STFPM" / "evaluate_result.json").read_text())
+        assert Path(evaluation["model_dir"]).parent.parent == Path(run["run_dir"])
     table = (out / "benchmark.md").read_text()
+    assert "Incomplete" not in table and "earlier" not in table
     header = next(line for line in table.splitlines() if line.startswith("| dataset"))
     assert header.count("|") == len(COLUMNS) + 1
     for name in ("image AUROC", "pixel AUROC", "AUPRO", "train (s)", "latency b1", "latency bN", "throughput",
@@ -53,6 +65,36 @@ def test_failed_run_is_a_row_not_a_crash() -> None:
               "runs": [{"dataset": "d", "model": "STFPM", "status": "failed", "error": "error: a | b"}]}
     row = markdown_table(report).strip().splitlines()[-1]
     assert row.startswith("| d | STFPM | failed: error: a \\| b |") and row.count(" |") == len(COLUMNS)
+
+
+def test_names_with_a_pipe_keep_the_table_whole_and_an_incomplete_one_says_so() -> None:
+    report = {"machine": {"cpu": "x", "logical_cpus": 2, "platform": "p", "gpu": None, "torch": "t",
+                          "torch_threads": 1, "OMP_NUM_THREADS": None},
+              "settings": {"batch_size": 8, "repeats": 20, "warmup": 3, "overrides": [], "datasets": ["a", "b"],
+                           "models": ["STFPM"]},
+              "complete": False,
+              "runs": [{"dataset": "lot|7", "model": "STFPM", "status": "ok"}]}
+    table = markdown_table(report)
+    assert "**Incomplete: 1 of 2 runs so far" in table
+    row = table.strip().splitlines()[-1]
+    assert row.startswith("| lot\\|7 | STFPM |") and row.replace("\\|", "").count("|") == len(COLUMNS) + 1
+
+
+def test_a_killed_run_says_it_was_killed_and_an_error_line_beats_a_later_warning() -> None:
+    assert _failure(-signal.SIGKILL, "a warning") == "killed by signal SIGKILL (out of memory?)"
+    assert _failure(2, "error: bad image\nWARNING: a late warning\n") == "error: bad image"
+    assert _failure(1, "Traceback\nValueError: x\n") == "ValueError: x" and _failure(3, "") == "exit status 3"
+
+
+def test_a_child_reports_its_own_peak_memory_not_its_parents() -> None:
+    """Linux's ru_maxrss starts a new program at its parent's peak: a benchmark child called from a
+    process that had held 1.5 GB reported 1.7 GB for its own 0.4 GB."""
+    held = np.ones(400 << 20, np.uint8)  # this process: at least 400 MB more at its peak
+    held[::4096] = 2
+    code = "from flawscope.device import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    del held
+    assert child < 300  # python, numpy, torch imports: about 150-250 MB
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -79,3 +121,10 @@ def test_every_run_gets_its_own_folder() -> None:
     assert len(runs) == 3 * 3 and len(set(folders)) == len(folders)
     assert {f.parent.name for f in folders} == {"hz", "hz_2", "hz_3"}
     assert {f.name for f in folders} == {"PatchCore", "mine", "PatchCore_2"}
+
+
+def test_a_dataset_given_through_a_link_is_named_after_the_link(tmp_path) -> None:
+    (tmp_path / "tex").mkdir()
+    (tmp_path / "bottle").symlink_to(tmp_path / "tex")
+    assert [name for _, name, _, _ in _run_dirs([tmp_path / "bottle", tmp_path / "tex" / ".."], ["STFPM"], tmp_path)] \
+        == ["bottle", tmp_path.name]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from flawscope.engine import evaluate, train
 from flawscope.errors import FlawscopeError
 from flawscope.inference.backends import choose_backend
 from flawscope.inference.predictor import Predictor
+from flawscope.inference.result import write_atomic
 from flawscope.training.runner import check_model_settings
 
 RUN_FILE = "benchmark_run.json"
@@ -112,9 +114,11 @@ def time_inference(predictor: Predictor, images: list[np.ndarray], batch_size: i
 
 
 def _run_config(spec: dict, mode: str) -> dict:
-    """The model's shipped config + the user's overrides; the benchmark's own keys come last."""
+    """The model's shipped config + the user's overrides; the benchmark's own keys come last: a
+    run evaluates and times the model it trained, whatever model directory an override names."""
     return load_config(spec["model"], [*spec["overrides"], f"Global.mode={mode}",
-                                       f"Global.dataset_dir={spec['dataset_dir']}", f"Global.output={spec['run_dir']}"])
+                                       f"Global.dataset_dir={spec['dataset_dir']}", f"Global.output={spec['run_dir']}",
+                                       "Evaluate.weight_path=null"])
 
 
 def run_one(spec: dict) -> dict:
@@ -163,7 +167,7 @@ def _child(spec_path: str) -> int:
 def _run_dirs(datasets: list[Path], models: list[str], output: Path) -> list[tuple[Path, str, str, Path]]:
     """(dataset dir, dataset name, model, run dir) for every pair: a folder per dataset, named
     after it, and in it one per model (a config file's by its stem), numbered where names repeat."""
-    names = _unique([d.resolve().name for d in datasets])
+    names = _unique([Path(os.path.abspath(d)).name for d in datasets])  # a link's own name, "." resolved
     models = list(dict.fromkeys(models))  # the same model twice is one run
     folders = _unique([Path(m).stem for m in models])
     return [(d, n, m, output / n / f) for d, n in zip(datasets, names) for m, f in zip(models, folders)]
@@ -196,10 +200,19 @@ def _run_child(spec: dict) -> dict:
     row = {key: spec[key] for key in ("dataset", "dataset_dir", "model", "run_dir")}
     if code == 0:
         return row | {"status": "ok", **json.loads((run_dir / RUN_FILE).read_text())}
-    lines = log_path.read_text(errors="replace").strip().splitlines()
-    error = lines[-1] if lines else f"exit status {code}"
+    error = _failure(code, log_path.read_text(errors="replace"))
     print(f"[benchmark] {spec['dataset']} / {spec['model']} failed: {error} (see {log_path})", flush=True)
     return row | {"status": "failed", "error": error}
+
+
+def _failure(code: int, log: str) -> str:
+    """Why a child failed: the signal that killed it (the out-of-memory killer's SIGKILL, most
+    often: its last log line would be some warning), else its error line, else its last line."""
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
+    lines = log.strip().splitlines()
+    return next((line for line in reversed(lines) if line.startswith("error: ")),
+                lines[-1] if lines else f"exit status {code}")
 
 
 def run_benchmark(datasets: list[str | Path], models: list[str], overrides: list[str], output: str | Path,
@@ -222,21 +235,34 @@ def run_benchmark(datasets: list[str | Path], models: list[str], overrides: list
         check_model_settings(cfg)
         if not load_dataset(spec["dataset_dir"], cfg["CheckDataset"]["dataset_type"]).val:
             raise FlawscopeError(f"{spec['dataset_dir']}: no test/validation images to evaluate on")
-    results = [_run_child(spec) for spec in specs]
     report = {"machine": machine_info(),
               "settings": {"datasets": [str(d) for d in datasets], "models": list(models),
                            "overrides": list(overrides), "batch_size": batch_size, "repeats": repeats,
                            "warmup": warmup},
-              "runs": results}
-    (output / "benchmark.json").write_text(json.dumps(report, indent=2))
-    (output / "benchmark.md").write_text(markdown_table(report), encoding="utf-8")
+              "complete": False, "runs": []}
+    _write_report(output, report)  # an earlier benchmark's table must not stand for this one's runs
+    for spec in specs:
+        report["runs"].append(_run_child(spec))
+        report["complete"] = len(report["runs"]) == len(specs)
+        _write_report(output, report)  # after each run: a stopped benchmark keeps the rows it finished
     return report
+
+
+def _write_report(output: Path, report: dict) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    write_atomic(output / "benchmark.json", json.dumps(report, indent=2).encode())
+    write_atomic(output / "benchmark.md", markdown_table(report).encode())
 
 
 def _cell(value, decimals: int | None) -> str:
     if value is None:
         return "n/a"
-    return str(value) if decimals is None else f"{value:.{decimals}f}"
+    return _text(str(value)) if decimals is None else f"{value:.{decimals}f}"
+
+
+def _text(text: str) -> str:
+    """A table cell's text: a ``|`` in a folder's name would split the cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_table(report: dict) -> str:
@@ -252,6 +278,9 @@ def markdown_table(report: dict) -> str:
         f"warm-up; latency = decoded image to AnomalyResult; train = the whole train mode (loading, fitting "
         f"with its periodic evaluations, calibration, saving)",
         f"- Overrides: {' '.join(settings['overrides']) or 'none'}", "",
+        *([] if report.get("complete", True) else
+          [f"**Incomplete: {len(report['runs'])} of {len(settings['datasets']) * len(settings['models'])} runs so "
+           "far (running, or stopped).**", ""]),
         "| " + " | ".join(header for header, _, _ in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
@@ -260,8 +289,7 @@ def markdown_table(report: dict) -> str:
             lines.append("| " + " | ".join(" / ".join(_cell(run.get(k), d) for k in keys)
                                            for _, keys, d in COLUMNS) + " |")
         else:
-            error = run["error"].replace("|", "\\|")
-            lines.append(f"| {run['dataset']} | {run['model']} | failed: {error} |"
+            lines.append(f"| {_text(run['dataset'])} | {_text(run['model'])} | failed: {_text(run['error'])} |"
                          + " |" * (len(COLUMNS) - 3))
     return "\n".join(lines) + "\n"
 
