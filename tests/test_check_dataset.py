@@ -116,6 +116,18 @@ def test_mvtec_report_and_demo_names(tmp_path):
     assert any("crack" in d for d in demos) and any("scratch" in d for d in demos)
 
 
+def test_a_defect_type_named_like_a_formula_or_not_in_utf8_is_drawn_as_written(tmp_path):
+    """Matplotlib read "cost_$5_$10" as mathtext (a traceback, no report) and could not draw a
+    name whose bytes are not UTF-8."""
+    root = tmp_path / "data"
+    _image(root / "train" / "good" / "0.png")
+    for kind in ("cost_$5_$10", os.fsdecode(b"caf\xe9")):
+        _image(root / "test" / kind / "0.png", 200)
+        _mask(root / "ground_truth" / kind / "0_mask.png")
+    result = _run(root, tmp_path / "out")
+    assert result["check_pass"] and (tmp_path / "out" / "check_dataset" / "histogram.png").is_file()
+
+
 def test_mvtec_masks_images_and_duplicates(tmp_path):
     root = _mvtec(tmp_path / "data")
     (root / "ground_truth" / "crack" / "000_mask.png").rename(root / "ground_truth" / "crack" / "000_gt.png")

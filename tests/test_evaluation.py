@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from flawscope.cli import main
@@ -80,6 +83,35 @@ def test_worst_mistake_grids_and_calibration_warning(trained, tmp_path) -> None:
         assert f"]({grid})" in report.read_text()
         assert result["warnings"] and "Warning" in report.read_text()
     assert result["metrics"]["image_recall"] == 0 and result["metrics"]["pixel_f1"] == 0  # judged OK: no outline
+
+
+def test_odd_names_make_a_whole_report_and_a_failed_rerun_leaves_no_current_looking_result(trained, tmp_path,
+                                                                                           monkeypatch) -> None:
+    """A "$" in a file name was parsed as a formula (a traceback), a name that is not UTF-8 broke
+    the font and the Markdown, a "|" in a defect type split its table row; a rerun that failed
+    left the earlier run's result saying done, and its report beside the new run's plots."""
+    dataset, out = trained
+    odd = tmp_path / "odd"
+    shutil.copytree(dataset, odd)
+    (odd / "test" / "scratch").rename(odd / "test" / "scra|tch")
+    (odd / "ground_truth" / "scratch").rename(odd / "ground_truth" / "scra|tch")
+    good = sorted((odd / "test" / "good").iterdir())
+    good[0].rename(good[0].with_name("cost_$5_$10.png"))
+    good[1].rename(os.fsdecode(bytes(good[1].with_name("caf")) + b"\xe9.png"))
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    predictor.info.calibration = dataclasses.replace(predictor.info.calibration, image_threshold=1e-9)  # grids of both
+    result = evaluate_model(predictor, load_dataset(odd), tmp_path / "eval", out / "best_model/inference")
+    text = Path(result["report"]).read_text(encoding="utf-8")
+    row = next(line for line in text.splitlines() if line.startswith("| scra"))
+    assert row.startswith("| scra\\|tch |") and row.replace("\\|", "").count("|") == 9
+    _valid_png(Path(result["report"]).parent / "worst_false_positives.png")
+
+    monkeypatch.setattr("flawscope.evaluation.report.plot_roc", lambda *args: 1 / 0)  # a rerun that fails
+    with pytest.raises(ZeroDivisionError):
+        evaluate_model(predictor, load_dataset(dataset), tmp_path / "eval", out / "best_model/inference")
+    assert json.loads((tmp_path / "eval" / "evaluate_result.json").read_text()) == {"done_flag": False}
+    assert Path(result["report"]).read_text(encoding="utf-8") == text  # the earlier report, whole
+    assert not list((tmp_path / "eval").glob(".*tmp"))
 
 
 def test_good_images_flagged_beyond_chance_are_called_a_shift() -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from flawscope.device import check_device_spec, one_device, parse_device
-from flawscope.errors import FlawscopeError, check_output_dir
+from flawscope.errors import FlawscopeError, check_output_dir, printable
 from flawscope.inference.inputs import RECURSIVE_HINT
 from flawscope.inference.result import AnomalyResult, fit_name
 from flawscope.logs import log
@@ -120,12 +120,6 @@ def _module_hints(results: Iterable[AnomalyResult]) -> Iterator[AnomalyResult]:
         yield res
 
 
-def _printable(text: str) -> str:
-    """``text`` as stdout can always write it: a file name's bytes that are not UTF-8 (kept as
-    lone surrogates) as escapes, not a UnicodeEncodeError after the result was saved."""
-    return text.encode(errors="backslashreplace").decode()
-
-
 def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
     """Save each result's JSON and pictures (as its ``json_arrays``/``save_extra`` say), print
     one line each, and count the outcomes.
@@ -140,7 +134,7 @@ def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
         if res.error:
             counts["errors"] += 1
             counts["error"] = res.error  # the last one's message
-            print(_printable(f"{res.input_path}\terror: {res.error.removeprefix(f'{res.input_path}: ')}"))  # path once
+            print(printable(f"{res.input_path}\terror: {res.error.removeprefix(f'{res.input_path}: ')}"))  # path once
             continue
         name = res.stem
         if name.casefold() in used and res.input_path:
@@ -152,7 +146,7 @@ def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
         res.save_to_img(save_path / f"{name}_res.png")
         counts["anomalous"] += int(res.is_anomaly)
         # Rounded as the picture's label is: 0.49996 must not print "0.500" beside is_anomaly=False.
-        print(_printable(f"{res.input_path}\tscore={res.score_text(3)}\tis_anomaly={res.is_anomaly}"))
+        print(printable(f"{res.input_path}\tscore={res.score_text(3)}\tis_anomaly={res.is_anomaly}"))
     return counts
 
 

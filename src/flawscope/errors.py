@@ -21,6 +21,12 @@ def first_line(exc: BaseException) -> str:
     return (telling or lines or [type(exc).__name__])[0]
 
 
+def printable(text: str) -> str:
+    """``text`` as a terminal, a font or a UTF-8 file can take it: a file name's bytes that are not
+    UTF-8 (which Python keeps as lone surrogates) as backslash escapes, not an encoding error."""
+    return text.encode(errors="backslashreplace").decode()
+
+
 def check_output_dir(path: Path, what: str) -> None:
     """Refuse an output folder that cannot be written (a file, under a file, no write permission)
     before anything runs, rather than with a traceback after the work. Nothing is created here."""

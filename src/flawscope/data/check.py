@@ -31,7 +31,7 @@ from flawscope.data.io import is_image_file, read_image, read_mask
 from flawscope.data.layouts import (DEFECT, GOOD, detect_layout, load_dataset, mask_dirs, mvtec_train_dir,
                                     read_lines)
 from flawscope.data.split import split_dataset
-from flawscope.errors import FlawscopeError
+from flawscope.errors import FlawscopeError, printable
 
 log = logging.getLogger("flawscope")
 
@@ -425,10 +425,11 @@ def _histogram(counts: dict[str, Counter[str]], path: Path, title: str) -> None:
         )
         axes.bar_label(bars, labels=[str(v) if v else "" for v in values], padding=2)
     rotate = {"rotation": 30, "ha": "right"} if len(kinds) > 5 else {}
-    axes.set_xticks(positions, kinds, **rotate)
+    # names as written, not as formulas ("cost_$5_$10" failed as mathtext)
+    axes.set_xticks(positions, [printable(kind) for kind in kinds], parse_math=False, **rotate)
     axes.set_xlabel("defect type")
     axes.set_ylabel("images")
-    axes.set_title(f"Samples per split and defect type: {title}")
+    axes.set_title(printable(f"Samples per split and defect type: {title}"), parse_math=False)
     axes.margins(y=0.12)
     axes.legend()
     figure.savefig(path, dpi=100)

@@ -30,7 +30,7 @@ from flawscope.data.layouts import Dataset, Sample
 from flawscope.evaluation import metrics
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
-from flawscope.inference.result import THRESHOLD
+from flawscope.inference.result import THRESHOLD, write_atomic
 from flawscope.logs import log, log_to_file
 
 AUPRO_FPR_LIMIT = 0.3
@@ -265,6 +265,8 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
     from flawscope.evaluation.report import write_report
 
     output.mkdir(parents=True, exist_ok=True)
+    # Until this evaluation ends, an earlier one's result here must not pass for it.
+    write_atomic(output / "evaluate_result.json", json.dumps({"done_flag": False}).encode())
     with log_to_file(output / "evaluate.log"):
         collected = collect(predictor, dataset.val, batch_size)
         outcomes = collected.outcomes
@@ -280,7 +282,7 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
             result["warnings"].append(shift)
         result["warnings"] += mask_warnings(outcomes)
         result["report"] = str(write_report(output / REPORT_DIR, result, collected, predictor))
-        (output / "evaluate_result.json").write_text(json.dumps(result, indent=2))
+        write_atomic(output / "evaluate_result.json", json.dumps(result, indent=2).encode())
         m = result["metrics"]
         for warning in result["warnings"]:
             log.warning(warning)

@@ -26,7 +26,9 @@ from sklearn.metrics import roc_curve
 
 from flawscope.data.io import read_mask
 from flawscope.evaluation import metrics
+from flawscope.errors import printable
 from flawscope.evaluation.evaluate import Collected
+from flawscope.inference.model_dir import staged_dir
 from flawscope.inference.predictor import Predictor
 
 WORST = 8  # images per grid of worst mistakes
@@ -133,7 +135,7 @@ def plot_grid(predictor: Predictor, chosen: Sequence, title: str, path: Path) ->
     rows = -(-len(chosen) // _COLUMNS)
     cols = min(_COLUMNS, len(chosen))
     fig = _figure(max(3.2 * cols, 6.5), 3.4 * rows + 0.5)
-    fig.suptitle(title)
+    fig.suptitle(title, parse_math=False)
     results = predictor.predict([str(o.sample.image) for o in chosen], on_error="raise")
     for index, (outcome, res) in enumerate(zip(chosen, results)):
         ax = fig.add_subplot(rows, cols, index + 1)
@@ -146,8 +148,9 @@ def plot_grid(predictor: Predictor, chosen: Sequence, title: str, path: Path) ->
             mask = Image.fromarray(read_mask(outcome.sample.mask).astype(np.uint8) * 255).resize(
                 picture.size, Image.Resampling.BILINEAR)
             ax.contour(np.asarray(mask), levels=[127.5], colors="cyan", linewidths=1)
-        ax.set_title(f"{outcome.sample.image.name} ({outcome.sample.defect_type})\nscore {res.score:.3f}",
-                     fontsize=9)
+        # as written, not as a formula ("cost_$5_$10.png" failed as mathtext)
+        ax.set_title(printable(f"{outcome.sample.image.name} ({outcome.sample.defect_type})\nscore {res.score:.3f}"),
+                     fontsize=9, parse_math=False)
         ax.axis("off")
     return _save(fig, path)
 
@@ -162,15 +165,22 @@ def _worst(outcomes: Sequence) -> tuple[list, list]:
 
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Markdown table lines; a ``|`` in a cell (a defect type's folder name) would split it."""
+    rows = [[cell.replace("|", "\\|") for cell in row] for row in rows]
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     return lines + ["| " + " | ".join(row) + " |" for row in rows[1:]]
 
 
 def write_report(directory: Path, result: dict, collected: Collected, predictor: Predictor) -> Path:
-    """Write the plots and ``evaluate_report.md`` into ``directory``; returns the Markdown path."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for old in directory.glob("*.png"):  # a rerun must not show the previous run's mistakes
-        old.unlink()
+    """Write the plots and ``evaluate_report.md`` into ``directory``, which replaces an earlier
+    report whole once this one is complete (``staged_dir``): a rerun that fails leaves no mix of
+    the two runs' plots. Returns the Markdown path."""
+    with staged_dir(directory) as staging:
+        _write_report(staging, result, collected, predictor)
+    return directory / "evaluate_report.md"
+
+
+def _write_report(directory: Path, result: dict, collected: Collected, predictor: Predictor) -> None:
     m, t = result["metrics"], result["thresholds"]
     image_c, pixel_c = m["confusion"]["image"], m["confusion"]["pixel"]
     details = t["calibration"]
@@ -253,6 +263,4 @@ def write_report(directory: Path, result: dict, collected: Collected, predictor:
                       f"![{name[:-4]}]({plot_grid(predictor, chosen, heading, directory / name)})", ""]
         else:
             lines += ["None at the calibrated threshold.", ""]
-    path = directory / "evaluate_report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    return path
+    (directory / "evaluate_report.md").write_text(printable("\n".join(lines)), encoding="utf-8")
