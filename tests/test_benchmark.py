@@ -96,6 +96,19 @@ def test_a_child_reports_its_own_peak_memory_not_its_parents() -> None:
     assert child < 300  # python, numpy, torch imports: about 150-250 MB
 
 
+def test_an_exported_backend_on_a_gpu_fails_before_any_run(tmp_path, capsys, monkeypatch) -> None:
+    """ONNX Runtime and OpenVINO run on the CPU: asked for beside a GPU, the child trained in full and
+    failed when it evaluated."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 1)
+    data = make_mvtec(tmp_path / "data", n_train=3, n_good=1, n_defect=1)
+    out = tmp_path / "bench"
+    assert main(["benchmark", "--datasets", str(data), "--output", str(out),
+                 *_args("Global.device=gpu", "Predict.backend=onnxruntime")]) == 2
+    assert "Predict.backend onnxruntime runs on the CPU only, not on Global.device gpu" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--models", "NoSuchModel"], "NoSuchModel"),
     (["-o", "Train.epoch_iters=3"], "Train.epoch_iters"),

@@ -231,7 +231,10 @@ def run_benchmark(datasets: list[str | Path], models: list[str], overrides: list
              for dataset_dir, name, model, run_dir in _run_dirs([Path(d) for d in datasets], list(models), output)]
     for spec in specs:
         cfg = _run_config(spec, "train")
-        parse_device(cfg["Global"]["device"])
+        device = parse_device(cfg["Global"]["device"])[0]
+        if device.type != "cpu" and cfg["Predict"]["backend"] in ("onnxruntime", "openvino"):
+            raise FlawscopeError(f"Predict.backend {cfg['Predict']['backend']} runs on the CPU only, not on "
+                                 f"Global.device {cfg['Global']['device']}: the run would train and then fail")
         check_model_settings(cfg)
         if not load_dataset(spec["dataset_dir"], cfg["CheckDataset"]["dataset_type"]).val:
             raise FlawscopeError(f"{spec['dataset_dir']}: no test/validation images to evaluate on")
