@@ -123,14 +123,6 @@ def test_coreset_continues_from_existing_points_and_stops_at_radius():
     assert len(chosen) < len(alone)  # the existing points already cover part of the new ones
 
 
-def test_coreset_takes_each_repeated_point_once():
-    """Distances between copies come out at float noise (0.06 for these points), not zero: even
-    asked for every point, the coreset takes one copy of each."""
-    points = torch.randn(50, 64, generator=torch.Generator().manual_seed(0)) * 3 + 10
-    chosen, radius = greedy_coreset(torch.cat([points, points, points]), 150)
-    assert sorted(int(i) % 50 for i in chosen) == list(range(50)) and radius < 0.3
-
-
 def test_embedding_shapes_and_empty_bank():
     model = make_model(feature_dim=32)
     x = norm(textures("stripes", [0, 1], 0))

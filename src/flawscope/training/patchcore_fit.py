@@ -49,9 +49,7 @@ def greedy_coreset(points: torch.Tensor, k: int, seed: int = 0, start_distances:
 
     ``start_distances``: each point's distance to an already chosen set (e.g. an existing bank);
     without it the first point is random (seeded). Stops early once every point is within
-    ``stop_radius``, or within the rounding of the distances (squared, 1e-5 of the largest squared
-    norm: a repeated image's patches are at float noise, not zero, from their first copies, and
-    were all picked). Returns the selected indices in selection order and the final coverage
+    ``stop_radius``. Returns the selected indices in selection order and the final coverage
     radius (largest distance of a point to its nearest selected one).
     """
     n = len(points)
@@ -64,7 +62,7 @@ def greedy_coreset(points: torch.Tensor, k: int, seed: int = 0, start_distances:
         selected.append(first)
     else:
         d2 = start_distances.float().pow(2)
-    stop2 = max(stop_radius ** 2, 1e-5 * float(points_sq.max()))
+    stop2 = stop_radius ** 2
     while len(selected) < k:
         # The farthest candidates, and a bound for everyone else: a point outside the candidates
         # is at most ``bound`` away now and only gets closer, so a candidate whose distance, updated
