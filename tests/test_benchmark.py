@@ -71,10 +71,10 @@ def test_names_with_a_pipe_keep_the_table_whole_and_an_incomplete_one_says_so() 
                           "torch_threads": 1, "OMP_NUM_THREADS": None},
               "settings": {"batch_size": 8, "repeats": 20, "warmup": 3, "overrides": [], "datasets": ["a", "b"],
                            "models": ["STFPM"]},
-              "complete": False,
+              "planned_runs": 3, "complete": False,  # the planned runs, not datasets x models (a model listed twice)
               "runs": [{"dataset": "lot|7", "model": "STFPM", "status": "ok"}]}
     table = markdown_table(report)
-    assert "**Incomplete: 1 of 2 runs so far" in table
+    assert "**Incomplete: 1 of 3 runs so far" in table
     row = table.strip().splitlines()[-1]
     assert row.startswith("| lot\\|7 | STFPM |") and row.replace("\\|", "").count("|") == len(COLUMNS) + 1
 
@@ -83,6 +83,15 @@ def test_a_killed_run_says_it_was_killed_and_an_error_line_beats_a_later_warning
     assert _failure(-signal.SIGKILL, "a warning") == "killed by signal SIGKILL (out of memory?)"
     assert _failure(2, "error: bad image\nWARNING: a late warning\n") == "error: bad image"
     assert _failure(1, "Traceback\nValueError: x\n") == "ValueError: x" and _failure(3, "") == "exit status 3"
+    assert _failure(-40, "") == "killed by signal 40"  # a real-time signal has no name (a ValueError before)
+
+
+def test_peak_memory_is_read_in_a_process_whose_name_is_not_ascii(tmp_path) -> None:
+    """/proc/self/status opens with the process's name: read as ASCII, training crashed at its end."""
+    script = tmp_path / "prüfe.py"
+    script.write_text(f"#!{sys.executable}\nfrom flawscope.device import peak_rss_mb\nprint(peak_rss_mb())\n")
+    script.chmod(0o755)
+    assert float(subprocess.run([str(script)], capture_output=True, text=True, check=True).stdout) > 10
 
 
 def test_a_child_reports_its_own_peak_memory_not_its_parents() -> None:

@@ -28,6 +28,7 @@ from flawscope.evaluation.evaluate import (
     shift_warning,
     summarize,
 )
+from flawscope.errors import FlawscopeError
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
 
@@ -112,6 +113,18 @@ def test_odd_names_make_a_whole_report_and_a_failed_rerun_leaves_no_current_look
     assert json.loads((tmp_path / "eval" / "evaluate_result.json").read_text()) == {"done_flag": False}
     assert Path(result["report"]).read_text(encoding="utf-8") == text  # the earlier report, whole
     assert not list((tmp_path / "eval").glob(".*tmp"))
+
+
+def test_a_file_where_the_report_folder_goes_is_refused_not_replaced(trained, tmp_path) -> None:
+    dataset, out = trained
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "evaluate_report").write_text("the user's notes")
+    with pytest.raises(FlawscopeError, match="evaluate_report: a file, not a folder"):
+        evaluate_model(Predictor.from_dir(out / "best_model/inference"), load_dataset(dataset), tmp_path / "eval",
+                       out / "best_model/inference")
+    assert (tmp_path / "eval" / "evaluate_report").read_text() == "the user's notes"
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["evaluate.log", "evaluate_report",
+                                                                     "evaluate_result.json"]
 
 
 def test_good_images_flagged_beyond_chance_are_called_a_shift() -> None:

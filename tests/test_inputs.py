@@ -87,6 +87,11 @@ def test_ctrl_c_during_a_download_exits_at_once(trickle_server, tmp_path) -> Non
         cli.wait()
 
 
+def test_a_recursive_pattern_under_a_missing_folder_matches_nothing_as_a_plain_one_does(tmp_path) -> None:
+    for pattern in (f"{tmp_path}/missing/*.png", f"{tmp_path}/missing/**/*.png"):
+        assert _names(expand_inputs(pattern)) == [(pattern, f"{pattern}: no images match this pattern")]
+
+
 def test_a_directory_skips_hidden_files_and_folders_as_a_glob_does(tmp_path) -> None:
     image = (DEMO / "hazelnut_good.jpg").read_bytes()
     for name in ("x.jpg", "._x.jpg", ".hidden/y.jpg", "sub/z.jpg", "sub/._z.jpg"):

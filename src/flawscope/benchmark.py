@@ -209,7 +209,11 @@ def _failure(code: int, log: str) -> str:
     """Why a child failed: the signal that killed it (the out-of-memory killer's SIGKILL, most
     often: its last log line would be some warning), else its error line, else its last line."""
     if code < 0:
-        return f"killed by signal {signal.Signals(-code).name}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:  # a real-time signal has no name
+            name = str(-code)
+        return f"killed by signal {name}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
     lines = log.strip().splitlines()
     return next((line for line in reversed(lines) if line.startswith("error: ")),
                 lines[-1] if lines else f"exit status {code}")
@@ -242,7 +246,7 @@ def run_benchmark(datasets: list[str | Path], models: list[str], overrides: list
               "settings": {"datasets": [str(d) for d in datasets], "models": list(models),
                            "overrides": list(overrides), "batch_size": batch_size, "repeats": repeats,
                            "warmup": warmup},
-              "complete": False, "runs": []}
+              "planned_runs": len(specs), "complete": False, "runs": []}
     _write_report(output, report)  # an earlier benchmark's table must not stand for this one's runs
     for spec in specs:
         report["runs"].append(_run_child(spec))
@@ -282,8 +286,8 @@ def markdown_table(report: dict) -> str:
         f"with its periodic evaluations, calibration, saving)",
         f"- Overrides: {' '.join(settings['overrides']) or 'none'}", "",
         *([] if report.get("complete", True) else
-          [f"**Incomplete: {len(report['runs'])} of {len(settings['datasets']) * len(settings['models'])} runs so "
-           "far (running, or stopped).**", ""]),
+          [f"**Incomplete: {len(report['runs'])} of {report['planned_runs']} runs so far (running, or stopped).**",
+           ""]),
         "| " + " | ".join(header for header, _, _ in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]

@@ -69,11 +69,12 @@ def peak_rss_mb() -> float:
     the peak of the process that started this one (a benchmark child reported its parent's 1.7 GB
     for its own 0.4 GB). Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
+        # not ASCII: the first line holds the process's name, which may be "prüfe.py"
+        with open("/proc/self/status", encoding="utf-8", errors="replace") as status:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 2**10  # kB
-    except OSError:
+    except (OSError, ValueError):
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10

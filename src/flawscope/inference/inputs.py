@@ -131,7 +131,8 @@ def _glob(pattern: str) -> list[tuple[str, Any]]:
         recursive_from = parts.index("**")
         start = next(i for i, part in enumerate(parts) if glob.has_magic(part))
         top = Path(*parts[:start]) if start else Path(os.curdir)
-        for root, dirs, _ in os.walk(top, onerror=lambda exc: found.append(_unlisted(exc))):
+        # a folder that is not there: "no images match", as a pattern without ** says
+        for root, dirs, _ in os.walk(top, onerror=lambda exc: found.append(_unlisted(exc))) if top.is_dir() else ():
             depth = start + len(Path(root).relative_to(top).parts)  # the pattern part of root's sub-directories
             part = parts[depth] if depth < recursive_from else "*"
             dirs[:] = [d for d in dirs if fnmatch.fnmatchcase(d, part) and (part[0] == "." or d[0] != ".")]

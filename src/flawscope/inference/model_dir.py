@@ -140,6 +140,8 @@ def staged_dir(path: Path) -> Iterator[Path]:
     """A folder to fill that then replaces ``path`` whole: a half-written folder never appears
     there, and an interrupted write leaves the earlier one as it was (it is moved aside, not
     deleted, until the new one is in place)."""
+    if path.exists() and not path.is_dir():
+        raise FlawscopeError(f"{path}: a file, not a folder: move it away or choose another output")
     path.parent.mkdir(parents=True, exist_ok=True)
     # A plain mkdir, not mkdtemp (whose folder is private): a service under another account must read the model.
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
