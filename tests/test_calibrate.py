@@ -185,7 +185,8 @@ def test_f1_with_defect_masks_that_mark_nothing_fails_before_training(tmp_path, 
     cal_dir = make_mvtec(tmp_path / "cal", n_train=2, seed=5)
     for mask in (cal_dir / "ground_truth" / "scratch").iterdir():
         Image.fromarray(np.zeros((8, 8), np.uint8)).resize(Image.open(mask).size).save(mask)
-    args = ["Global.mode=train", *tiny_overrides(data, out), "Train.threshold_method=f1", f"Train.calibration_dir={cal_dir}"]
+    args = ["Global.mode=train", *tiny_overrides(data, out), "Train.threshold_method=f1",
+            f"Train.calibration_dir={cal_dir}"]
     assert main(["-c", "STFPM", *[a for o in args for a in ("-o", o)]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0] == (f"error: Train.calibration_dir: {cal_dir}: the defect masks mark no pixel; "

@@ -328,7 +328,8 @@ def test_an_image_that_is_no_image_fails_before_training(tmp_path, capsys, bad) 
     (["Train.batch_size=2"], "was trained with batch_size 4, this run has 2"),
     ("truncate", "checkpoint.safetensors: not a readable safetensors file"),
     ("json", "checkpoint.json: damaged checkpoint description"),
-    (["Model.strides=[8,16]", "Model.global_strides=[16]"], "does not fit this model (90 weights differ in name or shape, first _blocks.11"),
+    (["Model.strides=[8,16]", "Model.global_strides=[16]"],
+     "does not fit this model (90 weights differ in name or shape, first _blocks.11"),
 ])
 def test_a_checkpoint_that_cannot_be_resumed_fails_before_anything_is_written(trained, tmp_path, capsys, case,
                                                                             fragment) -> None:

@@ -142,7 +142,8 @@ def _load_calibration_dir(directory: Path, dataset: Dataset) -> tuple[list[Sampl
     return good, defects
 
 
-def _outputs(predictor: Predictor, samples: list[Sample], batch_size: int) -> Iterator[tuple[Sample, np.ndarray, float]]:
+def _outputs(predictor: Predictor, samples: list[Sample],
+             batch_size: int) -> Iterator[tuple[Sample, np.ndarray, float]]:
     """Each sample with its anomaly map and image score, a batch at a time: the caller keeps what
     it needs of a map (a 9 MP image's is 36 MB), not the maps."""
     for i in range(0, len(samples), batch_size):
