@@ -9,7 +9,7 @@ import flawscope.models.knn as knn
 import flawscope.models.patchcore as patchcore
 from flawscope.errors import FlawscopeError
 from flawscope.models import build_model
-from flawscope.models.knn import FaissIndex, OneDnnIndex, nearest_neighbors
+from flawscope.models.knn import FaissIndex, Int8Index, OneDnnIndex, nearest_neighbors
 
 
 def clustered(n: int, dim: int = 16, clusters: int = 40, seed: int = 0) -> torch.Tensor:
@@ -52,6 +52,9 @@ def test_onednn_exact_matches_torch():
 
 def test_cpu_index_takes_the_fastest_available(monkeypatch):
     bank = clustered(500)
+    if knn.onednn_available() and knn.int8_available():
+        assert isinstance(knn.cpu_index(bank, "exact", 8), Int8Index)
+    monkeypatch.setattr(knn, "int8_available", lambda: False)
     if knn.onednn_available():
         assert isinstance(knn.cpu_index(bank, "exact", 8), OneDnnIndex)
     assert isinstance(knn.cpu_index(bank, "approximate", 8), FaissIndex)  # oneDNN has no approximate search
@@ -79,6 +82,87 @@ def test_onednn_that_runs_but_computes_otherwise_is_not_used(monkeypatch):
 
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", other_layout)
     assert knn.onednn_available.__wrapped__() is False
+
+
+needs_int8 = pytest.mark.skipif(not knn.int8_available(), reason="no exact oneDNN int8 linear layer here (x86 with VNNI)")
+
+
+def counted_fallbacks(monkeypatch) -> list:
+    """Calls of the float32 search that ``Int8Index`` falls back on."""
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return nearest_neighbors(*args, **kwargs)
+
+    monkeypatch.setattr(knn, "nearest_neighbors", counting)
+    return calls
+
+
+@needs_int8
+def test_int8_index_is_exact(monkeypatch):
+    bank, queries = clustered(3000, dim=64), clustered(1500, dim=64, seed=1)  # several chunks, the last one short
+    index = Int8Index(bank)
+    assert 1 < len(queries) / index.chunk < 5
+    fallbacks = counted_fallbacks(monkeypatch)
+    dist, idx = index.search(queries)
+    assert not fallbacks  # the int8 candidates did it
+    ref = torch.cdist(queries.double(), bank.double())
+    ref_dist, ref_idx = ref.min(1)
+    assert (idx == ref_idx).float().mean() > 0.999  # ties aside
+    torch.testing.assert_close(dist, ref_dist.float(), rtol=1e-5, atol=1e-5)
+    only, none = index.search(queries[:7].T.contiguous().T, with_indices=False)  # a strided view too
+    assert none is None
+    torch.testing.assert_close(only, dist[:7], rtol=1e-6, atol=1e-6)
+
+
+@needs_int8
+def test_int8_index_tells_apart_rows_its_rounding_cannot(monkeypatch):
+    """Bank rows at distances 10, 10.001, 10.002... of each query: int8 rounds them alike; the
+    nearest must still be the nearest, which a search that trusted the rounded products misses."""
+    gen = torch.Generator().manual_seed(3)
+    queries = torch.randn(200, 48, generator=gen) * 3
+    directions = torch.nn.functional.normalize(torch.randn(200, 40, 48, generator=gen), dim=2)
+    radii = 10 + 0.001 * torch.randperm(40, generator=gen).double()
+    bank = (queries[:, None].double() + directions.double() * radii[:, None]).flatten(0, 1).float()
+    fallbacks = counted_fallbacks(monkeypatch)
+    dist, idx = Int8Index(bank).search(queries)
+    assert not fallbacks
+    assert torch.equal(idx, torch.cdist(queries.double(), bank.double()).argmin(1))
+    torch.testing.assert_close(dist, torch.full((200,), 10.0), rtol=0, atol=1e-4)
+
+
+@needs_int8
+def test_int8_index_checks_its_bound_and_searches_in_float32_where_it_fails(monkeypatch):
+    bank, queries = clustered(2000, dim=32), clustered(300, dim=32, seed=1)
+    index = Int8Index(bank)
+    real = torch.ops.onednn.qlinear_pointwise
+
+    def off_by_one_row(*args):  # as a kernel that got one bank row wrong
+        out = real(*args)
+        out[:, 123] -= 1000  # far more than the rounding can move it
+        return out
+
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", off_by_one_row)
+    fallbacks = counted_fallbacks(monkeypatch)
+    dist, idx = index.search(queries)
+    assert fallbacks
+    ref_dist, ref_idx = nearest_neighbors(queries, bank)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-5, atol=1e-5)
+    nan = index.search(torch.full((3, 32), torch.nan))[0]  # not finite: float32 says what it says
+    assert torch.isnan(nan).all()
+
+
+@needs_int8
+def test_int8_is_tried_not_assumed(monkeypatch):
+    real = torch.ops.onednn.qlinear_pointwise
+
+    def halved_weights(x, x_scale, x_zero_point, weight, *args):  # what CPUs without VNNI may do
+        return 2 * real(x, x_scale, x_zero_point, weight, *args).div(2).trunc()
+
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", halved_weights)
+    assert knn.int8_available.__wrapped__() is False  # the float32 product, then
 
 
 @pytest.mark.parametrize("onednn", [True, False])
@@ -115,17 +199,18 @@ def small_patchcore(**kwargs) -> patchcore.PatchCore:
     return model
 
 
-@pytest.mark.parametrize("index", ["onednn", "faiss"])
+@pytest.mark.parametrize("index", ["int8", "onednn", "faiss"])
 def test_model_scores_the_same_through_each_index(monkeypatch, index):
-    if index == "onednn" and not knn.onednn_available():
-        pytest.skip("torch without oneDNN's packed linear layer, or not on x86")
-    monkeypatch.setattr(knn, "onednn_available", lambda: index == "onednn")
+    if index != "faiss" and not (knn.onednn_available() and (index == "onednn" or knn.int8_available())):
+        pytest.skip(f"torch without oneDNN's {index} linear layer, or not on x86")
+    monkeypatch.setattr(knn, "onednn_available", lambda: index != "faiss")
+    monkeypatch.setattr(knn, "int8_available", lambda: index == "int8")
     model = small_patchcore(strides=(8,), global_score=True)
     model.set_image_bank(torch.randn(30, model.image_bank.shape[1]), torch.randn(20))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         fast = model.map_and_score(x)
-        kind = OneDnnIndex if index == "onednn" else FaissIndex
+        kind = {"int8": Int8Index, "onednn": OneDnnIndex, "faiss": FaissIndex}[index]
         assert {name: type(i) for name, i in model._indexes.items()} == \
             {"patches exact": kind, "descriptor 0 exact": kind, "descriptor 1 exact": kind}  # both banks
         monkeypatch.setattr(knn, "onednn_available", lambda: False)
