@@ -4,6 +4,9 @@ The ResNets read torchvision's weight files: same names and shapes, from a file 
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import re
 import urllib.error
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from flawscope.backbones import create_backbone
-from flawscope.backbones.efficientnet_lite import EfficientNetLite, SameConv2d, load_lite_weights
+from flawscope.backbones.efficientnet_lite import EfficientNetLite, SameConv2d, lite_weights_path, load_lite_weights
 from flawscope.backbones.resnet import URLS, ResNet
 from flawscope.errors import FlawscopeError
 
@@ -143,18 +146,25 @@ def test_resnet_loads_a_torchvision_weights_file(tmp_path, suffix: str) -> None:
 
 def test_resnet_weights_come_from_torchs_cache_or_a_clear_error(tmp_path, monkeypatch) -> None:
     """Online, the weights are downloaded once into PyTorch's cache; offline, one line says where
-    to put the file. A file torchvision downloaded before is used without a download."""
+    to put the file. A file torchvision downloaded before is used without a download; a damaged
+    one there is named as such, with torch's bare numbers given their exception's name."""
     def offline(url: str, *args, **kwargs) -> None:
         raise urllib.error.URLError("no network")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     cached = tmp_path / "torch/hub/checkpoints/resnet18-f37072fd.pth"
-    with pytest.raises(FlawscopeError, match=f"cannot download or read {URLS['resnet18']} .*no network.*{cached}"):
+    with pytest.raises(FlawscopeError, match=f"cannot download {URLS['resnet18']} .*no network.*copy that file to "
+                                             f"{re.escape(str(cached))}"):
         create_backbone("resnet18", (8,))
     cached.parent.mkdir(parents=True, exist_ok=True)
+    damaged = f"{re.escape(str(cached))}: damaged cached download of the pretrained resnet18 weights"
     cached.write_bytes(b"half a download")
-    with pytest.raises(FlawscopeError, match=f"cannot download or read {URLS['resnet18']} .*{cached}"):
+    with pytest.raises(FlawscopeError, match=rf"^{damaged} \(.+\); delete it to download it again, or pass the "
+                                             "weights file as Train.pretrain_weight_path$"):
+        create_backbone("resnet18", (8,))
+    cached.write_bytes(b"junk\n")  # torch's loader says only "174812789"
+    with pytest.raises(FlawscopeError, match=rf"^{damaged} \(KeyError \d+\)"):
         create_backbone("resnet18", (8,))
     state = torchvision_file("resnet18", cached, seed=1)
     model = create_backbone("resnet18", (8,))
@@ -177,3 +187,76 @@ def test_bad_weights_files_are_clear_errors(tmp_path) -> None:
     torch.save({**state, "conv1.weight": torch.zeros(64, 1, 7, 7)}, tmp_path / "gray.pth")
     with pytest.raises(FlawscopeError, match=r"gray.pth: conv1.weight is \(64, 1, 7, 7\), the backbone's is \(64, 3, 7, 7\)"):
         create_backbone("resnet18", (8,), pretrained=tmp_path / "gray.pth")
+
+
+def test_weights_of_a_deeper_network_of_the_family_are_refused(tmp_path) -> None:
+    """Tensors of stages or heads the backbone did not build are ignored (another head, a module
+    the architecture has none of), but extra blocks are another architecture's: ResNet34's third
+    block of layer1 in a "resnet18" file, a deeper stage even where the backbone stops before it
+    (WideResNet101's layer3 for a WideResNet50 at strides 4/8), Lite2's blocks for a Lite0 tapped
+    at stride 4 (blocks 0-2 are alike; the list's next ones are another stage's)."""
+    state = torchvision_file("resnet18", tmp_path / "r18.pth")
+    torch.save({**state, "fc.weight": torch.rand(10, 512), "fc.bias": torch.rand(10), "extra.weight": torch.ones(3)},
+               tmp_path / "finetuned.pth")
+    model = create_backbone("resnet18", (8, 16), pretrained=tmp_path / "finetuned.pth")
+    assert torch.equal(model.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
+    for stage, strides in (("layer1", (8, 16)), ("layer3", (4, 8))):
+        third = {k.replace(f"{stage}.1.", f"{stage}.2."): v for k, v in state.items() if k.startswith(f"{stage}.1.")}
+        torch.save({**state, **third}, tmp_path / "deeper.pth")
+        with pytest.raises(FlawscopeError, match=rf"deeper.pth: holds {stage}\.2\.conv1\.weight, which the backbone "
+                                                 r"does not have \(weights of another architecture\?\)"):
+            create_backbone("resnet18", strides, pretrained=tmp_path / "deeper.pth")
+    with pytest.raises(FlawscopeError, match=r"lite2.*: _blocks\.3\.\S+ is \(.+\), the backbone's is \(.+\) "
+                                             r"\(weights of another architecture\?\)"):
+        create_backbone("efficientnet_lite0", (4,), pretrained=lite_weights_path(2))
+    assert create_backbone("efficientnet_lite0", (4,)).taps == [2]  # its own file, whose later blocks it did not build
+
+
+def test_weights_holding_nan_or_infinity_are_refused_when_read(tmp_path) -> None:
+    state = torchvision_file("resnet18", tmp_path / "r18.pth")
+    state["layer2.0.bn1.running_var"][3] = float("inf")
+    save_file(state, str(tmp_path / "inf.safetensors"))
+    with pytest.raises(FlawscopeError, match=r"inf.safetensors: layer2.0.bn1.running_var holds NaN or infinite values"):
+        create_backbone("resnet18", (8,), pretrained=tmp_path / "inf.safetensors")
+    state["layer2.0.bn1.running_var"][3] = 1.0
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(FlawscopeError, match=r"nan.pth: conv1.weight holds NaN or infinite values"):
+        create_backbone("resnet18", (8,), pretrained=tmp_path / "nan.pth")
+
+
+@pytest.mark.parametrize("name", ["r18.pth", "r18.SAFETENSORS", "r18"])
+def test_a_safetensors_file_is_told_by_its_content_not_its_name(tmp_path, name: str) -> None:
+    state = torchvision_file("resnet18", tmp_path / "original.safetensors")
+    (tmp_path / name).write_bytes((tmp_path / "original.safetensors").read_bytes())
+    model = create_backbone("resnet18", (8,), pretrained=tmp_path / name)
+    assert torch.equal(model.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
+
+
+class _RunsCode:
+    """Unpickled, it would run a command: what a weights file from a stranger may hold."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_pickle_holding_more_than_tensors_is_one_line_of_ours_and_never_unpickled(tmp_path, recwarn,
+                                                                                     protocol: int) -> None:
+    """Not torch's text, which advises loading with weights_only=False, nor its warning on pickle
+    protocols: one line, and nothing run."""
+    with open(tmp_path / "code.pth", "wb") as file:
+        pickle.dump({"conv1.weight": _RunsCode(tmp_path / "ran")}, file, protocol=protocol)
+    with pytest.raises(FlawscopeError) as refused:
+        create_backbone("resnet18", (8,), pretrained=tmp_path / "code.pth")
+    assert str(refused.value) == (f"{tmp_path / 'code.pth'}: not a weights file that loads safely (neither safetensors "
+                                  "nor a PyTorch file of plain tensors: refused, not unpickled)")
+    torch.save({"conv1": torch.nn.Conv2d(3, 64, 7)}, tmp_path / "module.pth")
+    with pytest.raises(FlawscopeError) as refused:
+        create_backbone("resnet18", (8,), pretrained=tmp_path / "module.pth")
+    assert str(refused.value) == (f"{tmp_path / 'module.pth'}: not a weights file that loads safely (holds Python "
+                                  "objects besides tensors, e.g. torch.nn.modules.conv.Conv2d: refused, not unpickled)")
+    assert not (tmp_path / "ran").exists() and not [w for w in recwarn if issubclass(w.category, UserWarning)]

@@ -416,6 +416,70 @@ def test_a_model_dir_whose_banks_do_not_fit_fails_on_loading(fitted_global, tmp_
         load_model_dir(tmp_path / "pc")
 
 
+def _saved(model: PatchCore, path, size: int = SIZE):
+    """``model`` saved as a model directory at ``path``: (its weights file, its tensors)."""
+    info = ModelInfo(model="PatchCore", model_config=model.config(), input_size=size, resize_mode="resize",
+                     mean=list(MEAN), std=list(STD), calibration=Calibration(1.0, 0.5, 1.0, 0.5))
+    save_model_dir(path, model, info)
+    return path / "model.safetensors", load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    ("beyond", r"bank_neighbors hold indices from 1000 to \d+, outside the (\d+) entries of the memory bank"),
+    ("negative", r"bank_neighbors hold indices from -1 to \d+, outside the \d+ entries of the memory bank"),
+    ("rows", r"bank_neighbors are \((\d+), 8\), not \d+x8 as for a memory bank of \d+ entries"),
+    ("empty", r"its memory bank is empty: never fitted, or damaged"),
+], ids=["beyond", "negative", "rows", "empty"])
+def test_a_memory_bank_or_its_neighbours_damaged_fail_on_loading_in_one_line(fitted, tmp_path, damage, message):
+    """Not a traceback at the first image (an index beyond the bank), nor a negative index that
+    would silently wrap around to the bank's end."""
+    weights, state = _saved(fitted, tmp_path / "pc")
+    neighbors = state["bank_neighbors"]
+    if damage == "beyond":
+        state["bank_neighbors"] = neighbors + 1000
+    elif damage == "negative":
+        neighbors[5, 2] = -1
+    elif damage == "rows":
+        state["bank_neighbors"] = neighbors[:-1].contiguous()
+    else:
+        state["memory_bank"], state["bank_neighbors"] = state["memory_bank"][:0], neighbors[:0]
+    save_file(state, str(weights))
+    with pytest.raises(FlawscopeError) as refused:
+        load_model_dir(tmp_path / "pc")
+    assert str(refused.value).startswith(f"{weights}: weights do not fit model PatchCore (")
+    assert re.search(message, str(refused.value)), refused.value
+
+
+def test_bank_neighbors_follow_num_neighbors_edited_in_inference_yml(fitted, tmp_path):
+    """The saved neighbourhood of 8 would weigh the image score with the wrong neighbours: it is
+    found again for the 2 that ``num_neighbors: 3`` keeps, as each image's search finds them."""
+    _saved(fitted, tmp_path / "pc")
+    meta = tmp_path / "pc" / "inference.yml"
+    assert "num_neighbors: 9\n" in meta.read_text()
+    meta.write_text(meta.read_text().replace("num_neighbors: 9\n", "num_neighbors: 3\n"))
+    model, _ = load_model_dir(tmp_path / "pc")
+    assert model.bank_neighbors.shape == (len(fitted.memory_bank), 2)
+    emb = model.embed(norm(textures("checks", [0, 5], 4)))
+    scores = model.patch_scores(emb)
+    torch.testing.assert_close(model.image_score(emb, scores), model.image_score(emb, scores, bank=model.memory_bank))
+
+
+@pytest.mark.parametrize(("key", "value", "allowed"), [("num_neighbors", ".inf", "an integer >= 1"),
+                                                      ("search_nprobe", ".inf", "an integer >= 1"),
+                                                      ("num_neighbors", "4.0", "an integer >= 1"),
+                                                      ("smooth_sigma", ".nan", "a number >= 0")])
+def test_numbers_edited_in_inference_yml_are_checked_before_the_model_is_built(fitted, tmp_path, key, value, allowed):
+    """Not an OverflowError or ValueError traceback from ``int(inf)`` in the model's constructor."""
+    _saved(fitted, tmp_path / "pc")
+    meta = tmp_path / "pc" / "inference.yml"
+    text, count = re.subn(rf"(?m)^  {key}: .*$", f"  {key}: {value}", meta.read_text())
+    assert count == 1
+    meta.write_text(text)
+    shown = {".inf": "Infinity", ".nan": "NaN"}.get(value, value)
+    with pytest.raises(FlawscopeError, match=re.escape(f"{meta}: model_config {key} must be {allowed}, got {shown}")):
+        load_model_dir(tmp_path / "pc")
+
+
 def test_global_score_needs_two_training_images():
     model = PatchCore(global_score=True, smooth_sigma=1.0).eval()
     fit_patchcore(model, half_and_half([64], 0), norm, coreset_ratio=0.5)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, save_model_dir
 from flawscope.models.common import GaussianBlur
 from flawscope.models.stfpm import STFPM, feature_distance, stfpm_loss
 from flawscope.training.stfpm_trainer import fit_image_bank
@@ -159,6 +160,36 @@ def test_image_bank_measures_the_student_on_held_out_images_and_scores_the_large
 
     fit_image_bank(model, train, held_out[:1], torch.device("cpu"), norm)  # one held-out score has no spread
     assert len(model.image_bank) == 0 and torch.equal(model.map_and_score(x)[1], before[1])
+
+
+@torch.no_grad()
+def test_strides_listed_unsorted_make_the_sorted_model(tmp_path) -> None:
+    """Model.strides [32, 8, 16] is the model of [8, 16, 32]: the backbone returns its levels in
+    stride order, so global_strides [32] describe the stride-32 features (not the first listed
+    level's), score_levels keep the deepest, and a model directory saved with either order loads
+    and scores the same."""
+    settings = {"score_levels": 2, "global_score": True, "global_strides": (32,), "smooth_sigma": 1.0}
+    model, unsorted = _model(strides=(8, 16, 32), **settings), _model(strides=(32, 8, 16), **settings)
+    assert unsorted.config() == model.config() and unsorted.descriptor_widths == [320, 320]
+    unsorted.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    train, held_out, test = (torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=generator)
+                             for n in (4, 3, 2))
+    norm = lambda batch: batch.permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
+    x = norm(test)
+    feats = unsorted.teacher(x)
+    assert torch.equal(unsorted.teacher_descriptors(feats), unsorted.describe(feats[2], 1))
+    fit_image_bank(unsorted, train, held_out, torch.device("cpu"), norm)
+    fit_image_bank(model, train, held_out, torch.device("cpu"), norm)
+    expected = model.map_and_score(x)
+    assert all(torch.equal(a, b) for a, b in zip(unsorted.map_and_score(x), expected))
+    for order in ([32, 8, 16], [8, 16, 32]):  # the training config's order, as inference.yml keeps it
+        info = ModelInfo(model="STFPM", model_config={**unsorted.config(), "strides": order}, input_size=64,
+                         resize_mode="resize", mean=[0.5] * 3, std=[0.5] * 3,
+                         calibration=Calibration(1.0, 0.5, 1.0, 0.5))
+        save_model_dir(tmp_path / "st", unsorted, info)
+        loaded, _ = load_model_dir(tmp_path / "st")
+        assert all(torch.equal(a, b) for a, b in zip(loaded.map_and_score(x), expected))
 
 
 def test_models_saved_before_score_levels_score_on_every_level() -> None:

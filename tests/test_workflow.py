@@ -409,7 +409,16 @@ def test_an_output_folder_that_is_a_file(trained, tmp_path, capsys, under) -> No
     (("resize_mode: resize", "resize_mode: crop"), "resize_mode must be one of resize, letterbox"),
     (("  smooth_sigma: ", "  smooth_sigma: 100 #"),
      "inference.yml: model_config smooth_sigma 100 blurs over the whole 64-pixel input: it must be at most 15.75"),
-    (("  smooth_sigma: ", "  smooth_sigma: -1 #"), "inference.yml: Model: smooth_sigma must be a number >= 0, not -1"),
+    (("  smooth_sigma: ", "  smooth_sigma: -1 #"),
+     "inference.yml: model_config smooth_sigma must be a number >= 0, got -1"),
+    (("  smooth_sigma: ", "  smooth_sigma: .nan #"),
+     "inference.yml: model_config smooth_sigma must be a number >= 0, got NaN"),
+    (("  smooth_sigma: ", "  smooth_sigma: .inf #"),
+     "inference.yml: model_config smooth_sigma must be a number >= 0, got Infinity"),
+    (("  global_grid: ", "  global_grid: .inf #"),
+     "inference.yml: model_config global_grid must be an integer >= 1, got Infinity"),
+    (("  global_grid: ", "  global_grid: 1.5 #"),
+     "inference.yml: model_config global_grid must be an integer >= 1, got 1.5"),
     ("truncate", "model.safetensors: not a readable safetensors file, truncated or damaged"),
     ("nan", "STFPM: the model's output is NaN or infinite: its weights are damaged"),
 ])
@@ -685,6 +694,20 @@ def test_a_resnet_backbone_from_a_torchvision_weights_file(trained, tmp_path, ca
     bad = tmp_path / "bad"
     _fails_cleanly(capsys, bad, "Global.mode=train", *tiny_overrides(dataset, bad), "Model.backbone=resnet18",
                    f"Train.pretrain_weight_path={tmp_path / 'none.pth'}", fragment="none.pth: backbone weights file not found")
+
+
+def test_nan_backbone_weights_fail_before_anything_is_written(tmp_path, capsys) -> None:
+    """Found when the file is read, which names it and the tensor: not from NaN features once
+    config.yaml, train.log and train_result.json are written."""
+    from flawscope.backbones.resnet import ResNet
+
+    state = ResNet(classifier=True, arch="resnet18").state_dict()
+    state["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    weights, data, out = tmp_path / "nan.pth", make_mvtec(tmp_path / "data"), tmp_path / "out"
+    torch.save(state, weights)
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out), "Model.backbone=resnet18",
+                   f"Train.pretrain_weight_path={weights}",
+                   fragment=f"error: {weights}: layer1.0.conv1.weight holds NaN or infinite values")
 
 
 @pytest.mark.parametrize("train", [_patchcore, _cli])

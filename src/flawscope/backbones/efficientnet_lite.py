@@ -131,6 +131,11 @@ class EfficientNetLite(nn.Module):
             self._bn1 = nn.BatchNorm2d(1280, eps=_BN_EPS)
             self._fc = nn.Linear(1280, 1000)
 
+    def whole_network(self) -> "EfficientNetLite":
+        """This variant whole, on the meta device (names and shapes only): what its weight files hold."""
+        with torch.device("meta"):
+            return EfficientNetLite(classifier=True, variant=self.variant)
+
     def fuse_batchnorm(self) -> "EfficientNetLite":
         """Fold every BatchNorm into its convolution: a quarter less inference time on a CPU.
 
@@ -173,4 +178,4 @@ def lite_weights_path(variant: int = 0) -> Path:
 def load_lite_weights(model: EfficientNetLite, path: str | Path | None = None) -> EfficientNetLite:
     """Load ImageNet weights into ``model``, ignoring the layers it did not build."""
     path = path or lite_weights_path(model.variant)
-    return load_matching(model, read_weights(path), str(path))
+    return load_matching(model, read_weights(path), str(path), model.whole_network())

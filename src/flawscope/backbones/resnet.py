@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flawscope.backbones.weights import fold_batchnorm, load_matching, read_weights
-from flawscope.errors import FlawscopeError, first_line
+from flawscope.backbones.weights import check_finite, fold_batchnorm, load_matching, read_weights, reason
+from flawscope.errors import FlawscopeError
 
 # torchvision's IMAGENET1K_V1 weights: the ones the STFPM and PatchCore papers used.
 URLS = {"resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
@@ -122,6 +122,11 @@ class ResNet(nn.Module):
         if classifier:
             self.fc = nn.Linear(cin, 1000)
 
+    def whole_network(self) -> "ResNet":
+        """This architecture whole, on the meta device (names and shapes only): what its weight files hold."""
+        with torch.device("meta"):
+            return ResNet(classifier=True, arch=self.arch)
+
     def fuse_batchnorm(self) -> "ResNet":
         """Fold every BatchNorm into its convolution, for inference (as ``EfficientNetLite``'s)."""
         fold_batchnorm(self.conv1, self.bn1)
@@ -147,12 +152,17 @@ def load_resnet_weights(model: ResNet, path: str | Path | None = None) -> ResNet
     """Load torchvision's ImageNet weights into ``model``: from ``path``, or downloaded once from
     torchvision's address into PyTorch's cache."""
     if path is not None:
-        return load_matching(model, read_weights(path), str(path))
+        return load_matching(model, read_weights(path), str(path), model.whole_network())
     url = URLS[model.arch]
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
     try:
         state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True, weights_only=True)
-    except Exception as exc:  # no network, a download failing its hash check, a damaged cached file
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
-        raise FlawscopeError(f"pretrained {model.arch} weights: cannot download or read {url} ({first_line(exc)}); "
+    except Exception as exc:
+        if cache.is_file():  # torch reads a cached file as it is: only a download is checked against the hash
+            raise FlawscopeError(f"{cache}: damaged cached download of the pretrained {model.arch} weights "
+                                 f"({reason(exc)}); delete it to download it again, or pass the weights file as "
+                                 "Train.pretrain_weight_path") from None
+        raise FlawscopeError(f"pretrained {model.arch} weights: cannot download {url} ({reason(exc)}); "
                              f"offline, copy that file to {cache} or pass it as Train.pretrain_weight_path") from None
-    return load_matching(model, state, url)
+    check_finite(state, cache)
+    return load_matching(model, state, str(cache), model.whole_network())

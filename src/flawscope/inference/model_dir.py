@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from flawscope import __version__
-from flawscope.config import MAX_INPUT_SIZE, MODELS, load_yaml, yaml_problem
+from flawscope.config import MAX_INPUT_SIZE, MODELS, SCHEMA, check_value, load_yaml, yaml_problem
 from flawscope.data.transforms import RESIZE_MODES
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
@@ -223,19 +223,24 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu",
     weights_path = Path(path) / WEIGHTS_FILE
     if not weights_path.is_file():
         raise FlawscopeError(f"{path}: not an inference model directory (missing {WEIGHTS_FILE})")
+    meta_path = Path(path) / META_FILE
     config = dict(info.model_config)
+    for key, value in config.items():  # NaN, infinity or 2.5 for an integer would fail in the model with a traceback
+        spec = SCHEMA["Model"].get(key)
+        if spec is not None and spec.kind in (int, float):
+            config[key] = check_value(f"model_config {key}", spec, value, str(meta_path))
     sigma = config.get("smooth_sigma")
-    if isinstance(sigma, (int, float)) and math.ceil(4 * sigma) >= info.input_size:  # as the config refuses it
-        raise FlawscopeError(f"{Path(path) / META_FILE}: model_config smooth_sigma {sigma} blurs over the whole "
+    if isinstance(sigma, float) and math.ceil(4 * sigma) >= info.input_size:  # as the config refuses it
+        raise FlawscopeError(f"{meta_path}: model_config smooth_sigma {sigma:g} blurs over the whole "
                              f"{info.input_size}-pixel input: it must be at most {(info.input_size - 1) / 4:g}")
     if exact_search and config.get("search") == "approximate":
         config["search"] = "exact"
     try:
         model = build_model(info.model, config, pretrained=False)
     except FlawscopeError as exc:  # a setting this machine cannot run (approximate search without faiss)
-        raise FlawscopeError(f"{Path(path) / META_FILE}: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise FlawscopeError(f"{Path(path) / META_FILE}: model_config does not fit model {info.model} "
+        raise FlawscopeError(f"{meta_path}: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FlawscopeError(f"{meta_path}: model_config does not fit model {info.model} "
                              f"({first_line(exc)})") from None
     try:
         tensors = load_file(str(weights_path))

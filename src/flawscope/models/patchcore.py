@@ -128,11 +128,15 @@ class PatchCore(ImageBankScore, nn.Module):
         if bank.ndim != 2 or bank.shape[1] != self.embed_dim:
             raise ValueError(f"memory bank must be Kx{self.embed_dim}, not {tuple(bank.shape)}")
 
+    def _neighbor_count(self, bank_size: int) -> int:
+        """The neighbours ``bank_neighbors`` keeps of each entry: ``num_neighbors - 1``, fewer in a smaller bank."""
+        return max(min(self.num_neighbors, bank_size) - 1, 0)
+
     def _bank_neighbors(self, bank: torch.Tensor) -> torch.Tensor:
         """Each entry's neighbourhood in ``bank``, found once with the bank rather than by a pass
         over the whole bank for every image (0.6 of 0.7 ms of the image score with a 10k bank, and
         a TopK over the bank in an export). It costs O(bank²) once: 0.2 s for 10k entries."""
-        return nearest_others(bank, max(min(self.num_neighbors, len(bank)) - 1, 0))
+        return nearest_others(bank, self._neighbor_count(len(bank)))
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -142,13 +146,27 @@ class PatchCore(ImageBankScore, nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         """The bank's size is only known after fitting: take the saved tensors' shapes, and refuse
         banks this model cannot search (so a damaged file fails on loading, not on the first image).
-        A model saved before ``bank_neighbors`` gets them now (as BatchNorm adds a missing counter)."""
+        ``bank_neighbors`` are found now where a model lacks them (saved before them, as BatchNorm
+        adds a missing counter) or keeps another number of them (``num_neighbors`` edited in
+        ``inference.yml``)."""
         bank = state_dict.get(prefix + "memory_bank")
-        if bank is not None and prefix + "bank_neighbors" not in state_dict:
-            state_dict[prefix + "bank_neighbors"] = self._bank_neighbors(bank.float())
+        if bank is not None:
+            self._check_memory_bank(bank)
+            if len(bank) == 0:
+                raise ValueError("its memory bank is empty: never fitted, or damaged")
+            neighbors = state_dict.get(prefix + "bank_neighbors")
+            count = self._neighbor_count(len(bank))
+            one_per_entry = neighbors is not None and neighbors.ndim == 2 and len(neighbors) == len(bank)
+            if neighbors is None or (one_per_entry and neighbors.shape[1] != count):  # num_neighbors edited
+                state_dict[prefix + "bank_neighbors"] = self._bank_neighbors(bank.float())
+            elif neighbors.shape != (len(bank), count):
+                raise ValueError(f"bank_neighbors are {tuple(neighbors.shape)}, not {len(bank)}x{count} as for a "
+                                 f"memory bank of {len(bank)} entries")
+            elif count and not bool(((neighbors >= 0) & (neighbors < len(bank))).all()):
+                raise ValueError(f"bank_neighbors hold indices from {int(neighbors.min())} to {int(neighbors.max())}, "
+                                 f"outside the {len(bank)} entries of the memory bank")
         self._size_on_load(state_dict, prefix, self._SIZED_ON_LOAD)
         super()._load_from_state_dict(state_dict, prefix, *args)
-        self._check_memory_bank(self.memory_bank)
 
     def patch_scores(self, emb: torch.Tensor, bank: torch.Tensor | None = None) -> torch.Tensor:
         """Bxhxw distances of the patches of ``embed``'s output to their nearest bank entries.

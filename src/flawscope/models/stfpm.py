@@ -69,7 +69,8 @@ class STFPM(ImageBankScore, nn.Module):
         if global_score and not set(global_strides) <= set(strides):
             raise ValueError(f"global_strides {list(global_strides)} must be among the strides {list(strides)}")
         self._image_bank_settings(global_score, global_grid, global_strides)
-        self.backbone, self.strides = backbone, tuple(strides)
+        # sorted, as the backbone returns its levels: ``strides.index`` and the deepest levels agree with them
+        self.backbone, self.strides = backbone, tuple(sorted(strides))
         self.map_combine, self.smooth_sigma = map_combine, float(smooth_sigma)
         # None: all levels (also when fewer than score_levels are configured)
         self.score_levels = None if score_levels is None or score_levels >= len(self.strides) else int(score_levels)
