@@ -52,8 +52,11 @@ def test_onednn_exact_matches_torch():
 
 def test_cpu_index_takes_the_fastest_available(monkeypatch):
     bank = clustered(500)
-    if knn.onednn_available() and knn.int8_available():
-        assert isinstance(knn.cpu_index(bank, "exact", 8), Int8Index)
+    if knn.onednn_available():
+        assert isinstance(knn.cpu_index(bank, "exact", 8), OneDnnIndex)  # small: float32 is faster
+        if knn.int8_available():
+            monkeypatch.setattr(knn, "INT8_MIN_BANK", 500)
+            assert isinstance(knn.cpu_index(bank, "exact", 8), Int8Index)
     monkeypatch.setattr(knn, "int8_available", lambda: False)
     if knn.onednn_available():
         assert isinstance(knn.cpu_index(bank, "exact", 8), OneDnnIndex)
@@ -205,6 +208,7 @@ def test_model_scores_the_same_through_each_index(monkeypatch, index):
         pytest.skip(f"torch without oneDNN's {index} linear layer, or not on x86")
     monkeypatch.setattr(knn, "onednn_available", lambda: index != "faiss")
     monkeypatch.setattr(knn, "int8_available", lambda: index == "int8")
+    monkeypatch.setattr(knn, "INT8_MIN_BANK", 0)  # the image bank's 30 rows too
     model = small_patchcore(strides=(8,), global_score=True)
     model.set_image_bank(torch.randn(30, model.image_bank.shape[1]), torch.randn(20))
     x = torch.randn(2, 3, 64, 64)
