@@ -396,3 +396,89 @@ def test_convert_and_split_write_sorted_lists_as_the_split_alone_does(tmp_path):
     assert report["train_samples"] == 4 and report["defect_images_kept_in_val"] == 1
     for name in ("train.txt", "val.txt"):
         assert _lines(root / name) == sorted(_lines(root / name))
+
+
+@pytest.mark.parametrize("marker", ["check_dataset_result.json", "train_result.json", "evaluate_result.json"])
+def test_labelme_skips_an_earlier_runs_output_inside_the_dataset(tmp_path, caplog, marker):
+    """An output left in the dataset by a run with another Global.output: its demo pictures (a
+    defect drawn on them) and histogram are no good images."""
+    root = tmp_path / "data"
+    _image(root / "a.png", value=1)
+    _image(root / "b.png", value=2)
+    _labelme(root / "b.json", "b.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    old = root / "output"
+    (old / marker).parent.mkdir(parents=True)
+    (old / marker).write_text("{}")
+    _image(old / "check_dataset" / "demo_img" / "val_00_defect_b.jpg", mode="RGB")
+    _image(old / "check_dataset" / "histogram.png")
+    convert_dataset(root, "LabelMe")
+    assert _lines(root / "train.txt") == ["a.png"]
+    assert f"{old}: holds the output of an earlier flawscope run ({marker})" in caplog.text
+
+
+def test_labelme_annotations_with_an_upper_case_suffix_are_read(tmp_path):
+    """B.JSON, as Windows tools may name it: its image is a defect, not a good training image."""
+    root = tmp_path / "data"
+    _image(root / "a.png", value=1)
+    _image(root / "B.PNG", value=2)
+    _labelme(root / "B.JSON", "B.PNG", [_shape("rectangle", [[2, 2], [8, 8]])])
+    convert_dataset(root, "LabelMe")
+    assert _lines(root / "train.txt") == ["a.png"]
+    assert _lines(root / "val.txt") == [f"B.PNG {MASK_DIR}/B.png"]
+
+
+def test_voc_image_sets_line_with_whitespace_is_refused(tmp_path):
+    """"a b" is one image's name, not image "a": taking the first word would lose "a b.jpg"."""
+    root = _voc(tmp_path / "data")
+    _image(root / "JPEGImages" / "a b.jpg", mode="RGB")
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("b\nc\n")
+    (sets / "val.txt").write_text("a b\n")
+    before = _snapshot(root)
+    with pytest.raises(FlawscopeError, match=re.escape(f"{sets / 'val.txt'}:1: 'a b' contains whitespace")):
+        convert_dataset(root, "VOC")
+    assert _snapshot(root) == before
+
+
+def test_labelme_follows_folder_links_once(tmp_path, caplog):
+    """Good images on another disk, linked in, are read as the other layouts read them; a link
+    back up to the dataset ends instead of looping."""
+    root = tmp_path / "data"
+    elsewhere = tmp_path / "elsewhere"
+    _image(elsewhere / "g.png", value=1)
+    _image(root / "b.png", value=2)
+    _labelme(root / "b.json", "b.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    (root / "good").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "up").symlink_to(root, target_is_directory=True)
+    convert_dataset(root, "LabelMe")
+    assert _lines(root / "train.txt") == ["good/g.png"]
+    assert f"{root / 'good' / 'up'}: the same folder as {root}" in caplog.text
+
+
+@pytest.mark.parametrize("split", [None, (50, 50, 0)])
+def test_labelme_two_files_for_one_image_are_refused(tmp_path, split):
+    """Unsplit the image would be listed twice with two masks; re-split, one mask would be dropped."""
+    root = tmp_path / "data"
+    for i in range(4):
+        _image(root / f"g{i}.png", value=i)
+    _image(root / "b.png", value=9)
+    first = _labelme(root / "b.json", "b.png", [_shape("rectangle", [[2, 2], [5, 5]])])
+    second = _labelme(root / "b_v2.json", "b.png", [_shape("rectangle", [[9, 9], [14, 14]])])
+    before = _snapshot(root)
+    with pytest.raises(FlawscopeError, match=re.escape(f"{root / 'b.png'}: annotated in two LabelMe files, "
+                                                       f"{first} and {second}")):
+        convert_dataset(root, "LabelMe", split=split)
+    assert _snapshot(root) == before
+
+
+def test_labelme_anno_lists_naming_two_files_for_one_image_are_refused(tmp_path):
+    root = tmp_path / "data"
+    _image(root / "a.png")
+    first = _labelme(root / "a.json", "a.png", [])
+    second = _labelme(root / "a_v2.json", "a.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    (root / "train_anno_list.txt").write_text("a.json\n")
+    (root / "val_anno_list.txt").write_text("a_v2.json\n")
+    with pytest.raises(FlawscopeError, match=re.escape(f"annotated in two LabelMe files, {first} and {second}")):
+        convert_dataset(root, "LabelMe")
+    assert not (root / "train.txt").exists()

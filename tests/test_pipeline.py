@@ -7,6 +7,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -533,3 +534,16 @@ def test_a_folder_of_folders_in_module_mode_is_told_the_recursive_glob(tmp_path,
                  "-o", f"Global.output={tmp_path / 'out'}"]) == 2
     err = capsys.readouterr().err
     assert f"-o 'Predict.input={tmp_path / 'in'}/**/*'" in err and "--recursive" not in err
+
+
+@pytest.mark.parametrize("name", [["anomaly_detection"], {"anomaly_detection": None}])
+def test_a_pipeline_name_that_is_not_text_is_refused(tmp_path, capsys, name) -> None:
+    """A list or mapping where the name goes (an edited file): one error line, not TypeError: unhashable."""
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump({"pipeline_name": name}))
+    assert main(["--pipeline", str(edited), "--input", str(DEMO), "--save_path", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {edited}: pipeline_name must be one of anomaly_detection, got {name!r}"]
+    with pytest.raises(FlawscopeError, match=re.escape(f"config: pipeline_name must be one of anomaly_detection, "
+                                                       f"got {name!r}")):
+        create_pipeline(config={"pipeline_name": name})

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from flawscope.engine import save_results
+from flawscope.engine import save_results, warn_if_saved_among_inputs
 from flawscope.inference import result as result_module
 from flawscope.errors import FlawscopeError
 from flawscope.inference.result import AnomalyResult, Region, rle_decode, rle_encode
@@ -280,3 +281,42 @@ def test_a_name_that_is_not_utf8_prints_escaped(tmp_path, capsys):
     save_results([_result(input_path=name), AnomalyResult.from_error(name, f"{name}: broken")], tmp_path)
     assert capsys.readouterr().out.splitlines() == ["caf\\udce9.png\tscore=0.730\tis_anomaly=True",
                                                     "caf\\udce9.png\terror: broken"]
+
+
+@pytest.mark.parametrize("parent", ["", "sub/"])
+def test_saving_under_a_file_names_that_file(tmp_path, parent):
+    """The parent folder is a file: the error names it, not the hidden temp file the cleanup tried."""
+    (tmp_path / "report").write_text("a file, not a folder\n")
+    result = _result()
+    for save in (lambda: result.save_to_json(tmp_path / "report" / f"{parent}x.json"),
+                 lambda: result.save_to_img(tmp_path / "report" / parent)):
+        with pytest.raises(NotADirectoryError, match="a file, not a folder") as error:
+            save()
+        assert error.value.filename == str(tmp_path / "report")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_save_all_returns_every_file_it_writes(tmp_path):
+    result = _result(input_path="/data/a.png")
+    result.json_arrays, result.save_extra = "png", True
+    written = result.save_all(tmp_path)
+    assert sorted(written) == sorted(tmp_path.iterdir())
+    assert sorted(p.name for p in written) == ["a_map.png", "a_pred.png", "a_res.json", "a_res.map.png",
+                                               "a_res.png", "a_res.pred.png"]
+
+
+@pytest.mark.parametrize("given, save, warned", [
+    ("parts", "parts", True),  # beside the inputs: the next run over parts/ reads them
+    ("parts", "parts/out", True),  # a recursive run over parts/ reads parts/out/
+    (["parts/a.png", "parts"], "parts/out", True),
+    ("parts/a.png", "parts/out", False),  # one image: the default output/ beside it is no input
+    ("parts", "elsewhere", False),
+    ("parts/*.png", "parts", False),  # a glob names files, not the folder
+])
+def test_saving_into_an_input_folder_warns(tmp_path, monkeypatch, caplog, given, save, warned):
+    """The saved pictures would be scored as parts, as by PaddleX: said, not skipped by name."""
+    monkeypatch.chdir(tmp_path)
+    Path("parts").mkdir()
+    Path("parts/a.png").write_bytes(b"")
+    warn_if_saved_among_inputs(given, Path(save))
+    assert caplog.text.count("a later run over that folder will read them as inputs") == int(warned)

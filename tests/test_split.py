@@ -195,3 +195,23 @@ def test_a_refused_split_after_a_conversion_leaves_the_dataset_as_it_was(tmp_pat
     with pytest.raises(FlawscopeError, match="10% of its 2 good images is none"):
         run_check_dataset(cfg)
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_too_few_good_images_for_the_val_percentage_is_refused(tmp_path):
+    """As for train: 10% of 4 good images rounds to none, refused before any list is written."""
+    root = _segdataset(tmp_path / "data", n_good=4)
+    before = {p.name: p.read_bytes() for p in root.glob("*.txt*")}
+    with pytest.raises(FlawscopeError, match="10% of its 4 good images is none; validation needs at least one"):
+        split_dataset(root, 90, 10)
+    assert {p.name: p.read_bytes() for p in root.glob("*.txt*")} == before
+
+
+def test_an_image_listed_with_two_defect_masks_is_refused(tmp_path):
+    """A split lists each image once: keeping one of its masks would drop the other's defect."""
+    root = _segdataset(tmp_path / "data", n_good=4, n_defect=2)
+    with (root / "val.txt").open("a") as lists:
+        lists.write("img/04.png mask/05.png\n")
+    before = {p.name: p.read_bytes() for p in root.glob("*.txt*")}
+    with pytest.raises(FlawscopeError, match=r"04.png: listed with two defect masks, .*mask/04.png and .*mask/05.png"):
+        split_dataset(root, 50, 50)
+    assert {p.name: p.read_bytes() for p in root.glob("*.txt*")} == before

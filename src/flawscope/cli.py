@@ -130,7 +130,7 @@ def run(argv: list[str] | None = None) -> int:
                              "(pipeline settings: --device, --batch_size, --backend, --model_dir, or its YAML)")
     if args.pipeline:
         from flawscope.device import parse_device
-        from flawscope.engine import save_results
+        from flawscope.engine import save_results, warn_if_saved_among_inputs
         from flawscope.pipeline import create_pipeline
 
         if not args.input:
@@ -143,6 +143,7 @@ def run(argv: list[str] | None = None) -> int:
         if args.device is not None:  # named as the user typed it, before the pipeline's own check names its setting
             parse_device(args.device, "--device")
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
+        warn_if_saved_among_inputs(args.input, save_path)
         counts = save_results(pipeline.predict(args.input), save_path)
         return _prediction_status(counts)
     if args.config:

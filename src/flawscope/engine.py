@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
+from typing import Any
 from pathlib import Path
 
 from flawscope.device import check_device_spec, one_device, parse_device
@@ -109,6 +111,7 @@ def predict(cfg: dict) -> dict:
                     "bundled default model (STFPM, hazelnuts only)", cfg["Global"]["output"])
     predictor = Predictor.from_dir(model_dir, one_device(cfg["Global"]["device"]), p["backend"],
                                    batch_size=p["batch_size"])
+    warn_if_saved_among_inputs(p["input"], Path(cfg["Global"]["output"]))
     return save_results(_module_hints(predictor.predict(p["input"])), Path(cfg["Global"]["output"]))
 
 
@@ -148,6 +151,19 @@ def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
         # Rounded as the picture's label is: 0.49996 must not print "0.500" beside is_anomaly=False.
         print(printable(f"{res.input_path}\tscore={res.score_text(3)}\tis_anomaly={res.is_anomaly}"))
     return counts
+
+
+def warn_if_saved_among_inputs(inputs: Any, save_path: Path) -> None:
+    """Say when results go into a folder given as input: a later run over that folder would read
+    the pictures saved there as parts, as PaddleX's would (names are not skipped: a part's photo
+    may well end in _res.png)."""
+    target = save_path.resolve()
+    for source in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) \
+                and target.is_relative_to(Path(source).resolve()):
+            log.warning("%s: results saved into the input folder %s: a later run over that folder will read them "
+                        "as inputs", save_path, source)
+            return
 
 
 def export(cfg: dict) -> dict:

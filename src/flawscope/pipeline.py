@@ -103,12 +103,18 @@ def load_pipeline_config(pipeline: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise FlawscopeError(f"{path}: cannot read the pipeline config ({first_line(exc)})") from None
     name = data.get("pipeline_name") if isinstance(data, dict) else None
-    if name not in PIPELINES:
+    if not _is_pipeline(name):
         raise FlawscopeError(f"{path}: pipeline_name must be one of {', '.join(PIPELINES)}, got {name!r}")
     merged = get_pipeline_config(name)
     _merge(merged, data, str(path))
     _check_settings(merged, str(path))
     return merged
+
+
+def _is_pipeline(name: Any) -> bool:
+    """Whether ``name`` names a pipeline; an edited YAML may hold a list or mapping there, which
+    ``in PIPELINES`` would fail on as unhashable."""
+    return isinstance(name, str) and name in PIPELINES
 
 
 def _check_settings(config: dict[str, Any], where: str, prefix: str = _SETTINGS_PREFIX) -> None:
@@ -175,7 +181,7 @@ def create_pipeline(pipeline: str | Path = "anomaly_detection", config: dict[str
     if config is not None:
         if not isinstance(config, dict):
             raise FlawscopeError(f"config: must be a dict shaped like the pipeline's YAML, not {type(config).__name__}")
-        if config.get("pipeline_name", "anomaly_detection") not in PIPELINES:
+        if not _is_pipeline(config.get("pipeline_name", "anomaly_detection")):
             raise FlawscopeError(f"config: pipeline_name must be one of {', '.join(PIPELINES)}, "
                                  f"got {config['pipeline_name']!r}")
         cfg = get_pipeline_config("anomaly_detection")

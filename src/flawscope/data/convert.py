@@ -35,6 +35,9 @@ MASK_DIR = "converted_masks"
 LABELME_BACKGROUND = "_background_"  # LabelMe's label for areas that are explicitly not defect
 # labelme_json_to_dataset writes img.png, label.png, label_viz.png and this beside them: no good images
 _LABELME_EXPORT = "label_names.txt"
+# written by check_dataset, train and evaluate at the top of Global.output (train and evaluate from
+# their start): a folder holding one is an earlier run's output, its pictures no good images
+_OUTPUT_MARKERS = ("check_dataset_result.json", "train_result.json", "evaluate_result.json")
 _SPLITS = ("train", "val")
 
 Splits = dict[str, list[Sample]]
@@ -186,8 +189,12 @@ def _from_voc(root: Path, masks: _Masks) -> Splits:
         list_file = set_dir / f"{split}.txt"
         if list_file.is_file():
             for lineno, line in enumerate(read_lines(list_file), 1):
-                if line.strip():
-                    splits[split].append(sample(line.split()[0], f"{list_file}:{lineno}"))
+                stem = line.strip()
+                if any(c.isspace() for c in stem):  # a name, not "name label": taking "a" for "a b" loses "a b"
+                    raise FlawscopeError(f"{list_file}:{lineno}: {stem!r} contains whitespace, which SegDataset "
+                                         "list lines ('image_path mask_path') cannot hold; rename it")
+                if stem:
+                    splits[split].append(sample(stem, f"{list_file}:{lineno}"))
     return splits
 
 
@@ -200,17 +207,19 @@ def _from_labelme(root: Path, masks: _Masks) -> Splits:
     in the folders ``labelme_json_to_dataset`` writes (a mask and its overlay among them).
     """
     anno_lists = {split: root / f"{split}_anno_list.txt" for split in _SPLITS}
+    sources: dict[Path, Path] = {}  # shared by the splits: one image annotated in both is refused too
     if anno_lists["train"].is_file():
-        return {split: _labelme_samples(root, _listed_files(root, path) if path.is_file() else [], masks)
+        return {split: _labelme_samples(root, _listed_files(root, path) if path.is_file() else [], masks, sources)
                 for split, path in anno_lists.items()}
-    samples = _labelme_samples(root, _visible(root, "*.json", masks.skip), masks)
+    files = _visible(root, masks.skip)
+    samples = _labelme_samples(root, [path for path in files if path.suffix.lower() == ".json"], masks, sources)
     if not samples:
         raise FlawscopeError(f"{root}: no LabelMe annotation files (*.json) found; "
                              "CheckDataset.convert.src_dataset_type names the layout to convert from")
     annotated = {s.image for s in samples}
     samples += [
         Sample(path, None, 0, GOOD)
-        for path in _visible(root, "*", masks.skip)
+        for path in files
         if is_image_file(path) and path not in annotated and MASK_DIR not in path.relative_to(root).parts
         and not _labelme_export(path.parent)
     ]
@@ -241,20 +250,49 @@ def _listed_files(root: Path, list_file: Path) -> list[Path]:
     return files
 
 
-def _visible(root: Path, pattern: str, skip: Path | None) -> list[Path]:
-    """Files under ``root`` matching ``pattern``, sorted, none in hidden folders or hidden, none
-    under ``skip``."""
-    return sorted(
-        path for path in root.rglob(pattern)
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
-        and (skip is None or not path.is_relative_to(skip))
-    )
+def _visible(root: Path, skip: Path | None) -> list[Path]:
+    """Files under ``root``, sorted, none in hidden folders or hidden, none under ``skip`` or in
+    an earlier flawscope run's output. Folder links are followed, as the other layouts' readers
+    follow them; each real folder is read once, so a link back up ends."""
+    files: list[Path] = []
+    walked = {os.path.realpath(root): root}  # each folder read, by its real path
+    for top, dirs, names in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(dirs):
+            folder = Path(top, name)
+            if name.startswith(".") or folder == skip:
+                continue
+            if marker := next((m for m in _OUTPUT_MARKERS if (folder / m).is_file()), None):
+                log.warning("%s: holds the output of an earlier flawscope run (%s), its files are not used",
+                            folder, marker)
+                continue
+            real = os.path.realpath(folder)
+            if real in walked:
+                log.warning("%s: the same folder as %s (through a link), read already: not read again",
+                            folder, walked[real])
+                continue
+            walked[real] = folder
+            kept.append(name)
+        dirs[:] = kept
+        files += [path for path in (Path(top, name) for name in names if not name.startswith(".")) if path.is_file()]
+    return sorted(files)
 
 
-def _labelme_samples(root: Path, json_paths: list[Path], masks: _Masks) -> list[Sample]:
-    """The samples of the LabelMe files among ``json_paths``."""
-    samples = (_labelme_sample(root, path, masks) for path in json_paths)
-    return [sample for sample in samples if sample is not None]
+def _labelme_samples(root: Path, json_paths: list[Path], masks: _Masks, sources: dict[Path, Path]) -> list[Sample]:
+    """The samples of the LabelMe files among ``json_paths``; ``sources``: the file each image
+    was annotated in so far. Two files for one image would list it twice with two masks, or,
+    re-split, keep only one of them."""
+    samples = []
+    for path in json_paths:
+        sample = _labelme_sample(root, path, masks)
+        if sample is None:
+            continue
+        first = sources.setdefault(sample.image, path)
+        if first != path:
+            raise FlawscopeError(f"{sample.image}: annotated in two LabelMe files, {first} and {path}: "
+                                 "merge them into one")
+        samples.append(sample)
+    return samples
 
 
 def _labelme_sample(root: Path, json_path: Path, masks: _Masks) -> Sample | None:

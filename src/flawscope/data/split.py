@@ -78,11 +78,15 @@ def write_lists(root: Path, lists: dict[str, list[str]]) -> list[Path]:
 def _one_per_image(samples: list[Sample]) -> list[Sample]:
     """Each image once: an image listed twice (in train and val, or with two masks) is a defect
     image if any of its entries says so, and an entry with a mask wins over one without, so that
-    no defect image is drawn into train."""
+    no defect image is drawn into train. Two defect masks are refused: keeping one loses the other."""
     kept: dict[str, Sample] = {}
     for sample in samples:
         image = os.path.abspath(sample.image)  # img/a.png, /data/img/a.png and img/../img/a.png alike
         first = kept.get(image)
+        if (first is not None and first.label and sample.label and first.mask is not None
+                and sample.mask is not None and os.path.abspath(first.mask) != os.path.abspath(sample.mask)):
+            raise FlawscopeError(f"{sample.image}: listed with two defect masks, {first.mask} and {sample.mask}; "
+                                 "a split lists each image once: merge them into one mask")
         if first is None or (sample.label, sample.mask is not None) > (first.label, first.mask is not None):
             kept[image] = sample
     return list(kept.values())
@@ -125,6 +129,9 @@ def split_samples(root: Path, samples: list[Sample], train_percent: int, val_per
     if n_train == 0:
         raise FlawscopeError(f"{root}: split: {train_percent}% of its {len(good)} good images is none; "
                              "training needs at least one (raise train_percent)")
+    if n_train == len(good):
+        raise FlawscopeError(f"{root}: split: {val_percent}% of its {len(good)} good images is none; "
+                             "validation needs at least one (raise val_percent)")
     train, val = good[:n_train], good[n_train:] + defects
     log.info(
         "Split %s: %d of %d good images to train (%d%%, seed %d); val gets the other %d and all"

@@ -17,6 +17,8 @@ Conventions (relied on by every consumer, so they live here and nowhere else):
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import math
@@ -219,9 +221,15 @@ class AnomalyResult:
         ``<stem>_res.json``. ``arrays`` defaults to ``json_arrays``. With ``"png"`` the map
         (16-bit, map*65535) and pred (8-bit, 0/255) go next to it as ``<json stem>.map.png`` /
         ``<json stem>.pred.png``, referenced by file name: the dot keeps them apart from
-        ``save_to_img``'s ``_map.png`` / ``_pred.png`` pictures, whatever the names."""
+        ``save_to_img``'s ``_map.png`` / ``_pred.png`` pictures, whatever the names. Returns the
+        JSON's path (``save_all`` returns the PNGs too)."""
+        return self._write_json(dir_or_file, arrays)[0]
+
+    def _write_json(self, dir_or_file: str | os.PathLike, arrays: ArrayMode | None) -> list[Path]:
+        """``save_to_json``'s files, the JSON first, then any array PNGs."""
         arrays = self.json_arrays if arrays is None else arrays
         path = _output_path(dir_or_file, ".json", lambda: f"{self.stem}_res.json")
+        written = [path]
         if arrays != "png" or self.error is not None:
             data = self.to_json("none" if arrays == "png" else arrays)
         else:
@@ -230,9 +238,10 @@ class AnomalyResult:
                 png = path.with_name(f"{path.stem}.{key}.png")
                 write_atomic(png, _png_bytes(picture))
                 data[key] = png.name
+                written.append(png)
         # allow_nan=False: NaN/Infinity are not JSON; fail here rather than in a client.
         write_atomic(path, json.dumps(data, allow_nan=False).encode())
-        return path
+        return written
 
     # ---------------------------------------------------------------- images
 
@@ -300,7 +309,7 @@ class AnomalyResult:
     def save_all(self, directory: str | os.PathLike) -> list[Path]:
         """JSON and pictures into ``directory``, as ``json_arrays`` and ``save_extra`` say;
         returns the paths written."""
-        return [self.save_to_json(directory), *self.save_to_img(directory)]
+        return [*self._write_json(directory, None), *self.save_to_img(directory)]
 
     def _map16(self) -> Image.Image:
         return Image.fromarray(np.round(self.map * 65535).astype(np.uint16))
@@ -375,7 +384,8 @@ def _output_path(dir_or_file: str | os.PathLike, suffix: str, default_name: Call
 def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file in the same directory + os.replace, so readers never see half a
     file. The temp file is opened normally (not mkstemp) so it gets the usual umask permissions;
-    its name is short, so any name that fits fits with it. A failure names ``path``."""
+    its name is short, so any name that fits fits with it. A failure names ``path``, or the file
+    that stands where one of its folders must be."""
     tmp = path.with_name(f".{uuid.uuid4().hex[:16]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -383,10 +393,16 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     except OSError as exc:  # a full disk's error names no file
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the temp file's own error (no folder for it) would hide this one
+            tmp.unlink(missing_ok=True)
+        blocker = next((p for p in path.parents if os.path.lexists(p) and not p.is_dir()), None)
+        if blocker is not None:  # mkdir's error names the folder it could not make, not why
+            raise NotADirectoryError(errno.ENOTDIR, f"a file, not a folder, so {path} cannot be saved",
+                                     str(blocker)) from None
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
 
 
