@@ -4,7 +4,9 @@
 
 Times ``score_features`` (the bank search, the image score, the map) on the backbone features of
 real images (the search's shortcuts depend on how close the patches lie to the bank: random
-inputs do not show it) with each index the machine runs: ``int8`` (``knn.Int8Index``),
+inputs do not show it) with each index the machine runs: ``int8`` (``knn.Int8Index`` for banks of
+``knn.INT8_MIN_BANK`` entries or more, float32 for smaller ones such as the image banks, as in
+prediction),
 ``onednn`` (float32, ``knn.OneDnnIndex``), ``faiss`` (exact flat index) and ``torch``
 (``nearest_neighbors``). The indexes take turns in blocks, so a slow spell of a shared machine
 falls on all of them alike. Prints the median per image and how far each index's image scores

@@ -416,6 +416,22 @@ def test_labelme_skips_an_earlier_runs_output_inside_the_dataset(tmp_path, caplo
     assert f"{old}: holds the output of an earlier flawscope run ({marker})" in caplog.text
 
 
+def test_labelme_skips_the_pictures_of_a_run_whose_output_was_the_dataset(tmp_path, caplog):
+    """Global.output set to the dataset itself: evaluate's plots and check_dataset's demo pictures
+    land beside the images; they are no good images either."""
+    root = tmp_path / "data"
+    _image(root / "a.png", value=1)
+    _image(root / "b.png", value=2)
+    _labelme(root / "b.json", "b.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    (root / "evaluate_result.json").write_text("{}")
+    _image(root / "evaluate_report" / "roc_curve.png")
+    _image(root / "check_dataset" / "histogram.png")
+    _image(root / "lot2" / "c.png", value=3)
+    convert_dataset(root, "LabelMe")
+    assert _lines(root / "train.txt") == ["a.png", "lot2/c.png"]
+    assert f"{root / 'evaluate_report'}: holds the output of an earlier flawscope run" in caplog.text
+
+
 def test_labelme_annotations_with_an_upper_case_suffix_are_read(tmp_path):
     """B.JSON, as Windows tools may name it: its image is a defect, not a good training image."""
     root = tmp_path / "data"
@@ -451,9 +467,12 @@ def test_labelme_follows_folder_links_once(tmp_path, caplog):
     _labelme(root / "b.json", "b.png", [_shape("rectangle", [[2, 2], [8, 8]])])
     (root / "good").symlink_to(elsewhere, target_is_directory=True)
     (elsewhere / "up").symlink_to(root, target_is_directory=True)
+    (root / "parent").symlink_to(tmp_path, target_is_directory=True)  # up to the folder holding the dataset
+    _image(tmp_path / "other_project" / "defect.png", value=3)
     convert_dataset(root, "LabelMe")
     assert _lines(root / "train.txt") == ["good/g.png"]
-    assert f"{root / 'good' / 'up'}: the same folder as {root}" in caplog.text
+    assert f"{root / 'good' / 'up'}: a link to {root}, which holds the dataset or was read already" in caplog.text
+    assert f"{root / 'parent'}: a link to {tmp_path}, which holds the dataset" in caplog.text
 
 
 @pytest.mark.parametrize("split", [None, (50, 50, 0)])

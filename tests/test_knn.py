@@ -155,6 +155,8 @@ def test_int8_index_checks_its_bound_and_searches_in_float32_where_it_fails(monk
     torch.testing.assert_close(dist, ref_dist, rtol=1e-5, atol=1e-5)
     nan = index.search(torch.full((3, 32), torch.nan))[0]  # not finite: float32 says what it says
     assert torch.isnan(nan).all()
+    dist, idx = index.search(torch.empty(0, 32))  # no queries: nothing found, as faiss answers
+    assert dist.shape == idx.shape == (0,) and idx.dtype == torch.long
 
 
 @needs_int8

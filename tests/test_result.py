@@ -305,18 +305,22 @@ def test_save_all_returns_every_file_it_writes(tmp_path):
                                                "a_res.png", "a_res.pred.png"]
 
 
-@pytest.mark.parametrize("given, save, warned", [
-    ("parts", "parts", True),  # beside the inputs: the next run over parts/ reads them
-    ("parts", "parts/out", True),  # a recursive run over parts/ reads parts/out/
-    (["parts/a.png", "parts"], "parts/out", True),
-    ("parts/a.png", "parts/out", False),  # one image: the default output/ beside it is no input
-    ("parts", "elsewhere", False),
-    ("parts/*.png", "parts", False),  # a glob names files, not the folder
+@pytest.mark.parametrize("given, save, recursive, warned", [
+    ("parts", "parts", False, True),  # beside the inputs: the next run over parts/ reads them
+    ("parts", "parts/out", True, True),  # a recursive run over parts/ reads parts/out/
+    ("parts", "parts/out", False, False),  # one that does not descend does not
+    (["parts/a.png", "parts"], "parts", False, True),
+    ("parts/a.png", "parts", False, False),  # one image: a run over it reads only it
+    ("parts", "elsewhere", True, False),
+    ("parts/*.png", "parts", False, True),  # the pictures saved there match
+    ("parts/*.jpg", "parts", False, False),
+    ("parts/**/*.png", "parts/out", False, True),
 ])
-def test_saving_into_an_input_folder_warns(tmp_path, monkeypatch, caplog, given, save, warned):
+def test_saving_where_a_later_run_reads_the_results_warns(tmp_path, monkeypatch, caplog, given, save, recursive,
+                                                          warned):
     """The saved pictures would be scored as parts, as by PaddleX: said, not skipped by name."""
     monkeypatch.chdir(tmp_path)
     Path("parts").mkdir()
     Path("parts/a.png").write_bytes(b"")
-    warn_if_saved_among_inputs(given, Path(save))
-    assert caplog.text.count("a later run over that folder will read them as inputs") == int(warned)
+    warn_if_saved_among_inputs(given, Path(save), recursive)
+    assert caplog.text.count("will read them as inputs") == int(warned)

@@ -143,7 +143,7 @@ def run(argv: list[str] | None = None) -> int:
         if args.device is not None:  # named as the user typed it, before the pipeline's own check names its setting
             parse_device(args.device, "--device")
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
-        warn_if_saved_among_inputs(args.input, save_path)
+        warn_if_saved_among_inputs(args.input, save_path, pipeline.recursive)
         counts = save_results(pipeline.predict(args.input), save_path)
         return _prediction_status(counts)
     if args.config:

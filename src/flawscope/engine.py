@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import json
 import logging
 import os
@@ -153,16 +155,28 @@ def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
     return counts
 
 
-def warn_if_saved_among_inputs(inputs: Any, save_path: Path) -> None:
-    """Say when results go into a folder given as input: a later run over that folder would read
-    the pictures saved there as parts, as PaddleX's would (names are not skipped: a part's photo
-    may well end in _res.png)."""
+def warn_if_saved_among_inputs(inputs: Any, save_path: Path, recursive: bool = False) -> None:
+    """Say when a later run over the same input would read the results as inputs, as PaddleX's
+    would (names are not skipped: a part's photo may well end in _res.png): they go into a
+    folder given as input (or below it, when the run descends), or where a glob of pictures looks."""
     target = save_path.resolve()
     for source in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
-        if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) \
-                and target.is_relative_to(Path(source).resolve()):
-            log.warning("%s: results saved into the input folder %s: a later run over that folder will read them "
-                        "as inputs", save_path, source)
+        if not isinstance(source, (str, os.PathLike)):
+            continue
+        text = os.fspath(source)
+        if glob.has_magic(text):
+            parts = Path(text).parts
+            start = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            folder, descends = Path(*parts[:start]) if start else Path("."), "**" in parts[start:]
+            if not fnmatch.fnmatch("part_res.png", parts[-1]):
+                continue
+        elif os.path.isdir(text):
+            folder, descends = Path(text), recursive
+        else:
+            continue
+        folder = folder.resolve()
+        if target == folder or descends and target.is_relative_to(folder):
+            log.warning("%s: results saved where a later run over %s will read them as inputs", save_path, text)
             return
 
 

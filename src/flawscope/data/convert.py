@@ -36,8 +36,10 @@ LABELME_BACKGROUND = "_background_"  # LabelMe's label for areas that are explic
 # labelme_json_to_dataset writes img.png, label.png, label_viz.png and this beside them: no good images
 _LABELME_EXPORT = "label_names.txt"
 # written by check_dataset, train and evaluate at the top of Global.output (train and evaluate from
-# their start): a folder holding one is an earlier run's output, its pictures no good images
+# their start): a folder holding one is an earlier run's output, its pictures no good images; where
+# the dataset folder itself was the output, the folders of pictures those modes write are skipped
 _OUTPUT_MARKERS = ("check_dataset_result.json", "train_result.json", "evaluate_result.json")
+_OUTPUT_PICTURES = ("check_dataset", "evaluate_report")  # check.CHECK_DIR (check imports this), evaluate.REPORT_DIR
 _SPLITS = ("train", "val")
 
 Splits = dict[str, list[Sample]]
@@ -255,21 +257,24 @@ def _visible(root: Path, skip: Path | None) -> list[Path]:
     an earlier flawscope run's output. Folder links are followed, as the other layouts' readers
     follow them; each real folder is read once, so a link back up ends."""
     files: list[Path] = []
-    walked = {os.path.realpath(root): root}  # each folder read, by its real path
+    root_real = Path(os.path.realpath(root))
+    walked = {str(root_real): root}  # each folder read, by its real path
+    root_output = next((m for m in _OUTPUT_MARKERS if (root / m).is_file()), None)
     for top, dirs, names in os.walk(root, followlinks=True):
         kept = []
         for name in sorted(dirs):
             folder = Path(top, name)
             if name.startswith(".") or folder == skip:
                 continue
-            if marker := next((m for m in _OUTPUT_MARKERS if (folder / m).is_file()), None):
+            marker = next((m for m in _OUTPUT_MARKERS if (folder / m).is_file()), None)
+            if marker or (root_output and top == str(root) and name in _OUTPUT_PICTURES):
                 log.warning("%s: holds the output of an earlier flawscope run (%s), its files are not used",
-                            folder, marker)
+                            folder, marker or root / root_output)
                 continue
             real = os.path.realpath(folder)
-            if real in walked:
-                log.warning("%s: the same folder as %s (through a link), read already: not read again",
-                            folder, walked[real])
+            if real in walked or root_real.is_relative_to(real):  # a link back up would read the dataset's parents
+                log.warning("%s: a link to %s, which holds the dataset or was read already: not read",
+                            folder, real)
                 continue
             walked[real] = folder
             kept.append(name)

@@ -101,6 +101,8 @@ def _nearest(products: Iterator[tuple[slice, torch.Tensor]], queries: torch.Tens
         else:
             d2 = d2.amin(1)
         dists.append((d2 + queries[rows].pow(2).sum(1)).clamp_min(0).sqrt())
+    if not dists:  # no queries
+        return queries.new_empty(0), queries.new_empty(0, dtype=torch.long) if with_indices else None
     return torch.cat(dists), torch.cat(indices) if with_indices else None
 
 
