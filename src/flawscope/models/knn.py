@@ -280,12 +280,12 @@ class Int8Index:
 
     def _search_chunk(self, q: torch.Tensor, x: torch.Tensor, scale: float, bound: torch.Tensor,
                       norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rounded = torch.ops.onednn.qlinear_pointwise(x, scale, 128, self.weight, self.scale, self.zero_points,
-                                                     self.bias, 1.0, 0, torch.float32, "none", [], "")
-        within = (rounded.amin(1) + 2 * bound)[:, None]
-        rows = (rounded.sub_(within).amin(0) <= 0).nonzero()[:, 0]  # rows within reach of some query
+        approx = torch.ops.onednn.qlinear_pointwise(x, scale, 128, self.weight, self.scale, self.zero_points,
+                                                    self.bias, 1.0, 0, torch.float32, "none", [], "")
+        within = (approx.amin(1) + 2 * bound)[:, None]
+        rows = (approx.sub_(within).amin(0) <= 0).nonzero()[:, 0]  # rows within reach of some query
         d2 = torch.addmm(self.bias[rows], q, self.bank[rows].T, alpha=-2)  # |b|^2 - 2 q.b, in float32
-        if not len(rows) or ((d2 - within - rounded.index_select(1, rows)).abs() > bound[:, None]).any():
+        if not len(rows) or ((d2 - within - approx.index_select(1, rows)).abs() > bound[:, None]).any():
             return nearest_neighbors(q, self.bank)
         d2, nearest = d2.min(1)
         return (d2 + norm.square()).clamp_min(0).sqrt(), rows[nearest]
