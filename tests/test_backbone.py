@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from flawscope.backbones import create_backbone
+from flawscope.backbones import BACKBONES, create_backbone
+from flawscope.config import BACKBONE_NAMES, load_config
 from flawscope.backbones.efficientnet_lite import EfficientNetLite, SameConv2d, lite_weights_path, load_lite_weights
 from flawscope.backbones.resnet import URLS, ResNet
 from flawscope.errors import FlawscopeError
@@ -67,6 +68,10 @@ def test_feature_pyramid_strides_and_channels() -> None:
 def test_unknown_backbone_and_stride_are_clear_errors() -> None:
     with pytest.raises(FlawscopeError, match="unknown backbone 'resnet34'; available: .*wide_resnet50_2"):
         create_backbone("resnet34", (8,))
+    with pytest.raises(FlawscopeError, match=r"Model.backbone must be one of efficientnet_lite0, .*wide_resnet50_2, "
+                                             r'got "efficientnet_lite3" \(did you mean "efficientnet_lite2"\?\)'):
+        load_config("STFPM", ["Global.mode=check_dataset", "Model.backbone=efficientnet_lite3"])  # before any mode
+    assert set(BACKBONE_NAMES) == set(BACKBONES)  # the config's names are the registry's
     with pytest.raises(ValueError, match="stride 2"):
         EfficientNetLite((2, 8))
     with pytest.raises(ValueError, match="stride 64"):

@@ -123,7 +123,8 @@ def test_an_exported_backend_on_a_gpu_fails_before_any_run(tmp_path, capsys, mon
     (["-o", "Train.epoch_iters=3"], "Train.epoch_iters"),
     (["-o", "Model.input_size=128"], "Model.global_grid: 4 does not split the 4x4 map"),
     (["-o", "Model.strides=[4,8,16]"], "global_strides [16, 32] must be among the strides [4, 8, 16]"),
-    (["-o", "Model.backbone=resnet50"], "unknown backbone 'resnet50'"),
+    (["-o", "Model.backbone=resnet50"], 'Model.backbone must be one of efficientnet_lite0, efficientnet_lite1, '
+                                        'efficientnet_lite2, resnet18, wide_resnet50_2, got "resnet50"'),
 ])
 def test_bad_arguments_fail_before_any_run(tmp_path, capsys, args, fragment) -> None:
     data = make_mvtec(tmp_path / "data", n_train=3, n_good=1, n_defect=1)

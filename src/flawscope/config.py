@@ -26,6 +26,8 @@ from flawscope.logs import log
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 MODELS = ("STFPM", "PatchCore")
+# backbones.BACKBONES' names, here so that every mode checks Model.backbone without importing torch
+BACKBONE_NAMES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet18", "wide_resnet50_2")
 MAX_INPUT_SIZE = 4096  # Model.input_size: a 4096x4096 input already needs a GPU
 MODES = ("check_dataset", "train", "evaluate", "predict", "export")
 # Read by train alone: the other modes take the model from its inference directory, so a config
@@ -88,7 +90,7 @@ SCHEMA: dict[str, Any] = {
         },
     },
     "Model": {
-        "backbone": Key(str, required_for=MODELS),
+        "backbone": Key(str, choices=BACKBONE_NAMES, required_for=MODELS),
         "input_size": Key(int, ge=64, le=MAX_INPUT_SIZE, multiple_of=32, required_for=MODELS),
         "resize_mode": Key(str, "resize", choices=("resize", "letterbox")),
         "strides": Key(list[int], subset_of=(4, 8, 16, 32), required_for=MODELS),
