@@ -8,12 +8,12 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from flawscope.device import check_device_spec, one_device, parse_device
 from flawscope.errors import FlawscopeError, check_output_dir, printable
-from flawscope.inference.inputs import RECURSIVE_HINT
+from flawscope.inference.inputs import RECURSIVE_HINT, glob_start
 from flawscope.inference.result import AnomalyResult, fit_name
 from flawscope.logs import log
 
@@ -165,9 +165,8 @@ def warn_if_saved_among_inputs(inputs: Any, save_path: Path, recursive: bool = F
             continue
         text = os.fspath(source)
         if glob.has_magic(text):
-            parts = Path(text).parts
-            start = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-            folder, descends = Path(*parts[:start]) if start else Path("."), "**" in parts[start:]
+            parts, start, folder = glob_start(text)
+            descends = "**" in parts[start:]
             if not fnmatch.fnmatch("part_res.png", parts[-1]):
                 continue
         elif os.path.isdir(text):

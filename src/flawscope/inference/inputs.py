@@ -122,15 +122,21 @@ def _list_directory(path: Path, recursive: bool) -> tuple[list[tuple[str, Any]],
     return sorted(found, key=lambda item: Path(item[0])), nested
 
 
+def glob_start(pattern: str) -> tuple[tuple[str, ...], int, Path]:
+    """A glob's path parts, the index of the first with a wildcard, and the folder before it,
+    where the search starts."""
+    parts = Path(pattern).parts
+    start = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return parts, start, Path(*parts[:start]) if start else Path(os.curdir)
+
+
 def _glob(pattern: str) -> list[tuple[str, Any]]:
     """The images matching ``pattern``, sorted; for a recursive one (a ``**`` part) also an error
     in the place of each directory it would search but could not list, which glob skips silently."""
     found: list[tuple[str, Any]] = [(f, f) for f in glob.glob(pattern, recursive=True) if is_image_file(f)]
-    parts = Path(pattern).parts
+    parts, start, top = glob_start(pattern)
     if "**" in parts:
         recursive_from = parts.index("**")
-        start = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-        top = Path(*parts[:start]) if start else Path(os.curdir)
         # a folder that is not there: "no images match", as a pattern without ** says
         for root, dirs, _ in os.walk(top, onerror=lambda exc: found.append(_unlisted(exc))) if top.is_dir() else ():
             depth = start + len(Path(root).relative_to(top).parts)  # the pattern part of root's sub-directories

@@ -259,10 +259,12 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
     evaluate = partial(_evaluate, predictor=predictor, samples=dataset.val) if dataset.val else None
 
     t0 = time.time()
+    fit_digests = image_digests(data.images)  # before a second fit adds the held-out images to data.images
     if isinstance(model, STFPM):
         history = _fit_stfpm(cfg, model, data.images, held_out, world, normalizer, output, evaluate, data.resume)
     else:
-        history = _fit_patchcore(cfg, model, data.images, device, normalizer, data.known)
+        held = among(fit_digests, data.known) if data.known is not None else None
+        history = _fit_patchcore(cfg, model, data.images, device, normalizer, held)
     if not world.is_main:
         return {}
     info.calibration = calibrate(predictor, data.calib_set, t["image_fpr"], t["pixel_fpr"], t["threshold_method"])
@@ -279,7 +281,7 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
         log.info("eval %s%s", "with the image bank " if final_eval.get("image_bank") else "", json.dumps(metrics))
         history["eval"].append({**final_eval, **metrics})
     joined = history["provenance"].get("calibration_images_added", 0)
-    seen = [image_digests(data.images[:len(data.fit_samples)]), *([image_digests(joining)] if joined else []),
+    seen = [fit_digests, *([image_digests(joining)] if joined else []),
             *([data.known] if data.known is not None else [])]
     fitted = torch.unique(torch.cat(seen), dim=0)  # what a later Train.add_normals must not take as new
     model_dir = save_model_dir(output / "best_model" / "inference", model, info, fitted)
@@ -338,12 +340,13 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
 
 
 def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: torch.device,
-                   normalizer: Callable, known: torch.Tensor | None) -> dict:
-    """One pass over the images fills (or, with ``Train.add_normals``, extends) the memory bank."""
+                   normalizer: Callable, held: torch.Tensor | None) -> dict:
+    """One pass over the images fills (or, with ``Train.add_normals``, extends) the memory bank;
+    ``held``: which of the images the base model was fitted on already."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     if t["add_normals"]:
         stats = add_normals(model, images, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"],
-                            image_bank_size=m["image_bank_size"], known=among(image_digests(images), known))
+                            image_bank_size=m["image_bank_size"], known=held)
         if stats["repeated_images"]:
             log.warning("%d of the %d good images are in the model %s already or repeat another: not added "
                         "again%s", stats["repeated_images"], len(images), t["add_normals"],

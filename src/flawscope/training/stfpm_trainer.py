@@ -139,7 +139,7 @@ def check_fits(checkpoint: Checkpoint, model: STFPM) -> None:
     """Refuse a checkpoint whose student is not this model's (other strides or backbone), before
     the run writes anything: the same names and shapes of weights."""
     own = {k: tuple(v.shape) for k, v in model.student.state_dict().items()}
-    saved = {k[6:]: tuple(v.shape) for k, v in checkpoint.tensors.items() if k.startswith("model.")}
+    saved = {k: tuple(v.shape) for k, v in _student_state(checkpoint).items()}
     if own != saved:
         differ = sorted(k for k in own.keys() | saved.keys() if own.get(k) != saved.get(k))
         raise FlawscopeError(f"Train.resume_path: {checkpoint.path} does not fit this model ({len(differ)} weights "
@@ -147,10 +147,15 @@ def check_fits(checkpoint: Checkpoint, model: STFPM) -> None:
                              "trained with")
 
 
+def _student_state(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """The student's weights in a checkpoint, saved under ``model.``."""
+    return {k[6:]: v for k, v in checkpoint.tensors.items() if k.startswith("model.")}
+
+
 def _restore(checkpoint: Checkpoint, model: STFPM, optimizer: torch.optim.Optimizer) -> None:
     tensors = checkpoint.tensors
     check_fits(checkpoint, model)
-    model.student.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.student.load_state_dict(_student_state(checkpoint))
     device = next(model.student.parameters()).device
     for i, p in enumerate(model.student.parameters()):
         if f"momentum.{i}" in tensors:
