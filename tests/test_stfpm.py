@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, save_model_dir
 from flawscope.models.common import GaussianBlur
+from flawscope.models.image_bank import normal_deviates
 from flawscope.models.stfpm import STFPM, feature_distance, stfpm_loss
 from flawscope.training.stfpm_trainer import fit_image_bank
 
@@ -153,7 +154,9 @@ def test_image_bank_measures_the_student_on_held_out_images_and_scores_the_large
     assert torch.equal(amap, before[0])  # the map is the student's still
     parts = model.score_parts(_own_scores(model, x), model.teacher_descriptors(model.teacher(x)))
     assert parts.shape == (3, 5) and torch.equal(score, parts.amax(1))
-    assert torch.equal(parts[:, 0], (before[1] - reference.mean()) / reference.std())
+    assert model.reference_counts.tolist() == [5, 6, 6, 6, 6]  # held-out images; every training image
+    torch.testing.assert_close(parts[:, 0], normal_deviates((before[1] - reference.mean()) / reference.std(),
+                                                            torch.tensor([5.0])))
 
     fit_image_bank(model, train, held_out, torch.device("cpu"), norm, size=4)  # Model.image_bank_size
     assert len(model.image_bank) == 4 and torch.equal(model.reference_scores, reference)
