@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from scipy import stats
+from scipy import special, stats
 from torch import nn
 
 import flawscope.models.knn as knn
@@ -337,10 +337,10 @@ def test_normal_deviates_are_the_student_t_tails_read_as_normal_ones(n):
     plain score as n grows."""
     z = torch.linspace(-40, 40, 801, dtype=torch.float64)
     got = normal_deviates(z, torch.tensor([float(n)], dtype=torch.float64))
-    exact = torch.from_numpy(stats.norm.isf(stats.t.sf(z.numpy() / math.sqrt(1 + 1 / n), n - 1)))
-    finite = exact.isfinite()
-    torch.testing.assert_close(got[finite], exact[finite], rtol=0.08 if n == 2 else 0.05, atol=0.02)
-    assert (got.diff() > 0).all() and torch.equal(got, -got.flip(0))
+    exact = -torch.from_numpy(special.ndtri_exp(stats.t.logsf(z.numpy() / math.sqrt(1 + 1 / n), n - 1)))
+    torch.testing.assert_close(got, exact, rtol=0.082 if n == 2 else 0.05, atol=1e-3)
+    assert (got.diff() > 0).all()
+    torch.testing.assert_close(got, -got.flip(0), rtol=1e-12, atol=1e-12)  # odd
     assert (got.abs() <= z.abs()).all()  # a small sample never makes a score more extreme
     if n == 1000:
         torch.testing.assert_close(got[380:421], z[380:421], rtol=0.01, atol=0.01)  # |z| <= 2
@@ -363,6 +363,14 @@ def test_a_part_measured_on_few_images_counts_less_than_one_measured_on_many():
     assert parts[0] < parts[1:].max() and torch.equal(bank.combined_score(own[None], new), parts[1:].max()[None])
     bank.reference_counts = torch.empty(0)  # a model saved before the counts: plain standard scores
     torch.testing.assert_close(bank.score_parts(own[None], new)[0], torch.cat([z[1:].max()[None] + 1, z[1:]]))
+
+
+@pytest.mark.parametrize("counts", [[2.5, 60, 60], [3, float("nan"), 60], [1, 60, 60], [3, 60], [[3, 60, 60]], [[]]])
+def test_reference_counts_that_are_not_sample_sizes_are_refused_on_loading(counts):
+    bank = _Bank()
+    bank.set_image_bank(torch.randn(60, 6), torch.randn(3))
+    with pytest.raises(ValueError, match="are not 3 whole counts of 2 or more"):
+        _Bank().load_state_dict({**bank.state_dict(), "reference_counts": torch.tensor(counts)})
 
 
 def test_a_capped_image_bank_keeps_one_image_of_each_kind_and_measures_every_image_against_it():

@@ -250,7 +250,7 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu",
     tensors.pop(FITTED_IMAGES, None)  # a record, not a weight
     try:
         model.load_state_dict(tensors)
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, TypeError) as exc:  # TypeError: len() of a 0-d tensor where a bank goes
         # torch's message opens with "Error(s) in loading state_dict for X:"; the next line says which
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         detail = lines[1] if len(lines) > 1 else first_line(exc)

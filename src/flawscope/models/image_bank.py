@@ -9,12 +9,14 @@ spread of a few channels). Each descriptor's distance to the nearest training im
 model's own score are put on one scale by their distributions over training images, and the
 largest wins. PatchCore and STFPM mix this in, each with its own frozen backbone.
 
-The scale is the tail probability of a new good image's value, told by its reference sample:
-a sample of n values only estimates its mean and spread, so a new value's standard score follows
-Student's t with n-1 degrees of freedom (after a factor sqrt(1 + 1/n)), and is read as the normal
-deviate of the same tail. A part measured against few images (STFPM's student: the good images held
-out of its training, 9 on a set of 90) then counts less than one measured against every training
-image, however many deviations it lies above its small sample.
+A standard score stands for a tail probability under a normal model, and under that model a
+sample of n values only estimates its mean and spread: a new value's standard score follows
+Student's t with n-1 degrees of freedom (after a factor sqrt(1 + 1/n)). Each part is read as the
+normal deviate of that t tail, so a part measured against few images (STFPM's student: the good
+images held out of its training, 9 on a set of 90) counts less than one measured against every
+training image, however many deviations it lies above its small sample. (The descriptors'
+nearest-neighbour distances are skewed to the right, so their tails stay heavier than normal:
+the reading corrects the sample sizes, not the shapes.)
 """
 
 from __future__ import annotations
@@ -162,8 +164,9 @@ class ImageBankScore:
                 raise ValueError(f"{len(self.score_reference)} score reference values for {parts} descriptors, "
                                  f"not {2 * (1 + parts)}")
             counts = self.reference_counts
-            if len(counts) and (counts.shape != (1 + parts,) or not bool((counts >= 2).all() & counts.isfinite().all())):
-                raise ValueError(f"reference_counts {counts.tolist()} are not {1 + parts} counts of 2 or more")
+            if counts.shape != (0,) and (counts.shape != (1 + parts,) or not bool(
+                    (counts >= 2).all() & counts.isfinite().all() & (counts == counts.round()).all())):
+                raise ValueError(f"reference_counts {counts.tolist()} are not {1 + parts} whole counts of 2 or more")
 
     def bank_widths(self, width: int) -> list[int]:
         """The descriptors an image bank ``width`` columns wide holds: all of ``descriptor_widths``,
@@ -208,8 +211,7 @@ class ImageBankScore:
 
     def combined_score(self, own_score: torch.Tensor, descriptor: torch.Tensor | None) -> torch.Tensor:
         """The largest of the model's own score and the descriptors' distances to the nearest
-        training image, each in standard deviations above its training mean; the own score alone
-        without an image bank."""
+        training image, each read as ``score_parts`` does; the own score alone without an image bank."""
         if descriptor is None or len(self.image_bank) == 0:
             return own_score
         return self.score_parts(own_score, descriptor).amax(1)
@@ -222,7 +224,7 @@ class ImageBankScore:
         scores = torch.cat([own_score[:, None], self.descriptor_distances(descriptor)], dim=1)
         mean, std = self.score_reference.view(-1, 2).unbind(1)
         z = (scores - mean) / std
-        return z if len(self.reference_counts) == 0 else normal_deviates(z, self.reference_counts)
+        return z if self.reference_counts.numel() == 0 else normal_deviates(z, self.reference_counts)
 
 
 def normal_deviates(z: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -232,8 +234,8 @@ def normal_deviates(z: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     (Ann. Math. Statist. 1959) turns a t into its normal deviate in closed form, so the model stays
     plain torch and exportable: sign(t) sqrt(v ln(1 + t²/v)) (8v + 1) / (8v + 3). Monotone in z and
     tending to z as n grows; up to 60 deviations it is within 5% of the exact deviate for n >= 3
-    (8% for n = 2)."""
+    (8.1% for n = 2)."""
     n = counts.to(z.dtype)
     v = n - 1
     t = z / torch.sqrt(1 + 1 / n)
-    return torch.sign(t) * torch.sqrt(v * torch.log(1 + t * t / v)) * (8 * v + 1) / (8 * v + 3)
+    return torch.sign(t) * torch.sqrt(v * torch.log1p(t * t / v)) * (8 * v + 1) / (8 * v + 3)
