@@ -133,11 +133,17 @@ def test_a_second_split_keeps_the_first_backup(tmp_path):
     assert report["backups"] == [str(root / "train.txt.bak2"), str(root / "val.txt.bak2")]
 
 
-def test_too_few_good_images_for_the_percentage_is_refused(tmp_path):
-    root = _segdataset(tmp_path / "data", n_good=3)
+@pytest.mark.parametrize("n_good, train, val, message", [
+    (3, 10, 90, "10% of its 3 good images is none; training needs at least one"),
+    (4, 90, 10, "10% of its 4 good images is none; validation needs at least one"),
+])
+def test_too_few_good_images_for_a_percentage_is_refused(tmp_path, n_good, train, val, message):
+    """A percentage that rounds to no good image for train or for val is refused before any list
+    is written."""
+    root = _segdataset(tmp_path / "data", n_good=n_good)
     before = {p.name: p.read_bytes() for p in root.glob("*.txt*")}
-    with pytest.raises(FlawscopeError, match="10% of its 3 good images is none"):
-        split_dataset(root, 10, 90)
+    with pytest.raises(FlawscopeError, match=message):
+        split_dataset(root, train, val)
     assert {p.name: p.read_bytes() for p in root.glob("*.txt*")} == before
 
 
@@ -195,15 +201,6 @@ def test_a_refused_split_after_a_conversion_leaves_the_dataset_as_it_was(tmp_pat
     with pytest.raises(FlawscopeError, match="10% of its 2 good images is none"):
         run_check_dataset(cfg)
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
-
-
-def test_too_few_good_images_for_the_val_percentage_is_refused(tmp_path):
-    """As for train: 10% of 4 good images rounds to none, refused before any list is written."""
-    root = _segdataset(tmp_path / "data", n_good=4)
-    before = {p.name: p.read_bytes() for p in root.glob("*.txt*")}
-    with pytest.raises(FlawscopeError, match="10% of its 4 good images is none; validation needs at least one"):
-        split_dataset(root, 90, 10)
-    assert {p.name: p.read_bytes() for p in root.glob("*.txt*")} == before
 
 
 def test_an_image_listed_with_two_defect_masks_is_refused(tmp_path):

@@ -128,6 +128,16 @@ def test_upsampled_blur_is_interpolation_then_blur(sigma, source, size) -> None:
     torch.testing.assert_close(blur.upsampled(amap, size), expected, rtol=1e-5, atol=1e-6)
 
 
+def _random_images(*counts: int) -> tuple[torch.Tensor, ...]:
+    """Batches of random 64x64 RGB uint8 images, as the train mode holds them, one per count."""
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=generator) for n in counts)
+
+
+def _norm(batch: torch.Tensor) -> torch.Tensor:
+    return batch.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 def _own_scores(model: STFPM, x: torch.Tensor) -> torch.Tensor:
     levels = model.level_maps(model.teacher(x), model.student(x), x.shape[-2:])
     return model.image_score(levels, model.combine(levels))
@@ -136,18 +146,15 @@ def _own_scores(model: STFPM, x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def test_image_bank_measures_the_student_on_held_out_images_and_scores_the_largest_part() -> None:
     model = _model(global_score=True, global_strides=(16, 32), smooth_sigma=1.0)
-    generator = torch.Generator().manual_seed(0)
-    train, held_out, test = (torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=generator)
-                             for n in (6, 5, 3))
-    norm = lambda batch: batch.permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
-    x = norm(test)
+    train, held_out, test = _random_images(6, 5, 3)
+    x = _norm(test)
     before = model.map_and_score(x)
     assert torch.equal(before[1], _own_scores(model, x))  # no bank yet: the student's score
 
-    fit_image_bank(model, train, held_out, torch.device("cpu"), norm, batch_size=4)  # batches split both sets
+    fit_image_bank(model, train, held_out, torch.device("cpu"), _norm, batch_size=4)  # batches split both sets
     assert model.image_bank.shape == (6, sum(model.descriptor_widths))
     assert model.descriptor_widths == [112 * 4, 112 * 4, 320, 320]  # grid 2x2 at stride 16, one cell at 32
-    reference = _own_scores(model, norm(held_out))
+    reference = _own_scores(model, _norm(held_out))
     torch.testing.assert_close(model.reference_scores, reference)
     torch.testing.assert_close(model.score_reference[:2], torch.stack([reference.mean(), reference.std()]))
     amap, score = model.map_and_score(x)
@@ -158,10 +165,10 @@ def test_image_bank_measures_the_student_on_held_out_images_and_scores_the_large
     torch.testing.assert_close(parts[:, 0], normal_deviates((before[1] - reference.mean()) / reference.std(),
                                                             torch.tensor([5.0])))
 
-    fit_image_bank(model, train, held_out, torch.device("cpu"), norm, size=4)  # Model.image_bank_size
+    fit_image_bank(model, train, held_out, torch.device("cpu"), _norm, size=4)  # Model.image_bank_size
     assert len(model.image_bank) == 4 and torch.equal(model.reference_scores, reference)
 
-    fit_image_bank(model, train, held_out[:1], torch.device("cpu"), norm)  # one held-out score has no spread
+    fit_image_bank(model, train, held_out[:1], torch.device("cpu"), _norm)  # one held-out score has no spread
     assert len(model.image_bank) == 0 and torch.equal(model.map_and_score(x)[1], before[1])
 
 
@@ -175,15 +182,12 @@ def test_strides_listed_unsorted_make_the_sorted_model(tmp_path) -> None:
     model, unsorted = _model(strides=(8, 16, 32), **settings), _model(strides=(32, 8, 16), **settings)
     assert unsorted.config() == model.config() and unsorted.descriptor_widths == [320, 320]
     unsorted.load_state_dict(model.state_dict())
-    generator = torch.Generator().manual_seed(0)
-    train, held_out, test = (torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=generator)
-                             for n in (4, 3, 2))
-    norm = lambda batch: batch.permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
-    x = norm(test)
+    train, held_out, test = _random_images(4, 3, 2)
+    x = _norm(test)
     feats = unsorted.teacher(x)
     assert torch.equal(unsorted.teacher_descriptors(feats), unsorted.describe(feats[2], 1))
-    fit_image_bank(unsorted, train, held_out, torch.device("cpu"), norm)
-    fit_image_bank(model, train, held_out, torch.device("cpu"), norm)
+    fit_image_bank(unsorted, train, held_out, torch.device("cpu"), _norm)
+    fit_image_bank(model, train, held_out, torch.device("cpu"), _norm)
     expected = model.map_and_score(x)
     assert all(torch.equal(a, b) for a, b in zip(unsorted.map_and_score(x), expected))
     for order in ([32, 8, 16], [8, 16, 32]):  # the training config's order, as inference.yml keeps it

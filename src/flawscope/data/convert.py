@@ -258,7 +258,7 @@ def _visible(root: Path, skip: Path | None) -> list[Path]:
     follow them; each real folder is read once, so a link back up ends."""
     files: list[Path] = []
     root_real = Path(os.path.realpath(root))
-    walked = {str(root_real): root}  # each folder read, by its real path
+    walked = {str(root_real)}  # the real path of each folder read
     root_output = next((m for m in _OUTPUT_MARKERS if (root / m).is_file()), None)
     for top, dirs, names in os.walk(root, followlinks=True):
         kept = []
@@ -276,7 +276,7 @@ def _visible(root: Path, skip: Path | None) -> list[Path]:
                 log.warning("%s: a link to %s, which holds the dataset or was read already: not read",
                             folder, real)
                 continue
-            walked[real] = folder
+            walked.add(real)
             kept.append(name)
         dirs[:] = kept
         files += [path for path in (Path(top, name) for name in names if not name.startswith(".")) if path.is_file()]
