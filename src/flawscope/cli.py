@@ -21,7 +21,7 @@ from typing import NamedTuple
 import yaml
 from PIL import Image
 
-from flawscope.config import BACKENDS
+from flawscope.config import BACKENDS, shipped_configs
 from flawscope.errors import FlawscopeError, check_output_dir
 from flawscope.logs import setup_console
 
@@ -45,7 +45,7 @@ _PIPELINE_FLAGS = {
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flawscope", description="Visual anomaly detection for industrial inspection.",
                                 epilog="flawscope benchmark -h: train, evaluate and time models on datasets")
-    p.add_argument("-c", "--config", help="module config: a YAML path or a shipped name (STFPM)")
+    p.add_argument("-c", "--config", help=f"module config: a YAML path or a shipped name ({', '.join(shipped_configs())})")
     p.add_argument("-o", "--override", action="append", default=[], metavar="Section.key=value",
                    help="override a config value (repeatable); values parse as YAML scalars, "
                    "text keys (paths) take the text as typed")
