@@ -115,6 +115,26 @@ def test_odd_names_make_a_whole_report_and_a_failed_rerun_leaves_no_current_look
     assert not list((tmp_path / "eval").glob(".*tmp"))
 
 
+def test_a_labelled_test_set_alone_evaluates_and_a_mismatched_mask_writes_nothing(trained, tmp_path, capsys) -> None:
+    """Evaluating a trained model needs test images and masks, not training images; a mask of
+    another size than its image is one error line before anything is written (it left an
+    unfinished result and an empty log)."""
+    dataset, out = trained
+    test_only = tmp_path / "test_only"
+    for part in ("test", "ground_truth"):
+        shutil.copytree(dataset / part, test_only / part)
+    args = ["-c", "STFPM", "-o", "Global.mode=evaluate", "-o", f"Evaluate.weight_path={out / 'best_model/inference'}"]
+    assert main([*args, "-o", f"Global.dataset_dir={test_only}", "-o", f"Global.output={tmp_path / 'eval'}"]) == 0
+    m = json.loads((tmp_path / "eval" / "evaluate_result.json").read_text())["metrics"]
+    assert (m["num_good"], m["num_defect"]) == (2, 2)
+
+    mask = next((test_only / "ground_truth").rglob("*.png"))
+    Image.open(mask).resize((32, 32)).save(mask)
+    assert main([*args, "-o", f"Global.dataset_dir={test_only}", "-o", f"Global.output={tmp_path / 'bad'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {mask}: mask is 32x32") and not (tmp_path / "bad").exists()
+
+
 def test_a_file_where_the_report_folder_goes_is_refused_not_replaced(trained, tmp_path) -> None:
     dataset, out = trained
     (tmp_path / "eval").mkdir()

@@ -94,7 +94,8 @@ def evaluate(cfg: dict) -> dict:
                              f"{cfg['Global']['output']}/best_model/inference")
     if not cfg["Global"]["dataset_dir"]:
         raise FlawscopeError("Global.dataset_dir: required for evaluation (-o Global.dataset_dir=PATH)")
-    dataset = load_dataset(cfg["Global"]["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
+    # the model is trained already: a labelled set of test images alone (test/ and ground_truth/) will do
+    dataset = load_dataset(cfg["Global"]["dataset_dir"], cfg["CheckDataset"]["dataset_type"], require_train=False)
     if not dataset.val:
         raise FlawscopeError(f"{dataset.root}: no validation/test images to evaluate on")
     predictor = Predictor.from_dir(model_dir, device, cfg["Evaluate"]["backend"])

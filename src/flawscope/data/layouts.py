@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from flawscope.data.io import is_image_file, is_listed_file, read_mask
+from PIL import Image
+
+from flawscope.data.io import is_image_file, is_listed_file, read_image, read_mask
 from flawscope.errors import FlawscopeError, first_line
 
 GOOD = "good"
@@ -276,3 +278,23 @@ def _expected(root: Path) -> str:
     if categories:
         expected += f"; it holds MVTec categories ({', '.join(categories)}): point at one of them"
     return expected
+
+
+def check_headers(samples: list[Sample]) -> None:
+    """Open every image's and mask's header and compare their sizes: a file that is no image, or
+    a mask of another size, then fails before training or evaluation writes anything, rather than
+    midway. (Only a full decode finds a truncated file; that stays where it is read.)"""
+    for sample in samples:
+        image_size = _header_size(sample.image)
+        mask_size = _header_size(sample.mask) if sample.mask is not None else None
+        if mask_size is not None and image_size != mask_size:
+            # the headers' sizes are stored ones: an EXIF rotation is only certain once decoded
+            read_mask(sample.mask, tuple(read_image(sample.image).shape[1::-1]))
+
+
+def _header_size(path: Path) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        raise FlawscopeError(f"{path}: not a readable image ({first_line(exc)})") from None

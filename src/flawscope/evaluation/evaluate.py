@@ -26,7 +26,7 @@ from scipy.stats import binomtest
 from tqdm import tqdm
 
 from flawscope.data.io import read_ahead, read_image, read_mask
-from flawscope.data.layouts import Dataset, Sample
+from flawscope.data.layouts import Dataset, Sample, check_headers
 from flawscope.evaluation import metrics
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
@@ -264,6 +264,7 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
     """``Global.mode=evaluate``: ``evaluate_result.json``, ``evaluate.log`` and the report."""
     from flawscope.evaluation.report import write_report
 
+    check_headers(dataset.val)
     output.mkdir(parents=True, exist_ok=True)
     # Until this evaluation ends, an earlier one's result here must not pass for it.
     write_atomic(output / "evaluate_result.json", json.dumps({"done_flag": False}).encode())

@@ -22,16 +22,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from flawscope.data.io import read_image, read_mask
+from flawscope.data.io import read_image
 from flawscope.backbones import backbone_spec
 from flawscope.config import dump_config
-from flawscope.data.layouts import Dataset, Sample, load_dataset, unique_images
+from flawscope.data.layouts import Dataset, Sample, check_headers, load_dataset, unique_images
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
-from flawscope.errors import FlawscopeError, first_line
+from flawscope.errors import FlawscopeError
 from flawscope.evaluation.evaluate import auroc_summary, collect
 from flawscope.inference.model_dir import (ModelInfo, among, image_digests, load_model_dir, read_fitted_images,
                                            save_model_dir)
@@ -42,7 +41,8 @@ from flawscope.models import MODELS, build_model
 from flawscope.models.image_bank import grid_splits
 from flawscope.models.patchcore import PatchCore
 from flawscope.models.stfpm import STFPM
-from flawscope.training.calibrate import CalibrationSet, calibrate, calibration_set, split_calibration
+from flawscope.training.calibrate import (MIN_CALIBRATION_IMAGES, CalibrationSet, calibrate, calibration_set,
+                                         split_calibration)
 from flawscope.training.distributed import World
 from flawscope.training.patchcore_fit import add_normals, fit_patchcore, repeated_images
 from flawscope.training.stfpm_trainer import (Checkpoint, STFPMTrainConfig, check_fits, fit_image_bank, fit_stfpm,
@@ -55,26 +55,6 @@ def load_training_images(samples: list[Sample], resizer: Resizer) -> torch.Tenso
     for i, sample in enumerate(tqdm(samples, desc="load images", leave=False, unit="img", disable=None)):
         out[i] = torch.from_numpy(resizer.to_input(read_image(sample.image)))
     return out
-
-
-def check_headers(samples: list[Sample]) -> None:
-    """Open every image's and mask's header and compare their sizes: a file that is no image, or
-    a mask of another size, then fails before training rather than at its first evaluation or
-    at calibration. (Only a full decode finds a truncated file; that stays where it is read.)"""
-    for sample in samples:
-        image_size = _header_size(sample.image)
-        mask_size = _header_size(sample.mask) if sample.mask is not None else None
-        if mask_size is not None and image_size != mask_size:
-            # the headers' sizes are stored ones: an EXIF rotation is only certain once decoded
-            read_mask(sample.mask, tuple(read_image(sample.image).shape[1::-1]))
-
-
-def _header_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
-        raise FlawscopeError(f"{path}: not a readable image ({first_line(exc)})") from None
 
 
 def train(cfg: dict, world: World) -> dict:
@@ -135,6 +115,11 @@ def train(cfg: dict, world: World) -> dict:
         if not calib_set.good or held_out_count and calib_set.source == "training images":
             raise FlawscopeError(f"Train.add_normals: the good calibration images are all in {t['add_normals']} "
                                  "already; set Train.calibration_dir to new good images")
+        if dropped and len(calib_set.good) < MIN_CALIBRATION_IMAGES:  # one score sets no scale
+            raise FlawscopeError(f"Train.add_normals: {dropped} of the good calibration images are in "
+                                 f"{t['add_normals']} already, which leaves {len(calib_set.good)} to calibrate on "
+                                 f"(at least {MIN_CALIBRATION_IMAGES} are needed); set Train.calibration_dir to new "
+                                 "good images")
     # the student's score is measured against good images it never saw: the held-out ones, decoded above, then
     # Train.calibration_dir's (none: the image score stays the student's)
     extra = [] if calib_set.source == "training images" else calib_set.good[len(calib_samples):]
