@@ -151,3 +151,18 @@ def test_a_pil_image_is_turned_upright_as_its_file_is(tmp_path) -> None:
         assert image.size == (30, 20)  # the caller's image is left as it is
     np.testing.assert_array_equal(from_pil, read_image(path))
     assert from_pil.shape == (30, 20, 3)
+
+
+def test_a_32_bit_integer_pil_image_made_in_memory_is_refused_not_darkened(tmp_path) -> None:
+    """``convert("I")`` keeps 8-bit values, which the 16-bit scale of mode I made nearly black
+    (a demo hazelnut's maximum became 1); a mode I image read from a file has its depth from it."""
+    pixels = (np.arange(20 * 30).reshape(20, 30) % 256).astype(np.uint8)
+    with pytest.raises(FlawscopeError, match=r"^PIL image: a 32-bit integer \(mode I\) image made in memory does "
+                                             r"not say its bit depth .*: convert it to L or RGB"):
+        load_input(None, Image.fromarray(pixels).convert("I"))
+    path = tmp_path / "deep.pgm"  # 16-bit PGM: Pillow opens it in mode I
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(path)
+    with Image.open(path) as image:
+        assert image.mode == "I"
+        np.testing.assert_array_equal(load_input(None, image), read_image(path))
+    np.testing.assert_array_equal(read_image(path)[:, :, 0], pixels)

@@ -246,8 +246,8 @@ def load_dataset(
 ) -> Dataset:
     """List the samples of the dataset at ``root``; ``layout`` as for ``detect_layout``.
 
-    ``require_train=False`` returns an empty training split instead of refusing it, so that
-    check_dataset can report it together with every other problem.
+    ``require_train=False`` returns an empty training split instead of refusing it: check_dataset
+    reports it together with every other problem; evaluation and calibration need no training images.
     """
     root = Path(root)
     name = detect_layout(root, layout)

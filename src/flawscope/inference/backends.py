@@ -134,10 +134,12 @@ def load_backend(model_dir: str | Path, device: torch.device | str = "cpu",
     info = read_model_info(model_dir)
     backend = choose_backend(model_dir, backend)
     if backend == "torch":
-        graphs = [name for name in (ONNX_FILE, OPENVINO_FILE) if (model_dir / name).is_file()]
-        if graphs and not (model_dir / WEIGHTS_FILE).is_file():
-            raise FlawscopeError(f"{model_dir}: an exported model ({graphs[0]}), which torch does not run: use backend "
-                                 "auto, onnxruntime or openvino, or the trained directory it was exported from")
+        runtimes = [name for name, file in _GRAPH_OF_BACKEND.items() if (model_dir / file).is_file()]
+        if runtimes and not (model_dir / WEIGHTS_FILE).is_file():  # offer the backends that run what is there
+            *others, last = ["auto", *runtimes]
+            raise FlawscopeError(f"{model_dir}: an exported model ({_GRAPH_OF_BACKEND[runtimes[0]]}), which torch does "
+                                 f"not run: use backend {', '.join(others)} or {last}, or the trained directory it "
+                                 "was exported from")
         return load_model_dir(model_dir, device)
     if torch.device(device).type != "cpu":
         raise FlawscopeError(f"{model_dir}: backend {backend} runs on the CPU only, not on {device}")

@@ -92,6 +92,10 @@ def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
     """As a file of that mode is read: 16-bit and float images scaled by their range, not clipped."""
     if not image.width or not image.height:
         raise FlawscopeError(f"{name}: the image is empty ({image.width}x{image.height})")
+    if image.mode == "I" and image.format is None:  # a file says its depth; convert("I") keeps 8-bit values
+        raise FlawscopeError(f"{name}: a 32-bit integer (mode I) image made in memory does not say its bit depth "
+                             "(read as 16-bit, 8-bit values come out nearly black): convert it to L or RGB for 8-bit "
+                             "values, I;16 for 16-bit ones")
     _check_size(image.height, image.width, name)
     try:
         if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # upright, as the same file read by path
