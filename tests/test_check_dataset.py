@@ -139,10 +139,26 @@ def test_mvtec_masks_images_and_duplicates(tmp_path):
     assert result["check_pass"], result["problems"]  # these are warnings, not failures
     assert attrs["images_without_masks"] == [str(root / "test" / "crack" / "000.png")]
     assert attrs["masks_without_images"] == [str(root / "ground_truth" / "crack" / "000_gt.png")]
+    orphan = next(w for w in result["warnings"] if w["file"] == attrs["masks_without_images"][0])
+    assert orphan["problem"].startswith("1 mask file(s) belong to no image")  # it was in the attributes alone
     assert attrs["duplicate_files"] == [
         [str(root / "train" / "good" / "001.png"), str(root / "test" / "good" / "000.png")]
     ]
     assert any("duplicate" in w["problem"] for w in result["warnings"])
+
+
+def test_a_folder_of_labelme_annotated_images_is_told_to_convert_them(tmp_path):
+    """Checked without the conversion, the annotated defects passed as good training images."""
+    root = tmp_path / "data"
+    for i in range(3):
+        _image(root / f"{i}.png", value=i)
+    (root / "2.json").write_text('{"shapes": []}')
+    result = _run(root, tmp_path / "out")
+    assert result["dataset_type"] == "Folder"
+    (warning,) = [w for w in result["warnings"] if "LabelMe" in w["problem"]]
+    assert warning["file"] == str(root) and "src_dataset_type=LabelMe" in warning["problem"]
+    (root / "2.json").unlink()
+    assert not [w for w in _run(root, tmp_path / "out2")["warnings"] if "LabelMe" in w["problem"]]
 
 
 def test_folder_normals_only(tmp_path):

@@ -180,11 +180,17 @@ def test_mvtec_to_segdataset_lists(tmp_path):
     assert [(s.image, s.label) for s in after.val] == [(s.image, s.label) for s in before.val]
 
 
-def test_mvtec_defect_without_mask_is_refused(tmp_path):
+@pytest.mark.parametrize("empty_mask", [False, True])
+def test_mvtec_defect_without_mask_or_with_an_empty_one_is_refused(tmp_path, empty_mask):
+    """In the lists an image without a defect pixel is a good one: an empty mask turned the
+    defect into one (magnetic_tile has four), where the check before the conversion had warned."""
     root = tmp_path / "data"
     _image(root / "train" / "good" / "0.png")
     _image(root / "test" / "crack" / "7.png")
-    with pytest.raises(FlawscopeError, match="7.png: 1 defect image\\(s\\) have no mask"):
+    if empty_mask:
+        _image(root / "ground_truth" / "crack" / "7_mask.png", value=0)
+    problem = "have a mask that marks no pixel" if empty_mask else "have no mask"
+    with pytest.raises(FlawscopeError, match=f"7.png: 1 defect image\\(s\\) {problem}"):
         convert_dataset(root, "MVTec")
     assert not (root / "train.txt").exists()
 

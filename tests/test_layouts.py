@@ -142,6 +142,20 @@ def test_collection_of_mvtec_categories_hints_at_one(tmp_path):
     assert "bottle" in _raises(tmp_path, "point at one of them")
 
 
+@pytest.mark.parametrize("source", ["VOC", "LabelMe"])
+def test_annotations_of_a_source_format_hint_at_its_conversion(tmp_path, source):
+    """A VOC folder, or a folder of LabelMe-annotated images, was only "no known dataset layout"."""
+    if source == "VOC":
+        _image(tmp_path / "JPEGImages" / "0.jpg")
+        (tmp_path / "SegmentationClass").mkdir()
+    else:
+        _image(tmp_path / "imgs" / "0.png")
+        (tmp_path / "imgs" / "0.json").write_text("{}")
+    message = _raises(tmp_path, "no known dataset layout")
+    assert message.endswith(f"it looks like {source} annotations: convert them with -o CheckDataset.convert.enable=true "
+                            f"-o CheckDataset.convert.src_dataset_type={source})")
+
+
 def test_empty_train_split(tmp_path):
     (tmp_path / "train" / "good").mkdir(parents=True)
     _image(tmp_path / "test" / "good" / "0.png")

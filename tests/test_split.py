@@ -81,17 +81,29 @@ def test_config_refuses_percentages_not_adding_to_100():
                               "CheckDataset.split.val_percent=20"])
 
 
-def test_split_an_mvtec_folder(tmp_path):
-    root = tmp_path / "data"
+def _mvtec_with_one_crack(root: Path, mask_value: int) -> Path:
     for i in range(4):
         _image(root / "train" / "good" / f"{i}.png", value=i)
     _image(root / "test" / "crack" / "0.png", value=99)
-    _image(root / "ground_truth" / "crack" / "0_mask.png", value=255)
+    _image(root / "ground_truth" / "crack" / "0_mask.png", value=mask_value)
+    return root
+
+
+def test_split_an_mvtec_folder(tmp_path):
+    root = _mvtec_with_one_crack(tmp_path / "data", mask_value=255)
 
     split_dataset(root, 75, 25, seed=0)
 
     assert len(_lines(root / "train.txt")) == 3
     assert "test/crack/0.png ground_truth/crack/0_mask.png" in _lines(root / "val.txt")
+
+
+def test_splitting_an_mvtec_defect_whose_mask_marks_nothing_is_refused(tmp_path):
+    """The split said all defect images go to val, but the list made the empty-masked one good."""
+    root = _mvtec_with_one_crack(tmp_path / "data", mask_value=0)
+    with pytest.raises(FlawscopeError, match="0.png: 1 defect image\\(s\\) have a mask that marks no pixel"):
+        split_dataset(root, 75, 25, seed=0)
+    assert not (root / "train.txt").exists() and not (root / "val.txt").exists()
 
 
 def test_convert_and_split_together_then_check(tmp_path):

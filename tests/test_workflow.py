@@ -54,12 +54,33 @@ def test_resume_reproduces_an_uninterrupted_run(trained, tmp_path) -> None:
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_on_other_images_of_the_same_number_is_refused(trained, tmp_path, capsys) -> None:
+    """The checkpoint held only how many images it was trained on: one swapped for another resumed
+    as a continuation. A checkpoint written before the images' digest resumes as it did."""
+    dataset, full = trained
+    swapped = tmp_path / "swapped"
+    shutil.copytree(dataset, swapped)
+    goods = sorted((swapped / "train/good").iterdir())
+    with Image.open(goods[1]) as image:  # as many images, one of them another
+        Image.fromarray(255 - np.asarray(image.convert("RGB"))).save(goods[1])
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(swapped, out),
+                   f"Train.resume_path={full / 'iter_3'}", fragment="was trained on other images than this run's")
+    older = tmp_path / "iter_3"
+    shutil.copytree(full / "iter_3", older)
+    meta = json.loads((older / "checkpoint.json").read_text())
+    assert len(meta.pop("train_images_digest")) == 32
+    (older / "checkpoint.json").write_text(json.dumps(meta))
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, tmp_path / "resumed"), f"Train.resume_path={older}") == 0
+
+
 def test_resuming_towards_more_iterations_says_the_schedule_changes(trained, tmp_path) -> None:
     dataset, full = trained
     longer = tmp_path / "longer"
     assert _cli("Global.mode=train", *tiny_overrides(dataset, longer, iters=9), f"Train.resume_path={full / 'iter_3'}") == 0
-    assert "was trained towards 6 iterations, this run 9: the learning-rate schedule changes" in \
-        (longer / "train.log").read_text()
+    log = (longer / "train.log").read_text()
+    assert "was trained towards 6 iterations, this run 9: the learning-rate schedule changes" in log
+    assert f"resuming from {full / 'iter_3'} at iteration 3 of 9" in log
 
 
 def test_the_last_checkpoint_recalibrates_on_new_good_images_without_training(trained, tmp_path) -> None:

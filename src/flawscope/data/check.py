@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from flawscope.data.convert import convert_dataset
 from flawscope.data.io import is_image_file, read_image, read_mask
-from flawscope.data.layouts import (DEFECT, GOOD, detect_layout, load_dataset, mask_dirs, mvtec_train_dir,
-                                    read_lines)
+from flawscope.data.layouts import (DEFECT, GOOD, annotation_source, detect_layout, load_dataset, mask_dirs,
+                                    mvtec_train_dir, read_lines)
 from flawscope.data.split import split_dataset
 from flawscope.errors import FlawscopeError, printable
 
@@ -150,8 +150,15 @@ def check_dataset(
         count = len(found.without_masks)
         found.warning(Path(found.without_masks[0]), f"{count} defect image(s) have no mask (this one, "
                       "and the others in images_without_masks): evaluation leaves them out of the pixel metrics")
+    if layout == "Folder" and annotation_source(root) == "LabelMe":  # its defects would train as good images
+        found.warning(root, "JSON files beside the images: a Folder dataset does not read LabelMe annotations, "
+                      "so their images count as good; convert them with -o CheckDataset.convert.enable=true "
+                      "-o CheckDataset.convert.src_dataset_type=LabelMe")
     images = {item.image for items in splits.values() for item in items}
     orphans = _masks_without_images(root, layout, found.used_masks, images)
+    if orphans:  # often a mask named unlike its image, which then counts as having none
+        found.warning(orphans[0], f"{len(orphans)} mask file(s) belong to no image (this one, and the others in "
+                      "masks_without_images): a misnamed mask leaves its image without one")
     histogram = Path(output) / CHECK_DIR / "histogram.png"
     _histogram(found.counts, histogram, f"{root.name} ({layout})")
     log.info(

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from flawscope.data.io import is_image_file, read_image, read_mask
 from flawscope.data.layouts import DEFECT, GOOD, Sample, load_dataset, read_lines
-from flawscope.data.split import check_percentages, sample_lines, split_samples, write_lists
+from flawscope.data.split import check_defect_masks, check_percentages, sample_lines, split_samples, write_lists
 from flawscope.errors import FlawscopeError
 
 log = logging.getLogger("flawscope")
@@ -142,6 +142,7 @@ def _by_label(samples: list[Sample]) -> Splits:
 def _from_mvtec(root: Path, masks: _Masks) -> Splits:
     """MVTec's own masks are already 0/255, so the lists point at them directly."""
     dataset = load_dataset(root, "MVTec")
+    check_defect_masks(dataset.val + dataset.train)
     return {"train": dataset.train, "val": dataset.val}
 
 

@@ -277,7 +277,25 @@ def _expected(root: Path) -> str:
     categories = [d.name for d in _subdirs(root) if _is_mvtec(d)]
     if categories:
         expected += f"; it holds MVTec categories ({', '.join(categories)}): point at one of them"
+    source = annotation_source(root)
+    if source:
+        expected += (f"; it looks like {source} annotations: convert them with -o CheckDataset.convert.enable=true "
+                     f"-o CheckDataset.convert.src_dataset_type={source}")
     return expected
+
+
+def annotation_source(root: Path) -> str | None:
+    """"VOC" or "LabelMe" where ``root`` holds their annotations (VOC's two folders; LabelMe's JSON
+    files in it or in a folder below), which the layouts do not read without a conversion."""
+    if (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
+        return "VOC"
+    for folder in (root, *_subdirs(root)):
+        try:
+            if any(path.suffix.lower() == ".json" for path in folder.iterdir()):
+                return "LabelMe"
+        except OSError:  # an unreadable folder holds no hint
+            continue
+    return None
 
 
 def check_headers(samples: list[Sample]) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from flawscope.data.io import read_mask
 from flawscope.data.layouts import Sample, load_dataset
 from flawscope.errors import FlawscopeError
 
@@ -47,14 +48,23 @@ def sample_lines(root: Path, samples: Iterable[Sample]) -> list[str]:
                 raise FlawscopeError(f"{root / field}: file name is not UTF-8, which SegDataset list "
                                      "files are; rename it") from None
         lines.append(" ".join(fields))
-    if unmasked:
-        shown = ", ".join(str(path) for path in unmasked[:3])
-        raise FlawscopeError(
-            f"{unmasked[0]}: {len(unmasked)} defect image(s) have no mask ({shown}"
-            f"{', ...' if len(unmasked) > 3 else ''}); a SegDataset needs a mask to mark an"
-            " image defective"
-        )
+    _refuse_defects(unmasked, "have no mask", "a SegDataset needs a mask to mark an image defective")
     return lines
+
+
+def check_defect_masks(samples: Iterable[Sample]) -> None:
+    """Refuse defect images (by their folder) whose masks mark no pixel: in a SegDataset the mask
+    is what marks an image defective, so the lists would turn them into good images."""
+    empty = [s.image for s in samples if s.label and s.mask is not None and not read_mask(s.mask).any()]
+    _refuse_defects(empty, "have a mask that marks no pixel", "in SegDataset lists an empty mask marks a good "
+                    "image: draw their defects into the masks, or move the images out of the defect folders")
+
+
+def _refuse_defects(images: list[Path], problem: str, why: str) -> None:
+    """One error line for the defect ``images`` the lists cannot hold, the first three named."""
+    if images:
+        shown = ", ".join(str(path) for path in images[:3]) + (", ..." if len(images) > 3 else "")
+        raise FlawscopeError(f"{images[0]}: {len(images)} defect image(s) {problem} ({shown}); {why}")
 
 
 def write_lists(root: Path, lists: dict[str, list[str]]) -> list[Path]:
@@ -101,6 +111,7 @@ def split_dataset(
     root = Path(root)
     check_percentages(train_percent, val_percent)
     dataset = load_dataset(root, layout)
+    check_defect_masks(dataset.val + dataset.train)
     train, val, report = split_samples(root, dataset.train + dataset.val, train_percent, val_percent, seed)
     backups = write_lists(
         root, {"train": sorted(sample_lines(root, train)), "val": sorted(sample_lines(root, val))}

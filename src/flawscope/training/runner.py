@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -97,6 +98,9 @@ def train(cfg: dict, world: World) -> dict:
     log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
              dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
     images = load_training_images(fit_samples, resizer)  # reads every image before anything is written
+    if resume is not None and resume.meta.get("train_images_digest") not in (None, _images_digest(images)):
+        raise FlawscopeError(f"Train.resume_path: {resume.path} was trained on other images than this run's "
+                             f"{len(images)} (as many, not the same); resume with the same images, or train anew")
     image_bank = isinstance(model, STFPM) and model.global_score  # the student's score is measured on them
     needed = base is not None or t["add_calibration_images"] or image_bank  # or the model checks them, or they join it
     calib_images = load_training_images(calib_samples if needed else [], resizer)
@@ -172,6 +176,12 @@ def _resume_settings(cfg: dict, train_images: int) -> dict:
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     return {"seed": g["seed"], "batch_size": t["batch_size"], "train_images": train_images,
             "input_size": m["input_size"], "hard_fraction": t["hard_fraction"]}
+
+
+def _images_digest(images: torch.Tensor) -> str:
+    """Of the decoded training images, in their order (which the batches follow): a resumed run
+    must train on the same images, not only on as many (checkpoints before it hold none)."""
+    return hashlib.blake2b(np.ascontiguousarray(images.numpy()).data, digest_size=16).hexdigest()
 
 
 @torch.no_grad()
@@ -307,7 +317,8 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
                                  weight_decay=t["weight_decay"], log_interval=t["log_interval"],
                                  eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"],
                                  select_best=t["select_best"], hard_fraction=t["hard_fraction"])
-    settings = {**_resume_settings(cfg, len(images)), "epochs_iters": t["epochs_iters"]}
+    settings = {**_resume_settings(cfg, len(images)), "train_images_digest": _images_digest(images),
+                "epochs_iters": t["epochs_iters"]}
     if resume is not None and resume.meta.get("epochs_iters", t["epochs_iters"]) != t["epochs_iters"]:
         log.warning("Train.resume_path: %s was trained towards %d iterations, this run %d: the learning-rate "
                     "schedule changes from here on", resume.path, resume.meta["epochs_iters"], t["epochs_iters"])

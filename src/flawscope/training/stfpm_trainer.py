@@ -204,6 +204,8 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
             best = tuple(resume.meta["best"]["key"]), resume.meta["best"]["iteration"], weights
         if start == cfg.iterations:
             log.info("checkpoint is at iteration %d of %d: nothing left to train", start, cfg.iterations)
+        else:
+            log.info("resuming from %s at iteration %d of %d", resume.path, start, cfg.iterations)
     student = model.student
     if world.size > 1:
         student = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
