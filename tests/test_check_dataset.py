@@ -144,7 +144,8 @@ def test_mvtec_masks_images_and_duplicates(tmp_path):
     assert attrs["duplicate_files"] == [
         [str(root / "train" / "good" / "001.png"), str(root / "test" / "good" / "000.png")]
     ]
-    assert any("duplicate" in w["problem"] for w in result["warnings"])
+    assert any(w["problem"].startswith("duplicate file") and w["problem"].endswith("a copy of a training image is "
+               "evaluated on") for w in result["warnings"])
 
 
 def test_a_folder_of_labelme_annotated_images_is_told_to_convert_them(tmp_path):

@@ -294,11 +294,23 @@ def test_labelme_anno_list_outside_the_dataset_is_refused_and_writes_nothing(tmp
     assert photo.read_bytes() == before and sorted(p.name for p in root.iterdir()) == ["train_anno_list.txt"]
 
 
+def test_a_labelme_file_annotated_on_an_image_of_another_size_is_refused(tmp_path):
+    """Its mask was drawn at the recorded size and written; only the check after it found the mismatch."""
+    root = tmp_path / "data"
+    _image(root / "a.png")  # 16x16
+    _labelme(root / "a.json", "a.png", [{"label": "crack", "shape_type": "rectangle", "points": [[2, 2], [8, 8]]}])
+    data = json.loads((root / "a.json").read_text())
+    (root / "a.json").write_text(json.dumps({**data, "imageWidth": 32}))
+    with pytest.raises(FlawscopeError, match=r"a\.json: annotated on a 32x16 image, but its image .*a\.png is 16x16"):
+        convert_dataset(root, "LabelMe")
+    assert sorted(p.name for p in root.iterdir()) == ["a.json", "a.png"]
+
+
 @pytest.mark.parametrize("data, fragment", [
     ({"shapes": None}, "'shapes' is not a list"),
     ({"shapes": [{"label": "x", "points": None}]}, "shape 0 is not a LabelMe shape"),
     ({"shapes": [{"label": "x", "points": [[1, 2, 3], [4, 5, 6], [7, 8, 9]]}]}, "shape 0 is not a LabelMe shape"),
-    ({"shapes": [], "imageWidth": None, "imagePath": "corrupt.png"}, "corrupt.png: not an image"),
+    ({"shapes": [], "imageWidth": None, "imagePath": "corrupt.png"}, "corrupt.png: not a readable image"),
 ])
 def test_malformed_labelme_files_are_one_error_naming_the_file(tmp_path, data, fragment):
     root = tmp_path / "data"

@@ -387,7 +387,9 @@ def _duplicates(found: _Findings) -> list[list[str]]:
                     path, f"defect image in the training split: same bytes as {defects[0]}"
                 )
         first, *others = (path for _, _, path in entries)
-        found.warning(first, f"duplicate file: same bytes as {', '.join(map(str, others))}")
+        leak = {"train", "val"} <= {split for split, _, _ in entries}  # the metrics are optimistic
+        found.warning(first, f"duplicate file: same bytes as {', '.join(map(str, others))}"
+                             + (": a copy of a training image is evaluated on" if leak else ""))
     return [[str(path) for _, _, path in entries] for entries in groups]
 
 

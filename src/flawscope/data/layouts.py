@@ -303,14 +303,15 @@ def check_headers(samples: list[Sample]) -> None:
     a mask of another size, then fails before training or evaluation writes anything, rather than
     midway. (Only a full decode finds a truncated file; that stays where it is read.)"""
     for sample in samples:
-        image_size = _header_size(sample.image)
-        mask_size = _header_size(sample.mask) if sample.mask is not None else None
+        image_size = header_size(sample.image)
+        mask_size = header_size(sample.mask) if sample.mask is not None else None
         if mask_size is not None and image_size != mask_size:
             # the headers' sizes are stored ones: an EXIF rotation is only certain once decoded
             read_mask(sample.mask, tuple(read_image(sample.image).shape[1::-1]))
 
 
-def _header_size(path: Path) -> tuple[int, int]:
+def header_size(path: Path) -> tuple[int, int]:
+    """(width, height) as the file stores it, from its header alone (before any EXIF rotation)."""
     try:
         with Image.open(path) as image:
             return image.size
