@@ -286,15 +286,18 @@ def _expected(root: Path) -> str:
 
 def annotation_source(root: Path) -> str | None:
     """"VOC" or "LabelMe" where ``root`` holds their annotations (VOC's two folders; LabelMe's JSON
-    files in it or in a folder below), which the layouts do not read without a conversion."""
+    files named after their images, in it or in a folder below), which the layouts do not read
+    without a conversion. Other JSON files (a run's results) are no hint."""
     if (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
         return "VOC"
     for folder in (root, *_subdirs(root)):
         try:
-            if any(path.suffix.lower() == ".json" for path in folder.iterdir()):
-                return "LabelMe"
+            files = list(folder.iterdir())
         except OSError:  # an unreadable folder holds no hint
             continue
+        images = {path.stem for path in files if is_image_file(path)}
+        if any(path.suffix.lower() == ".json" and path.stem in images for path in files):
+            return "LabelMe"
     return None
 
 
