@@ -92,6 +92,13 @@ def test_float_tiff(tmp_path):
     np.testing.assert_array_equal(out[..., 1], [[0, 128, 255]])
 
 
+def test_a_float_tiff_beyond_255_is_refused_not_white(tmp_path):
+    path = _save(Image.fromarray(np.array([[0.0, 300.0, 65535.0]], dtype=np.float32)), tmp_path / "f.tiff")
+    with pytest.raises(FlawscopeError, match=r"f\.tiff: float pixel values up to 65535: float images are read in "
+                                             r"\[0, 1\] or \[0, 255\]"):
+        read_image(path)
+
+
 def test_cmyk(tmp_path):
     out = read_image(_save(Image.new("CMYK", (4, 4), (0, 0, 0, 0)), tmp_path / "c.jpg"))
     assert out.shape == (4, 4, 3) and (out > 250).all()
@@ -198,6 +205,7 @@ def test_directory(tmp_path):
 
 def test_is_image_file():
     assert is_image_file("a.PNG") and is_image_file(Path("x/b.tiff")) and is_image_file("c.JpEg")
+    assert is_image_file("d.webp") and is_image_file("e.GIF")  # read by path, so listed in folders too
     assert not is_image_file("license.txt") and not is_image_file("png") and not is_image_file(".png")
 
 

@@ -202,6 +202,11 @@ def test_predict_writes_json_and_picture_at_the_image_size(trained, tmp_path, ca
     assert main(["-c", "PatchCore", "-o", "Global.mode=predict", "-o", f"Global.output={save}",
                  "-o", f"Predict.model_dir={out / 'best_model/inference'}", "-o", f"Predict.input={image}"]) == 0
     assert "holds a STFPM model: it is used as it is (Global.model PatchCore" in capsys.readouterr().err
+    # A training setting given to another mode changes nothing there (it was ignored silently).
+    assert _cli("Global.mode=predict", f"Global.output={save}", f"Predict.model_dir={out / 'best_model/inference'}",
+                f"Predict.input={image}", "Model.resize_mode=letterbox") == 0
+    assert ("Model.resize_mode: used when training only; the predict mode takes the model's own settings from its "
+            "directory: ignored") in capsys.readouterr().err
 
 
 def test_predict_says_when_it_falls_back_to_the_bundled_model(trained, tmp_path, capsys) -> None:

@@ -21,9 +21,9 @@ from typing import NamedTuple
 import yaml
 from PIL import Image
 
-from flawscope.config import BACKENDS, shipped_configs
+from flawscope.config import BACKENDS, TRAIN_ONLY_SECTIONS, shipped_configs
 from flawscope.errors import FlawscopeError, check_output_dir
-from flawscope.logs import setup_console
+from flawscope.logs import log, setup_console
 
 
 class _Flag(NamedTuple):
@@ -157,13 +157,24 @@ def run(argv: list[str] | None = None) -> int:
                                  + ", ".join(_PIPELINE_FLAGS[flag].key for flag in given))
 
         cfg = load_config(args.config, args.override)
-        result = run_mode(cfg)
         mode = cfg["Global"]["mode"]
+        _warn_training_overrides(args.override, mode)
+        result = run_mode(cfg)
         if mode == "predict":
             return _prediction_status(result)
         return 1 if mode == "check_dataset" and not result.get("check_pass", False) else 0
     _parser().print_usage(sys.stderr)
     raise FlawscopeError("nothing to do: give -c CONFIG, --pipeline NAME --input IMG, or --get_pipeline_config NAME")
+
+
+def _warn_training_overrides(overrides: list[str], mode: str) -> None:
+    """Model and Train keys describe how a model is trained: the other modes take a model's
+    settings from its directory, so ``-o Model.resize_mode=letterbox`` would change nothing there."""
+    keys = [text.split("=", 1)[0].strip() for text in overrides]
+    ignored = [key for key in keys if key.split(".", 1)[0] in TRAIN_ONLY_SECTIONS]
+    if mode != "train" and ignored:
+        log.warning("%s: used when training only; the %s mode takes the model's own settings from its directory: "
+                    "ignored", ", ".join(ignored), mode)
 
 
 def _prediction_status(counts: dict) -> int:

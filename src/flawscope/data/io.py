@@ -26,8 +26,9 @@ from flawscope.errors import FlawscopeError
 T = TypeVar("T")
 R = TypeVar("R")
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
-"""Lower-case file suffixes (with the dot) treated as images; compare ``Path.suffix.lower()``."""
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+"""Lower-case file suffixes (with the dot) treated as images; compare ``Path.suffix.lower()``. What a
+folder lists is what a path reads (a GIF: its first frame)."""
 
 MAX_PIXELS: int = 100_000_000
 """Largest image (width x height) we agree to decode; the check reads only the header.
@@ -102,7 +103,10 @@ def _decode(path: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndar
             ImageOps.exif_transpose(img, in_place=True)
         except (OSError, SyntaxError, EOFError, ValueError) as exc:
             raise FlawscopeError(f"{path}: corrupt or truncated image ({_one_line(exc)})") from exc
-        return convert(img)
+        try:
+            return convert(img)
+        except ValueError as exc:  # pixel values no scale reads (``_to_uint8``), a mode Pillow cannot convert
+            raise FlawscopeError(f"{path}: {_one_line(exc)}") from exc
 
 
 def _one_line(exc: BaseException) -> str:
@@ -115,12 +119,17 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
 
     Scaling by the format's range (e.g. 65535 -> 255, i.e. divide by 257), not by the image's
     own min/max, keeps brightness comparable between images, which anomaly scores rely on.
-    Float images are taken to be in [0, 1] when their maximum is at most 1, else in [0, 255].
+    Float images are taken to be in [0, 1] when their maximum is at most 1, else in [0, 255];
+    values above 255 are refused (ValueError): no scale is known for them, and clipped they were white.
     """
     values = np.asarray(img, dtype=np.float64)
     if img.mode == "F":
         values = np.nan_to_num(values)
-        full_scale = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        peak = values.max(initial=0.0)
+        if peak > 255:
+            raise ValueError(f"float pixel values up to {peak:g}: float images are read in [0, 1] or [0, 255]; "
+                             "scale it to one of them, or save it as 16-bit")
+        full_scale = 1.0 if peak <= 1.0 else 255.0
     else:
         # "I;16*" are unsigned 16-bit; "I" is int32 storage whose real depth (and
         # signedness) only TIFF records; elsewhere it holds 16-bit data (e.g. 16-bit PGM).
