@@ -173,8 +173,8 @@ def _warn_training_overrides(overrides: list[str], mode: str) -> None:
     keys = [text.split("=", 1)[0].strip() for text in overrides]
     ignored = [key for key in keys if key.split(".", 1)[0] in TRAIN_ONLY_SECTIONS]
     if mode != "train" and ignored:
-        log.warning("%s: used when training only; the %s mode takes the model's own settings from its directory: "
-                    "ignored", ", ".join(ignored), mode)
+        why = "uses no model" if mode == "check_dataset" else "takes the model's own settings from its directory"
+        log.warning("%s: used when training only; the %s mode %s: ignored", ", ".join(ignored), mode, why)
 
 
 def _prediction_status(counts: dict) -> int:
