@@ -159,6 +159,8 @@ def test_a_folder_of_labelme_annotated_images_is_told_to_convert_them(tmp_path):
     (warning,) = [w for w in result["warnings"] if "LabelMe" in w["problem"]]
     assert warning["file"] == str(root) and "src_dataset_type=LabelMe" in warning["problem"]
     (root / "2.json").rename(root / "results.json")  # a JSON file named after no image is no annotation
+    _image(root / "predictions" / "2_res.png", value=2)  # nor a result saved beside its picture
+    (root / "predictions" / "2_res.json").write_text('{"score": 0.3, "is_anomaly": false}')
     assert not [w for w in _run(root, tmp_path / "out2")["warnings"] if "LabelMe" in w["problem"]]
 
 

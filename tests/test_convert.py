@@ -335,6 +335,12 @@ def test_labelme_circles_and_exif_rotated_images_without_a_size(tmp_path):
     mask = _converted_mask(root, _lines(root / "val.txt")[0]) > 0
     assert mask.shape == (24, 16) and mask[12, 8] and mask[9, 8] and not mask[12, 3] and not mask[2, 8]
     assert 45 <= mask.sum() <= 65  # pi * 4**2 = 50, the edge pixels included as LabelMe draws it
+    # Recorded at its stored size, it was annotated on an image that was not turned upright: its
+    # mask would be drawn turned against the image (it was, and only reading it failed).
+    (root / "a.json").write_text(json.dumps({"imagePath": "a.jpg", "imageWidth": 24, "imageHeight": 16,
+                                             "shapes": [_shape("circle", [[8, 12], [8, 16]])]}))
+    with pytest.raises(FlawscopeError, match=r"a\.json: annotated on a 24x16 image, but its image .*a\.jpg is 16x24"):
+        convert_dataset(root, "LabelMe")
 
 
 def test_voc_class_pngs_without_an_image_are_named(tmp_path, caplog):

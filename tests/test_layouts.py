@@ -150,7 +150,7 @@ def test_annotations_of_a_source_format_hint_at_its_conversion(tmp_path, source)
         (tmp_path / "SegmentationClass").mkdir()
     else:
         _image(tmp_path / "imgs" / "0.png")
-        (tmp_path / "imgs" / "0.json").write_text("{}")
+        (tmp_path / "imgs" / "0.json").write_text('{"shapes": []}')
     message = _raises(tmp_path, "no known dataset layout")
     assert message.endswith(f"it looks like {source} annotations: convert them with -o CheckDataset.convert.enable=true "
                             f"-o CheckDataset.convert.src_dataset_type={source})")
@@ -222,3 +222,13 @@ def test_a_list_with_backslashes_says_so(tmp_path):
     (tmp_path / "train.txt").write_text("img\\0.png\n")
     _raises(tmp_path, "train.txt:1: " + str(tmp_path / "img\\0.png") + " does not exist (the list separates "
             "folders with backslashes: write /)")
+
+
+def test_a_gif_mask_is_refused_not_read_by_its_palette_order(tmp_path):
+    """GIF files are images now (a path read them, a folder skipped them), but a GIF's palette
+    index 0 may be white: read as a mask, a 3x3 defect became 247 of 256 pixels."""
+    _image(tmp_path / "train" / "good" / "0.png")
+    _image(tmp_path / "test" / "crack" / "000.png")
+    _image(tmp_path / "ground_truth" / "crack" / "000_mask.gif", defect=True)
+    message = _raises(tmp_path, "000_mask.gif: a GIF file cannot be a mask")
+    assert message.endswith("save it as PNG")

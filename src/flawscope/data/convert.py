@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flawscope.data.io import is_image_file, read_image, read_mask
+from flawscope.data.io import is_image_file, read_mask
 from flawscope.data.layouts import DEFECT, GOOD, Sample, header_size, load_dataset, read_lines
 from flawscope.data.split import check_defect_masks, check_percentages, sample_lines, split_samples, write_lists
 from flawscope.errors import FlawscopeError
@@ -319,13 +319,10 @@ def _labelme_sample(root: Path, json_path: Path, masks: _Masks) -> Sample | None
             f"{json_path}: its imagePath {data['imagePath']!r} ({image}) does not exist"
         )
     width, height = data.get("imageWidth"), data.get("imageHeight")
-    recorded = (width, height) if isinstance(width, int) and isinstance(height, int) else None
-    size = header_size(image)
-    if recorded != size:  # LabelMe records the size as shown: decoded, EXIF rotation applied
-        size = tuple(read_image(image).shape[1::-1])
-        if recorded is not None and recorded != size:  # the shapes were drawn on another image
-            raise FlawscopeError(f"{json_path}: annotated on a {width}x{height} image, but its image {image} is "
-                                 f"{size[0]}x{size[1]}: annotate that image again")
+    size = header_size(image, shown=True)  # LabelMe records the size as shown: EXIF rotation applied
+    if isinstance(width, int) and isinstance(height, int) and (width, height) != size:  # drawn on another image
+        raise FlawscopeError(f"{json_path}: annotated on a {width}x{height} image, but its image {image} is "
+                             f"{size[0]}x{size[1]}: annotate that image again")
     mask = _draw_shapes(json_path, data["shapes"], size)
     return masks.sample(image, mask, json_path.relative_to(root).with_suffix(".png"))
 

@@ -30,6 +30,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", "
 """Lower-case file suffixes (with the dot) treated as images; compare ``Path.suffix.lower()``. What a
 folder lists is what a path reads (a GIF: its first frame)."""
 
+UNREADABLE_MASK_EXTENSIONS: frozenset[str] = frozenset({".gif", ".webp"})
+"""Images that cannot be masks: a GIF is a palette image whose indices follow the order colours
+appear in (index 0 may be white: ``read_mask`` takes the index as the label), and WebP is
+usually lossy (its noise would count as defect)."""
+
 MAX_PIXELS: int = 100_000_000
 """Largest image (width x height) we agree to decode; the check reads only the header.
 
@@ -158,6 +163,13 @@ def image_to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img if img.mode == "RGB" else img.convert("RGB"))
 
 
+def check_mask_format(path: Path) -> None:
+    """Refuse a mask file of ``UNREADABLE_MASK_EXTENSIONS``."""
+    if path.suffix.lower() in UNREADABLE_MASK_EXTENSIONS:
+        raise FlawscopeError(f"{path}: a {path.suffix[1:].upper()} file cannot be a mask (a GIF's palette order or "
+                             "WebP's compression would change which pixels are defect): save it as PNG")
+
+
 def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None) -> np.ndarray:
     """Read a defect mask as an HxW bool array: any nonzero pixel is defect.
 
@@ -168,6 +180,7 @@ def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None)
     cannot be aligned with it, so that is an error rather than a silent resize.
     """
     path = Path(path)
+    check_mask_format(path)
 
     def to_bool(img: Image.Image) -> np.ndarray:
         if size is not None and tuple(img.size) != tuple(size):

@@ -15,14 +15,15 @@ directory always gives the same splits.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import ExifTags, Image
 
-from flawscope.data.io import is_image_file, is_listed_file, read_image, read_mask
+from flawscope.data.io import check_mask_format, is_image_file, is_listed_file, read_image, read_mask
 from flawscope.errors import FlawscopeError, first_line
 
 GOOD = "good"
@@ -84,6 +85,7 @@ def _masks_by_stem(directory: Path | None) -> dict[str, Path]:
     """Mask files of ``directory`` by stem; of two with one stem, the first sorted wins."""
     masks: dict[str, Path] = {}
     for path in _images(directory) if directory is not None else []:
+        check_mask_format(path)  # refused when the dataset is listed, not halfway through an evaluation
         masks.setdefault(path.stem, path)
     return masks
 
@@ -286,8 +288,8 @@ def _expected(root: Path) -> str:
 
 def annotation_source(root: Path) -> str | None:
     """"VOC" or "LabelMe" where ``root`` holds their annotations (VOC's two folders; LabelMe's JSON
-    files named after their images, in it or in a folder below), which the layouts do not read
-    without a conversion. Other JSON files (a run's results) are no hint."""
+    files, with their ``shapes``, named after their images, in it or in a folder below), which the
+    layouts do not read without a conversion. Other JSON files (a run's results) are no hint."""
     if (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
         return "VOC"
     for folder in (root, *_subdirs(root)):
@@ -296,9 +298,18 @@ def annotation_source(root: Path) -> str | None:
         except OSError:  # an unreadable folder holds no hint
             continue
         images = {path.stem for path in files if is_image_file(path)}
-        if any(path.suffix.lower() == ".json" and path.stem in images for path in files):
+        named = [path for path in files if path.suffix.lower() == ".json" and path.stem in images]
+        if any(_has_shapes(path) for path in named[:3]):
             return "LabelMe"
     return None
+
+
+def _has_shapes(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and "shapes" in data
 
 
 def check_headers(samples: list[Sample]) -> None:
@@ -313,10 +324,13 @@ def check_headers(samples: list[Sample]) -> None:
             read_mask(sample.mask, tuple(read_image(sample.image).shape[1::-1]))
 
 
-def header_size(path: Path) -> tuple[int, int]:
-    """(width, height) as the file stores it, from its header alone (before any EXIF rotation)."""
+def header_size(path: Path, shown: bool = False) -> tuple[int, int]:
+    """(width, height) from the file's header alone: as stored, or ``shown``, as ``read_image``
+    gives it (an EXIF rotation by 90 or 270 degrees swaps them)."""
     try:
         with Image.open(path) as image:
-            return image.size
+            width, height = image.size
+            turned = shown and image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
     except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise FlawscopeError(f"{path}: not a readable image ({first_line(exc)})") from None
+    return (height, width) if turned else (width, height)

@@ -111,7 +111,8 @@ def split_dataset(
     root = Path(root)
     check_percentages(train_percent, val_percent)
     dataset = load_dataset(root, layout)
-    check_defect_masks(dataset.val + dataset.train)
+    if dataset.layout != "SegDataset":  # whose labels come from the masks already
+        check_defect_masks(dataset.val + dataset.train)
     train, val, report = split_samples(root, dataset.train + dataset.val, train_percent, val_percent, seed)
     backups = write_lists(
         root, {"train": sorted(sample_lines(root, train)), "val": sorted(sample_lines(root, val))}
