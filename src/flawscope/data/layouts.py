@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import ExifTags, Image
 
-from flawscope.data.io import check_mask_format, is_image_file, is_listed_file, read_image, read_mask
+from flawscope.data.io import check_mask_format, is_image_file, is_listed_file, read_mask
 from flawscope.errors import FlawscopeError, first_line
 
 GOOD = "good"
@@ -319,14 +319,14 @@ def check_headers(samples: list[Sample]) -> None:
     for sample in samples:
         image_size = header_size(sample.image)
         mask_size = header_size(sample.mask) if sample.mask is not None else None
-        if mask_size is not None and image_size != mask_size:
-            # the headers' sizes are stored ones: an EXIF rotation is only certain once decoded
-            read_mask(sample.mask, tuple(read_image(sample.image).shape[1::-1]))
+        if mask_size is not None and image_size != mask_size:  # stored sizes: an EXIF rotation may explain it
+            read_mask(sample.mask, header_size(sample.image, shown=True))
 
 
 def header_size(path: Path, shown: bool = False) -> tuple[int, int]:
-    """(width, height) from the file's header alone: as stored, or ``shown``, as ``read_image``
-    gives it (an EXIF rotation by 90 or 270 degrees swaps them)."""
+    """(width, height) from the file's header: as stored, or ``shown``, as ``read_image`` gives it
+    (an EXIF rotation by 90 or 270 degrees swaps them; Pillow decodes a PNG to look for an EXIF
+    chunk after its pixels)."""
     try:
         with Image.open(path) as image:
             width, height = image.size
