@@ -54,7 +54,10 @@ def test_benchmark_two_datasets(tmp_path, capsys) -> None:
     for name in ("image AUROC", "pixel AUROC", "AUPRO", "train (s)", "latency b1", "latency bN", "throughput",
                  "peak RSS", "model size"):
         assert name in header
-    assert "benchmark.md" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # the numbers on the terminal, not only in a file
+    assert "benchmark.md" in printed and table in printed
+    ok_lines = [line for line in printed.splitlines() if line.startswith("[benchmark] texture") and "image AUROC" in line]
+    assert len(ok_lines) == 2 and f"image AUROC {runs[0]['image_auroc']:.3f}" in ok_lines[0]
 
 
 def test_failed_run_is_a_row_not_a_crash() -> None:

@@ -3,6 +3,7 @@ decisions are exactly the Predictor's."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -113,6 +114,51 @@ def test_odd_names_make_a_whole_report_and_a_failed_rerun_leaves_no_current_look
     assert json.loads((tmp_path / "eval" / "evaluate_result.json").read_text()) == {"done_flag": False}
     assert Path(result["report"]).read_text(encoding="utf-8") == text  # the earlier report, whole
     assert not list((tmp_path / "eval").glob(".*tmp"))
+
+
+def test_what_a_reader_needs_to_trust_the_numbers(trained, tmp_path) -> None:
+    """Every image's score in scores.csv; the pixel FPR on good images apart; warnings for a
+    mask whose values are not 0 and one defect value (a JPEG mask's noise counted as defect,
+    silently), for a model whose iteration was chosen on this split, and the caveat on a bound
+    of thresholds calibrated before the held-out images joined the banks."""
+    dataset, out = trained
+    noisy = tmp_path / "noisy"
+    shutil.copytree(dataset, noisy)
+    mask_path = sorted((noisy / "ground_truth").rglob("*.png"))[0]
+    mask = np.asarray(Image.open(mask_path)).copy()
+    mask[mask == 255] = 250
+    mask[0, :3] = (1, 2, 3)
+    Image.fromarray(mask).save(mask_path)
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    predictor.info.provenance = {**predictor.info.provenance, "dataset": str(noisy), "iterations": 7,
+                                 "selected_on_evaluation_split": True, "calibration_images_added": 3}
+    result = evaluate_model(predictor, load_dataset(noisy), tmp_path / "eval", out / "best_model/inference")
+    warnings = result["warnings"]
+    assert any(w.startswith(f"1 mask(s) hold other values than 0 and one defect value (e.g. {mask_path}: mask has "
+                            "values 0, 1, 2, 3, 250;") for w in warnings), warnings
+    assert any("iteration 7 was chosen as the best on" in w and "optimistic" in w for w in warnings), warnings
+    text = Path(result["report"]).read_text()
+    assert "before the 3 held-out images joined its banks" in text
+    assert result["thresholds"]["images_joined_after_calibration"] == 3
+
+    confusion = result["metrics"]["confusion"]
+    good = confusion["pixel_good_images"]
+    assert good["tp"] == good["fn"] == 0 and good["fp"] + good["tn"] == 2 * 64 * 64  # the two good images' pixels
+    assert all(confusion["pixel"][k] >= good[k] for k in good)
+    assert "on good images," in text and "on defective images' good pixels" in text
+
+    with open(Path(result["report"]).parent / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == result["metrics"]["num_images"] == 4
+    same_batch = Predictor(predictor.model, predictor.info, batch_size=len(rows))  # batching moves the last bits
+    for row, res in zip(rows, same_batch.predict([row["image"] for row in rows])):
+        assert (float(row["raw_score"]), float(row["score"])) == (res.raw_score, res.score)
+        assert row["is_anomaly"] == str(res.is_anomaly) and int(row["label"]) == (row["defect_type"] != "good")
+    assert sum(int(r["mask_pixels"]) for r in rows) == confusion["pixel"]["tp"] + confusion["pixel"]["fn"]
+
+    predictor.info.provenance["dataset"] = str(dataset)  # chosen on another dataset's split: nothing to say
+    result = evaluate_model(predictor, load_dataset(noisy), tmp_path / "eval2", out / "best_model/inference")
+    assert not any("was chosen as the best" in w for w in result["warnings"])
 
 
 def test_a_labelled_test_set_alone_evaluates_and_a_mismatched_mask_writes_nothing(trained, tmp_path, capsys) -> None:

@@ -43,9 +43,10 @@ def test_image_metrics_single_class_is_none_and_constant_scores_are_chance():
 
 
 def test_best_f1_and_f1_at_agree():
-    # At 0.35: tp=2, fp=1 -> precision 2/3, recall 1 -> F1 0.8 (the best).
+    # From 0.35 up: tp=2, fp=1 -> precision 2/3, recall 1 -> F1 0.8 (the best); the threshold
+    # lies halfway to the highest score left unflagged (0.1), a margin on both sides.
     f1, threshold = best_f1(LABELS, SCORES)
-    assert (f1, threshold) == (pytest.approx(0.8), 0.35)
+    assert (f1, threshold) == (pytest.approx(0.8), pytest.approx(0.225))
     assert f1_at(LABELS, SCORES, threshold) == pytest.approx(0.8)
     assert f1_at(LABELS, SCORES, 0.5) == pytest.approx(2 / 3)  # score >= threshold is defect
     assert f1_at(LABELS, SCORES, 0.8) == pytest.approx(2 / 3)
@@ -195,6 +196,15 @@ def test_pixel_scores_stream_and_add_up():
         roc_auc_score(np.concatenate([m.ravel() for m in masks[:4]]), np.concatenate([a.ravel() for a in maps[:4]])))
 
 
+def test_best_f1_threshold_keeps_a_margin_on_both_sides():
+    labels, scores = [0, 0, 1, 1, 1], [1.0, 2.0, 4.0, 5.0, 6.0]
+    f1, threshold = best_f1(labels, scores)
+    assert (f1, threshold) == (1.0, 3.0)  # halfway between the highest good and the lowest defect
+    assert f1_at(labels, [1.0, 2.4, 3.6, 5.0, 6.0], threshold) == 1.0  # both moved towards each other
+    # binned pixels: an empty bin is no score, so the margin runs to the highest counted one
+    assert best_f1([0, 0, 1], [1.0, 3.9, 4.0], sample_weight=[1, 0, 1]) == (1.0, 2.5)
+
+
 def test_best_f1_constant_scores_predicts_everything():
     # One threshold only: all four predicted defective, tp=2 fp=2 -> F1 = 4 / 6.
     assert best_f1(LABELS, [0.3] * 4) == (pytest.approx(2 / 3), 0.3)
@@ -259,7 +269,7 @@ def test_pixel_best_f1_and_roc_edge_cases():
     constant = np.full((8, 8), 0.5)
     # Constant map: the only threshold predicts all 64 pixels, tp=1 fp=63 -> F1 = 2 / 65.
     assert pixel_best_f1(PixelScores.of([one_pixel], [constant]))[0] == pytest.approx(2 / 65)
-    assert pixel_best_f1(PixelScores.of([one_pixel], [one_pixel * 0.9 + 0.1])) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert pixel_best_f1(PixelScores.of([one_pixel], [one_pixel * 0.9 + 0.1])) == (pytest.approx(1.0), pytest.approx(0.55))
     assert pixel_best_f1(PixelScores.of([np.zeros((8, 8), bool)], [constant])) is None  # all-normal masks
     assert pixel_roc_curve(PixelScores.of([np.zeros((8, 8), bool)], [constant])) is None
     fpr, tpr = pixel_roc_curve(PixelScores.of([one_pixel], [constant]))

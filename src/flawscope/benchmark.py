@@ -199,7 +199,10 @@ def _run_child(spec: dict) -> dict:
                                stdout=log_file, stderr=subprocess.STDOUT)
     row = {key: spec[key] for key in ("dataset", "dataset_dir", "model", "run_dir")}
     if code == 0:
-        return row | {"status": "ok", **json.loads((run_dir / RUN_FILE).read_text())}
+        row |= {"status": "ok", **json.loads((run_dir / RUN_FILE).read_text())}
+        print(f"[benchmark] {spec['dataset']} / {spec['model']}: " + ", ".join(
+            f"{header} {' / '.join(_cell(row.get(k), d) for k in keys)}" for header, keys, d in COLUMNS[2:]), flush=True)
+        return row
     error = _failure(code, log_path.read_text(errors="replace"))
     print(f"[benchmark] {spec['dataset']} / {spec['model']} failed: {error} (see {log_path})", flush=True)
     return row | {"status": "failed", "error": error}
@@ -283,7 +286,8 @@ def markdown_table(report: dict) -> str:
         f"{machine['OMP_NUM_THREADS'] or 'unset'})",
         f"- Batch N = {settings['batch_size']}, {settings['repeats']} timed repeats after {settings['warmup']} "
         f"warm-up; latency = decoded image to AnomalyResult; train = the whole train mode (loading, fitting "
-        f"with its periodic evaluations, calibration, saving)",
+        f"with its periodic evaluations, calibration, with Train.add_calibration_images the second fit, the "
+        f"last evaluation on the test split, saving)",
         f"- Overrides: {' '.join(settings['overrides']) or 'none'}", "",
         *([] if report.get("complete", True) else
           [f"**Incomplete: {len(report['runs'])} of {report['planned_runs']} runs so far (running, or stopped).**",

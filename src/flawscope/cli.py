@@ -102,10 +102,11 @@ def _benchmark_parser() -> argparse.ArgumentParser:
 
 
 def _benchmark(argv: list[str]) -> int:
-    from flawscope.benchmark import run_benchmark
+    from flawscope.benchmark import markdown_table, run_benchmark
 
     args = _benchmark_parser().parse_args(argv)
     report = run_benchmark(args.datasets, args.models, args.override, args.output, args.batch_size, args.repeats)
+    print(markdown_table(report))
     print(f"benchmark table written to {Path(args.output) / 'benchmark.md'}")
     return 0 if all(run["status"] == "ok" for run in report["runs"]) else 1
 

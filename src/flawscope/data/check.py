@@ -27,7 +27,7 @@ from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from flawscope.data.convert import convert_dataset
-from flawscope.data.io import is_image_file, read_image, read_mask
+from flawscope.data.io import is_image_file, read_image, read_mask_values
 from flawscope.data.layouts import (DEFECT, GOOD, annotation_source, detect_layout, load_dataset, mask_dirs,
                                     mvtec_train_dir, read_lines)
 from flawscope.data.split import split_dataset
@@ -41,7 +41,6 @@ CHECK_DIR = "check_dataset"  # under Global.output: demo_img/ and histogram.png
 SAMPLE_NUM = 10  # demo images per split, as in PaddleX
 NUM_CLASSES = 2  # good and defect
 UNKNOWN = "unknown"  # defect type of a list entry whose mask cannot be read
-MASK_VALUE_SETS = ({0, 255}, {0, 1}, {0, 65535})  # 0 normal; 255, 1 or 16-bit 65535 defect, never mixed
 OVERLAY_COLOR = (255, 0, 0)
 
 
@@ -320,7 +319,7 @@ def _check_mask(
     """The mask as bool, or None when it cannot be read; size and values are checked."""
     found.used_masks.add(path)
     try:
-        mask = read_mask(path)
+        mask, value_problem = read_mask_values(path)
     except FlawscopeError as exc:
         found.problem(path, _reason(exc, path) + at)
         return None
@@ -330,16 +329,8 @@ def _check_mask(
             f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} is"
             f" {image.shape[1]}x{image.shape[0]}{at}",
         )
-    with Image.open(path) as img:  # the raw values: read_mask only says zero or not
-        pixels = np.asarray(img)
-        if pixels.ndim == 3:  # an alpha band is not a label (read_mask drops it too)
-            pixels = pixels[..., [i for i, band in enumerate(img.getbands()) if band != "A"]]
-        values = {int(v) for v in np.unique(pixels)}
-    if not any(values <= allowed for allowed in MASK_VALUE_SETS):
-        shown = ", ".join(map(str, sorted(values)[:8])) + (", ..." if len(values) > 8 else "")
-        found.problem(
-            path, f"mask has values {shown}; expected 0 = normal and 255 (or 1, or 65535 in a 16-bit mask) = defect{at}"
-        )
+    if value_problem:
+        found.problem(path, value_problem + at)
     return mask
 
 

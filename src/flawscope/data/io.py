@@ -179,19 +179,43 @@ def read_mask(path: str | os.PathLike[str], size: tuple[int, int] | None = None)
     ``size`` is the (width, height) of the image the mask belongs to; a mask of another size
     cannot be aligned with it, so that is an error rather than a silent resize.
     """
+    return read_mask_values(path, size)[0]
+
+
+def read_mask_values(path: str | os.PathLike[str],
+                     size: tuple[int, int] | None = None) -> tuple[np.ndarray, str | None]:
+    """``read_mask``, and what is wrong with the mask's values, or None when it holds 0 and one
+    defect value (``DEFECT_VALUES``): any other value, such as a JPEG mask's compression noise
+    around its edges, still counts as defect, which the caller may warn of."""
     path = Path(path)
     check_mask_format(path)
 
-    def to_bool(img: Image.Image) -> np.ndarray:
+    def convert(img: Image.Image) -> tuple[np.ndarray, str | None]:
         if size is not None and tuple(img.size) != tuple(size):
             raise FlawscopeError(
                 f"{path}: mask is {img.width}x{img.height} but its image is {size[0]}x{size[1]}"
             )
         if len(img.getbands()) == 1:  # 1, L, P, I;16, I, F: the band holds the label itself
-            return np.asarray(img) != 0
-        return np.asarray(img.convert("RGB")).any(axis=2)
+            labels = np.asarray(img)
+            return labels != 0, _value_problem(labels)
+        labels = np.asarray(img.convert("RGB"))  # an alpha band is not a label
+        return labels.any(axis=2), _value_problem(labels)
 
-    return _decode(path, to_bool)
+    return _decode(path, convert)
+
+
+DEFECT_VALUES = (255, 1, 65535)  # a mask's one defect value beside 0 = normal (65535: 16-bit), never mixed
+
+
+def _value_problem(labels: np.ndarray) -> str | None:
+    """What ``read_mask_values`` says of a mask's label values (a pass over the defect pixels
+    when they hold one value; sorting them all only to name the others)."""
+    defect = labels[labels != 0]
+    if not defect.size or (defect.flat[0] in DEFECT_VALUES and bool((defect == defect.flat[0]).all())):
+        return None
+    values = np.unique(labels)
+    shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
+    return f"mask has values {shown}; expected 0 = normal and 255 (or 1, or 65535 in a 16-bit mask) = defect"
 
 
 def read_ahead(load: Callable[[T], R], items: Iterable[T], depth: int) -> Iterator[tuple[T, Future[R]]]:

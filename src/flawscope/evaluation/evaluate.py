@@ -25,7 +25,7 @@ import numpy as np
 from scipy.stats import binomtest
 from tqdm import tqdm
 
-from flawscope.data.io import read_ahead, read_image, read_mask
+from flawscope.data.io import read_ahead, read_image, read_mask_values
 from flawscope.data.layouts import Dataset, Sample, check_headers
 from flawscope.evaluation import metrics
 from flawscope.inference.model_dir import Calibration
@@ -49,6 +49,7 @@ class Outcome:
     sample: Sample
     raw_score: float
     mask_pixels: int | None  # defect pixels in its mask; None: a defect image without one (image metrics only)
+    mask_problem: str | None = None  # its mask holds other values than 0 and one defect value (read_mask_values)
     score: float | None = None  # normalised; None while the model is not calibrated
     is_anomaly: bool | None = None
 
@@ -96,12 +97,13 @@ class Collected:
         return self._sums[defect_type]
 
 
-def _read(sample: Sample) -> tuple[np.ndarray, np.ndarray | None]:
-    """An image and its mask: the given one, all-clear for a good image, None for a defect without."""
+def _read(sample: Sample) -> tuple[np.ndarray, np.ndarray | None, str | None]:
+    """An image, its mask (the given one, all-clear for a good image, None for a defect without)
+    and what is wrong with the mask's values."""
     image = read_image(sample.image)
     if sample.mask is not None:
-        return image, read_mask(sample.mask, (image.shape[1], image.shape[0]))
-    return image, np.zeros(image.shape[:2], dtype=bool) if sample.label == 0 else None
+        return image, *read_mask_values(sample.mask, (image.shape[1], image.shape[0]))
+    return image, np.zeros(image.shape[:2], dtype=bool) if sample.label == 0 else None, None
 
 
 def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8,
@@ -115,10 +117,10 @@ def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8
     collected = Collected([], PixelGroup(), {})
     with closing(reads):
         for chunk, reading in tqdm(reads, total=len(chunks), desc=desc, leave=False, unit="batch", disable=None):
-            images, masks = zip(*reading.result())
-            for sample, image, mask, (raw_map, raw_score) in zip(chunk, images, masks,
-                                                                predictor.raw_outputs(images)):
-                outcome = Outcome(sample, raw_score, None if mask is None else int(np.count_nonzero(mask)))
+            images, masks, problems = zip(*reading.result())
+            for sample, image, mask, problem, (raw_map, raw_score) in zip(chunk, images, masks, problems,
+                                                                         predictor.raw_outputs(images)):
+                outcome = Outcome(sample, raw_score, None if mask is None else int(np.count_nonzero(mask)), problem)
                 pred = None
                 if calibrated:
                     res = predictor.result(image, raw_map, raw_score)
@@ -193,6 +195,8 @@ def compute_metrics(collected: Collected, fpr_limit: float = AUPRO_FPR_LIMIT) ->
     """``summarize`` of the split, with ``per_defect_type`` (each type with the good images)."""
     outcomes = collected.outcomes
     result = summarize(outcomes, collected.pixels(), fpr_limit)
+    if result["confusion"] is not None:  # the pixel threshold's target is good images' pixels
+        result["confusion"]["pixel_good_images"] = collected.good.confusion
     good = [o for o in outcomes if o.sample.label == 0]
     per_type = {}
     for defect_type in sorted({o.sample.defect_type for o in outcomes if o.sample.label == 1}):
@@ -240,16 +244,25 @@ def thresholds_of(predictor: Predictor) -> dict:
         "method": cal.details.get("method", "fpr"),
         "source": cal.source,
         "calibration": cal.details,
+        # the held-out images that joined the banks after calibration (Train.add_calibration_images):
+        # the thresholds, and the bound in ``calibration``, are those of the model before they joined
+        "images_joined_after_calibration": predictor.info.provenance.get("calibration_images_added", 0),
     }
 
 
 def mask_warnings(outcomes: Sequence[Outcome]) -> list[str]:
-    """Defect images whose masks cannot say where the defect is: without one, an image counts in
-    the image metrics only; with an empty one, its flagged pixels all count as false positives."""
+    """Masks that cannot say where the defect is: without one, an image counts in the image
+    metrics only; with an empty one, its flagged pixels all count as false positives; with values
+    besides 0 and one defect value, every nonzero one counts as defect."""
     defects = [o for o in outcomes if o.sample.label == 1]
     missing = [o.sample.image for o in defects if o.mask_pixels is None]
     empty = [o.sample.image for o in defects if o.mask_pixels == 0]
+    odd = [o for o in outcomes if o.mask_problem]
     warnings = []
+    if odd:
+        warnings.append(f"{len(odd)} mask(s) hold other values than 0 and one defect value (e.g. {odd[0].sample.mask}: "
+                        f"{odd[0].mask_problem}): every nonzero pixel counts as defect, so a JPEG mask's compression "
+                        "noise adds defect pixels to the pixel metrics; save the masks as PNG with 0 and 255")
     if missing:
         warnings.append(f"{len(missing)} defect image(s) have no mask (e.g. {missing[0]}): left out of the pixel "
                         "metrics")
@@ -271,13 +284,19 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
     with log_to_file(output / "evaluate.log"):
         collected = collect(predictor, dataset.val, batch_size)
         outcomes = collected.outcomes
-        result = {"done_flag": True, "model_dir": str(model_dir), "dataset_dir": str(dataset.root),
+        result = {"done_flag": True, "model_dir": str(model_dir.resolve()), "dataset_dir": str(dataset.root.resolve()),
                   "metrics": compute_metrics(collected), "thresholds": thresholds_of(predictor),
                   "aupro_fpr_limit": AUPRO_FPR_LIMIT, "warnings": []}
         calibration_dir = predictor.info.calibration.details.get("calibration_dir")
         if calibration_dir and Path(calibration_dir).resolve() == dataset.root.resolve():
             result["warnings"].append(f"the thresholds were calibrated on {dataset.root} itself: the "
                                       "threshold metrics are optimistic")
+        provenance = predictor.info.provenance
+        chosen_on = provenance.get("dataset") if provenance.get("selected_on_evaluation_split") else None
+        if chosen_on and Path(chosen_on).resolve() == dataset.root.resolve():
+            result["warnings"].append(f"the model's iteration {provenance.get('iterations')} was chosen as the best on "
+                                      f"{dataset.root}'s evaluation split (Train.select_best): every metric here is "
+                                      "optimistic; evaluate on images it was not chosen on")
         shift = shift_warning(outcomes, predictor.info.calibration)
         if shift:
             result["warnings"].append(shift)

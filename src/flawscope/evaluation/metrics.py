@@ -75,23 +75,32 @@ def best_f1(labels: ArrayLike, scores: ArrayLike,
             sample_weight: ArrayLike | None = None) -> tuple[float, float] | None:
     """(best F1, its threshold) over all thresholds, predicting defect when score >= threshold.
 
-    None when there is no defect label (F1 is undefined). The threshold is one of the scores, so
-    ``f1_at(labels, scores, threshold)`` reproduces the F1. ``sample_weight`` lets the binned
-    pixel data of ``pixel_best_f1`` stand for many pixels per entry.
+    None when there is no defect label (F1 is undefined). The threshold lies halfway between the
+    lowest score it flags and the highest one it does not (or at the lowest score when it flags
+    all), so ``f1_at(labels, scores, threshold)`` reproduces the F1, and a calibration threshold
+    keeps a margin on both sides: one at the lowest defect score would miss that defect as soon
+    as its score moved down a little (a bank refitted with more good images lowers every score).
+    ``sample_weight`` lets the binned pixel data of ``pixel_best_f1`` stand for many pixels per
+    entry.
     """
     labels = np.asarray(labels).astype(bool)
     if not labels.any():
         return None
-    precision, recall, thresholds = precision_recall_curve(
-        labels, np.asarray(scores, dtype=np.float64), sample_weight=sample_weight
-    )
+    scores = np.asarray(scores, dtype=np.float64)
+    precision, recall, thresholds = precision_recall_curve(labels, scores, sample_weight=sample_weight)
     # The last (precision=1, recall=0) point has no threshold.
     precision, recall = precision[:-1], recall[:-1]
     denominator = precision + recall
     f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator),
                    where=denominator > 0)
     best = int(np.argmax(f1))
-    return float(f1[best]), float(thresholds[best])
+    threshold = float(thresholds[best])
+    counted = scores if sample_weight is None else scores[np.asarray(sample_weight) > 0]
+    below = counted[counted < threshold]
+    if below.size:
+        middle = (float(below.max()) + threshold) / 2
+        threshold = middle if middle > below.max() else threshold  # adjacent floats have no middle
+    return float(f1[best]), threshold
 
 
 def f1_at(labels: ArrayLike, scores: ArrayLike, threshold: float) -> float | None:

@@ -8,12 +8,14 @@ to trust a model: the standard metrics, where the thresholds came from, and the 
       score_histogram.png          raw image scores of good and defective images, thresholds drawn
       worst_false_positives.png    good images flagged, highest score first (when there are any)
       worst_false_negatives.png    defective images passed as OK, lowest score first
+      scores.csv                   every image: its label, raw and normalised score, decision
 
 Plots use matplotlib's object API (``Figure``), which needs no display and no pyplot state.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime
 from collections.abc import Sequence
 from pathlib import Path
@@ -164,6 +166,29 @@ def _worst(outcomes: Sequence) -> tuple[list, list]:
     return false_pos[:WORST], false_neg[:WORST]
 
 
+def _pixel_fpr_text(m: dict) -> str:
+    """The pixel FPR, and its two parts apart: on good images, where the pixel threshold's target
+    is set (most are judged OK, with empty masks), and on the good pixels of defective images,
+    beside their defects, where most false alarms of a model that finds the defects lie."""
+    pixel, good = m["confusion"]["pixel"], m["confusion"].get("pixel_good_images")
+    if good is None:
+        return _pct(m["pixel_fpr"])
+    rest = {k: pixel[k] - good[k] for k in ("fp", "tn")}
+    fpr = [c["fp"] / (c["fp"] + c["tn"]) if c["fp"] + c["tn"] else None for c in (good, rest)]
+    return f"{_pct(m['pixel_fpr'])} ({_pct(fpr[0])} on good images, {_pct(fpr[1])} on defective images' good pixels)"
+
+
+def _joined_caveat(thresholds: dict) -> str:
+    """The thresholds of a model whose banks took its held-out images after calibration are the
+    model's before: say so where its bound is stated."""
+    joined = thresholds.get("images_joined_after_calibration")
+    if not joined:
+        return ""
+    return (f" The thresholds and their bound are those of the model before the {joined} held-out images joined "
+            "its banks (`Train.add_calibration_images`): the saved model's scores moved a little with them, so "
+            "the bound holds only approximately.")
+
+
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     """Markdown table lines; a ``|`` in a cell (a defect type's folder name) would split it."""
     rows = [[cell.replace("|", "\\|") for cell in row] for row in rows]
@@ -213,7 +238,7 @@ def _write_report(directory: Path, result: dict, collected: Collected, predictor
             ["F1 / IoU of the predicted masks", f"{_fmt(m['pixel_f1'])} / {_fmt(m['pixel_iou'])}"],
             ["precision / recall of the predicted masks",
              f"{_fmt(m['pixel_precision'])} / {_fmt(m['pixel_recall'])}"],
-            ["good pixels flagged (FPR)", _pct(m["pixel_fpr"])],
+            ["good pixels flagged (FPR)", _pixel_fpr_text(m)],
             ["best F1 over all pixel thresholds (fitted on this split)", _fmt(m["pixel_best_f1"])],
             ["PaddleX-compatible mIoU", _fmt(m["paddlex_miou"])],
         ]), "",
@@ -237,7 +262,7 @@ def _write_report(directory: Path, result: dict, collected: Collected, predictor
         "directory stores both, so predict, evaluate and the exported models decide the same way."
         + (f" A new good part exceeds the image threshold with probability at most "
            f"{_pct(details['image_fpr_bound'])} (conformal bound from the calibration images)."
-           if details.get("image_fpr_bound") is not None else ""), "",
+           if details.get("image_fpr_bound") is not None else "") + _joined_caveat(t), "",
         "## Confusion counts at the calibrated thresholds", "",
         *_table([["level", "TP", "FP", "FN", "TN"],
                  ["image", *(str(image_c[k]) for k in ("tp", "fp", "fn", "tn"))],
@@ -263,4 +288,18 @@ def _write_report(directory: Path, result: dict, collected: Collected, predictor
                       f"![{name[:-4]}]({plot_grid(predictor, chosen, heading, directory / name)})", ""]
         else:
             lines += ["None at the calibrated threshold.", ""]
+    lines += ["## Every image", "", "[scores.csv](scores.csv): each image's label, defect type, raw and normalised "
+              "score and decision, and its mask's defect pixels, to audit or re-threshold without predicting again.", ""]
+    _write_scores(collected, directory / "scores.csv")
     (directory / "evaluate_report.md").write_text(printable("\n".join(lines)), encoding="utf-8")
+
+
+def _write_scores(collected: Collected, path: Path) -> None:
+    # a file name that is not UTF-8 is written as its own bytes: the path that opens the file
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label", "defect_type", "raw_score", "score", "is_anomaly", "mask", "mask_pixels"])
+        for o in collected.outcomes:
+            writer.writerow([o.sample.image, o.sample.label, o.sample.defect_type, float(o.raw_score),
+                             "" if o.score is None else float(o.score), "" if o.is_anomaly is None else bool(o.is_anomaly),
+                             o.sample.mask or "", "" if o.mask_pixels is None else o.mask_pixels])

@@ -9,7 +9,7 @@ threshold likewise over their pixels: a random 65,536 of each larger map, so tha
 mixed sizes weigh alike (the pixel FPR is then an average over images, not over all pixels).
 
 ``Train.threshold_method: f1`` picks the thresholds that maximise F1 on good images plus labelled
-defects (images with masks). Those defects must come from ``Train.calibration_dir``: the training
+defects (images with masks), each halfway between the scores on either side of it (``best_f1``). Those defects must come from ``Train.calibration_dir``: the training
 dataset's own defects are its evaluation split, and thresholds fitted there would make the
 reported numbers optimistic, so that is refused before training starts rather than done silently.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flawscope.data.io import read_image, read_mask
+from flawscope.data.io import read_image, read_mask, read_mask_values
 from flawscope.data.layouts import Dataset, Sample, load_dataset, unique_images
 from flawscope.errors import FlawscopeError
 from flawscope.evaluation.metrics import PixelScores, best_f1, pixel_best_f1
@@ -187,9 +187,16 @@ def calibrate(predictor: Predictor, cal_set: CalibrationSet, image_fpr: float, p
                         "above the highest good score, which a new good part exceeds with probability up to "
                         "%.3g; hold out more images or set Train.calibration_dir", len(scores), image_fpr, bound)
     else:
+        odd = []
         for sample, amap, score in _outputs(predictor, cal_set.defects, batch_size):
             defect_scores.append(score)
-            pixel_scores.add(read_mask(sample.mask, (amap.shape[1], amap.shape[0])), amap)
+            mask, problem = read_mask_values(sample.mask, (amap.shape[1], amap.shape[0]))
+            pixel_scores.add(mask, amap)
+            odd += [f"{sample.mask}: {problem}"] if problem else []
+        if odd:
+            log.warning("Train.calibration_dir: %d mask(s) hold other values than 0 and one defect value (e.g. %s): "
+                        "every nonzero pixel counts as defect, which moves the pixel threshold; save the masks as "
+                        "PNG with 0 and 255", len(odd), odd[0])
         labels = [0] * len(scores) + [1] * len(defect_scores)
         image_f1, image_threshold = best_f1(labels, [*scores, *defect_scores])
         best = pixel_best_f1(pixel_scores)

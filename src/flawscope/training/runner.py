@@ -330,7 +330,9 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
         fit_image_bank(model, images, held_out, world.device, normalizer, size=m["image_bank_size"], seed=g["seed"])
         history["final_eval"] = {"iteration": history.get("selected_iteration", t["epochs_iters"]), "image_bank": True}
     history["provenance"] = {"iterations": history.get("selected_iteration", t["epochs_iters"]),
-                             "hard_fraction": t["hard_fraction"]}
+                             "hard_fraction": t["hard_fraction"],
+                             # evaluating on that split again is optimistic: the evaluate mode says so
+                             **({"selected_on_evaluation_split": True} if "selected_iteration" in history else {})}
     history["files"] = {"checkpoint": history.pop("checkpoint")}
     return history
 
