@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -195,7 +198,12 @@ def test_an_export_replaces_the_graphs_of_an_earlier_export_in_its_folder(traine
     model_dir, exported = trained[1] / "best_model/inference", tmp_path / "export"
     (exported / ".export.killed").mkdir(parents=True)  # what an export killed half-way leaves
     (exported / ".export.killed" / "model.onnx").write_bytes(b"half")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (exported / f".export.{dead.stdout.strip()}.abc").mkdir()  # and one of an export that ended since
+    running = exported / f".export.{os.getppid()}.abc"  # another export, still running: its staging stays
+    running.mkdir()
     export_model(model_dir, exported, "openvino")
+    running.rmdir()
     assert {p.name for p in exported.iterdir()} == {"inference.yml", "model.xml", "model.bin"}
     export_model(model_dir, exported, "onnx")
     # a model.xml left beside would be what "auto" picks first

@@ -116,6 +116,20 @@ def test_mvtec_report_and_demo_names(tmp_path):
     assert any("crack" in d for d in demos) and any("scratch" in d for d in demos)
 
 
+def test_an_interrupted_check_leaves_no_earlier_result_looking_current(tmp_path, monkeypatch):
+    """Ctrl-C during a second check into the same output left the first dataset's passing result."""
+    out = tmp_path / "out"
+    assert _run(_mvtec(tmp_path / "first"), out)["check_pass"]
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("flawscope.data.check.check_dataset", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(_mvtec(tmp_path / "second"), out)
+    assert json.loads((out / "check_dataset_result.json").read_text()) == {"done_flag": False}
+
+
 def test_a_defect_type_named_like_a_formula_or_not_in_utf8_is_drawn_as_written(tmp_path):
     """Matplotlib read "cost_$5_$10" as mathtext (a traceback, no report) and could not draw a
     name whose bytes are not UTF-8."""

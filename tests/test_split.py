@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,44 @@ def test_a_second_split_keeps_the_first_backup(tmp_path):
     assert (root / "train.txt.bak").read_text() == original
     assert (root / "train.txt.bak2").read_text() == first
     assert report["backups"] == [str(root / "train.txt.bak2"), str(root / "val.txt.bak2")]
+
+
+def test_a_split_that_cannot_write_its_second_list_changes_nothing(tmp_path, monkeypatch):
+    """A full disk while writing val.txt left a new train.txt beside no val.txt (and a later split
+    of that took the listed images for the whole dataset)."""
+    root = _segdataset(tmp_path / "data")
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    real_write = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if "val.txt" in self.name:
+            raise OSError(28, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError):
+        split_dataset(root, 80, 20, seed=1)
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before  # no .bak, no hidden .tmp
+
+
+def test_ctrl_c_while_the_lists_are_swapped_waits_for_both(tmp_path, monkeypatch):
+    """An interruption that arrives while the lists are swapped in is held off until both are."""
+    root = _segdataset(tmp_path / "data")
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name == "train.txt":  # between the two lists
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        split_dataset(root, 80, 20, seed=1)
+    monkeypatch.undo()
+    train, val = _lines(root / "train.txt"), _lines(root / "val.txt")
+    assert (len(train), len(val)) == (8, 5) and not set(train) & set(val)  # both new, none twice
+    assert (root / "train.txt.bak").exists() and (root / "val.txt.bak").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.parametrize("n_good, train, val, message", [

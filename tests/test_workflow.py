@@ -3,9 +3,14 @@ and the bad inputs that must fail with one line, exit code 2 and nothing half-wr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -388,6 +393,45 @@ def test_a_failed_training_leaves_no_model_to_be_taken_for_its_own(trained, tmp_
     assert "the last training in" in err and "did not finish" in err and not list(out.glob("*_res.json"))
     assert _cli("Global.mode=predict", f"Global.output={out}", f"Predict.input={image}",
                 f"Predict.model_dir={out / 'best_model/inference'}") == 0  # given explicitly, it is the user's call
+
+    first = tmp_path / "first"  # a first training that failed left no model: not the bundled one silently
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, first, iters=2), "Train.learning_rate=1e30") == 2
+    capsys.readouterr()
+    assert _cli("Global.mode=predict", f"Global.output={first}", f"Predict.input={image}") == 2
+    err = capsys.readouterr().err
+    assert "did not finish (done_flag false), and left no model" in err and not list(first.glob("*_res.json"))
+
+
+def test_sigterm_stops_a_training_as_ctrl_c_does(trained, tmp_path) -> None:
+    """systemd, docker and kill stop a run with SIGTERM: it ends with one line and 143, and, as
+    after Ctrl-C, leaves no model and a result that says it did not finish."""
+    dataset, _ = trained
+    out = tmp_path / "out"
+    overrides = [x for o in tiny_overrides(dataset, out, iters=100000) for x in ("-o", o)]
+    run = subprocess.Popen([sys.executable, "-m", "flawscope", "-c", "STFPM", "-o", "Global.mode=train",
+                            *overrides, "-o", "Train.log_interval=1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while "iter " not in ((out / "train.log").read_text() if (out / "train.log").exists() else ""):
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err[-2000:]
+    assert json.loads((out / "train_result.json").read_text())["done_flag"] is False
+    assert not (out / "best_model").exists() and not list(out.rglob("*.tmp"))
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys) -> None:
+    """A write or close that fails for space names no file; other nameless errors are bugs."""
+    def full(argv):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("flawscope.cli.run", full)
+    assert main([]) == 2
+    assert capsys.readouterr().err == f"error: writing the output: {os.strerror(errno.ENOSPC)}\n"
+    monkeypatch.setattr("flawscope.cli.run", lambda argv: (_ for _ in ()).throw(OSError(errno.EBADF, "bad")))
+    with pytest.raises(OSError):
+        main([])
 
 
 def test_unknown_config_key(tmp_path, capsys) -> None:

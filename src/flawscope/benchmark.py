@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flawscope.atomic import write_atomic
 from flawscope.config import load_config
 from flawscope.data.io import read_image
 from flawscope.data.layouts import load_dataset
@@ -36,7 +37,6 @@ from flawscope.engine import evaluate, train
 from flawscope.errors import FlawscopeError
 from flawscope.inference.backends import choose_backend
 from flawscope.inference.predictor import Predictor
-from flawscope.inference.result import write_atomic
 from flawscope.training.runner import check_model_settings
 
 RUN_FILE = "benchmark_run.json"

@@ -12,8 +12,11 @@ user error (one line on stderr), also when prediction could not read some of its
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -193,10 +196,25 @@ def _prediction_status(counts: dict) -> int:
     return 2
 
 
+# Errors of the storage itself: a write or close that fails this way names no file.
+_STORAGE_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EFBIG") if hasattr(errno, name)}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what systemd, docker and kill send), raised where Ctrl-C would be: the same
+    clean-up runs, so a stopped run leaves no half-written model or dataset list either."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     # flawscope's own limit (data.io.MAX_PIXELS) decides which images are too large: Pillow's warning
     # for images over its lower one would only precede that decision. The command owns its process.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return run(argv)
     except FlawscopeError as exc:
@@ -206,13 +224,20 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
         return 141  # 128 + SIGPIPE, what a shell reports for a tool that stopped this way
     except OSError as exc:  # the file system refused (full disk, permissions, a file in the way)
-        if exc.filename is None:
+        if exc.filename is None and exc.errno not in _STORAGE_ERRORS:
             raise
-        print(f"error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename is not None else "writing the output: "
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:  # None: a handler set outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

@@ -40,16 +40,15 @@ def _trained_dir(cfg: dict, key: str) -> Path | None:
     be silent."""
     output = Path(cfg["Global"]["output"])
     trained = output / "best_model" / "inference"
-    if not trained.is_dir():
-        return None
     try:
         done = json.loads((output / "train_result.json").read_text(encoding="utf-8")).get("done_flag", True)
     except (OSError, ValueError, AttributeError):  # none (a model put there by hand), or unreadable
         done = True
-    if done is False:
+    if done is False:  # and with no model left, predict would silently take the bundled one
+        left = f"so {trained} is an earlier run's model" if trained.is_dir() else "and left no model"
         raise FlawscopeError(f"{output / 'train_result.json'}: the last training in {output} did not finish "
-                             f"(done_flag false), so {trained} is an earlier run's model; give {key} or train again")
-    return trained
+                             f"(done_flag false), {left}; give {key} or train again")
+    return trained if trained.is_dir() else None
 
 
 def check_dataset(cfg: dict) -> dict:

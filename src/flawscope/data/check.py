@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
+from flawscope.atomic import write_atomic
 from flawscope.data.convert import convert_dataset
 from flawscope.data.io import is_image_file, read_image, read_mask_values
 from flawscope.data.layouts import (DEFECT, GOOD, annotation_source, detect_layout, load_dataset, mask_dirs,
@@ -90,6 +91,9 @@ def run_check_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
     layout = options["dataset_type"]
     done: dict[str, Any] = {}
     output = Path(cfg["Global"]["output"])
+    result_path = output / RESULT_FILE
+    if result_path.is_file():  # until this check ends, an earlier one's result must not pass for it
+        write_atomic(result_path, json.dumps({"done_flag": False}).encode())
     split = options["split"]
     split_args = (split["train_percent"], split["val_percent"], split["seed"]) if split["enable"] else None
     if options["convert"]["enable"]:  # and the split with it, so that a refused split writes nothing
@@ -104,9 +108,8 @@ def run_check_dataset(cfg: dict[str, Any]) -> dict[str, Any]:
         done["split"] = split_dataset(dataset_dir, *split_args, layout)
         layout = "SegDataset"
     result = check_dataset(dataset_dir, output, layout) | done
-    result_path = output / RESULT_FILE
     # A file name that is not UTF-8 is written as the escape Python reads back (os.fsencode).
-    result_path.write_bytes(json.dumps(result, indent=2, ensure_ascii=False).encode("utf-8", "backslashreplace"))
+    write_atomic(result_path, json.dumps(result, indent=2, ensure_ascii=False).encode("utf-8", "backslashreplace"))
     for entry in result["warnings"]:
         log.warning("%s: %s", entry["file"], entry["problem"])
     for entry in result["problems"]:

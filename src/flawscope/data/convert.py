@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from flawscope.data.io import is_image_file, read_mask
 from flawscope.data.layouts import DEFECT, GOOD, Sample, header_size, load_dataset, read_lines
 from flawscope.data.split import check_defect_masks, check_percentages, sample_lines, split_samples, write_lists
+from flawscope.atomic import swap_in
 from flawscope.errors import FlawscopeError
 
 log = logging.getLogger("flawscope")
@@ -81,8 +82,7 @@ def convert_dataset(root: str | os.PathLike[str], src_type: str,
             splits["train"], splits["val"], report = split_samples(root, splits["train"] + splits["val"], *split)
         # a split's lists are sorted, as split_dataset writes them: the order decides the held-out images
         lists = {name: (sorted if split else list)(sample_lines(root, splits[name])) for name in _SPLITS}
-        backups = write_lists(root, lists)
-        masks.commit()
+        backups = write_lists(root, lists, masks.commit)  # the masks first: the new lists name them
     finally:
         shutil.rmtree(masks.staging, ignore_errors=True)
     log.info(
@@ -122,13 +122,8 @@ class _Masks:
     def commit(self) -> None:
         """The staged masks become ``converted_masks/``, an earlier conversion's masks gone;
         without any (no defect drawn, or MVTec's own masks), the folder stays as it was."""
-        if not self.staging.exists():
-            return
-        old = self.staging.with_name(self.staging.name + ".old")
-        if self.final.exists():
-            self.final.rename(old)
-        self.staging.rename(self.final)
-        shutil.rmtree(old, ignore_errors=True)
+        if self.staging.exists():
+            swap_in(self.staging, self.final)
 
 
 def _by_label(samples: list[Sample]) -> Splits:

@@ -11,10 +11,13 @@ import itertools
 import logging
 import os
 import random
-from collections.abc import Iterable
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from flawscope.atomic import deferred_signals
 from flawscope.data.io import read_mask
 from flawscope.data.layouts import Sample, load_dataset
 from flawscope.errors import FlawscopeError
@@ -67,22 +70,48 @@ def _refuse_defects(images: list[Path], problem: str, why: str) -> None:
         raise FlawscopeError(f"{images[0]}: {len(images)} defect image(s) {problem} ({shown}); {why}")
 
 
-def write_lists(root: Path, lists: dict[str, list[str]]) -> list[Path]:
-    """Write ``<split>.txt`` for each split (lines from ``sample_lines``), first renaming an
-    existing one to the first free name of ``*.bak``, ``*.bak2``, ...: a second split or
-    conversion must not overwrite the user's own lists, backed up by the first. Returns the
-    backups made."""
-    backups = []
-    for split, lines in lists.items():
-        path = root / f"{split}.txt"
-        if path.exists():
-            backup = next(candidate for n in itertools.count(1)
-                          if not (candidate := path.with_name(f"{path.name}.bak{n if n > 1 else ''}")).exists())
-            os.replace(path, backup)
-            log.info("%s: the list there before kept as %s", path, backup.name)
-            backups.append(backup)
-        path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    return backups
+def write_lists(root: Path, lists: dict[str, list[str]], commit_first: Callable[[], None] | None = None) -> list[Path]:
+    """Write ``<split>.txt`` for each split (lines from ``sample_lines``), keeping an existing one
+    as the first free name of ``*.bak``, ``*.bak2``, ...: a second split or conversion must not
+    overwrite the user's own lists, backed up by the first. Returns the backups made.
+
+    The lists change together or not at all: the new ones are written whole beside the old ones
+    first (a full disk fails there, with nothing changed), then, with Ctrl-C and SIGTERM held off,
+    ``commit_first`` runs (a conversion's masks, which the new lists name), the old lists are kept
+    (hard links: each stays in place until its replacement lands) and the new ones replace them.
+    """
+    staged: dict[Path, Path] = {}
+    try:
+        for split, lines in lists.items():
+            path = root / f"{split}.txt"
+            staged[path] = root / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+            staged[path].write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        backups = []
+        with deferred_signals():
+            if commit_first is not None:
+                commit_first()
+            for path in staged:
+                if path.exists():
+                    backup = next(candidate for n in itertools.count(1)
+                                  if not (candidate := path.with_name(f"{path.name}.bak{n if n > 1 else ''}")).exists())
+                    _keep(path, backup)
+                    log.info("%s: the list there before kept as %s", path, backup.name)
+                    backups.append(backup)
+            for path, new in staged.items():
+                os.replace(new, path)
+        return backups
+    finally:
+        for new in staged.values():
+            new.unlink(missing_ok=True)
+
+
+def _keep(path: Path, backup: Path) -> None:
+    """``backup`` holds ``path``'s contents, ``path`` staying in place: a hard link, or a copy
+    where the file system has none."""
+    try:
+        os.link(path, backup)
+    except OSError:
+        shutil.copy2(path, backup)
 
 
 def _one_per_image(samples: list[Sample]) -> list[Sample]:

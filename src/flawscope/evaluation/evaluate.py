@@ -25,12 +25,13 @@ import numpy as np
 from scipy.stats import binomtest
 from tqdm import tqdm
 
+from flawscope.atomic import write_atomic
 from flawscope.data.io import read_ahead, read_image, read_mask_values
 from flawscope.data.layouts import Dataset, Sample, check_headers
 from flawscope.evaluation import metrics
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
-from flawscope.inference.result import THRESHOLD, write_atomic
+from flawscope.inference.result import THRESHOLD
 from flawscope.logs import log, log_to_file
 
 AUPRO_FPR_LIMIT = 0.3

@@ -13,13 +13,16 @@ changes the scores. Compile it with ``{"INFERENCE_PRECISION_HINT": "f32"}`` for 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from flawscope.atomic import deferred_signals
 from flawscope.errors import FlawscopeError
 from flawscope.inference.model_dir import META_FILE, load_model_dir
 from flawscope.logs import log
@@ -72,6 +75,23 @@ def export_graph(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], inpu
     return target
 
 
+def _running(staging: Path) -> bool:
+    """Whether the export that made ``staging`` (``.export.<pid>.<random>``) still runs: two exports
+    into one folder must not take each other's staging for a leftover."""
+    pid = staging.name[len(_STAGING_PREFIX):].split(".")[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    if os.name != "posix":  # where os.kill(pid, 0) would end the process: a staging touched in the last hour
+        return time.time() - staging.stat().st_mtime < 3600
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -> dict:
     """Write ``output/model.onnx`` (``fmt="onnx"``) or ``output/model.xml`` + ``.bin``
     (``fmt="openvino"``), and ``output/inference.yml``."""
@@ -99,16 +119,20 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
     name = OPENVINO_FILE if fmt == "openvino" else ONNX_FILE
     # Written beside, then moved in, an earlier export's graphs gone: a folder holding another
     # model's model.xml next to this inference.yml would predict with that model.
-    for leftover in output.glob(f"{_STAGING_PREFIX}*"):  # an export killed before it could clean up
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=output))
+    for leftover in output.glob(f"{_STAGING_PREFIX}*"):
+        if not _running(leftover):  # an export killed before it could clean up, not one running now
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}.", dir=output))
     try:
         export_graph(_MapAndScore(model), (example,), ["image"], staging / name, fmt)
         shutil.copy(Path(model_dir) / META_FILE, staging / META_FILE)
-        for stale in GRAPH_FILES:
-            (output / stale).unlink(missing_ok=True)
-        for path in staging.iterdir():
-            path.replace(output / path.name)
+        with deferred_signals():  # an interruption here left no graph at all
+            written = set()
+            for path in staging.iterdir():
+                path.replace(output / path.name)
+                written.add(path.name)
+            for stale in set(GRAPH_FILES) - written:
+                (output / stale).unlink(missing_ok=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(output.iterdir()):  # a failed export leaves no empty folder

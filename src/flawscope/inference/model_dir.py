@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from torch import nn
 from flawscope import __version__
 from flawscope.config import MAX_INPUT_SIZE, MODELS, SCHEMA, check_value, load_yaml, yaml_problem
 from flawscope.data.transforms import RESIZE_MODES
+from flawscope.atomic import swap_in
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
 
@@ -148,11 +148,7 @@ def staged_dir(path: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        old = tmp.with_name(tmp.name + ".old")
-        if path.exists():
-            path.rename(old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

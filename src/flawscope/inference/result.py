@@ -17,15 +17,12 @@ Conventions (relied on by every consumer, so they live here and nowhere else):
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import io
 import json
 import math
 import os
 import pprint
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from flawscope.data.io import IMAGE_EXTENSIONS
+from flawscope.atomic import write_atomic
 from flawscope.errors import FlawscopeError
 
 THRESHOLD = 0.5
@@ -379,31 +377,6 @@ def _output_path(dir_or_file: str | os.PathLike, suffix: str, default_name: Call
     ``default_name()``, only then asked for."""
     path = Path(dir_or_file)
     return path if path.suffix.lower() == suffix else path / default_name()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory + os.replace, so readers never see half a
-    file. The temp file is opened normally (not mkstemp) so it gets the usual umask permissions;
-    its name is short, so any name that fits fits with it. A failure names ``path``, or the file
-    that stands where one of its folders must be."""
-    tmp = path.with_name(f".{uuid.uuid4().hex[:16]}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:  # a full disk's error names no file
-        with contextlib.suppress(OSError):  # the temp file's own error (no folder for it) would hide this one
-            tmp.unlink(missing_ok=True)
-        blocker = next((p for p in path.parents if os.path.lexists(p) and not p.is_dir()), None)
-        if blocker is not None:  # mkdir's error names the folder it could not make, not why
-            raise NotADirectoryError(errno.ENOTDIR, f"a file, not a folder, so {path} cannot be saved",
-                                     str(blocker)) from None
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 def _png_bytes(picture: Image.Image) -> bytes:

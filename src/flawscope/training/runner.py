@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from flawscope.atomic import write_atomic
 from flawscope.data.io import read_image
 from flawscope.backbones import backbone_spec
 from flawscope.config import dump_config
@@ -36,7 +37,6 @@ from flawscope.evaluation.evaluate import auroc_summary, collect
 from flawscope.inference.model_dir import (ModelInfo, among, image_digests, load_model_dir, read_fitted_images,
                                            save_model_dir)
 from flawscope.inference.predictor import Predictor
-from flawscope.inference.result import write_atomic
 from flawscope.logs import log, log_to_file
 from flawscope.models import MODELS, build_model
 from flawscope.models.image_bank import grid_splits

@@ -1,0 +1,42 @@
+"""A finished folder swapped for the earlier one: never neither of them."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from flawscope.atomic import swap_in
+
+
+def _folder(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "model.txt").write_text(text)
+    return path
+
+
+def test_a_failed_swap_puts_the_earlier_folder_back(tmp_path, monkeypatch):
+    old, new = _folder(tmp_path / "inference", "old"), _folder(tmp_path / ".inference.1.tmp", "new")
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError):
+        swap_in(new, old)
+    assert (old / "model.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        ".inference.1.tmp", "inference"]
+
+
+def test_an_interruption_between_the_renames_waits_for_the_new_folder(tmp_path, monkeypatch):
+    """Ctrl-C after the earlier folder was moved aside left no folder at all."""
+    old, new = _folder(tmp_path / "inference", "old"), _folder(tmp_path / ".inference.1.tmp", "new")
+    real_rename = Path.rename
+
+    def interrupted(self, target):
+        result = real_rename(self, target)
+        os.kill(os.getpid(), signal.SIGINT)  # right after the earlier folder moved aside
+        return result
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        swap_in(new, old)
+    assert (old / "model.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["inference"]
