@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from flawscope.atomic import swap_in
+from flawscope.atomic import staging_path, swap_in
 
 
 def _folder(path: Path, text: str) -> Path:
@@ -40,3 +42,16 @@ def test_an_interruption_between_the_renames_waits_for_the_new_folder(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         swap_in(new, old)
     assert (old / "model.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["inference"]
+
+
+def test_leftovers_of_killed_runs_are_removed_those_of_running_ones_kept(tmp_path):
+    """kill -9 leaves hidden staging folders that no later run removed."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = ended.stdout.strip()
+    for name in (f".inference.{dead}.ab.tmp", f".inference.{dead}.ab.tmp.old", f".inference.{os.getppid()}.cd.tmp",
+                 ".other.1.ab.tmp"):
+        (tmp_path / name).mkdir()
+    (tmp_path / f".inference.{dead}.ef.tmp").write_text("a list half written")
+    staging = staging_path(tmp_path / "inference")
+    assert staging.name.startswith(f".inference.{os.getpid()}.") and not staging.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".inference.{os.getppid()}.cd.tmp", ".other.1.ab.tmp"]

@@ -411,7 +411,7 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(trained, tmp_path) -> None:
     run = subprocess.Popen([sys.executable, "-m", "flawscope", "-c", "STFPM", "-o", "Global.mode=train",
                             *overrides, "-o", "Train.log_interval=1"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while "iter " not in ((out / "train.log").read_text() if (out / "train.log").exists() else ""):
+    while "iter 4/" not in ((out / "train.log").read_text() if (out / "train.log").exists() else ""):
         assert run.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     run.send_signal(signal.SIGTERM)
@@ -419,6 +419,36 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(trained, tmp_path) -> None:
     assert run.returncode == 143 and err.strip().splitlines()[-1] == "terminated", err[-2000:]
     assert json.loads((out / "train_result.json").read_text())["done_flag"] is False
     assert not (out / "best_model").exists() and not list(out.rglob("*.tmp"))
+    saved = sorted(out.glob("iter_*"), key=lambda path: int(path.name[5:]))
+    stopped = "training stopped; " + (f"to continue from its last checkpoint: -o Train.resume_path={saved[-1]}"
+                                      if saved else "no checkpoint saved yet")
+    assert stopped in (out / "train.log").read_text()
+    if saved:  # a plain rerun starts anew, and says how to continue the stopped one instead
+        assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=2)) == 0
+        assert f"holds a checkpoint of an earlier run; this run starts anew (to continue that one: -o " \
+               f"Train.resume_path={saved[-1]})" in (out / "train.log").read_text()
+
+
+def test_a_second_training_into_a_busy_output_is_refused(trained, tmp_path, capsys) -> None:
+    """Two trainings into one folder interleaved their logs, and the first one's done flag stood
+    for the second one's model until that replaced it."""
+    from flawscope.atomic import output_lock
+
+    dataset, _ = trained
+    out = tmp_path / "out"
+    with output_lock(out):  # another run, training there now
+        assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=2)) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: {out}: another flawscope run is writing there " \
+            f"(process {os.getpid()}); wait for it to end or choose another Global.output"
+        assert [p.name for p in out.iterdir()] == [".flawscope.lock"]
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=2)) == 0  # once it has ended
+
+
+def test_the_cli_starts_without_torch() -> None:
+    """torch and scipy are imported inside main, where a Ctrl-C in the first second or two is one
+    'interrupted' line (it was a traceback from inside the imports, or a RecursionError)."""
+    code = "import sys, flawscope.cli; print(sorted({'torch', 'scipy', 'numpy'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys) -> None:

@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
-from flawscope.pipeline import create_pipeline  # noqa: E402
-
 __all__ = ["__version__", "create_pipeline"]
+
+
+def __getattr__(name: str):
+    """``create_pipeline`` imported on first use: the CLI starts without torch, so that a Ctrl-C
+    in its first second is one ``interrupted`` line, not a traceback from inside an import."""
+    if name == "create_pipeline":
+        from flawscope.pipeline import create_pipeline
+
+        return create_pipeline
+    raise AttributeError(f"module 'flawscope' has no attribute {name!r}")

@@ -1,18 +1,57 @@
-"""Changes that an interruption or a full disk must not leave half made: a file written whole, a
-finished folder swapped for the earlier one, a dataset's lists replaced together."""
+"""Changes that an interruption, a full disk or a second run must not leave half made: a file
+written whole, a finished folder swapped for the earlier one, a dataset's lists replaced together,
+one training at a time in an output folder."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import shutil
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from flawscope.errors import FlawscopeError
+
+
+LOCK_FILE = ".flawscope.lock"
+
+
+@contextmanager
+def output_lock(folder: Path) -> Iterator[None]:
+    """Only one run at a time writes into ``folder``: two trainings there interleaved their logs,
+    and the first one's done flag stood for the second's model until that replaced it. An
+    advisory lock (``flock``), let go when the process ends however it ends; not taken where
+    there is no ``fcntl`` (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise FlawscopeError(f"{folder}: another flawscope run is writing there"
+                                 f"{f' (process {holder})' if holder.isdigit() else ''}; wait for it to end or "
+                                 "choose another Global.output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -34,6 +73,38 @@ def deferred_signals() -> Iterator[None]:
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         if caught:
             signal.raise_signal(caught[0])
+
+
+def staging_path(final: Path) -> Path:
+    """A hidden sibling of ``final`` to write into before it becomes ``final``, named after this
+    process (``.<name>.<pid>.<random>.tmp``). Leftovers of runs killed before they could clean up
+    (kill -9, a power cut) are removed first, those of runs still going kept."""
+    for leftover in final.parent.glob(f".{glob.escape(final.name)}.*.tmp*"):
+        if not process_running(leftover.name[len(final.name) + 2:].split(".")[0], leftover):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+    return final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def process_running(pid: str, made: Path) -> bool:
+    """Whether the process ``pid`` that made the staging ``made`` may still be writing it: this
+    one, or one that still runs. Where ``os.kill(pid, 0)`` would end the process instead (Windows),
+    a staging touched in the last hour."""
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    if os.name != "posix":
+        return time.time() - made.stat().st_mtime < 3600
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def swap_in(new: Path, path: Path) -> None:

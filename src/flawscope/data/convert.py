@@ -16,7 +16,6 @@ import math
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from PIL import Image, ImageDraw
 from flawscope.data.io import is_image_file, read_mask
 from flawscope.data.layouts import DEFECT, GOOD, Sample, header_size, load_dataset, read_lines
 from flawscope.data.split import check_defect_masks, check_percentages, sample_lines, split_samples, write_lists
-from flawscope.atomic import swap_in
+from flawscope.atomic import staging_path, swap_in
 from flawscope.errors import FlawscopeError
 
 log = logging.getLogger("flawscope")
@@ -98,7 +97,7 @@ class _Masks:
 
     def __init__(self, root: Path, skip: Path | None) -> None:
         self.final = root / MASK_DIR
-        self.staging = root / f".{MASK_DIR}.{uuid.uuid4().hex[:8]}.tmp"
+        self.staging = staging_path(self.final)
         self.skip = skip  # a folder of files that are not the dataset's
         self.owners: dict[Path, Path] = {}  # each mask drawn, by name: its image
 

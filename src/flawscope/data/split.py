@@ -12,12 +12,11 @@ import logging
 import os
 import random
 import shutil
-import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from flawscope.atomic import deferred_signals
+from flawscope.atomic import deferred_signals, staging_path
 from flawscope.data.io import read_mask
 from flawscope.data.layouts import Sample, load_dataset
 from flawscope.errors import FlawscopeError
@@ -84,7 +83,7 @@ def write_lists(root: Path, lists: dict[str, list[str]], commit_first: Callable[
     try:
         for split, lines in lists.items():
             path = root / f"{split}.txt"
-            staged[path] = root / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+            staged[path] = staging_path(path)
             staged[path].write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
         backups = []
         with deferred_signals():

@@ -16,13 +16,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from flawscope.atomic import deferred_signals
+from flawscope.atomic import deferred_signals, process_running
 from flawscope.errors import FlawscopeError
 from flawscope.inference.model_dir import META_FILE, load_model_dir
 from flawscope.logs import log
@@ -75,23 +74,6 @@ def export_graph(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], inpu
     return target
 
 
-def _running(staging: Path) -> bool:
-    """Whether the export that made ``staging`` (``.export.<pid>.<random>``) still runs: two exports
-    into one folder must not take each other's staging for a leftover."""
-    pid = staging.name[len(_STAGING_PREFIX):].split(".")[0]
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    if os.name != "posix":  # where os.kill(pid, 0) would end the process: a staging touched in the last hour
-        return time.time() - staging.stat().st_mtime < 3600
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -> dict:
     """Write ``output/model.onnx`` (``fmt="onnx"``) or ``output/model.xml`` + ``.bin``
     (``fmt="openvino"``), and ``output/inference.yml``."""
@@ -119,8 +101,8 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
     name = OPENVINO_FILE if fmt == "openvino" else ONNX_FILE
     # Written beside, then moved in, an earlier export's graphs gone: a folder holding another
     # model's model.xml next to this inference.yml would predict with that model.
-    for leftover in output.glob(f"{_STAGING_PREFIX}*"):
-        if not _running(leftover):  # an export killed before it could clean up, not one running now
+    for leftover in output.glob(f"{_STAGING_PREFIX}*"):  # of an export killed before it could clean up
+        if not process_running(leftover.name[len(_STAGING_PREFIX):].split(".")[0], leftover):
             shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}.", dir=output))
     try:

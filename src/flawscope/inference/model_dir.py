@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field
@@ -31,7 +30,7 @@ from torch import nn
 from flawscope import __version__
 from flawscope.config import MAX_INPUT_SIZE, MODELS, SCHEMA, check_value, load_yaml, yaml_problem
 from flawscope.data.transforms import RESIZE_MODES
-from flawscope.atomic import swap_in
+from flawscope.atomic import staging_path, swap_in
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
 
@@ -144,7 +143,7 @@ def staged_dir(path: Path) -> Iterator[Path]:
         raise FlawscopeError(f"{path}: a file, not a folder: move it away or choose another output")
     path.parent.mkdir(parents=True, exist_ok=True)
     # A plain mkdir, not mkdtemp (whose folder is private): a service under another account must read the model.
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = staging_path(path)
     tmp.mkdir()
     try:
         yield tmp

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flawscope.atomic import write_atomic
+from flawscope.atomic import output_lock, write_atomic
 from flawscope.data.io import read_image
 from flawscope.backbones import backbone_spec
 from flawscope.config import dump_config
@@ -130,12 +130,14 @@ def train(cfg: dict, world: World) -> dict:
     held_out = torch.cat([calib_images, load_training_images(extra, resizer)]) if image_bank else None
     joining = calib_images if t["add_calibration_images"] else None
     output = Path(g["output"])
-    if world.is_main:
-        # Until this run ends, evaluate, predict and export must not take an earlier run's
-        # best_model/ here for this one's: the done flag says it is not done (engine.inference_dir).
-        write_atomic(output / "train_result.json", json.dumps({"done_flag": False, "model_name": g["model"]}, indent=2).encode())
-        dump_config(cfg, output / "config.yaml")
-    with log_to_file(output / "train.log") if world.is_main else nullcontext():
+    with (output_lock(output) if world.is_main else nullcontext()), \
+            (log_to_file(output / "train.log") if world.is_main else nullcontext()):
+        if world.is_main:
+            # Until this run ends, evaluate, predict and export must not take an earlier run's
+            # best_model/ here for this one's: the done flag says it is not done (engine.inference_dir).
+            write_atomic(output / "train_result.json",
+                         json.dumps({"done_flag": False, "model_name": g["model"]}, indent=2).encode())
+            dump_config(cfg, output / "config.yaml")
         if copies:
             copy, original = copies[0]
             log.warning("%d training images are copies of others (%s of %s%s): each image is used once",
@@ -325,7 +327,19 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
     if t["select_best"] and evaluate is None:
         log.warning("Train.select_best: the dataset has no evaluation split to select on; the last iteration's "
                     "student is kept")
-    history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate, resume, world, settings)
+    earlier, started = _latest_checkpoint(output), time.time()
+    if resume is None and earlier is not None and world.is_main:
+        log.info("%s holds a checkpoint of an earlier run; this run starts anew (to continue that one: "
+                 "-o Train.resume_path=%s)", output, earlier)
+    try:
+        history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate, resume, world,
+                            settings)
+    except KeyboardInterrupt:
+        last = _latest_checkpoint(output, since=started)
+        if world.is_main:
+            log.warning("training stopped; %s", "no checkpoint saved yet" if last is None else
+                        f"to continue from its last checkpoint: -o Train.resume_path={last}")
+        raise
     if model.global_score and world.is_main:
         fit_image_bank(model, images, held_out, world.device, normalizer, size=m["image_bank_size"], seed=g["seed"])
         history["final_eval"] = {"iteration": history.get("selected_iteration", t["epochs_iters"]), "image_bank": True}
@@ -335,6 +349,14 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
                              **({"selected_on_evaluation_split": True} if "selected_iteration" in history else {})}
     history["files"] = {"checkpoint": history.pop("checkpoint")}
     return history
+
+
+def _latest_checkpoint(output: Path, since: float = 0.0) -> Path | None:
+    """The ``iter_<N>`` folder of ``output`` with the highest N (whole: each is swapped in
+    complete) among those saved at time ``since`` or later."""
+    found = [(int(path.name[5:]), path) for path in output.glob("iter_*") if path.name[5:].isdigit()
+             and (path / "checkpoint.json").is_file() and (path / "checkpoint.json").stat().st_mtime >= since]
+    return max(found)[1] if found else None
 
 
 def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: torch.device,
