@@ -48,10 +48,11 @@ def test_leftovers_of_killed_runs_are_removed_those_of_running_ones_kept(tmp_pat
     """kill -9 leaves hidden staging folders that no later run removed."""
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = ended.stdout.strip()
-    for name in (f".inference.{dead}.ab.tmp", f".inference.{dead}.ab.tmp.old", f".inference.{os.getppid()}.cd.tmp",
-                 ".other.1.ab.tmp"):
+    kept = [f".inference.{os.getppid()}.0123abcd.tmp",  # a run still going
+            ".inference.backup.tmp", f".inference.{dead}.notours.tmp", ".other.1.0123abcd.tmp"]  # not ours
+    for name in (f".inference.{dead}.0123abcd.tmp", f".inference.{dead}.0123abcd.tmp.old", *kept):
         (tmp_path / name).mkdir()
-    (tmp_path / f".inference.{dead}.ef.tmp").write_text("a list half written")
+    (tmp_path / f".inference.{dead}.4567cdef.tmp").write_text("a list half written")
     staging = staging_path(tmp_path / "inference")
     assert staging.name.startswith(f".inference.{os.getpid()}.") and not staging.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".inference.{os.getppid()}.cd.tmp", ".other.1.ab.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)

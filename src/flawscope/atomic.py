@@ -8,6 +8,7 @@ import contextlib
 import errno
 import glob
 import os
+import re
 import shutil
 import signal
 import threading
@@ -77,11 +78,14 @@ def deferred_signals() -> Iterator[None]:
 
 def staging_path(final: Path) -> Path:
     """A hidden sibling of ``final`` to write into before it becomes ``final``, named after this
-    process (``.<name>.<pid>.<random>.tmp``). Leftovers of runs killed before they could clean up
-    (kill -9, a power cut) are removed first, those of runs still going kept."""
+    process (``.<name>.<pid>.<8 hex digits>.tmp``, ``.old`` added while swapping). Leftovers of
+    runs killed before they could clean up (kill -9, a power cut) are removed first, those of runs
+    still going kept, and nothing not named so (nor the pid-less names of earlier versions)."""
+    ours = re.compile(rf"\.{re.escape(final.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp(\.old)?")
     for leftover in final.parent.glob(f".{glob.escape(final.name)}.*.tmp*"):
-        if not process_running(leftover.name[len(final.name) + 2:].split(".")[0], leftover):
-            if leftover.is_dir():
+        named = ours.fullmatch(leftover.name)
+        if named and not process_running(named[1], leftover):
+            if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
