@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from flawscope.atomic import staging_path, swap_in
+from flawscope.atomic import output_lock, staging_path, swap_in
 
 
 def _folder(path: Path, text: str) -> Path:
@@ -45,14 +47,32 @@ def test_an_interruption_between_the_renames_waits_for_the_new_folder(tmp_path, 
 
 
 def test_leftovers_of_killed_runs_are_removed_those_of_running_ones_kept(tmp_path):
-    """kill -9 leaves hidden staging folders that no later run removed."""
+    """kill -9 leaves hidden staging folders that no later run removed; a run in another PID
+    namespace (a container sharing the folder) is told apart by its staging's age alone."""
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = ended.stdout.strip()
+    hours_ago = time.time() - 2 * 3600
+    gone = [f".inference.{dead}.0123abcd.tmp", f".inference.{dead}.0123abcd.tmp.old"]
     kept = [f".inference.{os.getppid()}.0123abcd.tmp",  # a run still going
+            f".inference.{dead}.89abcdef.tmp",  # touched within the hour: maybe a run elsewhere
             ".inference.backup.tmp", f".inference.{dead}.notours.tmp", ".other.1.0123abcd.tmp"]  # not ours
-    for name in (f".inference.{dead}.0123abcd.tmp", f".inference.{dead}.0123abcd.tmp.old", *kept):
+    for name in gone + kept:
         (tmp_path / name).mkdir()
     (tmp_path / f".inference.{dead}.4567cdef.tmp").write_text("a list half written")
+    for name in [*gone, f".inference.{dead}.4567cdef.tmp", *(k for k in kept if "89abcdef" not in k)]:
+        os.utime(tmp_path / name, (hours_ago, hours_ago))
     staging = staging_path(tmp_path / "inference")
     assert staging.name.startswith(f".inference.{os.getpid()}.") and not staging.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+
+
+def test_an_output_lock_where_the_file_system_has_none_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with output_lock(tmp_path / "out"):
+        ran = True
+    assert ran and "cannot lock it" in caplog.text

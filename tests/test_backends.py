@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from conftest import make_mvtec
 
 from flawscope import pipeline as pipeline_module
 from flawscope.cli import main
+from flawscope.data.io import read_image
 from flawscope.errors import FlawscopeError
 from flawscope.inference.backends import ExportedModel
 from flawscope.inference.export import export_model
@@ -202,6 +204,9 @@ def test_an_export_replaces_the_graphs_of_an_earlier_export_in_its_folder(traine
     (exported / f".export.{dead.stdout.strip()}.abc").mkdir()  # and one of an export that ended since
     running = exported / f".export.{os.getppid()}.abc"  # another export, still running: its staging stays
     running.mkdir()
+    hours_ago = time.time() - 2 * 3600  # leftovers are an hour old at least
+    for leftover in exported.iterdir():
+        os.utime(leftover, (hours_ago, hours_ago))
     export_model(model_dir, exported, "openvino")
     running.rmdir()
     assert {p.name for p in exported.iterdir()} == {"inference.yml", "model.xml", "model.bin"}
@@ -246,3 +251,40 @@ def test_a_model_too_large_for_one_onnx_file_is_refused_before_tracing(trained, 
     with pytest.raises(FlawscopeError, match=r"GiB of weights and banks, over the 2 GiB an ONNX file can hold"):
         export_model(trained[1] / "best_model/inference", tmp_path / "export", "onnx")
     assert not (tmp_path / "export").exists()
+
+
+def test_a_model_swapped_in_while_it_is_read_is_read_again_whole(trained, tmp_path, monkeypatch) -> None:
+    """A training swapping in its new model between the reads of inference.yml and the weights
+    paired one model's thresholds with the other's weights, silently."""
+    import flawscope.inference.backends as backends
+    from flawscope.atomic import swap_in
+
+    source = trained[1] / "best_model/inference"
+    live, newer = tmp_path / "live", tmp_path / ".newer"
+    shutil.copytree(source, live)
+    shutil.copytree(source, newer)
+    meta = newer / "inference.yml"
+    threshold = Predictor.from_dir(source).info.calibration.image_threshold
+    meta.write_text(meta.read_text().replace(f"image_threshold: {threshold}", "image_threshold: 123.5"))
+    real_load = backends.load_model_dir
+
+    def swapped_meanwhile(model_dir, device):
+        if newer.exists():  # the training's swap lands after inference.yml was read
+            swap_in(newer, live)
+        return real_load(model_dir, device)
+
+    monkeypatch.setattr(backends, "load_model_dir", swapped_meanwhile)
+    model, info = backends.load_backend(live, "cpu", "torch")
+    assert info.calibration.image_threshold == 123.5 and not newer.exists()
+
+
+def test_two_threads_exporting_at_once_both_load(trained) -> None:
+    """torch's exporter keeps its state in globals: two pipelines loading an exported backend in two
+    threads at once failed an assertion inside it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model_dir = trained[1] / "best_model/inference"
+    image = read_image(next((trained[0] / "test" / "good").iterdir()))
+    with ThreadPoolExecutor(2) as pool:
+        loaded = list(pool.map(lambda _: Predictor.from_dir(model_dir, backend="onnxruntime"), range(2)))
+    assert loaded[0].raw_outputs([image])[0][1] == loaded[1].raw_outputs([image])[0][1]

@@ -201,8 +201,9 @@ def test_best_f1_threshold_keeps_a_margin_on_both_sides():
     f1, threshold = best_f1(labels, scores)
     assert (f1, threshold) == (1.0, 3.0)  # halfway between the highest good and the lowest defect
     assert f1_at(labels, [1.0, 2.4, 3.6, 5.0, 6.0], threshold) == 1.0  # both moved towards each other
-    # binned pixels: an empty bin is no score, so the margin runs to the highest counted one
-    assert best_f1([0, 0, 1], [1.0, 3.9, 4.0], sample_weight=[1, 0, 1]) == (1.0, 2.5)
+    assert best_f1([0, 1], [1e308, 1.7e308]) == (1.0, 1.35e308)  # no overflow to inf
+    # binned pixels: a bin holds many scores, so the threshold stays at one's value
+    assert best_f1([0, 0, 1], [1.0, 3.9, 4.0], sample_weight=[1, 0, 1]) == (1.0, 4.0)
 
 
 def test_best_f1_constant_scores_predicts_everything():

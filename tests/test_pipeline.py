@@ -169,9 +169,13 @@ def test_array_inputs_of_every_accepted_shape_and_the_refused_ones(pipeline) -> 
     (from_gray,) = pipeline.predict(gray)
     (gray_rgb,) = pipeline.predict(np.repeat(gray[:, :, None], 3, axis=2))
     assert from_gray.score == pytest.approx(gray_rgb.score)
+    # a camera SDK's mono frame (HxWx1), and 16-bit frames scaled by their range as 16-bit files are
+    mono, deep = pipeline.predict([gray[:, :, None], rgb.astype(np.uint16) * 257])
+    assert (mono.score, deep.score) == (from_gray.score, as_rgb[0].score)
     bad = list(pipeline.predict([np.zeros((4, 4, 2), np.uint8), np.zeros((4, 4, 3), np.float32),
                                  np.zeros((0, 0), np.uint8)]))
-    assert "array must be HxW, HxWx3 (RGB) or HxWx4" in bad[0].error and "array must be uint8" in bad[1].error
+    assert "array must be HxW, HxWx1, HxWx3 (RGB) or HxWx4" in bad[0].error
+    assert "array must be uint8 or uint16, got float32" in bad[1].error
     assert "not empty, got shape (0, 0)" in bad[2].error
 
 
@@ -547,3 +551,14 @@ def test_a_pipeline_name_that_is_not_text_is_refused(tmp_path, capsys, name) -> 
     with pytest.raises(FlawscopeError, match=re.escape(f"config: pipeline_name must be one of anomaly_detection, "
                                                        f"got {name!r}")):
         create_pipeline(config={"pipeline_name": name})
+
+
+def test_a_relative_model_dir_that_is_not_there_says_where_it_was_looked_for(tmp_path, monkeypatch) -> None:
+    """A service started in / read a pipeline file's relative model_dir from there, with an error
+    that named neither the key nor the folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FlawscopeError) as refused:
+        create_pipeline("anomaly_detection", model_dir="pc/best_model/inference")
+    assert str(refused.value) == ("SubModules.AnomalyDetection.model_dir: pc/best_model/inference does not exist in "
+                                  f"the working folder {tmp_path}, which relative paths are from (as in PaddleX); "
+                                  "give an absolute path")

@@ -159,8 +159,9 @@ def test_a_split_that_cannot_write_its_second_list_changes_nothing(tmp_path, mon
         return real_write(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", full_disk)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as failed:
         split_dataset(root, 80, 20, seed=1)
+    assert failed.value.filename == str(root / "val.txt")  # the CLI's one line names it
     assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before  # no .bak, no hidden .tmp
 
 

@@ -354,6 +354,21 @@ def test_an_image_that_is_no_image_fails_before_training(tmp_path, capsys, bad) 
                    fragment=f"{bad}: not a readable image")
 
 
+def test_a_checkpoint_resumes_only_with_as_many_processes(trained, tmp_path) -> None:
+    """Each torchrun process draws batch_size images of one global batch: a checkpoint of one
+    process resumed under two trained on other batches, silently."""
+    from flawscope.config import load_config
+    from flawscope.errors import FlawscopeError
+    from flawscope.training.runner import _read_resume
+
+    dataset, out = trained
+    cfg = load_config("STFPM", ["Global.mode=train", *tiny_overrides(dataset, tmp_path / "out"),
+                                f"Train.resume_path={out / 'iter_6'}"])
+    assert _read_resume(cfg, 6, 1).iteration == 6
+    with pytest.raises(FlawscopeError, match="was trained with processes 1, this run has 2"):
+        _read_resume(cfg, 6, 2)
+
+
 @pytest.mark.parametrize("case, fragment", [
     (["Train.epochs_iters=3"], "is at iteration 6, past Train.epochs_iters 3"),
     (["Global.seed=8"], "was trained with seed 42, this run has 8"),
@@ -420,13 +435,13 @@ def test_sigterm_stops_a_training_as_ctrl_c_does(trained, tmp_path) -> None:
     assert json.loads((out / "train_result.json").read_text())["done_flag"] is False
     assert not (out / "best_model").exists() and not list(out.rglob("*.tmp"))
     saved = sorted(out.glob("iter_*"), key=lambda path: int(path.name[5:]))
-    stopped = "training stopped; " + (f"to continue from its last checkpoint: -o Train.resume_path={saved[-1]}"
+    stopped = "training stopped; " + (f"to go on from its last checkpoint: -o Train.resume_path={saved[-1]}"
                                       if saved else "no checkpoint saved yet")
     assert stopped in (out / "train.log").read_text()
-    if saved:  # a plain rerun starts anew, and says how to continue the stopped one instead
+    if saved:  # a plain rerun starts anew, and says how to go on from the stopped one instead
         assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=2)) == 0
-        assert f"holds a checkpoint of an earlier run; this run starts anew (to continue that one: -o " \
-               f"Train.resume_path={saved[-1]})" in (out / "train.log").read_text()
+        assert f"holds checkpoints of an earlier run (the latest: {saved[-1].name}); this run starts anew " \
+               f"(-o Train.resume_path={saved[-1]} would go on from there)" in (out / "train.log").read_text()
 
 
 def test_a_second_training_into_a_busy_output_is_refused(trained, tmp_path, capsys) -> None:
@@ -954,6 +969,14 @@ def test_distributed_training_under_torchrun(trained, tmp_path) -> None:
     assert result["done_flag"] and (out / "best_model/inference/model.safetensors").is_file()
     log = (out / "train.log").read_text()
     assert log.count("iter 6/6 loss") == 1  # rank 0 alone logs to the file
+
+    from flawscope.atomic import output_lock
+
+    with output_lock(out):  # another run is writing there: refused, where rank 0 waited in a barrier forever
+        refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                  "-m", "flawscope", "-c", "STFPM", "-o", "Global.mode=train", *overrides],
+                                 capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "another flawscope run is writing there" in refused.stderr
 
 
 def test_several_gpus_relaunch_under_torchrun(tmp_path, monkeypatch) -> None:

@@ -1,8 +1,13 @@
 """flawscope: visual anomaly detection for industrial inspection."""
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "create_pipeline"]
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time it is imported on first use
+    from flawscope.pipeline import create_pipeline
 
 
 def __getattr__(name: str):
@@ -13,3 +18,7 @@ def __getattr__(name: str):
 
         return create_pipeline
     raise AttributeError(f"module 'flawscope' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "create_pipeline"})

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flawscope.errors import FlawscopeError
+from flawscope.logs import log
 
 
 LOCK_FILE = ".flawscope.lock"
@@ -28,31 +29,36 @@ LOCK_FILE = ".flawscope.lock"
 def output_lock(folder: Path) -> Iterator[None]:
     """Only one run at a time writes into ``folder``: two trainings there interleaved their logs,
     and the first one's done flag stood for the second's model until that replaced it. An
-    advisory lock (``flock``), let go when the process ends however it ends; not taken where
-    there is no ``fcntl`` (Windows)."""
+    advisory lock (``flock``), let go when the process ends however it ends. Where there is none
+    (Windows; a file system mounted without locks) the run goes on unguarded, with a warning there."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a+") as f:
+    path = folder / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another account's lock file, in a folder both may write: flock needs no write
+        fd = os.open(path, os.O_RDONLY)
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             raise FlawscopeError(f"{folder}: another flawscope run is writing there"
                                  f"{f' (process {holder})' if holder.isdigit() else ''}; wait for it to end or "
                                  "choose another Global.output") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP: no locks on this file system
+            log.warning("%s: cannot lock it (%s): a second run into it would not be refused", folder, exc.strerror)
+        else:
+            with contextlib.suppress(OSError):  # the pid is for the message only
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
 
 
 @contextmanager
@@ -65,9 +71,10 @@ def deferred_signals() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    previous = {}
+    try:  # a signal between the two calls below still finds the first one put back
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
         yield
     finally:
         for sig, handler in previous.items():
@@ -79,12 +86,12 @@ def deferred_signals() -> Iterator[None]:
 def staging_path(final: Path) -> Path:
     """A hidden sibling of ``final`` to write into before it becomes ``final``, named after this
     process (``.<name>.<pid>.<8 hex digits>.tmp``, ``.old`` added while swapping). Leftovers of
-    runs killed before they could clean up (kill -9, a power cut) are removed first, those of runs
-    still going kept, and nothing not named so (nor the pid-less names of earlier versions)."""
+    runs killed before they could clean up (kill -9, a power cut) are removed first: those named
+    so, untouched for an hour and not of a process running here (``abandoned``)."""
     ours = re.compile(rf"\.{re.escape(final.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp(\.old)?")
     for leftover in final.parent.glob(f".{glob.escape(final.name)}.*.tmp*"):
         named = ours.fullmatch(leftover.name)
-        if named and not process_running(named[1], leftover):
+        if named and abandoned(named[1], leftover):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -92,23 +99,30 @@ def staging_path(final: Path) -> Path:
     return final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
 
 
-def process_running(pid: str, made: Path) -> bool:
-    """Whether the process ``pid`` that made the staging ``made`` may still be writing it: this
-    one, or one that still runs. Where ``os.kill(pid, 0)`` would end the process instead (Windows),
-    a staging touched in the last hour."""
-    if not pid.isdigit():
+ABANDONED_AFTER_S = 3600
+
+
+def abandoned(pid: str, made: Path) -> bool:
+    """Whether the staging ``made`` by process ``pid`` is a leftover: untouched for an hour (a
+    staging lives seconds to minutes) and, where a pid can be asked about (``os.kill(pid, 0)``;
+    Windows would end the process instead), not of a process running here. The age alone
+    protects a run in another PID namespace (a container, another host) sharing the folder."""
+    try:
+        if time.time() - made.lstat().st_mtime < ABANDONED_AFTER_S:
+            return False
+    except FileNotFoundError:  # its run finished meanwhile
         return False
-    if int(pid) == os.getpid():
+    if os.name != "posix" or not pid.isdigit():
         return True
-    if os.name != "posix":
-        return time.time() - made.stat().st_mtime < 3600
+    if int(pid) == os.getpid():
+        return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
         return True
-    return True
+    except PermissionError:  # another user's process
+        return False
+    return False
 
 
 def swap_in(new: Path, path: Path) -> None:

@@ -213,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     # flawscope's own limit (data.io.MAX_PIXELS) decides which images are too large: Pillow's warning
     # for images over its lower one would only precede that decision. The command owns its process.
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
+    # Only the main thread may set handlers; a SIGTERM the parent ignores (trap '' TERM) stays ignored.
+    on_term = threading.current_thread() is threading.main_thread() \
+        and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_term else None
     try:
         return run(argv)
     except FlawscopeError as exc:
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
-        if in_main_thread:  # None: a handler set outside Python, which cannot be put back
+        if on_term:  # None: a handler set outside Python, which cannot be put back
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 

@@ -68,9 +68,12 @@ def train(cfg: dict) -> dict:
         if not world.is_main:
             log.setLevel(logging.WARNING)
         try:
-            return run_training(cfg, world)
-        finally:
-            distributed.leave()
+            result = run_training(cfg, world)
+        except BaseException:
+            distributed.leave(failed=True)
+            raise
+        distributed.leave()
+        return result
     if len(devices) > 1:
         if cfg["Global"]["model"] != "STFPM":
             log.warning("Global.device lists %d GPUs: %s fits on the first, %s", len(devices),

@@ -150,7 +150,11 @@ class AnomalyDetectionPipeline:
         self.config = config
         sub = config["SubModules"]["AnomalyDetection"]
         device = one_device(sub["device"], f"{_SETTINGS_PREFIX}device")
-        self.predictor = Predictor.from_dir(sub["model_dir"], device, sub["backend"], batch_size=sub["batch_size"],
+        model_dir = sub["model_dir"]
+        if model_dir is not None and not Path(model_dir).is_absolute() and not Path(model_dir).exists():
+            raise FlawscopeError(f"{_SETTINGS_PREFIX}model_dir: {model_dir} does not exist in the working folder "
+                                 f"{os.getcwd()}, which relative paths are from (as in PaddleX); give an absolute path")
+        self.predictor = Predictor.from_dir(model_dir, device, sub["backend"], batch_size=sub["batch_size"],
                                             min_region_area=sub["min_region_area"], threshold=sub["threshold"],
                                             outline_ok_images=sub["outline_ok_images"])
         if sub["model_dir"] is None and self.predictor.info.model != sub["model_name"]:  # as PaddleX's would

@@ -84,7 +84,10 @@ def write_lists(root: Path, lists: dict[str, list[str]], commit_first: Callable[
         for split, lines in lists.items():
             path = root / f"{split}.txt"
             staged[path] = staging_path(path)
-            staged[path].write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+            try:
+                staged[path].write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+            except OSError as exc:  # a full disk's error names no file
+                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         backups = []
         with deferred_signals():
             if commit_first is not None:
@@ -110,7 +113,11 @@ def _keep(path: Path, backup: Path) -> None:
     try:
         os.link(path, backup)
     except OSError:
-        shutil.copy2(path, backup)
+        try:
+            shutil.copy2(path, backup)
+        except BaseException:  # a full disk: no half backup left to take the name
+            backup.unlink(missing_ok=True)
+            raise
 
 
 def _one_per_image(samples: list[Sample]) -> list[Sample]:

@@ -81,7 +81,7 @@ def best_f1(labels: ArrayLike, scores: ArrayLike,
     keeps a margin on both sides: one at the lowest defect score would miss that defect as soon
     as its score moved down a little (a bank refitted with more good images lowers every score).
     ``sample_weight`` lets the binned pixel data of ``pixel_best_f1`` stand for many pixels per
-    entry.
+    entry; a bin holds pixels of many scores, so there the threshold stays at the bin's value.
     """
     labels = np.asarray(labels).astype(bool)
     if not labels.any():
@@ -95,11 +95,11 @@ def best_f1(labels: ArrayLike, scores: ArrayLike,
                    where=denominator > 0)
     best = int(np.argmax(f1))
     threshold = float(thresholds[best])
-    counted = scores if sample_weight is None else scores[np.asarray(sample_weight) > 0]
-    below = counted[counted < threshold]
-    if below.size:
-        middle = (float(below.max()) + threshold) / 2
-        threshold = middle if middle > below.max() else threshold  # adjacent floats have no middle
+    below = scores[scores < threshold]
+    if sample_weight is None and below.size:
+        highest = float(below.max())
+        middle = highest + (threshold - highest) / 2  # not (a + b) / 2, which overflows near the float maximum
+        threshold = middle if middle > highest else threshold  # adjacent floats have no middle
     return float(f1[best]), threshold
 
 

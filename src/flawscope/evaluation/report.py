@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -300,6 +301,7 @@ def _write_scores(collected: Collected, path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["image", "label", "defect_type", "raw_score", "score", "is_anomaly", "mask", "mask_pixels"])
         for o in collected.outcomes:
-            writer.writerow([o.sample.image, o.sample.label, o.sample.defect_type, float(o.raw_score),
+            writer.writerow([os.path.abspath(o.sample.image), o.sample.label, o.sample.defect_type, float(o.raw_score),
                              "" if o.score is None else float(o.score), "" if o.is_anomaly is None else bool(o.is_anomaly),
-                             o.sample.mask or "", "" if o.mask_pixels is None else o.mask_pixels])
+                             os.path.abspath(o.sample.mask) if o.sample.mask else "",
+                             "" if o.mask_pixels is None else o.mask_pixels])

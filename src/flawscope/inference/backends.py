@@ -26,7 +26,7 @@ from torch import nn
 
 from flawscope.config import BACKENDS
 from flawscope.errors import FlawscopeError, first_line
-from flawscope.inference.export import ONNX_FILE, OPENVINO_FILE, export_model
+from flawscope.inference.export import ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS, export_model
 from flawscope.inference.model_dir import (
     META_FILE,
     WEIGHTS_FILE,
@@ -127,10 +127,51 @@ def choose_backend(model_dir: Path, backend: str) -> str:
     raise FlawscopeError(f"{model_dir}: no model here (none of {WEIGHTS_FILE}, {OPENVINO_FILE}, {ONNX_FILE})")
 
 
+_LOAD_TRIES = 5
+MODEL_FILES = (META_FILE, WEIGHTS_FILE, ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS)
+
+
 def load_backend(model_dir: str | Path, device: torch.device | str = "cpu",
                  backend: str = "auto") -> tuple[nn.Module | ExportedModel, ModelInfo]:
-    """The model of ``model_dir`` on ``backend``, and its description."""
+    """The model of ``model_dir`` on ``backend``, and its description, both of one model.
+
+    A model is read from several files (``inference.yml``, then the weights or the graph); a
+    training that swaps in a new folder, or an export that moves in new files, between those
+    reads would pair one model's thresholds with another's weights, silently (a service that
+    reloads after each retraining). So the load is repeated until the folder and its files are
+    the same after it as before.
+    """
     model_dir = Path(model_dir)
+    for _ in range(_LOAD_TRIES):
+        before = _snapshot(model_dir)
+        try:
+            loaded = _load_backend(model_dir, device, backend)
+        except FlawscopeError:
+            if _snapshot(model_dir) == before:
+                raise
+            continue  # caught between a swap's two renames: read it again
+        if _snapshot(model_dir) == before:
+            return loaded
+    raise FlawscopeError(f"{model_dir}: replaced {_LOAD_TRIES} times while it was read (a training or export writing "
+                         "there); load it once that has finished")
+
+
+def _snapshot(model_dir: Path) -> tuple:
+    """What a load must find unchanged: the folder itself (a training swaps in another) and each
+    model file in it (an export replaces them one by one)."""
+    found: list[tuple | None] = []
+    for path in (model_dir, *(model_dir / name for name in MODEL_FILES)):
+        try:
+            st = path.stat()
+        except OSError:
+            found.append(None)
+            continue
+        found.append((st.st_dev, st.st_ino) if path == model_dir else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(found)
+
+
+def _load_backend(model_dir: Path, device: torch.device | str,
+                  backend: str) -> tuple[nn.Module | ExportedModel, ModelInfo]:
     info = read_model_info(model_dir)
     backend = choose_backend(model_dir, backend)
     if backend == "torch":

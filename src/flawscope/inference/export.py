@@ -16,12 +16,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 
-from flawscope.atomic import deferred_signals, process_running
+from flawscope.atomic import abandoned, deferred_signals
 from flawscope.errors import FlawscopeError
 from flawscope.inference.model_dir import META_FILE, load_model_dir
 from flawscope.logs import log
@@ -31,6 +32,9 @@ OPENVINO_FILE = "model.xml"
 OPENVINO_WEIGHTS = "model.bin"  # beside model.xml
 GRAPH_FILES = (ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS)
 _STAGING_PREFIX = ".export."
+# torch's ONNX exporter keeps its state in globals (and warnings.catch_warnings is process-wide):
+# two threads exporting at once (two pipelines loading exported backends) failed an assertion in it.
+_EXPORT_LOCK = threading.Lock()
 _ONNX_FILE_LIMIT = 2**31  # protobuf: one serialised message, so one graph file, of at most 2 GiB
 
 
@@ -56,7 +60,7 @@ def export_graph(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], inpu
     module.eval()
     tmp = target.with_name(f".{target.stem}.onnx.tmp")
     try:
-        with warnings.catch_warnings():
+        with _EXPORT_LOCK, warnings.catch_warnings():
             # The trace fixes the input size and the bank's size on purpose (see above); the
             # exporter's warnings about exactly that would only alarm users.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -102,7 +106,7 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
     # Written beside, then moved in, an earlier export's graphs gone: a folder holding another
     # model's model.xml next to this inference.yml would predict with that model.
     for leftover in output.glob(f"{_STAGING_PREFIX}*"):  # of an export killed before it could clean up
-        if not process_running(leftover.name[len(_STAGING_PREFIX):].split(".")[0], leftover):
+        if abandoned(leftover.name[len(_STAGING_PREFIX):].split(".")[0], leftover):
             shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}.", dir=output))
     try:

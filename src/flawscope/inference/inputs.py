@@ -78,13 +78,18 @@ def _check_size(height: int, width: int, name: str) -> None:
 
 
 def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
-    """A copy in HxWx3 RGB: the caller may refill its buffer for the next frame."""
-    if array.ndim not in (2, 3) or array.ndim == 3 and array.shape[2] not in (3, 4) or not array.size:
-        raise FlawscopeError(f"{name}: array must be HxW, HxWx3 (RGB) or HxWx4 (RGBA, alpha ignored), "
+    """A copy in HxWx3 RGB: the caller may refill its buffer for the next frame. A camera's mono
+    frame may come as HxWx1; a 16-bit one is scaled by its range (65535 -> 255), as a 16-bit file is."""
+    if array.ndim not in (2, 3) or array.ndim == 3 and array.shape[2] not in (1, 3, 4) or not array.size:
+        raise FlawscopeError(f"{name}: array must be HxW, HxWx1, HxWx3 (RGB) or HxWx4 (RGBA, alpha ignored), "
                              f"not empty, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        raise FlawscopeError(f"{name}: array must be uint8, got {array.dtype}")
+    if array.dtype not in (np.uint8, np.uint16):
+        raise FlawscopeError(f"{name}: array must be uint8 or uint16, got {array.dtype}")
     _check_size(array.shape[0], array.shape[1], name)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.dtype == np.uint16:
+        array = np.rint(array * (255.0 / 65535.0)).astype(np.uint8)
     return np.repeat(np.asarray(array)[:, :, None], 3, axis=2) if array.ndim == 2 else np.array(array[:, :, :3])
 
 

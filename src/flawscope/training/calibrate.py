@@ -9,9 +9,10 @@ threshold likewise over their pixels: a random 65,536 of each larger map, so tha
 mixed sizes weigh alike (the pixel FPR is then an average over images, not over all pixels).
 
 ``Train.threshold_method: f1`` picks the thresholds that maximise F1 on good images plus labelled
-defects (images with masks), each halfway between the scores on either side of it (``best_f1``). Those defects must come from ``Train.calibration_dir``: the training
-dataset's own defects are its evaluation split, and thresholds fitted there would make the
-reported numbers optimistic, so that is refused before training starts rather than done silently.
+defects (images with masks), each halfway between the scores on either side of it (``best_f1``).
+Those defects must come from ``Train.calibration_dir``: the training dataset's own defects are its
+evaluation split, and thresholds fitted there would make the reported numbers optimistic, so that
+is refused before training starts rather than done silently.
 
 ``Train.calibration_dir`` is a folder of good images, or a dataset in any layout (its good images
 and its defects with masks are used); its images must not be in the training dataset. Good images

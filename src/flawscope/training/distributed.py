@@ -77,7 +77,11 @@ def visible_devices(devices: list[torch.device]) -> str:
     return ",".join(inherited[d.index] if d.index < len(inherited) else str(d.index) for d in devices)
 
 
-def leave() -> None:
+def leave(failed: bool = False) -> None:
+    """Leave the process group: together after a run, at once after a failure, whose other ranks
+    may wait in another collective (a barrier there would hang; torchrun ends them once this
+    process exits)."""
     if dist.is_initialized():
-        dist.barrier()
+        if not failed:
+            dist.barrier()
         dist.destroy_process_group()

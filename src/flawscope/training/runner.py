@@ -89,7 +89,7 @@ def train(cfg: dict, world: World) -> dict:
     differ = _take_base_settings(cfg, base[1]) if base is not None else []
     resizer = Resizer(m["input_size"], m["resize_mode"])
     check_headers(dataset.val + calib_set.good + calib_set.defects)
-    resume = _read_resume(cfg, len(fit_samples)) if g["model"] == "STFPM" and t["resume_path"] else None
+    resume = _read_resume(cfg, len(fit_samples), world.size) if g["model"] == "STFPM" and t["resume_path"] else None
     torch.manual_seed(g["seed"])  # the student's initial weights
     np.random.seed(g["seed"] % 2**32)
     model, info = base or _new_model(cfg)  # reads the backbone's weights before anything is written
@@ -163,20 +163,21 @@ def _take_base_settings(cfg: dict, info: ModelInfo) -> list[str]:
     return differ
 
 
-def _read_resume(cfg: dict, train_images: int) -> Checkpoint:
+def _read_resume(cfg: dict, train_images: int, processes: int) -> Checkpoint:
     """``Train.resume_path``, read and checked before anything is written."""
     t = cfg["Train"]
-    checkpoint = read_checkpoint(t["resume_path"], _resume_settings(cfg, train_images))
+    checkpoint = read_checkpoint(t["resume_path"], _resume_settings(cfg, train_images, processes))
     if checkpoint.iteration > t["epochs_iters"]:
         raise FlawscopeError(f"Train.resume_path: {checkpoint.path} is at iteration {checkpoint.iteration}, past "
                              f"Train.epochs_iters {t['epochs_iters']}")
     return checkpoint
 
 
-def _resume_settings(cfg: dict, train_images: int) -> dict:
-    """What a checkpoint records and a run resumed from it must share."""
+def _resume_settings(cfg: dict, train_images: int, processes: int) -> dict:
+    """What a checkpoint records and a run resumed from it must share; ``processes``: each draws
+    ``batch_size`` images of one global batch (torchrun), so their number decides the batches too."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
-    return {"seed": g["seed"], "batch_size": t["batch_size"], "train_images": train_images,
+    return {"seed": g["seed"], "batch_size": t["batch_size"], "processes": processes, "train_images": train_images,
             "input_size": m["input_size"], "hard_fraction": t["hard_fraction"]}
 
 
@@ -270,8 +271,9 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
             cfg, model, data, device, normalizer, history)
     grown_from = {"grown_from": {"model_dir": str(Path(t["add_normals"]).resolve()), **info.provenance}} \
         if t.get("add_normals") else {}  # the base model's own record: which images the bank held first
-    info.provenance = {"dataset": str(dataset.root), "layout": dataset.layout, "train_images": len(data.fit_samples),
-                       "batch_size": t["batch_size"], "seed": g["seed"], **history["provenance"], **grown_from}
+    info.provenance = {"dataset": str(dataset.root.resolve()), "layout": dataset.layout,
+                       "train_images": len(data.fit_samples), "batch_size": t["batch_size"], "processes": world.size,
+                       "seed": g["seed"], **history["provenance"], **grown_from}
     final_eval = history.pop("final_eval", None)
     if evaluate is not None and final_eval is not None:
         metrics = evaluate(model)
@@ -319,7 +321,7 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
                                  weight_decay=t["weight_decay"], log_interval=t["log_interval"],
                                  eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"],
                                  select_best=t["select_best"], hard_fraction=t["hard_fraction"])
-    settings = {**_resume_settings(cfg, len(images)), "train_images_digest": _images_digest(images),
+    settings = {**_resume_settings(cfg, len(images), world.size), "train_images_digest": _images_digest(images),
                 "epochs_iters": t["epochs_iters"]}
     if resume is not None and resume.meta.get("epochs_iters", t["epochs_iters"]) != t["epochs_iters"]:
         log.warning("Train.resume_path: %s was trained towards %d iterations, this run %d: the learning-rate "
@@ -329,16 +331,16 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
                     "student is kept")
     earlier, started = _latest_checkpoint(output), time.time()
     if resume is None and earlier is not None and world.is_main:
-        log.info("%s holds a checkpoint of an earlier run; this run starts anew (to continue that one: "
-                 "-o Train.resume_path=%s)", output, earlier)
+        log.info("%s holds checkpoints of an earlier run (the latest: %s); this run starts anew "
+                 "(-o Train.resume_path=%s would go on from there)", output, earlier.name, earlier)
     try:
         history = fit_stfpm(model, images, train_cfg, world.device, normalizer, output, evaluate, resume, world,
                             settings)
     except KeyboardInterrupt:
-        last = _latest_checkpoint(output, since=started)
+        last = _latest_checkpoint(output, since=started) or (resume.path if resume is not None else None)
         if world.is_main:
             log.warning("training stopped; %s", "no checkpoint saved yet" if last is None else
-                        f"to continue from its last checkpoint: -o Train.resume_path={last}")
+                        f"to go on from its last checkpoint: -o Train.resume_path={last}")
         raise
     if model.global_score and world.is_main:
         fit_image_bank(model, images, held_out, world.device, normalizer, size=m["image_bank_size"], seed=g["seed"])
@@ -352,11 +354,12 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
 
 
 def _latest_checkpoint(output: Path, since: float = 0.0) -> Path | None:
-    """The ``iter_<N>`` folder of ``output`` with the highest N (whole: each is swapped in
-    complete) among those saved at time ``since`` or later."""
-    found = [(int(path.name[5:]), path) for path in output.glob("iter_*") if path.name[5:].isdigit()
-             and (path / "checkpoint.json").is_file() and (path / "checkpoint.json").stat().st_mtime >= since]
-    return max(found)[1] if found else None
+    """The ``iter_<N>`` folder of ``output`` saved last (whole: each is swapped in complete), if
+    at time ``since`` or later."""
+    found = [((path / "checkpoint.json").stat().st_mtime, path) for path in output.glob("iter_*")
+             if path.name[5:].isdigit() and (path / "checkpoint.json").is_file()]
+    latest = max(found, default=None)
+    return latest[1] if latest is not None and latest[0] >= since else None
 
 
 def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: torch.device,
