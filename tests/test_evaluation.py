@@ -173,6 +173,11 @@ def test_a_labelled_test_set_alone_evaluates_and_a_mismatched_mask_writes_nothin
     assert main([*args, "-o", f"Global.dataset_dir={test_only}", "-o", f"Global.output={tmp_path / 'eval'}"]) == 0
     m = json.loads((tmp_path / "eval" / "evaluate_result.json").read_text())["metrics"]
     assert (m["num_good"], m["num_defect"]) == (2, 2)
+    good_only = tmp_path / "good_only"  # today's good parts alone: their false alarms
+    shutil.copytree(dataset / "test" / "good", good_only / "test" / "good")
+    assert main([*args, "-o", f"Global.dataset_dir={good_only}", "-o", f"Global.output={tmp_path / 'good'}"]) == 0
+    m = json.loads((tmp_path / "good" / "evaluate_result.json").read_text())["metrics"]
+    assert (m["num_good"], m["num_defect"], m["image_auroc"]) == (2, 0, None) and m["image_fpr"] is not None
 
     mask = next((test_only / "ground_truth").rglob("*.png"))
     Image.open(mask).resize((32, 32)).save(mask)

@@ -173,8 +173,10 @@ def _is_segdataset(root: Path) -> bool:
 
 def _is_mvtec(root: Path) -> bool:
     """train/good/, or test/ with ground_truth/: a labelled set without training images, such as
-    a Train.calibration_dir of defects (training still needs train/good/)."""
-    return mvtec_train_dir(root).is_dir() or (root / "test").is_dir() and (root / "ground_truth").is_dir()
+    a Train.calibration_dir of defects (training still needs train/good/), or test/good/ alone
+    (today's good parts, to count the false alarms on) where the folder is no Folder layout."""
+    return mvtec_train_dir(root).is_dir() or (root / "test").is_dir() and (root / "ground_truth").is_dir() \
+        or (root / "test" / GOOD).is_dir() and not _is_folder(root)
 
 
 def _is_folder(root: Path) -> bool:
