@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from flawscope.atomic import staging_path, swap_in
 from flawscope.data.io import is_image_file, read_mask
 from flawscope.data.layouts import DEFECT, GOOD, Sample, header_size, load_dataset, read_lines
 from flawscope.data.split import check_defect_masks, check_percentages, sample_lines, split_samples, write_lists
-from flawscope.atomic import staging_path, swap_in
 from flawscope.errors import FlawscopeError
 
 log = logging.getLogger("flawscope")

@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from flawscope import __version__
+from flawscope.atomic import staging_path, swap_in
 from flawscope.config import MAX_INPUT_SIZE, MODELS, SCHEMA, check_value, load_yaml, yaml_problem
 from flawscope.data.transforms import RESIZE_MODES
-from flawscope.atomic import staging_path, swap_in
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
 

@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from flawscope.data.io import IMAGE_EXTENSIONS
 from flawscope.atomic import write_atomic
+from flawscope.data.io import IMAGE_EXTENSIONS
 from flawscope.errors import FlawscopeError
 
 THRESHOLD = 0.5

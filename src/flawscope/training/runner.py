@@ -321,7 +321,9 @@ def _fit_stfpm(cfg: dict, model: STFPM, images: torch.Tensor, held_out: torch.Te
                                  weight_decay=t["weight_decay"], log_interval=t["log_interval"],
                                  eval_interval=t["eval_interval"], save_interval=t["save_interval"], seed=g["seed"],
                                  select_best=t["select_best"], hard_fraction=t["hard_fraction"])
-    settings = {**_resume_settings(cfg, len(images), world.size), "train_images_digest": _images_digest(images),
+    # on resume, ``train`` has checked the checkpoint's digest against these images: no second pass over them
+    digest = (resume.meta.get("train_images_digest") if resume is not None else None) or _images_digest(images)
+    settings = {**_resume_settings(cfg, len(images), world.size), "train_images_digest": digest,
                 "epochs_iters": t["epochs_iters"]}
     if resume is not None and resume.meta.get("epochs_iters", t["epochs_iters"]) != t["epochs_iters"]:
         log.warning("Train.resume_path: %s was trained towards %d iterations, this run %d: the learning-rate "
