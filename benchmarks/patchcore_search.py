@@ -5,7 +5,7 @@
 Times ``score_features`` (the bank search, the image score, the map) on the backbone features of
 real images (the search's shortcuts depend on how close the patches lie to the bank: random
 inputs do not show it) with each index the machine runs: ``int8`` (``knn.Int8Index`` for banks of
-``knn.INT8_MIN_BANK`` entries or more, float32 for smaller ones such as the image banks, as in
+``knn.INT8_MIN_BANK`` entries or ``knn.INT8_MIN_VALUES`` values or more, float32 for smaller ones, as in
 prediction),
 ``onednn`` (float32, ``knn.OneDnnIndex``), ``faiss`` (exact flat index) and ``torch``
 (``nearest_neighbors``). The indexes take turns in blocks, so a slow spell of a shared machine

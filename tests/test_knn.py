@@ -55,6 +55,11 @@ def test_cpu_index_takes_the_fastest_available(monkeypatch):
     if knn.onednn_available():
         assert isinstance(knn.cpu_index(bank, "exact", 8), OneDnnIndex)  # small: float32 is faster
         if knn.int8_available():
+            wide = clustered(100, dim=640)  # few rows of many values, as an image bank: read from memory
+            assert isinstance(knn.cpu_index(wide, "exact", 8), OneDnnIndex)
+            monkeypatch.setattr(knn, "INT8_MIN_VALUES", wide.numel())
+            assert isinstance(knn.cpu_index(wide, "exact", 8), Int8Index)
+            assert isinstance(knn.cpu_index(bank, "exact", 8), OneDnnIndex)
             monkeypatch.setattr(knn, "INT8_MIN_BANK", 500)
             assert isinstance(knn.cpu_index(bank, "exact", 8), Int8Index)
     monkeypatch.setattr(knn, "int8_available", lambda: False)
@@ -133,6 +138,24 @@ def test_int8_index_tells_apart_rows_its_rounding_cannot(monkeypatch):
     assert not fallbacks
     assert torch.equal(idx, torch.cdist(queries.double(), bank.double()).argmin(1))
     torch.testing.assert_close(dist, torch.full((200,), 10.0), rtol=0, atol=1e-4)
+
+
+@needs_int8
+def test_int8_index_measures_the_whole_bank_where_most_rows_are_within_reach(monkeypatch):
+    """One query, 60 rows at distances 10, 10.001, 10.002...: all are candidates, and the float32
+    product over the bank finds the nearest without the fallback search."""
+    gen = torch.Generator().manual_seed(4)
+    query = torch.randn(1, 48, generator=gen) * 3
+    directions = torch.nn.functional.normalize(torch.randn(60, 48, generator=gen), dim=1)
+    bank = (query.double() + directions.double() * (10 + 0.001 * torch.randperm(60, generator=gen).double())[:, None]).float()
+    index = Int8Index(bank)
+    fallbacks, gathered = counted_fallbacks(monkeypatch), []
+    real_index = torch.Tensor.__getitem__
+    monkeypatch.setattr(torch.Tensor, "__getitem__", lambda t, i: gathered.append(t is index.bank) or real_index(t, i))
+    dist, idx = index.search(query)
+    assert not fallbacks and not any(gathered)  # no rows gathered: the bank measured whole
+    assert int(idx) == int(torch.cdist(query.double(), bank.double()).argmin())
+    torch.testing.assert_close(dist, torch.tensor([10.0]), rtol=0, atol=1e-4)
 
 
 @needs_int8

@@ -29,9 +29,12 @@ SEARCH_MODES = ("exact", "approximate")
 # Elements of a distance matrix computed at once: 4 MB stays in cache, which makes the search up to
 # twice as fast on CPU as 64 MB chunks, and bounds its memory.
 CHUNK_ELEMENTS = 1 << 20
-# Banks smaller than this are searched in float32: the int8 product saves less than its candidates
-# cost (mvtec_transistor's 2,182 entries: 9 against 4.5 ms an image; magnetic_tile's 7,312: 14 against 18).
+# Banks of fewer rows than this are searched in float32: the int8 product saves less than its candidates
+# cost (mvtec_transistor's 2,182 entries: 9 against 4.5 ms an image; magnetic_tile's 7,312: 14 against 18)...
 INT8_MIN_BANK = 5000
+# ... unless they hold this many values (16 MB in float32): then each search reads the bank from memory
+# rather than cache, and the int8 copy is a quarter of it (the image banks, few rows of thousands of values).
+INT8_MIN_VALUES = 1 << 22
 
 
 def nearest_neighbors(queries: torch.Tensor, bank: torch.Tensor,
@@ -109,8 +112,8 @@ def _nearest(products: Iterator[tuple[slice, torch.Tensor]], queries: torch.Tens
 def cpu_index(bank: torch.Tensor, mode: str, nprobe: int) -> Int8Index | OneDnnIndex | FaissIndex | None:
     """The fastest index over ``bank`` for ``mode`` on this CPU; None: search with ``nearest_neighbors``."""
     check_search(mode)
-    if mode == "exact" and len(bank) >= INT8_MIN_BANK and bank.shape[1] <= Int8Index.MAX_CHANNELS \
-            and onednn_available() and int8_available():
+    large = len(bank) >= INT8_MIN_BANK or bank.numel() >= INT8_MIN_VALUES
+    if mode == "exact" and large and bank.shape[1] <= Int8Index.MAX_CHANNELS and onednn_available() and int8_available():
         return Int8Index(bank)
     if mode == "exact" and onednn_available():
         return OneDnnIndex(bank)
@@ -236,11 +239,14 @@ class Int8Index:
     (Cauchy-Schwarz; ``e`` the rounding residuals, known exactly, taken at their largest over the
     bank) plus float32's own rounding. So the nearest row lies within ``2 bound`` of a query's
     smallest rounded value: those rows, pooled over a chunk of queries, are measured again in
-    float32 and the nearest of them is the nearest row. Every chunk checks the bound on the rows it
-    measured again, and is searched in float32 where it fails (as where a query is not finite).
+    float32 and the nearest of them is the nearest row (where they are more than a third of the
+    bank, the whole bank is). Every query checks the bound on the row it found (its float32
+    against its rounded value), and a chunk where one fails is searched in float32 (as where a
+    query is not finite).
     On this AMD CPU (AVX-512 VNNI) the int8 product takes 40-50% of the float one's time and
     2-4 rows a query are measured again on banks of 7,000-10,000 entries: the search is 1.2-1.6x
-    as fast there (``INT8_MIN_BANK``).
+    as fast there (``INT8_MIN_BANK``). An image bank of 1,000 images is read from memory by every
+    search; its int8 copy is a quarter of it (``INT8_MIN_VALUES``).
     """
 
     MAX_CHANNELS = (2**31 - 1) // (255 * 127)  # oneDNN's int32 sum of C products of uint8 x int8 cannot overflow
@@ -282,10 +288,16 @@ class Int8Index:
                       norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         approx = torch.ops.onednn.qlinear_pointwise(x, scale, 128, self.weight, self.scale, self.zero_points,
                                                     self.bias, 1.0, 0, torch.float32, "none", [], "")
-        within = (approx.amin(1) + 2 * bound)[:, None]
-        rows = (approx.sub_(within).amin(0) <= 0).nonzero()[:, 0]  # rows within reach of some query
-        d2 = torch.addmm(self.bias[rows], q, self.bank[rows].T, alpha=-2)  # |b|^2 - 2 q.b, in float32
-        if not len(rows) or ((d2 - within - approx.index_select(1, rows)).abs() > bound[:, None]).any():
+        within = approx.amin(1) + 2 * bound
+        rows = (approx.sub_(within[:, None]).amin(0) <= 0).nonzero()[:, 0]  # rows within reach of some query
+        if 3 * len(rows) > len(self.bank):  # gathering them would cost more than the float32 product over all
+            d2, nearest = torch.addmm(self.bias, q, self.bank.T, alpha=-2).min(1)
+            return (d2 + norm.square()).clamp_min(0).sqrt(), nearest
+        if not len(rows):
             return nearest_neighbors(q, self.bank)
-        d2, nearest = d2.min(1)
-        return (d2 + norm.square()).clamp_min(0).sqrt(), rows[nearest]
+        d2, nearest = torch.addmm(self.bias[rows], q, self.bank[rows].T, alpha=-2).min(1)  # |b|^2 - 2 q.b, float32
+        nearest = rows[nearest]
+        # Checked on each query's own row rather than on every pooled one: a tenth of the search's time.
+        if ((d2 - within - approx.gather(1, nearest[:, None])[:, 0]).abs() > bound).any():
+            return nearest_neighbors(q, self.bank)
+        return (d2 + norm.square()).clamp_min(0).sqrt(), nearest
