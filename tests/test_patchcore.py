@@ -131,6 +131,9 @@ def test_embedding_shapes_and_empty_bank():
     assert model.embed(x).shape == (2, 32, SIZE // 8, SIZE // 8)
     assert model.embed_dim == 32 and model.config()["feature_dim"] == 32
     assert PatchCore(pretrained=False).embed_dim == 40 + 112
+    assert PatchCore(pretrained=False, feature_dim=152).embed_dim == 152
+    with pytest.raises(ValueError, match=r"feature_dim must be from 1 to the 152 channels of strides \[8, 16\], not 153"):
+        PatchCore(pretrained=False, feature_dim=153)  # it would only repeat channels
     with pytest.raises(RuntimeError, match="empty memory bank"):
         model(x)
 

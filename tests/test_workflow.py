@@ -756,6 +756,16 @@ def test_a_grown_model_is_not_calibrated_on_images_it_holds(trained, tmp_path, c
     assert f"images are in {first / 'best_model/inference'} already, which leaves 1 to calibrate on" in err
     assert "Traceback" not in err and not (tmp_path / "one").exists()
 
+    # Too few new images to hold any out, or none held out: the new images would calibrate while in the
+    # bank, and the grown model's thresholds flagged every good part (an image threshold of -1.9 from 1.8).
+    two = make_mvtec(tmp_path / "two", n_train=2, seed=7)
+    for data, more in ((two, []), (grown_data, ["Train.calibration_fraction=0"])):
+        assert _patchcore("Global.mode=train", f"Global.dataset_dir={data}", f"Global.output={tmp_path / 'none'}",
+                          *small, *more, base) == 2
+        err = capsys.readouterr().err
+        assert "error: Train.add_normals: no new good image is held out to calibrate the grown model on" in err
+        assert "Traceback" not in err and not (tmp_path / "none").exists()
+
     seed, held_old, new = _seed_holding_out(grown_data, lambda new: new >= 2)
     grown = tmp_path / "grown"
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={grown_data}", f"Global.output={grown}", *small,

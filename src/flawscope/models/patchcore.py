@@ -65,6 +65,9 @@ class PatchCore(ImageBankScore, nn.Module):
         self._patch_levels = [levels.index(s) for s in self.strides]
         self._global_levels = [levels.index(s) for s in self.global_strides] if self.global_score else []
         channels = sum(self.extractor.out_channels[i] for i in self._patch_levels)
+        if self.feature_dim is not None and not 1 <= self.feature_dim <= channels:  # more would repeat channels
+            raise ValueError(f"feature_dim must be from 1 to the {channels} channels of strides {list(self.strides)}, "
+                             f"not {self.feature_dim}")
         self.embed_dim = self.feature_dim or channels
         if self.feature_dim is not None:  # a constant, so that the ONNX export sees a matrix product
             self.register_buffer("channel_pool", _channel_pool(channels, self.feature_dim), persistent=False)

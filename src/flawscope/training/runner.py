@@ -116,9 +116,14 @@ def train(cfg: dict, world: World) -> dict:
             calib_set.good[len(calib_samples):] = _new_to(model, from_dir, load_training_images(from_dir, resizer),
                                                           info, known)[0]
             dropped += len(from_dir) - (len(calib_set.good) - len(calib_samples))
-        if not calib_set.good or held_out_count and calib_set.source == "training images":
+        if held_out_count and (not calib_set.good or calib_set.source == "training images"):
             raise FlawscopeError(f"Train.add_normals: the good calibration images are all in {t['add_normals']} "
                                  "already; set Train.calibration_dir to new good images")
+        if calib_set.source == "training images":  # they join the bank: thresholds set on them flag every part
+            raise FlawscopeError(f"Train.add_normals: no new good image is held out to calibrate the grown model on "
+                                 f"({len(fit_samples)} new training images, Train.calibration_fraction "
+                                 f"{t['calibration_fraction']:g}; {MIN_CALIBRATION_IMAGES + 1} or more are needed); "
+                                 "add more images, or set Train.calibration_dir to new good images")
         if dropped and len(calib_set.good) < MIN_CALIBRATION_IMAGES:  # one score sets no scale
             raise FlawscopeError(f"Train.add_normals: {dropped} of the good calibration images are in "
                                  f"{t['add_normals']} already, which leaves {len(calib_set.good)} to calibrate on "
