@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 
 from flawscope.data.io import read_image
+from flawscope.errors import FlawscopeError
 from flawscope.inference.backends import graph_run
 from flawscope.inference.export import export_graph
 from flawscope.inference.predictor import Predictor
@@ -141,4 +143,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FlawscopeError as exc:  # a model or image folder that is not one: one line, as the CLI says it
+        sys.exit(f"error: {exc}")

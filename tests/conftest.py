@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from flawscope.config import load_config
@@ -46,6 +47,15 @@ def make_mvtec(root: Path, n_train: int = 8, n_good: int = 2, n_defect: int = 2,
 @pytest.fixture
 def mvtec_dir(tmp_path: Path) -> Path:
     return make_mvtec(tmp_path / "data")
+
+
+def written_before_digests(model_dir: Path) -> None:
+    """Make ``model_dir`` a folder written before ``inference.yml`` listed its files' digests, whose
+    weights load unchecked: as the tests that rewrite the weights the way older versions saved them need."""
+    meta = model_dir / "inference.yml"
+    info = yaml.safe_load(meta.read_text())
+    del info["files"]
+    meta.write_text(yaml.safe_dump(info, sort_keys=False))
 
 
 def tiny_overrides(dataset: Path, output: Path, iters: int = 6) -> list[str]:

@@ -14,6 +14,7 @@ from torch import nn
 
 import flawscope.models.knn as knn
 import flawscope.training.patchcore_fit as patchcore_fit
+from conftest import written_before_digests
 from flawscope.data.transforms import normalize
 from flawscope.errors import FlawscopeError
 from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, save_model_dir
@@ -174,6 +175,9 @@ def test_save_load_round_trip(fitted, tmp_path):
     state = load_file(str(tmp_path / "pc" / "model.safetensors"))
     assert torch.equal(state.pop("bank_neighbors"), fitted.bank_neighbors)
     save_file(state, str(tmp_path / "pc" / "model.safetensors"))  # as saved before bank_neighbors
+    with pytest.raises(FlawscopeError, match="model.safetensors: not the file inference.yml beside it was written with"):
+        load_model_dir(tmp_path / "pc")
+    written_before_digests(tmp_path / "pc")
     older, _ = load_model_dir(tmp_path / "pc")
     assert torch.equal(older.bank_neighbors, fitted.bank_neighbors)
     for a, b in zip(older.map_and_score(x), fitted.map_and_score(x)):
@@ -442,6 +446,7 @@ def test_a_model_saved_before_the_spread_descriptor_scores_with_the_mean_alone(f
     state["score_reference"] = state["score_reference"][:4].contiguous()
     del state["bank_neighbors"], state["reference_counts"]  # newer still
     save_file(state, str(weights))
+    written_before_digests(tmp_path / "old")
     old, _ = load_model_dir(tmp_path / "old")
     x = torch.cat([half_and_half([60], 3), only_stripes(3)])
     patch_z, mean_z, _ = spreads_above(fitted_global, x)

@@ -562,3 +562,10 @@ def test_a_relative_model_dir_that_is_not_there_says_where_it_was_looked_for(tmp
     assert str(refused.value) == ("SubModules.AnomalyDetection.model_dir: pc/best_model/inference does not exist in "
                                   f"the working folder {tmp_path}, which relative paths are from (as in PaddleX); "
                                   "give an absolute path")
+
+
+def test_a_model_file_given_for_its_folder_says_so(trained) -> None:
+    weights = trained[1] / "best_model/inference/model.safetensors"
+    with pytest.raises(FlawscopeError, match=re.escape(f"{weights}: a file, not a model directory: give the folder "
+                                                       f"that holds it ({weights.parent})")):
+        create_pipeline("anomaly_detection", model_dir=weights)

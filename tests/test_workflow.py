@@ -23,7 +23,7 @@ import safetensors.numpy
 import safetensors.torch
 from safetensors.torch import load_file
 
-from conftest import make_mvtec, tiny_overrides
+from conftest import make_mvtec, tiny_overrides, written_before_digests
 from flawscope.cli import main
 from flawscope.inference.predictor import Predictor
 
@@ -536,7 +536,8 @@ def test_an_output_folder_that_is_a_file(trained, tmp_path, capsys, under) -> No
     (("  global_grid: ", "  global_grid: 1.5 #"),
      "inference.yml: model_config global_grid must be an integer >= 1, got 1.5"),
     ("truncate", "model.safetensors: not a readable safetensors file, truncated or damaged"),
-    ("nan", "STFPM: the model's output is NaN or infinite: its weights are damaged"),
+    ("nan", "model.safetensors: not the file inference.yml beside it was written with (its SHA-256 differs)"),
+    ("nan written before digests", "model: the model's output (STFPM) is NaN or infinite: its weights are damaged"),
 ])
 def test_a_damaged_model_directory_is_one_error_line(trained, tmp_path, capsys, edit, message) -> None:
     model_dir = tmp_path / "model"
@@ -544,11 +545,13 @@ def test_a_damaged_model_directory_is_one_error_line(trained, tmp_path, capsys, 
     if edit == "truncate":
         weights = model_dir / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
-    elif edit == "nan":  # readable, every value in place, and one weight NaN
+    elif isinstance(edit, str) and edit.startswith("nan"):  # readable, every value in place, and one weight NaN
         tensors = safetensors.numpy.load_file(model_dir / "model.safetensors")
         name = next(k for k, v in tensors.items() if "student" in k and v.dtype.kind == "f" and v.ndim == 4)
         tensors[name] = np.full_like(tensors[name], np.nan)
         safetensors.numpy.save_file(tensors, model_dir / "model.safetensors")
+        if edit != "nan":
+            written_before_digests(model_dir)  # only the NaN output tells
     elif isinstance(edit, dict):  # set keys to values
         meta = model_dir / "inference.yml"
         meta.write_text(yaml.safe_dump(yaml.safe_load(meta.read_text()) | edit, sort_keys=False))
@@ -559,6 +562,42 @@ def test_a_damaged_model_directory_is_one_error_line(trained, tmp_path, capsys, 
     out = tmp_path / "out"
     _fails_cleanly(capsys, out, "Global.mode=predict", f"Global.output={out}", f"Predict.model_dir={model_dir}",
                    f"Predict.input={next((trained[0] / 'test' / 'good').iterdir())}", fragment=message)
+
+
+def test_a_model_folder_put_together_from_two_models_is_refused(tmp_path, capsys) -> None:
+    """``inference.yml`` lists the SHA-256 of the files written with it, and the weights record the
+    input they were fitted on: another model's ``inference.yml`` beside them (two folders mixed up,
+    one file replaced after a retraining) or an edited input size is one error line, not a model
+    whose thresholds and features belong to another (it flagged every pixel of a good hazelnut)."""
+    small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5"]
+    models = {}
+    for seed in (0, 3):
+        models[seed] = tmp_path / f"model{seed}"
+        data = make_mvtec(tmp_path / f"data{seed}", seed=seed)
+        assert _patchcore("Global.mode=train", f"Global.dataset_dir={data}", f"Global.output={models[seed]}", *small) == 0
+        assert _patchcore("Global.mode=export", f"Global.output={models[seed]}") == 0
+    image, out = next((tmp_path / "data0/test/good").iterdir()), tmp_path / "out"
+
+    def refused(model_dir: Path, fragment: str) -> None:
+        _fails_cleanly(capsys, out, "Global.mode=predict", f"Global.output={out}", f"Predict.model_dir={model_dir}",
+                       f"Predict.input={image}", fragment=fragment)
+
+    for folder, graph in (("best_model/inference", "model.safetensors"), ("export", "model.onnx")):
+        mixed = tmp_path / folder.replace("/", "_")
+        shutil.copytree(models[0] / folder, mixed)
+        shutil.copy(models[3] / folder / "inference.yml", mixed)
+        refused(mixed, f"{mixed / graph}: not the file inference.yml beside it was written with (its SHA-256 differs)")
+    edited = tmp_path / "edited"
+    shutil.copytree(models[0] / "best_model/inference", edited)
+    meta = edited / "inference.yml"
+    meta.write_text(meta.read_text().replace("input_size: 128", "input_size: 256"))
+    refused(edited, f"{meta}: input_size 256 is not the 128 that model.safetensors was fitted on")
+    # Written before both records: an input size the grid does not split is still one line, not a traceback.
+    weights = edited / "model.safetensors"
+    safetensors.torch.save_file(load_file(weights), weights)
+    written_before_digests(edited)
+    meta.write_text(meta.read_text().replace("input_size: 256", "input_size: 64"))
+    refused(edited, f"{meta}: model_config global_grid 2 does not split the 2x2 map of stride-32 features of input_size 64")
 
 
 def _mode_overrides(mode: str, trained: tuple[Path, Path], out: Path) -> list[str]:
@@ -793,6 +832,31 @@ def test_a_grown_model_is_not_calibrated_on_images_it_holds(trained, tmp_path, c
     assert yaml.safe_load((with_dir / "config.yaml").read_text())["Model"]["input_size"] == 128
 
 
+def test_a_grown_model_keeps_how_it_was_fitted(tmp_path) -> None:
+    """The coreset ratio and the image bank's cap are the base model's, as its Model settings are
+    (growing dropped a cap of 4 images to none, and took the config's 1% coreset for its 50%); a
+    base fitted on too few images for an image-level score gets none from growing, and says so."""
+    small = ["Model.input_size=128", "Model.global_grid=2"]
+    fit = [*small, "Model.coreset_ratio=0.5", "Train.calibration_fraction=0.25"]
+    new = make_mvtec(tmp_path / "new", n_train=4, seed=3)
+    for name, n_train, cap in (("capped", 8, ["Model.image_bank_size=4"]), ("tiny", 3, [])):
+        base = tmp_path / name
+        data = make_mvtec(tmp_path / f"{name}_data", n_train=n_train)
+        assert _patchcore("Global.mode=train", f"Global.dataset_dir={data}", f"Global.output={base}", *fit, *cap) == 0
+        grown = tmp_path / f"{name}_grown"
+        assert _patchcore("Global.mode=train", f"Global.dataset_dir={new}", f"Global.output={grown}", *small,
+                          f"Train.add_normals={base / 'best_model/inference'}") == 0
+        provenance = yaml.safe_load((grown / "best_model/inference/inference.yml").read_text())["provenance"]
+        image_bank = load_file(str(grown / "best_model/inference/model.safetensors"))["image_bank"]
+        log = (grown / "train.log").read_text()
+        assert provenance["coreset_ratio"] == 0.5 and "coreset_ratio 0.01 (the model's: 0.5)" in log
+        if name == "capped":
+            assert provenance["image_bank_size"] == 4 and len(image_bank) == 4
+            assert "image_bank_size None (the model's: 4)" in log
+        else:
+            assert len(image_bank) == 0 and "has no image-level score (its first fit had too few images" in log
+
+
 def test_copied_training_images_are_used_once(tmp_path, capsys) -> None:
     """A copy of a training image is neither fitted twice nor held out for calibration, where it
     would score like the image it copies: the model is the one without the copies."""
@@ -937,6 +1001,7 @@ def test_a_model_saved_before_the_spread_descriptor_grows_without_calibrating_on
     state["score_reference"] = state["score_reference"][:4].contiguous()
     del state["reference_counts"]  # newer still
     safetensors.torch.save_file(state, str(weights))
+    written_before_digests(weights.parent)
     grown_data = _with_four_new_images(dataset, tmp_path)
     seed = _seed_holding_out(grown_data, lambda new: new >= 2)[0]
     grown = tmp_path / "grown"

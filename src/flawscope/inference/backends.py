@@ -31,6 +31,7 @@ from flawscope.inference.model_dir import (
     META_FILE,
     WEIGHTS_FILE,
     ModelInfo,
+    check_files,
     load_model_dir,
     read_model_info,
 )
@@ -187,7 +188,9 @@ def _load_backend(model_dir: Path, device: torch.device | str,
     _require(backend)
     graph = model_dir / _GRAPH_OF_BACKEND[backend]
     if graph.is_file():
-        return _load_graph(graph, backend, info.input_size), info
+        loaded = _load_graph(graph, backend, info.input_size)
+        check_files(model_dir, info, [graph.name, OPENVINO_WEIGHTS] if backend == "openvino" else [graph.name])
+        return loaded, info
     if not (model_dir / WEIGHTS_FILE).is_file():
         raise FlawscopeError(f"{model_dir}: no {graph.name} for backend {backend}, and no {WEIGHTS_FILE} to export it from")
     log.info("exporting %s for %s", model_dir, backend)

@@ -4,7 +4,7 @@ The exported graph is the model's ``map_and_score``: a normalised Bx3xSxS float3
 Bx1xSxS anomaly map and the B raw image scores out, for B = 1: PatchCore's chunked neighbour
 search traces to fixed shapes, and batch 1 is what a CPU inspection station runs.
 ``inference.yml`` is copied beside it, so the resizing, normalisation and calibrated thresholds
-travel with the graph and a deployment gives the same decisions.
+travel with the graph and a deployment gives the same decisions; it gains the graph files' digests.
 
 The OpenVINO IR (``model.xml`` + ``model.bin``) is converted from the ONNX graph with float32
 weights: OpenVINO's default float16 compression, like its default bf16 inference on recent CPUs,
@@ -21,10 +21,12 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 
 from flawscope.atomic import abandoned, deferred_signals
 from flawscope.errors import FlawscopeError
-from flawscope.inference.model_dir import META_FILE, load_model_dir
+from flawscope.config import load_yaml
+from flawscope.inference.model_dir import META_FILE, file_digest, load_model_dir
 from flawscope.logs import log
 
 ONNX_FILE = "model.onnx"
@@ -111,7 +113,10 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
     staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}.", dir=output))
     try:
         export_graph(_MapAndScore(model), (example,), ["image"], staging / name, fmt)
-        shutil.copy(Path(model_dir) / META_FILE, staging / META_FILE)
+        # inference.yml as trained, with the graph's digests: loading refuses it beside another model's graph
+        meta = load_yaml((Path(model_dir) / META_FILE).read_text(encoding="utf-8"))
+        meta["files"] = {**meta.get("files", {}), **{path.name: file_digest(path) for path in staging.iterdir()}}
+        (staging / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True), encoding="utf-8")
         with deferred_signals():  # an interruption here left no graph at all
             written = set()
             for path in staging.iterdir():

@@ -1,9 +1,16 @@
 """The inference model directory: everything prediction, evaluation and export need, nothing else.
 
     inference.yml        model name and config, input size, resize mode, normalisation,
-                         calibrated thresholds and score normalisation, provenance
-    model.safetensors    the weights (no pickle: safe to load from anyone), and a digest of each
-                         image the model was fitted on (``fitted_images``, not a weight)
+                         calibrated thresholds and score normalisation, provenance, and the
+                         SHA-256 of each model file beside it (``files``)
+    model.safetensors    the weights (no pickle: safe to load from anyone), a digest of each
+                         image the model was fitted on (``fitted_images``, not a weight), and in
+                         its metadata the input the weights were fitted on (``FITTED_WITH``)
+
+A file of another model (a folder put together from two) or a damaged one is refused on loading,
+as is an ``inference.yml`` edited to another input than the weights were fitted on; the
+thresholds, ``num_neighbors`` and the search may be edited. Folders written before the digests
+load unchecked.
 
 ``Global.mode=export`` writes the same ``inference.yml`` beside ``model.onnx`` or ``model.xml``;
 ``inference/backends.py`` runs those.
@@ -12,6 +19,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 from collections.abc import Iterator
@@ -33,10 +41,13 @@ from flawscope.config import MAX_INPUT_SIZE, MODELS, SCHEMA, check_value, load_y
 from flawscope.data.transforms import RESIZE_MODES
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
+from flawscope.models.image_bank import grid_splits
 
 META_FILE = "inference.yml"
 FITTED_IMAGES = "fitted_images"  # the tensor of image digests in the weights file
 WEIGHTS_FILE = "model.safetensors"
+FITTED_WITH = "flawscope.fitted_with"  # the weights file's metadata: the input its weights were fitted on
+_FITTED_KEYS = ("model", "input_size", "resize_mode", "mean", "std")
 
 
 @dataclass
@@ -83,6 +94,7 @@ class ModelInfo:
     std: list[float]
     calibration: Calibration
     provenance: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # file name -> "sha256:<hex>" of each model file written with it
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelInfo":
@@ -100,6 +112,9 @@ class ModelInfo:
                   "mean": (_three_numbers, "three finite numbers"),
                   "std": (lambda v: _three_numbers(v) and min(v) > 0, "three finite numbers above 0"),
                   "provenance": (lambda v: isinstance(v, dict), "a mapping"),
+                  "files": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(d, str)
+                                                                  and d.startswith("sha256:") for k, d in v.items()),
+                            "a mapping of file names to sha256: digests"),
                   # a saved model is calibrated: null here means an edited file
                   "calibration": (lambda v: isinstance(v, dict), "a mapping of the calibrated thresholds")}
         for key, (ok, allowed) in checks.items():
@@ -161,15 +176,38 @@ def save_model_dir(path: str | Path, model: nn.Module, info: ModelInfo,
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         if fitted_images is not None:
             tensors[FITTED_IMAGES] = fitted_images.contiguous()
-        write_safetensors(tensors, tmp / WEIGHTS_FILE)
-        meta = {"flawscope_version": __version__, **asdict(info)}
+        fitted = json.dumps({key: getattr(info, key) for key in _FITTED_KEYS})
+        weights = write_safetensors(tensors, tmp / WEIGHTS_FILE, {FITTED_WITH: fitted})
+        meta = {"flawscope_version": __version__, **asdict(info), "files": {WEIGHTS_FILE: weights}}
         (tmp / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
     return path
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """``safetensors.torch.save_file``, but with the permissions the umask gives (its own are 0600)."""
-    path.write_bytes(save(tensors))
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> str:
+    """``safetensors.torch.save_file``, but with the permissions the umask gives (its own are
+    0600); returns the file's ``file_digest``."""
+    data = save(tensors, metadata)
+    path.write_bytes(data)
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:`` and the file's SHA-256, as ``inference.yml``'s ``files`` lists them."""
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_files(model_dir: Path, info: ModelInfo, names: list[str]) -> None:
+    """Refuse model files that are not those ``inference.yml`` was written with (nothing is
+    checked in a folder written before ``files``)."""
+    for name in names if info.files else []:
+        path = model_dir / name
+        if name not in info.files:
+            raise FlawscopeError(f"{path}: not one of the files {META_FILE} beside it was written with "
+                                 f"({', '.join(info.files)}): another model's; copy model folders whole")
+        if file_digest(path) != info.files[name]:
+            raise FlawscopeError(f"{path}: not the file {META_FILE} beside it was written with (its SHA-256 differs): "
+                                 "another model's, or damaged; copy model folders whole, or train or export again")
 
 
 def image_digests(images: torch.Tensor) -> torch.Tensor:
@@ -197,6 +235,8 @@ def read_model_info(path: str | Path) -> ModelInfo:
     """The ``inference.yml`` of a model directory, trained (safetensors) or exported (ONNX, OpenVINO)."""
     path = Path(path)
     meta_path = path / META_FILE
+    if path.is_file():
+        raise FlawscopeError(f"{path}: a file, not a model directory: give the folder that holds it ({path.parent})")
     if not path.is_dir():
         raise FlawscopeError(f"{path}: model directory does not exist")
     if not meta_path.is_file():
@@ -243,6 +283,8 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu",
         raise FlawscopeError(f"{weights_path}: not a readable safetensors file, truncated or damaged "
                              f"({first_line(exc)})") from None
     tensors.pop(FITTED_IMAGES, None)  # a record, not a weight
+    _check_fitted_with(weights_path, info, meta_path)
+    _check_grid(config, info.input_size, meta_path)
     try:
         model.load_state_dict(tensors)
     except (RuntimeError, ValueError, TypeError) as exc:  # TypeError: len() of a 0-d tensor where a bank goes
@@ -251,4 +293,25 @@ def load_model_dir(path: str | Path, device: torch.device | str = "cpu",
         detail = lines[1] if len(lines) > 1 else first_line(exc)
         detail = detail if len(detail) <= 200 else detail[:200] + "..."
         raise FlawscopeError(f"{weights_path}: weights do not fit model {info.model} ({detail})") from None
+    check_files(Path(path), info, [WEIGHTS_FILE])
     return model.to(device).eval(), info
+
+
+def _check_fitted_with(weights_path: Path, info: ModelInfo, meta_path: Path) -> None:
+    """Refuse an ``inference.yml`` whose input differs from the one the weights were fitted on:
+    a PatchCore bank of 256-pixel features searched with 512-pixel ones flags good parts."""
+    with safe_open(str(weights_path), "pt") as weights:
+        fitted = (weights.metadata() or {}).get(FITTED_WITH)
+    for key, value in (json.loads(fitted) if fitted else {}).items():
+        if key in _FITTED_KEYS and getattr(info, key) != value:
+            raise FlawscopeError(f"{meta_path}: {key} {getattr(info, key)} is not the {value} that {WEIGHTS_FILE} "
+                                 f"was fitted on: set it back, or train at {getattr(info, key)}")
+
+
+def _check_grid(config: dict, input_size: int, meta_path: Path) -> None:
+    """Refuse an image-level score's grid that does not split the input (an edited ``input_size``
+    in a folder written before ``FITTED_WITH``): a traceback on the first image otherwise."""
+    side, grid = input_size // 32, config.get("global_grid", 1)
+    if config.get("global_score") and not grid_splits(side, grid):
+        raise FlawscopeError(f"{meta_path}: model_config global_grid {grid} does not split the {side}x{side} map of "
+                             f"stride-32 features of input_size {input_size} into cells of 2x2 or more")

@@ -49,6 +49,7 @@ class Predictor:
         self.model, self.info = model, info
         self.batch_size, self.min_region_area = batch_size, min_region_area
         self.resizer = Resizer(info.input_size, info.resize_mode)
+        self.source: str | None = None  # the model directory, where it was loaded from one
 
     @classmethod
     def from_dir(cls, model_dir: str | Path | None = None, device: torch.device | str = "cpu",
@@ -59,7 +60,9 @@ class Predictor:
             for module in model.modules():  # a loaded model only predicts: fold its BatchNorms
                 if hasattr(module, "fuse_batchnorm"):
                     module.fuse_batchnorm()
-        return cls(model, info, device, **kwargs)
+        predictor = cls(model, info, device, **kwargs)
+        predictor.source = str(model_dir or default_model_dir())
+        return predictor
 
     @torch.no_grad()
     def raw_outputs(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
@@ -75,8 +78,8 @@ class Predictor:
             maps, scores = self.model.map_and_score(x)
             maps, scores = maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
             if not (np.isfinite(scores).all() and np.isfinite(maps).all()):  # at the input size: cheap
-                raise FlawscopeError(f"{self.info.model}: the model's output is NaN or infinite: its weights are "
-                                     "damaged, or its training diverged")
+                raise FlawscopeError(f"{self.source or self.info.model}: the model's output ({self.info.model}) is NaN "
+                                     "or infinite: its weights are damaged, or its training diverged")
             return [(self.resizer.to_original(m, (img.shape[1], img.shape[0])), float(s))
                     for m, s, img in zip(maps, scores, images)]
 

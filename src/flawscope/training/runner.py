@@ -28,14 +28,14 @@ from tqdm import tqdm
 from flawscope.atomic import output_lock, write_atomic
 from flawscope.data.io import read_image
 from flawscope.backbones import backbone_spec
-from flawscope.config import dump_config
+from flawscope.config import SCHEMA, check_value, dump_config
 from flawscope.data.layouts import Dataset, Sample, check_headers, load_dataset, unique_images
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
 from flawscope.errors import FlawscopeError
 from flawscope.evaluation.evaluate import auroc_summary, collect
-from flawscope.inference.model_dir import (ModelInfo, among, image_digests, load_model_dir, read_fitted_images,
-                                           save_model_dir)
+from flawscope.inference.model_dir import (META_FILE, ModelInfo, among, image_digests, load_model_dir,
+                                           read_fitted_images, save_model_dir)
 from flawscope.inference.predictor import Predictor
 from flawscope.logs import log, log_to_file
 from flawscope.models import MODELS, build_model
@@ -160,9 +160,13 @@ def train(cfg: dict, world: World) -> dict:
 
 def _take_base_settings(cfg: dict, info: ModelInfo) -> list[str]:
     """``Train.add_normals`` grows a model as it was built: its Model settings replace the
-    config's, so config.yaml records what the model is. Returns where they differed."""
+    config's, so config.yaml records what the model is. Returns where they differed. The coreset
+    ratio and the image bank's cap are the fit's, kept in its provenance (the cap since 2026-11-29)."""
     m = cfg["Model"]
-    own = {**info.model_config, "input_size": info.input_size, "resize_mode": info.resize_mode}
+    fitted = {key: check_value(f"provenance {key}", SCHEMA["Model"][key], info.provenance[key],
+                               f"Train.add_normals: {cfg['Train']['add_normals']}/{META_FILE}")
+              for key in _FIT_SETTINGS if key in info.provenance}
+    own = {**info.model_config, "input_size": info.input_size, "resize_mode": info.resize_mode, **fitted}
     differ = [f"{key} {m[key]!r} (the model's: {value!r})" for key, value in own.items() if key in m and m[key] != value]
     m.update({key: value for key, value in own.items() if key in m})
     return differ
@@ -397,8 +401,14 @@ def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: to
     stats["bank_mb"] = _bank_mb(model)
     stats["peak_rss_mb"] = round(peak_rss_mb(), 1)  # this process so far: loading the images included
     log.info("memory bank %.1f MB; peak memory so far %.0f MB", stats["bank_mb"], stats["peak_rss_mb"])
+    if t["add_normals"] and model.global_score and not len(model.image_bank):
+        log.warning("the model %s has no image-level score (its first fit had too few images for one), and growing "
+                    "it adds none: retrain on all the images for one", t["add_normals"])
     return {"eval": [], "fit": stats, "final_eval": {},
-            "provenance": {"coreset_ratio": m["coreset_ratio"], "bank_size": int(len(model.memory_bank))}}
+            "provenance": {**{key: m[key] for key in _FIT_SETTINGS}, "bank_size": int(len(model.memory_bank))}}
+
+
+_FIT_SETTINGS = ("coreset_ratio", "image_bank_size")  # how a PatchCore was fitted, which growing it keeps
 
 
 def _bank_mb(model: PatchCore) -> float:
