@@ -305,7 +305,7 @@ def _check_fitted_with(weights_path: Path, info: ModelInfo, meta_path: Path) -> 
     for key, value in (json.loads(fitted) if fitted else {}).items():
         if key in _FITTED_KEYS and getattr(info, key) != value:
             raise FlawscopeError(f"{meta_path}: {key} {getattr(info, key)} is not the {value} that {WEIGHTS_FILE} "
-                                 f"was fitted on: set it back, or train at {getattr(info, key)}")
+                                 "was fitted on: set it back, or train a model with it")
 
 
 def _check_grid(config: dict, input_size: int, meta_path: Path) -> None:
