@@ -154,6 +154,11 @@ def test_quick_start_with_a_backend(trained, tmp_path, capsys, monkeypatch) -> N
 
 def test_backend_errors_name_the_directory_and_the_problem(trained, tmp_path) -> None:
     model_dir = trained[1] / "best_model/inference"
+    taken = tmp_path / "export"
+    taken.write_text("not a folder")
+    with pytest.raises(FlawscopeError, match=f"{taken}: a file, not a folder to export into"):
+        export_model(model_dir, taken)
+    assert taken.read_text() == "not a folder"
     graphless = tmp_path / "only_description"
     graphless.mkdir()
     shutil.copy(model_dir / "inference.yml", graphless)

@@ -101,6 +101,8 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
                              "2 GiB an ONNX file can hold; train with a smaller Model.coreset_ratio or "
                              "Model.image_bank_size")
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise FlawscopeError(f"{output}: a file, not a folder to export into: move it away or choose another output")
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, 3, info.input_size, info.input_size)
