@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import errno
+import gzip
 import http.server
 import os
 import signal
@@ -166,3 +168,78 @@ def test_a_32_bit_integer_pil_image_made_in_memory_is_refused_not_darkened(tmp_p
         assert image.mode == "I"
         np.testing.assert_array_equal(load_input(None, image), read_image(path))
     np.testing.assert_array_equal(read_image(path)[:, :, 0], pixels)
+
+
+@pytest.fixture
+def odd_server():
+    """Serves the demo JPEG as a browser's address bar or a camera would ask for it: under a
+    non-ASCII name with a space, behind basic authentication, gzip-encoded, and cut short."""
+    image = (DEMO / "hazelnut_good.jpg").read_bytes()
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen.append((self.path, self.headers.get("Authorization")))
+            body, headers = image, {"Content-Length": str(len(image))}
+            if self.path.startswith("/gzip"):
+                body = gzip.compress(image)
+                headers = {"Content-Length": str(len(body)), "Content-Encoding": "gzip"}
+            elif self.path.startswith("/short"):
+                body = image[: len(image) // 2]  # Content-Length says the whole image
+            elif self.path.startswith("/camera") and self.headers.get("Authorization") != \
+                    "Basic " + base64.b64encode(b"admin:s3cr@t").decode():
+                self.send_response(401)
+                self.end_headers()
+                return
+            self.send_response(200)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", image, seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_urls_as_users_paste_them(odd_server) -> None:
+    base, image, seen = odd_server
+    expected = read_image(DEMO / "hazelnut_good.jpg")
+    for url in (f"{base}/部品 1.jpg?cam=2 b", f"{base}/gzip.jpg", f"{base}/camera/snap.jpg".replace("//", "//admin:s3cr%40t@", 1)):
+        ((name, source),) = expand_inputs(url)
+        assert np.array_equal(load_input(name, source), expected), url
+    assert seen[0][0] == "/%E9%83%A8%E5%93%81%201.jpg?cam=2%20b"  # percent-encoded as a browser sends it
+    assert seen[-1][1] == "Basic " + base64.b64encode(b"admin:s3cr@t").decode()  # credentials as basic authentication
+    assert name == f"{base}/camera/snap.jpg".replace("//", "//admin:***@", 1)  # the password never printed or saved
+    short = f"{base}/short.jpg"
+    with pytest.raises(FlawscopeError, match=rf"{short}: download incomplete \(got {len(image) // 2} of {len(image)} bytes\)"):
+        load_input(short, short)
+
+
+def test_a_directory_follows_linked_folders_once(tmp_path) -> None:
+    """A linked sub-folder was skipped with --recursive (its images never inspected) while a ** glob
+    followed it; a link back up the tree is not followed round."""
+    image = (DEMO / "hazelnut_good.jpg").read_bytes()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a.jpg").write_bytes(image)
+    top = tmp_path / "top"
+    top.mkdir()
+    (top / "b.jpg").write_bytes(image)
+    (top / "linked").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(top)
+    found = [name for name, _ in expand_inputs(str(top), recursive=True)]
+    assert found == [str(top / "b.jpg"), str(top / "linked/a.jpg")]
+
+
+def test_a_pipe_is_named_as_what_it_is(tmp_path) -> None:
+    fifo = tmp_path / "camera.fifo"
+    os.mkfifo(fifo)
+    assert _names(expand_inputs(str(fifo))) == [
+        (str(fifo), f"{fifo}: not a regular file (a pipe or a device): save the image to a file")]

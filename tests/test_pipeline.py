@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -569,3 +570,14 @@ def test_a_model_file_given_for_its_folder_says_so(trained) -> None:
     with pytest.raises(FlawscopeError, match=re.escape(f"{weights}: a file, not a model directory: give the folder "
                                                        f"that holds it ({weights.parent})")):
         create_pipeline("anomaly_detection", model_dir=weights)
+
+
+def test_the_quick_start_takes_a_home_folder_as_the_module_cli_does(tmp_path, monkeypatch) -> None:
+    """A launcher without a shell (systemd, a runner's argument list) passes "~" as it is: the
+    output went to a folder named "~" in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copy(DEMO / "hazelnut_good.jpg", tmp_path / "part.jpg")
+    (work := tmp_path / "work").mkdir()
+    monkeypatch.chdir(work)
+    assert main(["--pipeline", "anomaly_detection", "--input", "~/part.jpg", "--save_path", "~/out"]) == 0
+    assert (tmp_path / "out/part_res.json").is_file() and not list(work.iterdir())

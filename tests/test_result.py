@@ -324,3 +324,14 @@ def test_saving_where_a_later_run_reads_the_results_warns(tmp_path, monkeypatch,
     Path("parts/a.png").write_bytes(b"")
     warn_if_saved_among_inputs(given, Path(save), recursive)
     assert caplog.text.count("will read them as inputs") == int(warned)
+
+
+@pytest.mark.parametrize(("url", "stem"), [
+    ("http://cam/a/part.jpg?v=1.2", "part"),  # the query is no part of the name (it gave "part.jpg?v=1")
+    ("http://cam/img?id=3&cam=2", "img"),
+    ("http://127.0.0.1:8765/", "download"),  # no name at all: not "127.0.0"
+    ("http://cam/%E9%83%A8%E5%93%81.jpg", "部品"),  # decoded
+    ("https://cam/a%2F..%2F..%2Fsecret.jpg", "secret"),  # an encoded slash names no other folder
+])
+def test_a_url_gives_its_file_name(url, stem):
+    assert _result(input_path=url).stem == stem

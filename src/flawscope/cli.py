@@ -71,7 +71,7 @@ def _write_pipeline_config(name: str, save_path: str | None, yes: bool) -> Path:
     from flawscope.pipeline import get_pipeline_config
 
     config = get_pipeline_config(name)
-    target = Path(save_path or ".")
+    target = Path(save_path or ".").expanduser()
     if target.suffix.lower() not in (".yaml", ".yml"):
         target = target / f"{name}.yaml"
     check_output_dir(target.parent, "--save_path")
@@ -142,13 +142,14 @@ def run(argv: list[str] | None = None) -> int:
         settings = {k: v for k, v in (("batch_size", args.batch_size), ("model_dir", args.model_dir),
                                       ("backend", args.backend), ("recursive", args.recursive or None))
                     if v is not None}
-        save_path = Path(args.save_path or "output")
+        save_path = Path(args.save_path or "output").expanduser()  # as -o paths are: a launcher without a shell
         check_output_dir(save_path, "--save_path")
         if args.device is not None:  # named as the user typed it, before the pipeline's own check names its setting
             parse_device(args.device, "--device")
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
-        warn_if_saved_among_inputs(args.input, save_path, pipeline.recursive)
-        counts = save_results(pipeline.predict(args.input), save_path)
+        inputs = os.path.expanduser(args.input)
+        warn_if_saved_among_inputs(inputs, save_path, pipeline.recursive)
+        counts = save_results(pipeline.predict(inputs), save_path)
         return _prediction_status(counts)
     if args.config:
         from flawscope.config import load_config

@@ -8,13 +8,16 @@ Hidden files and folders (".git", macOS "._x.jpg") are left out of a directory, 
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import glob
 import http.client
 import os
 import tempfile
 import time
+import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,15 +44,44 @@ def _is_url(text: str) -> bool:
     return text.lower().startswith(_URL_SCHEMES)  # schemes are case-insensitive (RFC 3986)
 
 
+def shown_url(url: str) -> str:
+    """``url`` as it may be printed and saved: an IP camera's password masked."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}").geturl()
+
+
+def _request(url: str) -> urllib.request.Request:
+    """The request for ``url`` as a browser's address bar sends it: its path and query
+    percent-encoded (a space, non-ASCII), and credentials in it sent as basic authentication
+    (urllib would take them for the host name)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    encoded = parts._replace(netloc=host, path=urllib.parse.quote(parts.path, safe="/%:@!$&'()*+,;=~"),
+                             query=urllib.parse.quote(parts.query, safe="=&%/:?@!$'()*+,;~")).geturl()
+    request = urllib.request.Request(encoded)
+    if parts.username is not None:
+        user = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(user.encode()).decode())
+    return request
+
+
 def _fetch(url: str) -> bytes:
     """The body, within URL_TIMEOUT_S in all: urlopen's timeout bounds each socket read only, and
     ``read(n)`` waits for all n bytes, so a server trickling bytes would stall the prediction for
-    hours. ``read1`` returns what has come, and each wait is cut to the time left."""
+    hours. ``read1`` returns what has come, and each wait is cut to the time left. (The status
+    line and headers, read inside urlopen, are bounded per read only: a server trickling those
+    holds the item longer.) A body shorter than its Content-Length is refused as incomplete."""
     deadline = time.monotonic() + URL_TIMEOUT_S
-    late = FlawscopeError(f"{url}: download failed (not complete after {URL_TIMEOUT_S} s)")
+    late = FlawscopeError(f"{shown_url(url)}: download failed (not complete after {URL_TIMEOUT_S} s)")
     chunks: list[bytes] = []
     size = 0
-    with urllib.request.urlopen(url, timeout=URL_TIMEOUT_S) as response:  # noqa: S310 - http(s) only
+    with urllib.request.urlopen(_request(url), timeout=URL_TIMEOUT_S) as response:  # noqa: S310 - http(s) only
+        expected = response.headers.get("Content-Length", "")
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if expected.isdigit() and int(expected) > URL_MAX_BYTES:  # said before a byte is read
+            raise FlawscopeError(f"{shown_url(url)}: larger than {URL_MAX_BYTES >> 20} MB")
         sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # where http.client keeps it
         while True:
             left = deadline - time.monotonic()
@@ -66,8 +98,29 @@ def _fetch(url: str) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
             if size > URL_MAX_BYTES:
-                raise FlawscopeError(f"{url}: larger than {URL_MAX_BYTES >> 20} MB")
-    return b"".join(chunks)
+                raise FlawscopeError(f"{shown_url(url)}: larger than {URL_MAX_BYTES >> 20} MB")
+    if expected.isdigit() and size < int(expected):  # the connection closed early: the download's fault, not the image's
+        raise FlawscopeError(f"{shown_url(url)}: download incomplete (got {size} of {expected} bytes)")
+    return _decoded(b"".join(chunks), encoding, url)
+
+
+def _decoded(body: bytes, encoding: str, url: str) -> bytes:
+    """The body without its HTTP content encoding (a bucket serving gzip-stored objects)."""
+    if encoding in ("identity", ""):
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise FlawscopeError(f"{shown_url(url)}: download failed (content encoding {encoding!r} is not supported)")
+    try:  # wbits 32 + 15: a gzip or a zlib header; deflate: zlib's format, or raw deflate from some servers
+        return zlib.decompress(body, 47) if encoding != "deflate" else _inflate(body)
+    except zlib.error as exc:
+        raise FlawscopeError(f"{shown_url(url)}: download failed ({encoding} body does not decode: {exc})") from None
+
+
+def _inflate(body: bytes) -> bytes:
+    try:
+        return zlib.decompress(body)
+    except zlib.error:
+        return zlib.decompress(body, -15)
 
 
 def _check_size(height: int, width: int, name: str) -> None:
@@ -121,14 +174,24 @@ def _list_directory(path: Path, recursive: bool) -> tuple[list[tuple[str, Any]],
     listed, which Path.glob would skip silently; whether ``path`` has sub-directories)."""
     found: list[tuple[str, Any]] = []
     nested = False
-    for root, dirs, files in os.walk(path, onerror=lambda exc: found.append(_unlisted(exc))):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    seen = {os.path.realpath(path)}
+    # Linked sub-folders are followed, as a ** glob follows them; each folder once (a link back up loops).
+    for root, dirs, files in os.walk(path, onerror=lambda exc: found.append(_unlisted(exc)), followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and _first_visit(os.path.join(root, d), seen)]
         nested = nested or bool(dirs)
         found += [(str(f), str(f)) for f in (Path(root, name) for name in files if not name.startswith("."))
                   if is_image_file(f) and is_listed_file(f)]
         if not recursive:
             break
     return sorted(found, key=lambda item: Path(item[0])), nested
+
+
+def _first_visit(folder: str, seen: set[str]) -> bool:
+    real = os.path.realpath(folder)
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
 
 
 def glob_start(pattern: str) -> tuple[tuple[str, ...], int, Path]:
@@ -163,7 +226,7 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
             yield text, FlawscopeError("an empty path: give an image file, directory, glob or URL")
             return
         if _is_url(text):
-            yield text, text
+            yield shown_url(text), text
             return
         try:
             is_file, is_dir = path.is_file(), path.is_dir()
@@ -183,6 +246,8 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
             if not files:
                 yield text, FlawscopeError(f"{text}: no images match this pattern")
             yield from files
+        elif path.exists():
+            yield text, FlawscopeError(f"{text}: not a regular file (a pipe or a device): save the image to a file")
         else:
             yield text, FlawscopeError(f"{text}: no such file or directory")
     elif isinstance(inputs, (np.ndarray, Image.Image)):
@@ -210,10 +275,11 @@ def load_input(name: str | None, source: Any) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, name or "array")
     if _is_url(source):
+        shown = shown_url(source)
         try:
             data = _fetch(source)
         except (OSError, ValueError, http.client.HTTPException) as exc:  # ValueError: a malformed URL
-            raise FlawscopeError(f"{source}: download failed ({first_line(exc)})") from None
+            raise FlawscopeError(f"{shown}: download failed ({first_line(exc)})") from None
         with tempfile.TemporaryDirectory() as tmp:
             # A fixed name: the URL's last segment may be "..", or longer than a file name may be.
             path = Path(tmp) / "download"
@@ -221,5 +287,5 @@ def load_input(name: str | None, source: Any) -> np.ndarray:
             try:
                 return read_image(path)
             except FlawscopeError as exc:
-                raise FlawscopeError(str(exc).replace(str(path), source)) from None
+                raise FlawscopeError(str(exc).replace(str(path), shown)) from None
     return read_image(source)

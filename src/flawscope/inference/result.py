@@ -23,6 +23,7 @@ import math
 import os
 import pprint
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -176,7 +177,7 @@ class AnomalyResult:
     def stem(self) -> str:
         """File-name stem for outputs: the input's stem, or "result" when there is no path; cut
         to leave room for the suffixes within a file name's 255 bytes."""
-        return fit_name(Path(self.input_path).stem) if self.input_path else "result"
+        return fit_name(_input_stem(self.input_path)) if self.input_path else "result"
 
     # ---------------------------------------------------------------- JSON
 
@@ -364,6 +365,15 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
     values = np.arange(len(rle["counts"])) % 2 == 1
     flat = np.repeat(values, rle["counts"])
     return flat.reshape((height, width), order="F")
+
+
+def _input_stem(input_path: str) -> str:
+    """The file-name stem of an input: a URL's from its path's last segment, decoded, without its
+    query (``snap.jpg?t=1.5`` is ``snap``, ``%E9%83%A8.jpg`` is ``部``), "download" where it has none."""
+    if not input_path.lower().startswith(("http://", "https://")):
+        return Path(input_path).stem
+    segment = urllib.parse.unquote(urllib.parse.urlsplit(input_path).path).rstrip("/").rpartition("/")[2]
+    return Path(segment).stem if segment.strip(".") else "download"
 
 
 def fit_name(stem: str, limit: int = _STEM_BYTES) -> str:
