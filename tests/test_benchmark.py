@@ -64,9 +64,9 @@ def test_failed_run_is_a_row_not_a_crash() -> None:
     report = {"machine": {"cpu": "x", "logical_cpus": 2, "platform": "p", "gpu": None, "torch": "t",
                           "torch_threads": 1, "OMP_NUM_THREADS": None},
               "settings": {"batch_size": 8, "repeats": 20, "warmup": 3, "overrides": []},
-              "runs": [{"dataset": "d", "model": "STFPM", "status": "failed", "error": "error: a | b"}]}
+              "runs": [{"dataset": "d", "model": "STFPM", "status": "failed", "error": "a | b"}]}
     row = markdown_table(report).strip().splitlines()[-1]
-    assert row.startswith("| d | STFPM | failed: error: a \\| b |") and row.count(" |") == len(COLUMNS)
+    assert row.startswith("| d | STFPM | failed: a \\| b |") and row.count(" |") == len(COLUMNS)
 
 
 def test_names_with_a_pipe_keep_the_table_whole_and_an_incomplete_one_says_so() -> None:
@@ -84,7 +84,7 @@ def test_names_with_a_pipe_keep_the_table_whole_and_an_incomplete_one_says_so() 
 
 def test_a_killed_run_says_it_was_killed_and_an_error_line_beats_a_later_warning() -> None:
     assert _failure(-signal.SIGKILL, "a warning") == "killed by signal SIGKILL (out of memory?)"
-    assert _failure(2, "error: bad image\nWARNING: a late warning\n") == "error: bad image"
+    assert _failure(2, "error: bad image\nWARNING: a late warning\n") == "bad image"  # "failed: error:" before
     assert _failure(1, "Traceback\nValueError: x\n") == "ValueError: x" and _failure(3, "") == "exit status 3"
     assert _failure(-40, "") == "killed by signal 40"  # a real-time signal has no name (a ValueError before)
 

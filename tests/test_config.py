@@ -200,6 +200,12 @@ def test_malformed_overrides(text: str, expected: str) -> None:
     assert message.startswith(f"override {text!r}: ") and expected in message
 
 
+def test_an_empty_override_suggests_null_only_where_the_key_takes_it() -> None:
+    """``Global.device=`` was told to write ``Global.device=null``, which is then refused."""
+    assert error("STFPM", ["Global.device="]) == "override 'Global.device=': empty value"
+    assert error("STFPM", ["Train.calibration_dir="]).endswith("empty value; write Train.calibration_dir=null to clear it")
+
+
 def test_unknown_key_in_override_names_key_and_allowed_keys() -> None:
     message = error("STFPM", ["Train.epoch_iters=5"])
     assert "unknown key Train.epoch_iters" in message

@@ -375,6 +375,8 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(trained, tmp_path) -> 
     (["Train.batch_size=2"], "was trained with batch_size 4, this run has 2"),
     ("truncate", "checkpoint.safetensors: not a readable safetensors file"),
     ("json", "checkpoint.json: damaged checkpoint description"),
+    ("fraction", "checkpoint.json: damaged checkpoint description (iteration must be a whole number >= 0, not 5.7)"),
+    ("nan", "checkpoint.safetensors: damaged checkpoint ("),  # it trained on, and 'diverged' two iterations later
     (["Model.strides=[8,16]", "Model.global_strides=[16]"],
      "does not fit this model (90 weights differ in name or shape, first _blocks.11"),
 ])
@@ -388,6 +390,14 @@ def test_a_checkpoint_that_cannot_be_resumed_fails_before_anything_is_written(tr
         weights.write_bytes(weights.read_bytes()[:1000])
     elif case == "json":
         (checkpoint / "checkpoint.json").write_text('{"iter')
+    elif case == "fraction":
+        meta = json.loads((checkpoint / "checkpoint.json").read_text())
+        (checkpoint / "checkpoint.json").write_text(json.dumps(meta | {"iteration": 5.7}))
+    elif case == "nan":
+        weights = checkpoint / "checkpoint.safetensors"
+        tensors = load_file(weights)
+        name = next(k for k, v in tensors.items() if v.is_floating_point() and v.ndim == 4)
+        safetensors.torch.save_file(tensors | {name: torch.full_like(tensors[name], torch.nan)}, weights)
     out = tmp_path / "out"
     _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(dataset, out), f"Train.resume_path={checkpoint}",
                    *(case if isinstance(case, list) else []), fragment=fragment)
@@ -592,6 +602,15 @@ def test_a_model_folder_put_together_from_two_models_is_refused(tmp_path, capsys
     meta = edited / "inference.yml"
     meta.write_text(meta.read_text().replace("input_size: 128", "input_size: 256"))
     refused(edited, f"{meta}: input_size 256 is not the 128 that model.safetensors was fitted on")
+    # Trained again into the same output, not exported again: predicting from the export says so.
+    capsys.readouterr()
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={tmp_path / 'data3'}", f"Global.output={models[0]}",
+                      *small) == 0
+    assert _patchcore("Global.mode=predict", f"Global.output={out}", f"Predict.model_dir={models[0] / 'export'}",
+                      f"Predict.input={image}") == 0
+    assert (f"{models[0] / 'export'} was exported from an earlier model than {models[0] / 'best_model/inference'} "
+            "beside it (trained again since)") in capsys.readouterr().err
+    shutil.rmtree(out)
     # Written before both records: an input size the grid does not split is still one line, not a traceback.
     weights = edited / "model.safetensors"
     safetensors.torch.save_file(load_file(weights), weights)

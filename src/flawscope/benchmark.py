@@ -218,8 +218,8 @@ def _failure(code: int, log: str) -> str:
             name = str(-code)
         return f"killed by signal {name}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
     lines = log.strip().splitlines()
-    return next((line for line in reversed(lines) if line.startswith("error: ")),
-                lines[-1] if lines else f"exit status {code}")
+    error = next((line for line in reversed(lines) if line.startswith("error: ")), None)
+    return error.removeprefix("error: ") if error else lines[-1] if lines else f"exit status {code}"
 
 
 def run_benchmark(datasets: list[str | Path], models: list[str], overrides: list[str], output: str | Path,

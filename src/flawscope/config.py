@@ -192,9 +192,14 @@ def _split_override(text: str) -> tuple[list[str], str]:
     path = key.strip().split(".")
     if not sep or not all(part.strip() for part in path):
         raise FlawscopeError(f"{where}: expected Section.key=value, e.g. Train.batch_size=4")
+    path = [part.strip() for part in path]
     if not raw.strip():
-        raise FlawscopeError(f"{where}: empty value; write {key.strip()}=null to clear it")
-    return [part.strip() for part in path], raw.strip()
+        spec: Any = SCHEMA
+        for part in path:
+            spec = spec.get(part) if isinstance(spec, dict) else None
+        clear = f"; write {key.strip()}=null to clear it" if not isinstance(spec, Key) or spec.nullable else ""
+        raise FlawscopeError(f"{where}: empty value{clear}")
+    return path, raw.strip()
 
 
 def _yaml_value(raw: str, where: str) -> Any:

@@ -116,6 +116,23 @@ def _load_graph(path: Path, backend: str, input_size: int) -> ExportedModel:
     return ExportedModel(run, backend)
 
 
+def _warn_if_trained_since(model_dir: Path, info: ModelInfo) -> None:
+    """An export in a training output (``output/export``) whose weights are not those of the
+    ``best_model`` beside it: the output was trained again and not exported again since, and a
+    line that predicts from the export would run the earlier model without a word."""
+    trained = model_dir.parent / "best_model" / "inference"
+    exported = info.files.get(WEIGHTS_FILE)
+    if exported is None or not (trained / META_FILE).is_file():
+        return
+    try:
+        current = read_model_info(trained).files.get(WEIGHTS_FILE)
+    except FlawscopeError:  # that folder's own problem, met when it is used
+        return
+    if current is not None and current != exported:
+        log.warning("%s was exported from an earlier model than %s beside it (trained again since): export again "
+                    "to predict with the new one", model_dir, trained)
+
+
 def choose_backend(model_dir: Path, backend: str) -> str:
     """The backend ``auto`` stands for in ``model_dir``: the first of torch, openvino, onnxruntime it holds."""
     if backend not in BACKENDS:
@@ -190,6 +207,7 @@ def _load_backend(model_dir: Path, device: torch.device | str,
     if graph.is_file():
         loaded = _load_graph(graph, backend, info.input_size)
         check_files(model_dir, info, [graph.name, OPENVINO_WEIGHTS] if backend == "openvino" else [graph.name])
+        _warn_if_trained_since(model_dir, info)
         return loaded, info
     if not (model_dir / WEIGHTS_FILE).is_file():
         raise FlawscopeError(f"{model_dir}: no {graph.name} for backend {backend}, and no {WEIGHTS_FILE} to export it from")

@@ -120,7 +120,9 @@ def read_checkpoint(path: str | Path, settings: dict) -> Checkpoint:
         raise FlawscopeError(f"Train.resume_path: {path} is not a checkpoint directory (needs {', '.join(CHECKPOINT_FILES)})")
     try:
         meta = json.loads(files[1].read_text(encoding="utf-8"))
-        iteration = int(meta["iteration"])
+        iteration = meta["iteration"]
+        if type(iteration) is not int or iteration < 0:  # 5.7 was read as 5, -5 trained 25 iterations
+            raise ValueError(f"iteration must be a whole number >= 0, not {iteration!r}")
     except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:
         raise FlawscopeError(f"{files[1]}: damaged checkpoint description ({first_line(exc)})") from None
     try:
@@ -128,6 +130,10 @@ def read_checkpoint(path: str | Path, settings: dict) -> Checkpoint:
     except (OSError, SafetensorError) as exc:
         raise FlawscopeError(f"{files[0]}: not a readable safetensors file, truncated or damaged "
                              f"({first_line(exc)})") from None
+    # Damaged values would surface as a divergence (blamed on the learning rate) iterations later.
+    broken = next((name for name, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all())), None)
+    if broken is not None:
+        raise FlawscopeError(f"{files[0]}: damaged checkpoint ({broken} holds NaN or infinite values)")
     for key, value in settings.items():
         if key in meta and meta[key] != value:
             raise FlawscopeError(f"Train.resume_path: {path} was trained with {key} {meta[key]!r}, this run has "
