@@ -411,6 +411,8 @@ def test_a_failed_training_leaves_no_model_to_be_taken_for_its_own(trained, tmp_
     assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=2)) == 0
     assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=2), "Train.learning_rate=1e30") == 2
     assert "training diverged" in capsys.readouterr().err
+    starts = [line for line in (out / "train.log").read_text().splitlines() if "---- run started (pid " in line]
+    assert len(starts) == 2  # the log is appended to: each run's part is marked
     assert json.loads((out / "train_result.json").read_text())["done_flag"] is False
     image = next((dataset / "test" / "good").iterdir())
     assert _cli("Global.mode=predict", f"Global.output={out}", f"Predict.input={image}") == 2
