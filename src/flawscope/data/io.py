@@ -145,6 +145,11 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
     return np.rint(np.clip(values, 0.0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
 
 
+def is_url(text: str) -> bool:
+    """Whether an input names an http(s) URL (schemes are case-insensitive, RFC 3986)."""
+    return text.lower().startswith(("http://", "https://"))
+
+
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read any supported image as an HxWx3 uint8 RGB array, EXIF orientation applied.
 

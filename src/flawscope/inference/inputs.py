@@ -26,22 +26,15 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from flawscope.data.io import MAX_PIXELS, image_to_rgb, is_image_file, is_listed_file, read_image
+from flawscope.data.io import MAX_PIXELS, image_to_rgb, is_image_file, is_listed_file, is_url, read_image
 from flawscope.errors import FlawscopeError, first_line
 
 URL_TIMEOUT_S = 20
 URL_MAX_BYTES = 50 << 20
-
-
-_URL_SCHEMES = ("http://", "https://")
 _CHUNK = 1 << 16
 
 RECURSIVE_HINT = "predict with recursive=True, --recursive"
 """Told for a directory holding only sub-directories; ``engine`` tells the module CLI its own way."""
-
-
-def _is_url(text: str) -> bool:
-    return text.lower().startswith(_URL_SCHEMES)  # schemes are case-insensitive (RFC 3986)
 
 
 def shown_url(url: str) -> str:
@@ -225,7 +218,7 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
         if not text.strip():
             yield text, FlawscopeError("an empty path: give an image file, directory, glob or URL")
             return
-        if _is_url(text):
+        if is_url(text):
             yield shown_url(text), text
             return
         try:
@@ -274,7 +267,7 @@ def load_input(name: str | None, source: Any) -> np.ndarray:
         return _pil_to_rgb(source, name or "PIL image")
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, name or "array")
-    if _is_url(source):
+    if is_url(source):
         shown = shown_url(source)
         try:
             data = _fetch(source)

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from flawscope.atomic import write_atomic
-from flawscope.data.io import IMAGE_EXTENSIONS
+from flawscope.data.io import IMAGE_EXTENSIONS, is_url
 from flawscope.errors import FlawscopeError
 
 THRESHOLD = 0.5
@@ -370,7 +370,7 @@ def rle_decode(rle: dict[str, Any]) -> np.ndarray:
 def _input_stem(input_path: str) -> str:
     """The file-name stem of an input: a URL's from its path's last segment, decoded, without its
     query (``snap.jpg?t=1.5`` is ``snap``, ``%E9%83%A8.jpg`` is ``部``), "download" where it has none."""
-    if not input_path.lower().startswith(("http://", "https://")):
+    if not is_url(input_path):
         return Path(input_path).stem
     segment = urllib.parse.unquote(urllib.parse.urlsplit(input_path).path).rstrip("/").rpartition("/")[2]
     return Path(segment).stem if segment.strip(".") else "download"
