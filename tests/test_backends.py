@@ -293,3 +293,22 @@ def test_two_threads_exporting_at_once_both_load(trained) -> None:
     with ThreadPoolExecutor(2) as pool:
         loaded = list(pool.map(lambda _: Predictor.from_dir(model_dir, backend="onnxruntime"), range(2)))
     assert loaded[0].raw_outputs([image])[0][1] == loaded[1].raw_outputs([image])[0][1]
+
+
+def test_exporting_and_predicting_with_the_runtimes_sends_nothing(trained, tmp_path) -> None:
+    """flawscope works offline: importing OpenVINO reported it to Google Analytics (from a forked
+    process, which hung a test run; its client id and counts in ~/intel), and ONNX Runtime records
+    usage events under ~/.cache/Microsoft from its import on."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME", "CI")}
+    model_dir, image = trained[1] / "best_model/inference", _images(trained[0])[0]
+    for fmt, backend in (("openvino", "openvino"), ("onnx", "onnxruntime")):
+        out = tmp_path / fmt
+        for mode in (["Global.mode=export", f"Export.weight_path={model_dir}", f"Export.format={fmt}"],
+                     ["Global.mode=predict", f"Predict.model_dir={out / 'export'}", f"Predict.input={image}",
+                      f"Predict.backend={backend}"]):
+            args = [arg for override in [f"Global.output={out}", *mode] for arg in ("-o", override)]
+            subprocess.run([sys.executable, "-m", "flawscope", "-c", "STFPM", *args], env=env | {"HOME": str(home)},
+                           check=True, capture_output=True)
+    assert not (home / "intel").exists() and not (home / ".cache" / "Microsoft").exists()

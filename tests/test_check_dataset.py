@@ -14,7 +14,7 @@ from PIL import Image
 
 from flawscope.config import load_config
 from flawscope.data.check import run_check_dataset
-from flawscope.data.layouts import load_dataset
+from flawscope.data.layouts import load_dataset, warn_unread
 from flawscope.errors import FlawscopeError
 
 
@@ -267,6 +267,7 @@ def test_every_problem_is_listed_with_its_file(tmp_path, caplog):
         "img/jpeg_mask.png msk/jpeg_mask.png\n"
         "img/missing.png\n"
         "img/no_mask_file.png msk/no_mask_file.png\n"
+        "img\\ok.png\n"  # written on Windows
     )
     caplog.set_level(logging.INFO, logger="flawscope")
 
@@ -282,9 +283,11 @@ def test_every_problem_is_listed_with_its_file(tmp_path, caplog):
     assert "does not exist" in problems["no_mask_file.png"]
     assert "defect image in the training split" in problems["defect_in_train.png"]
     assert "line 4" in problems["train.txt"]
-    assert len(result["problems"]) == 8
+    assert problems["img\\ok.png"] == ("file does not exist (listed in val.txt:6; the list separates folders with "
+                                        "backslashes: write /)")
+    assert len(result["problems"]) == 9
     assert "Check dataset passed" not in caplog.text
-    assert "Check dataset failed: 8 problem(s)" in caplog.text
+    assert "Check dataset failed: 9 problem(s)" in caplog.text
     assert all(p["file"] in caplog.text for p in result["problems"])
 
 
@@ -316,6 +319,38 @@ def test_defect_images_in_mvtec_train(tmp_path):
     assert not result["check_pass"]
     assert "defect image in the training split" in problems["x.png"]
     assert "same bytes as" in problems["copy.png"] and "002.png" in problems["copy.png"]
+
+
+def test_images_no_split_reads_are_listed_and_warned_of(tmp_path, caplog):
+    """Subfolders of lots, a folder of defects the layout does not know: left out without a word."""
+    root = _mvtec(tmp_path / "data")
+    _image(root / "train" / "good" / "batch1" / "b.png", value=7)
+    _image(root / "test" / "crack" / "lot2" / "c.png", value=8)
+    _mask(root / "ground_truth" / "crack" / "lot2" / "c.png")  # masks are not images to train on
+    _image(root / "test" / "good" / "photo.JFIF", value=9)  # read: a JPEG as Windows names it
+    _image(root / "train" / "crack" / "x.png")  # a problem already, not listed twice
+    predictions = root / "test" / "good" / "preds"  # a prediction's results saved into the dataset
+    predictions.mkdir()
+    for name in ("000_res.json", "000_res.png", "000_map.png"):
+        _image(predictions / name) if name.endswith(".png") else (predictions / name).write_text("{}")
+
+    result = _run(root, root / "output")  # the output inside the dataset: its pictures are no images either
+
+    attributes = result["attributes"]
+    assert attributes["images_not_read"] == [str(root / "test/crack/lot2/c.png"), str(root / "train/good/batch1/b.png")]
+    assert attributes["defect_types"]["val"]["good"] == 2  # 000.png and photo.JFIF
+    warning = next(w["problem"] for w in result["warnings"] if "in no split" in w["problem"])
+    assert "2 image file(s) in no split" in warning and "by folder: test/crack/lot2/ 1, train/good/batch1/ 1" in warning
+    folder = tmp_path / "folder"
+    for i in range(5):
+        _image(folder / "good" / f"{i}.png", value=i)
+    _image(folder / "rejects" / "n.png", value=99)
+    result = _run(folder, tmp_path / "out")
+    assert result["attributes"]["images_not_read"] == [str(folder / "rejects/n.png")]
+    caplog.clear()
+    dataset = load_dataset(folder)
+    warn_unread(dataset, tmp_path / "out")
+    assert f"1 image file(s) under {folder} are in no split and not read (e.g. {folder / 'rejects/n.png'})" in caplog.text
 
 
 def test_unusable_dataset_dir_is_a_clear_error(tmp_path):
@@ -463,3 +498,47 @@ def test_defect_images_without_masks_are_a_warning(tmp_path):
     assert result["check_pass"] and result["attributes"]["images_without_masks"] == [str(root / "test/scratch/002.png")]
     warning, = [w for w in result["warnings"] if "have no mask" in w["problem"]]
     assert warning["file"] == str(root / "test/scratch/002.png") and warning["problem"].startswith("1 defect image(s)")
+
+
+def test_mvtec_folder_names_in_any_case_and_normal_test_images(tmp_path):
+    """Ground_Truth/ and Crack/ lost every mask, test/normal/ counted as a defect type."""
+    root = _mvtec(tmp_path / "data")
+    (root / "ground_truth").rename(root / "Ground_Truth")
+    (root / "Ground_Truth" / "crack").rename(root / "Ground_Truth" / "Crack")
+    (root / "test" / "good").rename(root / "test" / "normal")
+    _image(root / "test" / "OK" / "001.png", value=101)
+    _image(root / "Ground_Truth" / "good" / "000_mask.png")  # an empty mask for a good image is no orphan
+
+    result = _run(root, tmp_path / "out")
+
+    assert result["check_pass"], result["problems"]
+    assert result["attributes"]["defect_types"]["val"] == {"crack": 2, "good": 2, "scratch": 1}
+    assert result["attributes"]["images_without_masks"] == []
+    assert result["attributes"]["masks_without_images"] == []
+
+
+def test_an_inverted_mask_is_warned_of_and_an_exif_turned_image_says_so(tmp_path):
+    root = _mvtec(tmp_path / "data")
+    inverted = np.full((16, 16), 255, np.uint8)
+    inverted[4:8, 4:8] = 0  # the defect drawn black on white
+    Image.fromarray(inverted).save(root / "ground_truth" / "scratch" / "002_mask.png")
+    turned = Image.fromarray(np.full((16, 24), 200, np.uint8))  # stored 24x16, shown 16x24
+    exif = turned.getexif()
+    exif[0x0112] = 6
+    turned.save(root / "test" / "crack" / "000.png", exif=exif)
+    _mask(root / "ground_truth" / "crack" / "000_mask.png", size=(24, 16))  # drawn on the stored pixels
+
+    result = _run(root, tmp_path / "out")
+
+    warnings = {Path(w["file"]).name: w["problem"] for w in result["warnings"]}
+    assert warnings["002_mask.png"].startswith("mask marks 94% of its image as defect: inverted?")
+    assert _problems(result)["000_mask.png"] == ("mask is 24x16 but its image 000.png is 16x24 as shown (its EXIF "
+                                                 "orientation turns the 24x16 pixels it stores)")
+
+
+def test_too_few_good_training_images_are_warned_of(tmp_path):
+    root = _mvtec(tmp_path / "data", n_train=2)
+    warnings = {w["problem"] for w in _run(root, tmp_path / "out")["warnings"]}
+    assert any(w.startswith("only 2 good training image(s): none can be held out") for w in warnings)
+    _image(root / "train" / "good" / "002.png", value=2)
+    assert not any("good training image(s)" in w["problem"] for w in _run(root, tmp_path / "out")["warnings"])

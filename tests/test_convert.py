@@ -114,6 +114,24 @@ def test_labelme_without_labelme_files_is_refused(tmp_path):
     assert not (root / "train.txt").exists() and not (root / "val.txt").exists()
 
 
+def test_labelme_skips_prediction_results_saved_into_the_dataset(tmp_path, caplog):
+    """A prediction saved into a folder of the dataset leaves no marker: its heat-map pictures (a
+    defect drawn on them) are no good images, wherever they are."""
+    root = tmp_path / "data"
+    _image(root / "a.png", value=1)
+    _image(root / "b.png", value=2)
+    _labelme(root / "b.json", "b.png", [_shape("rectangle", [[2, 2], [8, 8]])])
+    for folder in (root, root / "output"):
+        (folder / "b_res.json").parent.mkdir(exist_ok=True)
+        (folder / "b_res.json").write_text("{}")
+        _image(folder / "b_res.png", mode="RGB")
+        _image(folder / "b_map.png", mode="RGB")
+    _image(root / "output" / "c_res.png", value=3)  # no JSON beside it: a part's photo may be named so
+    convert_dataset(root, "LabelMe")
+    assert _lines(root / "train.txt") == ["a.png", "output/c_res.png"]
+    assert f"{root / 'output'}: holds 3 file(s) of flawscope's prediction results (e.g. b_map.png)" in caplog.text
+
+
 def _voc(root: Path) -> Path:
     for i, stem in enumerate(("a", "b", "c")):
         _image(root / "JPEGImages" / f"{stem}.jpg", value=40 * i, mode="RGB")
@@ -148,6 +166,8 @@ def test_voc_with_image_sets(tmp_path):
 
 def test_voc_without_image_sets_and_check(tmp_path):
     root = _voc(tmp_path / "data")
+    for folder in ("JPEGImages/._a.jpg", "SegmentationClass/._a.png"):  # macOS's AppleDouble files, no images
+        (root / folder).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
     cfg = load_config("STFPM", [
         "Global.mode=check_dataset", f"Global.dataset_dir={root}", f"Global.output={tmp_path / 'out'}",
         "CheckDataset.convert.enable=true", "CheckDataset.convert.src_dataset_type=VOC",

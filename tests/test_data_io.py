@@ -14,6 +14,7 @@ from PIL import Image, ImageFile, ImageOps
 
 import flawscope.data.io as fio
 from flawscope.data.io import is_image_file, read_ahead, read_image, read_mask
+from flawscope.data.layouts import Sample, check_headers
 from flawscope.errors import FlawscopeError
 
 
@@ -84,6 +85,14 @@ def test_signed_32bit_tiff_scaled_by_its_bits_per_sample(tmp_path):
     values = np.array([[-5, 0, 2**30, 2**31 - 1]], dtype=np.int32)
     out = read_image(_save(Image.fromarray(values), tmp_path / "i.tif"))
     np.testing.assert_array_equal(out[..., 0], [[0, 0, 128, 255]])
+
+
+def test_a_32bit_tiff_of_16bit_values_is_refused_not_black(tmp_path):
+    """Camera software writes 16-bit values into 32-bit TIFFs: on the 32-bit scale they all read 0."""
+    path = _save(Image.fromarray(np.array([[0, 300, 65535]], dtype=np.int32)), tmp_path / "cam.tif")
+    with pytest.raises(FlawscopeError, match=r"cam\.tif: 32-bit integer pixel values up to 65535: on a 32-bit scale "
+                                             "the image reads black; save it as 16-bit"):
+        read_image(path)
 
 
 def test_float_tiff(tmp_path):
@@ -196,7 +205,11 @@ def test_over_max_pixels(tmp_path, monkeypatch):
 
 
 def test_decompression_bomb_header(tmp_path):
-    _error(_png_with_header(tmp_path / "bomb.png", 100_000, 100_000), "too large")
+    bomb = _png_with_header(tmp_path / "bomb.png", 100_000, 100_000)
+    _error(bomb, "too large")
+    # the header check before training or evaluation: Pillow's error there is no OSError (it was a traceback)
+    with pytest.raises(FlawscopeError, match=f"{bomb}: image is too large"):
+        check_headers([Sample(bomb, None, 0, "good")])
 
 
 def test_directory(tmp_path):

@@ -216,6 +216,23 @@ def test_get_pipeline_config_and_create_from_it(tmp_path, monkeypatch, capsys) -
     written.write_text(yaml.safe_dump(config))
     with pytest.raises(Exception, match="typo_key"):
         create_pipeline(str(written))
+    capsys.readouterr()
+    assert main(["--get_pipeline_config", "anomaly_detection", "--save_path", "-"]) == 0  # to stdout, nothing written
+    assert yaml.safe_load(capsys.readouterr().out) == get_pipeline_config("anomaly_detection")
+    assert not (tmp_path / "-").exists() and not Path("-").exists()
+
+
+@pytest.mark.parametrize("name", ["result.json", "result.png", "res.JPG"])
+def test_a_save_path_that_names_a_file_is_refused_before_predicting(tmp_path, capsys, name) -> None:
+    """--save_path is a folder of results: ``result.json`` used to become a folder of that name."""
+    save = tmp_path / name
+    assert main(["--pipeline", "anomaly_detection", "--input", str(DEMO), "--save_path", str(save)]) == 2
+    err = capsys.readouterr().err
+    assert f"--save_path: {save} names a file; give a folder" in err and len(err.strip().splitlines()) == 1
+    assert not save.exists()
+    save.mkdir()  # an existing folder of that name is a folder
+    assert main(["--pipeline", "anomaly_detection", "--input", str(DEMO), "--save_path", str(save)]) == 0
+    assert (save / "hazelnut_good_res.json").is_file()
 
 
 def test_get_pipeline_config_at_a_terminal_asks_and_ctrl_d_is_no(tmp_path, monkeypatch, capsys) -> None:
@@ -306,6 +323,22 @@ def test_a_folder_with_an_unreadable_image_exits_2_after_saving_the_others(tmp_p
                                                           "unsupported image file (1 of 2 inputs could not be read)")
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["good_res.json", "good_res.png"]
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["good_res.json", "good_res.png"]
+
+
+def test_tabs_and_line_breaks_in_file_names_keep_one_line_per_result(tmp_path, capsys) -> None:
+    """stdout is a line per input, tab-separated, and an error one line: a name may hold both."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a\tb.jpg").write_bytes((DEMO / "hazelnut_good.jpg").read_bytes())
+    (folder / "bad\nname.png").write_bytes(b"not an image")
+    assert main(["--pipeline", "anomaly_detection", "--input", str(folder), "--save_path", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == [f"{folder}/a\\tb.jpg",
+                                                                           f"{folder}/bad\\nname.png"]
+    assert captured.err.strip().splitlines()[-1].startswith(f"error: {folder}/bad\\nname.png: not an image")
+    assert main(["--pipeline", "anomaly_detection", "--input", str(folder / "bad\nname.png"),
+                 "--save_path", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {folder}/bad\\nname.png: not an image, or a corrupt or unsupported image file\n"
 
 
 def test_one_unreadable_input_is_one_error_line_naming_it(tmp_path, capsys) -> None:

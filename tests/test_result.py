@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 from pathlib import Path
@@ -303,6 +304,26 @@ def test_save_all_returns_every_file_it_writes(tmp_path):
     assert sorted(written) == sorted(tmp_path.iterdir())
     assert sorted(p.name for p in written) == ["a_map.png", "a_pred.png", "a_res.json", "a_res.map.png",
                                                "a_res.png", "a_res.pred.png"]
+
+
+@pytest.mark.parametrize("failing", ["a_res.json", "a_res.map.png", "a_res.png", "a_pred.png"])
+def test_save_all_writes_all_or_none(tmp_path, monkeypatch, failing):
+    """A disk that fills up on one of a result's files leaves none of them (it left the JSON of a
+    result without its picture), also where an earlier run's files of that name were there."""
+    result = _result(input_path="/data/a.png")
+    result.json_arrays, result.save_extra = "png", True
+    result.save_all(tmp_path)  # an earlier run's
+    real = result_module.write_atomic
+
+    def fill_up(path, data):
+        if Path(path).name == failing:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(result_module, "write_atomic", fill_up)
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        result.save_all(tmp_path, "a")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("given, save, recursive, warned", [

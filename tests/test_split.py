@@ -165,6 +165,21 @@ def test_a_split_that_cannot_write_its_second_list_changes_nothing(tmp_path, mon
     assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before  # no .bak, no hidden .tmp
 
 
+def test_a_read_only_dataset_folder_is_named_not_a_hidden_file(tmp_path, monkeypatch):
+    """On a read-only file system, removing the list that could not be written fails too (EROFS,
+    though it does not exist): that error named the hidden staging file instead of train.txt."""
+    root = _segdataset(tmp_path / "data")
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError) as failed:
+        split_dataset(root, 80, 20, seed=1)
+    assert failed.value.filename == str(root / "train.txt")
+
+
 def test_ctrl_c_while_the_lists_are_swapped_waits_for_both(tmp_path, monkeypatch):
     """An interruption that arrives while the lists are swapped in is held off until both are."""
     root = _segdataset(tmp_path / "data")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, save_model_dir
+from flawscope.inference.runtimes import import_runtime
 from flawscope.models.common import GaussianBlur
 from flawscope.models.image_bank import normal_deviates
 from flawscope.models.stfpm import STFPM, feature_distance, stfpm_loss
@@ -53,9 +54,9 @@ def test_score_levels_beyond_the_configured_levels_mean_all_of_them() -> None:
 
 
 def test_score_levels_export_to_onnx_as_in_torch(tmp_path) -> None:
-    import onnxruntime as ort
-
     from flawscope.inference.export import _MapAndScore, export_graph
+
+    ort = import_runtime("onnxruntime")
 
     model, x = _model(score_levels=2), torch.randn(1, 3, 64, 64)
     export_graph(_MapAndScore(model), (x,), ["image"], tmp_path / "model.onnx", "onnx")

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from conftest import make_mvtec, tiny_overrides, written_before_digests
 from flawscope.cli import main
 from flawscope.inference.predictor import Predictor
+from flawscope.inference.runtimes import import_runtime
 
 
 def _cli(*overrides: str) -> int:
@@ -57,6 +58,15 @@ def test_resume_reproduces_an_uninterrupted_run(trained, tmp_path) -> None:
     a = load_file(str(full / "best_model/inference/model.safetensors"))
     b = load_file(str(resumed / "best_model/inference/model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_batch_larger_than_the_training_set_says_it_repeats_images(trained, tmp_path, capsys) -> None:
+    dataset, _ = trained  # 8 good training images, 2 of them held out: 6 to train on
+    out = tmp_path / "out"
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=1), "Train.batch_size=7") == 0
+    assert "Train.batch_size 7 is more than the 6 training images: each batch repeats some" in capsys.readouterr().err
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=1), "Train.batch_size=6") == 0
+    assert "repeats" not in capsys.readouterr().err
 
 
 def test_resuming_on_other_images_of_the_same_number_is_refused(trained, tmp_path, capsys) -> None:
@@ -223,9 +233,9 @@ def test_predict_says_when_it_falls_back_to_the_bundled_model(trained, tmp_path,
 
 
 def _assert_onnx_matches_torch(model_dir: Path, output: Path, cli=_cli) -> None:
-    import onnxruntime as ort
-
     from flawscope.inference.model_dir import load_model_dir
+
+    ort = import_runtime("onnxruntime")
 
     assert cli("Global.mode=export", f"Global.output={output}", f"Export.weight_path={model_dir}") == 0
     model, info = load_model_dir(model_dir)
@@ -240,9 +250,9 @@ def _assert_onnx_matches_torch(model_dir: Path, output: Path, cli=_cli) -> None:
 
 def _assert_openvino_matches_torch(model_dir: Path, output: Path, cli=_cli) -> None:
     """The IR keeps float32 weights: compiled with the f32 hint it scores like torch."""
-    import openvino as ov
-
     from flawscope.inference.model_dir import load_model_dir
+
+    ov = import_runtime("openvino")
 
     assert cli("Global.mode=export", f"Global.output={output}", f"Export.weight_path={model_dir}",
                "Export.format=openvino") == 0
@@ -377,7 +387,8 @@ def test_a_checkpoint_resumes_only_with_as_many_processes(trained, tmp_path) -> 
     ("json", "checkpoint.json: damaged checkpoint description"),
     ("fraction", "checkpoint.json: damaged checkpoint description (iteration must be a whole number >= 0, not 5.7)"),
     ("nan", "checkpoint.safetensors: damaged checkpoint ("),  # it trained on, and 'diverged' two iterations later
-    (["Model.strides=[8,16]", "Model.global_strides=[16]"],
+    (["Model.strides=[16,32]"], "was trained with strides [8, 16, 32], this run has [16, 32]"),  # the same student
+    ("unrecorded strides",  # a checkpoint written before they were recorded: its weights tell
      "does not fit this model (90 weights differ in name or shape, first _blocks.11"),
 ])
 def test_a_checkpoint_that_cannot_be_resumed_fails_before_anything_is_written(trained, tmp_path, capsys, case,
@@ -398,6 +409,11 @@ def test_a_checkpoint_that_cannot_be_resumed_fails_before_anything_is_written(tr
         tensors = load_file(weights)
         name = next(k for k, v in tensors.items() if v.is_floating_point() and v.ndim == 4)
         safetensors.torch.save_file(tensors | {name: torch.full_like(tensors[name], torch.nan)}, weights)
+    elif case == "unrecorded strides":
+        meta = json.loads((checkpoint / "checkpoint.json").read_text())
+        del meta["strides"], meta["backbone"]
+        (checkpoint / "checkpoint.json").write_text(json.dumps(meta))
+        case = ["Model.strides=[8,16]", "Model.global_strides=[16]"]
     out = tmp_path / "out"
     _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(dataset, out), f"Train.resume_path={checkpoint}",
                    *(case if isinstance(case, list) else []), fragment=fragment)
@@ -604,10 +620,16 @@ def test_a_model_folder_put_together_from_two_models_is_refused(tmp_path, capsys
     meta = edited / "inference.yml"
     meta.write_text(meta.read_text().replace("input_size: 128", "input_size: 256"))
     refused(edited, f"{meta}: input_size 256 is not the 128 that model.safetensors was fitted on")
-    # Trained again into the same output, not exported again: predicting from the export says so.
+    # Trained again into the same output, not exported again: predicting from the export says so, and
+    # the earlier model's evaluation is gone rather than passing for the new one's.
+    assert _patchcore("Global.mode=evaluate", f"Global.dataset_dir={tmp_path / 'data0'}",
+                      f"Global.output={models[0]}") == 0
+    assert (models[0] / "evaluate_result.json").is_file() and (models[0] / "evaluate_report").is_dir()
     capsys.readouterr()
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={tmp_path / 'data3'}", f"Global.output={models[0]}",
                       *small) == 0
+    assert not (models[0] / "evaluate_result.json").exists() and not (models[0] / "evaluate_report").exists()
+    assert "they evaluated the model trained here before this one" in capsys.readouterr().err
     assert _patchcore("Global.mode=predict", f"Global.output={out}", f"Predict.model_dir={models[0] / 'export'}",
                       f"Predict.input={image}") == 0
     assert (f"{models[0] / 'export'} was exported from an earlier model than {models[0] / 'best_model/inference'} "

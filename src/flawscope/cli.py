@@ -2,7 +2,7 @@
 
     flawscope -c configs/STFPM.yaml -o Global.mode=train -o Global.dataset_dir=DATA
     flawscope --pipeline anomaly_detection --input IMG|URL|DIR --save_path output [--device cpu]
-    flawscope --get_pipeline_config anomaly_detection --save_path ./my_path [--yes]
+    flawscope --get_pipeline_config anomaly_detection --save_path ./my_path [--yes]   (--save_path -: print it)
     flawscope benchmark --datasets DIR [DIR ...] [--models STFPM ...] [-o Section.key=value] [--output DIR]
 
 Exit status: 0 success, 1 a dataset check that did not pass (or a benchmark run that failed), 2 a
@@ -25,7 +25,7 @@ import yaml
 from PIL import Image
 
 from flawscope.config import BACKENDS, TRAIN_ONLY_SECTIONS, shipped_configs
-from flawscope.errors import FlawscopeError, check_output_dir
+from flawscope.errors import FlawscopeError, check_output_dir, one_line
 from flawscope.logs import log, setup_console
 
 
@@ -61,16 +61,20 @@ def _parser() -> argparse.ArgumentParser:
                    "default auto: what the model directory holds")
     p.add_argument("--model_dir", help="inference model directory (default: the bundled model)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-directories of --input")
-    p.add_argument("--get_pipeline_config", metavar="NAME", help="write the config of pipeline NAME to --save_path")
+    p.add_argument("--get_pipeline_config", metavar="NAME", help="write the config of pipeline NAME to --save_path (- prints it)")
     p.add_argument("--yes", action="store_true", help="overwrite an existing pipeline config without asking")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p
 
 
-def _write_pipeline_config(name: str, save_path: str | None, yes: bool) -> Path:
+def _write_pipeline_config(name: str, save_path: str | None, yes: bool) -> Path | None:
+    """Write pipeline ``name``'s config into folder or file ``save_path``; ``-`` prints it (None)."""
     from flawscope.pipeline import get_pipeline_config
 
     config = get_pipeline_config(name)
+    if save_path == "-":
+        sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
+        return None
     target = Path(save_path or ".").expanduser()
     if target.suffix.lower() not in (".yaml", ".yml"):
         target = target / f"{name}.yaml"
@@ -127,12 +131,15 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     setup_console()
     if args.get_pipeline_config:
-        print(f"pipeline config written to {_write_pipeline_config(args.get_pipeline_config, args.save_path, args.yes)}")
+        written = _write_pipeline_config(args.get_pipeline_config, args.save_path, args.yes)
+        if written is not None:
+            print(f"pipeline config written to {written}")
         return 0
     if args.pipeline and (args.config or args.override):
         raise FlawscopeError("--pipeline runs a pipeline config, -c/-o a module config: give one of them "
                              "(pipeline settings: --device, --batch_size, --backend, --model_dir, or its YAML)")
     if args.pipeline:
+        from flawscope.data.io import IMAGE_EXTENSIONS
         from flawscope.device import parse_device
         from flawscope.engine import save_results, warn_if_saved_among_inputs
         from flawscope.pipeline import create_pipeline
@@ -144,6 +151,9 @@ def run(argv: list[str] | None = None) -> int:
                     if v is not None}
         save_path = Path(args.save_path or "output").expanduser()  # as -o paths are: a launcher without a shell
         check_output_dir(save_path, "--save_path")
+        if save_path.suffix.lower() in IMAGE_EXTENSIONS | {".json"} and not save_path.is_dir():
+            raise FlawscopeError(f"--save_path: {save_path} names a file; give a folder to save each image's "
+                                 "<name>_res.json and <name>_res.png into")
         if args.device is not None:  # named as the user typed it, before the pipeline's own check names its setting
             parse_device(args.device, "--device")
         pipeline = create_pipeline(args.pipeline, device=args.device, **settings)
@@ -190,7 +200,7 @@ def _prediction_status(counts: dict) -> int:
         return 0
     if counts["errors"] == 1:
         of = f" (1 of {counts['images']} inputs could not be read)" if counts["images"] > 1 else ""
-        print(f"error: {counts['error']}{of}", file=sys.stderr)
+        print(f"error: {one_line(counts['error'])}{of}", file=sys.stderr)
     else:
         print(f"error: {counts['errors']} of {counts['images']} inputs could not be read (listed above)",
               file=sys.stderr)
@@ -221,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except FlawscopeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader stopped (| head): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail
@@ -230,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if exc.filename is None and exc.errno not in _STORAGE_ERRORS:
             raise
         where = f"{exc.filename}: " if exc.filename is not None else "writing the output: "
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {one_line(f'{where}{exc.strerror or exc}')}", file=sys.stderr)
         return 2
     except Terminated:
         print("terminated", file=sys.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flawscope.device import check_device_spec, one_device, parse_device
-from flawscope.errors import FlawscopeError, check_output_dir, printable
+from flawscope.errors import FlawscopeError, check_output_dir, one_line
 from flawscope.inference.inputs import RECURSIVE_HINT, glob_start
 from flawscope.inference.result import AnomalyResult, fit_name
 from flawscope.logs import log
@@ -85,7 +85,7 @@ def train(cfg: dict) -> dict:
 
 def evaluate(cfg: dict) -> dict:
     """Metrics, thresholds and counts to ``evaluate_result.json``; plots to ``evaluate_report/``."""
-    from flawscope.data.layouts import load_dataset
+    from flawscope.data.layouts import load_dataset, warn_unread
     from flawscope.evaluation.evaluate import evaluate_model
     from flawscope.inference.predictor import Predictor
 
@@ -100,6 +100,7 @@ def evaluate(cfg: dict) -> dict:
     dataset = load_dataset(cfg["Global"]["dataset_dir"], cfg["CheckDataset"]["dataset_type"], require_train=False)
     if not dataset.val:
         raise FlawscopeError(f"{dataset.root}: no validation/test images to evaluate on")
+    warn_unread(dataset, Path(cfg["Global"]["output"]))
     predictor = Predictor.from_dir(model_dir, device, cfg["Evaluate"]["backend"])
     return evaluate_model(predictor, dataset, Path(cfg["Global"]["output"]), model_dir)
 
@@ -142,7 +143,7 @@ def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
         if res.error:
             counts["errors"] += 1
             counts["error"] = res.error  # the last one's message
-            print(printable(f"{res.input_path}\terror: {res.error.removeprefix(f'{res.input_path}: ')}"))  # path once
+            print(f"{one_line(str(res.input_path))}\terror: {one_line(res.error.removeprefix(f'{res.input_path}: '))}")
             continue
         name = res.stem
         if name.casefold() in used and res.input_path:
@@ -150,11 +151,10 @@ def save_results(results: Iterable[AnomalyResult], save_path: Path) -> dict:
         while name.casefold() in used:
             name += "_"
         used.add(name.casefold())
-        res.save_to_json(save_path / f"{name}_res.json")
-        res.save_to_img(save_path / f"{name}_res.png")
+        res.save_all(save_path, name)
         counts["anomalous"] += int(res.is_anomaly)
         # Rounded as the picture's label is: 0.49996 must not print "0.500" beside is_anomaly=False.
-        print(printable(f"{res.input_path}\tscore={res.score_text(3)}\tis_anomaly={res.is_anomaly}"))
+        print(f"{one_line(str(res.input_path))}\tscore={res.score_text(3)}\tis_anomaly={res.is_anomaly}")
     return counts
 
 

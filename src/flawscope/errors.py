@@ -27,6 +27,15 @@ def printable(text: str) -> str:
     return text.encode(errors="backslashreplace").decode()
 
 
+_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
+def one_line(text: str) -> str:
+    """``printable`` ``text`` with its line breaks and tabs escaped (``\\n``), as an ``error:`` line
+    or a tab-separated field must be: a file name may hold them."""
+    return printable(text).translate(_BREAKS)
+
+
 def check_output_dir(path: Path, what: str) -> None:
     """Refuse an output folder that cannot be written (a file, under a file, no write permission)
     before anything runs, rather than with a traceback after the work. Nothing is created here."""

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from flawscope.atomic import write_atomic
 from flawscope.data.convert import convert_dataset
 from flawscope.data.io import is_image_file, read_image, read_mask_values
-from flawscope.data.layouts import (DEFECT, GOOD, annotation_source, detect_layout, load_dataset, mask_dirs,
-                                    mvtec_train_dir, read_lines)
+from flawscope.data.layouts import (DEFECT, GOOD, annotation_source, detect_layout, header_size, load_dataset,
+                                    mask_dirs, mvtec_train_dir, read_lines, unread_images)
 from flawscope.data.split import split_dataset
 from flawscope.errors import FlawscopeError, printable
 
@@ -43,6 +43,7 @@ SAMPLE_NUM = 10  # demo images per split, as in PaddleX
 NUM_CLASSES = 2  # good and defect
 UNKNOWN = "unknown"  # defect type of a list entry whose mask cannot be read
 OVERLAY_COLOR = (255, 0, 0)
+FEW_GOOD_IMAGES = 3  # training holds out 2 good images to calibrate on and keeps 1 (calibrate.split_calibration)
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,11 @@ def check_dataset(
                 _overlay(image, mask).save(demo_dir / name, quality=90)
                 sample_paths[split].append(f"{CHECK_DIR}/demo_img/{name}")
     duplicates = _duplicates(found)
+    good = found.counts["train"][GOOD]
+    if 0 < good < FEW_GOOD_IMAGES:
+        found.warning(root, f"only {good} good training image(s): none can be held out to calibrate the thresholds, "
+                      "which are then set on the images trained on and flag new good parts; a model learns 'good' "
+                      "from tens to hundreds of images")
     if found.without_masks:  # allowed, but a user who meant to give every mask should hear of it
         count = len(found.without_masks)
         found.warning(Path(found.without_masks[0]), f"{count} defect image(s) have no mask (this one, "
@@ -161,6 +167,7 @@ def check_dataset(
     if orphans:  # often a mask named unlike its image, which then counts as having none
         found.warning(orphans[0], f"{len(orphans)} mask file(s) belong to no image (this one, and the others in "
                       "masks_without_images): a misnamed mask leaves its image without one")
+    unread = _unread(root, layout, Path(output).absolute(), found)
     histogram = Path(output) / CHECK_DIR / "histogram.png"
     _histogram(found.counts, histogram, f"{root.name} ({layout})")
     log.info(
@@ -184,6 +191,7 @@ def check_dataset(
             "image_modes": dict(sorted(found.modes.items())),
             "images_without_masks": found.without_masks,
             "masks_without_images": [str(path) for path in orphans],
+            "images_not_read": [str(path) for path in unread],
             "duplicate_files": duplicates,
         },
         "analysis": {"histogram": f"{CHECK_DIR}/histogram.png"},
@@ -193,6 +201,29 @@ def check_dataset(
         "problems": found.problems,
         "warnings": found.warnings,
     }
+
+
+_READS = {"MVTec": "images directly in train/good/ and test/<type>/, masks in ground_truth/<type>/",
+          "Folder": "images directly in good/ (normal/, ok/) and abnormal/ (defect/, bad/, ng/), masks in mask/"}
+
+
+def _unread(root: Path, layout: str, output: Path, found: _Findings) -> list[Path]:
+    """The image files of an MVTec or Folder dataset that no split reads (``layouts.unread_images``),
+    warned of by folder: a subfolder of lots, a folder of defects named NG/ were left out silently."""
+    if layout == "SegDataset":
+        return []
+    skip = output / CHECK_DIR if output == root else output  # the check's own pictures
+    reported = {entry["file"] for entry in found.problems}  # defect folders under train/ are problems already
+    unread = [path for path in unread_images(load_dataset(root, layout, require_train=False), skip)
+              if str(path) not in reported]
+    if unread:
+        folders = Counter(os.path.relpath(path.parent, root) for path in unread)
+        shown = ", ".join(f"{folder}/ {count}" for folder, count in sorted(folders.items())[:5])
+        more = f" and {len(folders) - 5} more folders" if len(folders) > 5 else ""
+        found.warning(unread[0], f"{len(unread)} image file(s) in no split, which training and evaluation leave "
+                      f"out (this one, and the others in images_not_read; by folder: {shown}{more}): the {layout} "
+                      f"layout reads {_READS[layout]}")
+    return unread
 
 
 def _list_items(root: Path, layout: str, found: _Findings) -> dict[str, list[_Item]]:
@@ -264,6 +295,8 @@ def _list_entries(root: Path, list_file: Path, found: _Findings) -> list[_Item] 
             continue
         image, *mask = [root / f for f in fields]  # as the loader reads them (symlinks kept)
         where = f"{list_file.name}:{lineno}"
+        if "\\" in line and not all(path.exists() for path in (image, *mask)):  # as the loader's hint says
+            where += "; the list separates folders with backslashes: write /"
         # a line without a mask is a good image; with one, the mask tells
         items.append(_Item(image, mask[0] if mask else None, None if mask else GOOD, where))
     return items
@@ -327,11 +360,17 @@ def _check_mask(
         found.problem(path, _reason(exc, path) + at)
         return None
     if image is not None and mask.shape != image.shape[:2]:
+        stored = header_size(image_path)
+        turned = (f" as shown (its EXIF orientation turns the {stored[0]}x{stored[1]} pixels it stores)"
+                  if stored != (image.shape[1], image.shape[0]) else "")
         found.problem(
             path,
             f"mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} is"
-            f" {image.shape[1]}x{image.shape[0]}{at}",
+            f" {image.shape[1]}x{image.shape[0]}{turned}{at}",
         )
+    elif mask.mean() > 0.5:  # a defect smaller than the part, drawn as 0 on 255
+        found.warning(path, f"mask marks {mask.mean():.0%} of its image as defect: inverted? (defect pixels must "
+                      f"be nonzero, the rest 0){at}")
     if value_problem:
         found.problem(path, value_problem + at)
     return mask

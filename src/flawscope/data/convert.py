@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from flawscope.atomic import staging_path, swap_in
 from flawscope.data.io import is_image_file, read_mask
-from flawscope.data.layouts import DEFECT, GOOD, Sample, header_size, load_dataset, read_lines
+from flawscope.data.layouts import DEFECT, GOOD, Sample, header_size, load_dataset, read_lines, visible_files
 from flawscope.data.split import check_defect_masks, check_percentages, sample_lines, split_samples, write_lists
 from flawscope.errors import FlawscopeError
 
@@ -35,11 +35,6 @@ MASK_DIR = "converted_masks"
 LABELME_BACKGROUND = "_background_"  # LabelMe's label for areas that are explicitly not defect
 # labelme_json_to_dataset writes img.png, label.png, label_viz.png and this beside them: no good images
 _LABELME_EXPORT = "label_names.txt"
-# written by check_dataset, train and evaluate at the top of Global.output (train and evaluate from
-# their start): a folder holding one is an earlier run's output, its pictures no good images; where
-# the dataset folder itself was the output, the folders of pictures those modes write are skipped
-_OUTPUT_MARKERS = ("check_dataset_result.json", "train_result.json", "evaluate_result.json")
-_OUTPUT_PICTURES = ("check_dataset", "evaluate_report")  # check.CHECK_DIR (check imports this), evaluate.REPORT_DIR
 _SPLITS = ("train", "val")
 
 Splits = dict[str, list[Sample]]
@@ -153,12 +148,13 @@ def _from_voc(root: Path, masks: _Masks) -> Splits:
         )
     images: dict[str, Path] = {}
     for path in sorted(image_dir.iterdir()):
-        if is_image_file(path) and path.is_file():
+        if is_image_file(path) and path.is_file() and not path.name.startswith("."):  # macOS's ._a.jpg
             if path.stem in images:  # VOC names images by stem: a.jpg and a.png are ambiguous
                 raise FlawscopeError(f"{path}: same name as {images[path.stem].name}; VOC lists and masks name "
                                      "images without extension, so rename one of them")
             images[path.stem] = path
-    class_masks = ({p.stem: p for p in sorted(class_dir.iterdir()) if p.suffix.lower() == ".png" and p.is_file()}
+    class_masks = ({p.stem: p for p in sorted(class_dir.iterdir())
+                    if p.suffix.lower() == ".png" and p.is_file() and not p.name.startswith(".")}
                    if class_dir.is_dir() else {})
     listed: dict[str, str] = {}
 
@@ -208,7 +204,7 @@ def _from_labelme(root: Path, masks: _Masks) -> Splits:
     if anno_lists["train"].is_file():
         return {split: _labelme_samples(root, _listed_files(root, path) if path.is_file() else [], masks, sources)
                 for split, path in anno_lists.items()}
-    files = _visible(root, masks.skip)
+    files = visible_files(root, masks.skip)
     samples = _labelme_samples(root, [path for path in files if path.suffix.lower() == ".json"], masks, sources)
     if not samples:
         raise FlawscopeError(f"{root}: no LabelMe annotation files (*.json) found; "
@@ -245,37 +241,6 @@ def _listed_files(root: Path, list_file: Path) -> list[Path]:
                                      "LabelMe files must be in it")
             files.append(path)
     return files
-
-
-def _visible(root: Path, skip: Path | None) -> list[Path]:
-    """Files under ``root``, sorted, none in hidden folders or hidden, none under ``skip`` or in
-    an earlier flawscope run's output. Folder links are followed, as the other layouts' readers
-    follow them; each real folder is read once, so a link back up ends."""
-    files: list[Path] = []
-    root_real = Path(os.path.realpath(root))
-    walked = {str(root_real)}  # the real path of each folder read
-    root_output = next((m for m in _OUTPUT_MARKERS if (root / m).is_file()), None)
-    for top, dirs, names in os.walk(root, followlinks=True):
-        kept = []
-        for name in sorted(dirs):
-            folder = Path(top, name)
-            if name.startswith(".") or folder == skip:
-                continue
-            marker = next((m for m in _OUTPUT_MARKERS if (folder / m).is_file()), None)
-            if marker or (root_output and top == str(root) and name in _OUTPUT_PICTURES):
-                log.warning("%s: holds the output of an earlier flawscope run (%s), its files are not used",
-                            folder, marker or root / root_output)
-                continue
-            real = os.path.realpath(folder)
-            if real in walked or root_real.is_relative_to(real):  # a link back up would read the dataset's parents
-                log.warning("%s: a link to %s, which holds the dataset or was read already: not read",
-                            folder, real)
-                continue
-            walked.add(real)
-            kept.append(name)
-        dirs[:] = kept
-        files += [path for path in (Path(top, name) for name in names if not name.startswith(".")) if path.is_file()]
-    return sorted(files)
 
 
 def _labelme_samples(root: Path, json_paths: list[Path], masks: _Masks, sources: dict[Path, Path]) -> list[Sample]:

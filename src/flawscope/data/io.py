@@ -26,9 +26,11 @@ from flawscope.errors import FlawscopeError
 T = TypeVar("T")
 R = TypeVar("R")
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff",
+                                              ".webp", ".gif", ".pbm", ".pgm", ".ppm", ".pnm"})
 """Lower-case file suffixes (with the dot) treated as images; compare ``Path.suffix.lower()``. What a
-folder lists is what a path reads (a GIF: its first frame)."""
+folder lists is what a path reads (a GIF: its first frame). The netpbm ones are industrial cameras'
+(16-bit too), ``.jfif`` and ``.jpe`` JPEGs as Windows names them."""
 
 UNREADABLE_MASK_EXTENSIONS: frozenset[str] = frozenset({".gif", ".webp"})
 """Images that cannot be masks: a GIF is a palette image whose indices follow the order colours
@@ -126,6 +128,7 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
     own min/max, keeps brightness comparable between images, which anomaly scores rely on.
     Float images are taken to be in [0, 1] when their maximum is at most 1, else in [0, 255];
     values above 255 are refused (ValueError): no scale is known for them, and clipped they were white.
+    So are 32-bit integer images of 16-bit values (TIFFs from camera software), black on their scale.
     """
     values = np.asarray(img, dtype=np.float64)
     if img.mode == "F":
@@ -142,6 +145,10 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
         bits = int(np.max(tags.get(_TIFF_BITS_PER_SAMPLE, 16)))
         signed = int(np.max(tags.get(_TIFF_SAMPLE_FORMAT, 1)) == 2)
         full_scale = float(2 ** (bits - signed) - 1)
+        peak = values.max(initial=0.0)
+        if bits > 16 and 0 < peak <= 65535:  # a camera's 16-bit values in a 32-bit file: black on its scale
+            raise ValueError(f"{bits}-bit integer pixel values up to {peak:.0f}: on a {bits}-bit scale the image "
+                             "reads black; save it as 16-bit")
     return np.rint(np.clip(values, 0.0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
 
 

@@ -4,8 +4,8 @@ Three layouts are understood, tried in this order by ``layout="auto"``:
 
 * ``SegDataset`` (PaddleX): ``train.txt`` / ``val.txt`` listing ``image_path [mask_path]``.
 * ``MVTec``: ``train/good/``, ``test/<defect_type>/``, ``ground_truth/<defect_type>/``.
-* ``Folder`` (anomalib): ``good/`` (or ``normal/``), optional ``abnormal/`` (``defect/``,
-  ``bad/``) and ``mask/`` (``masks/``, ``ground_truth/``); or just a directory of images.
+* ``Folder`` (anomalib): ``good/`` (or ``normal/``, ``ok/``), optional ``abnormal/`` (``defect/``,
+  ``bad/``, ``ng/``) and ``mask/`` (``masks/``, ``ground_truth/``); or just a directory of images.
 
 Loading only lists paths (images are not opened; SegDataset masks are, to know the label), so
 a dataset of 10,000 images loads in well under a second. All lists are sorted, so the same
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -26,13 +27,20 @@ from PIL import ExifTags, Image
 from flawscope.data.io import check_mask_format, is_image_file, is_listed_file, read_mask
 from flawscope.errors import FlawscopeError, first_line
 
+log = logging.getLogger("flawscope")
+
 GOOD = "good"
 DEFECT = "defect"
 
-_NORMAL_DIRS = ("good", "normal")
-_ABNORMAL_DIRS = ("abnormal", "defect", "bad")
+_NORMAL_DIRS = ("good", "normal", "ok")
+_ABNORMAL_DIRS = ("abnormal", "defect", "bad", "ng")  # NG: "no good", as factory lines sort parts
 _MASK_DIRS = ("mask", "masks", "ground_truth")
 _VAL_EVERY = 5  # Folder layout: every 5th normal image (sorted) goes to val, i.e. 80/20
+# written by check_dataset, train and evaluate at the top of Global.output (train and evaluate from
+# their start): a folder holding one is an earlier run's output, its pictures no good images; where
+# the dataset folder itself was the output, the folders of pictures those modes write are skipped
+_OUTPUT_MARKERS = ("check_dataset_result.json", "train_result.json", "evaluate_result.json")
+_OUTPUT_PICTURES = ("check_dataset", "evaluate_report")  # check.CHECK_DIR, evaluate.REPORT_DIR
 
 
 @dataclass(frozen=True)
@@ -137,15 +145,22 @@ def mvtec_train_dir(root: Path) -> Path:
     return _first(root / "train", (GOOD,)) or root / "train" / GOOD
 
 
+def mvtec_ground_truth(root: Path) -> Path | None:
+    """An MVTec dataset's folder of masks: ground_truth/, any case (``Ground_Truth/``)."""
+    return _first(root, ("ground_truth",))
+
+
 def _load_mvtec(root: Path) -> Splits:
-    """Test images are the val split; test/good/ has no masks."""
+    """Test images are the val split; test/good/ (normal/, ok/, any case, as the Folder layout
+    reads them) has no masks; a defect type's masks are in its ground_truth/ folder, any case."""
     train = [Sample(p, None, 0, GOOD) for p in _images(mvtec_train_dir(root))]
+    ground_truth = mvtec_ground_truth(root)
     val = []
     for directory in _subdirs(root / "test"):
-        if directory.name.lower() == GOOD:  # test/Good too, as the Folder layout reads good/
+        if directory.name.lower() in _NORMAL_DIRS:
             val += [Sample(p, None, 0, GOOD) for p in _images(directory)]
         else:
-            masks = _masks_by_stem(root / "ground_truth" / directory.name)
+            masks = _masks_by_stem(_first(ground_truth, (directory.name.lower(),)) if ground_truth else None)
             val += [Sample(p, _find_mask(p, masks), 1, directory.name) for p in _images(directory)]
     return train, val
 
@@ -175,7 +190,7 @@ def _is_mvtec(root: Path) -> bool:
     """train/good/, or test/ with ground_truth/: a labelled set without training images, such as
     a Train.calibration_dir of defects (training still needs train/good/), or test/good/ alone
     (today's good parts, to count the false alarms on) where the folder is no Folder layout."""
-    return mvtec_train_dir(root).is_dir() or (root / "test").is_dir() and (root / "ground_truth").is_dir() \
+    return mvtec_train_dir(root).is_dir() or (root / "test").is_dir() and mvtec_ground_truth(root) is not None \
         or (root / "test" / GOOD).is_dir() and not _is_folder(root)
 
 
@@ -267,7 +282,8 @@ def mask_dirs(root: str | os.PathLike[str], layout: str) -> list[Path]:
     check_dataset can report the masks there that belong to no image."""
     root = Path(root)
     if layout == "MVTec":
-        return _subdirs(root / "ground_truth")
+        ground_truth = mvtec_ground_truth(root)  # ground_truth/good/: the empty masks of good images, not used
+        return [d for d in _subdirs(ground_truth) if d.name.lower() not in _NORMAL_DIRS] if ground_truth else []
     mask_dir = _first(root, _MASK_DIRS) if layout == "Folder" else None
     return [mask_dir] if mask_dir is not None else []
 
@@ -314,6 +330,81 @@ def _has_shapes(path: Path) -> bool:
     return isinstance(data, dict) and "shapes" in data
 
 
+def visible_files(root: Path, skip: Path | None = None, say: bool = True) -> list[Path]:
+    """Files under ``root``, sorted, none in hidden folders or hidden, none under ``skip``, in
+    an earlier flawscope run's output or a prediction's result (``_result_files``). Folder links
+    are followed, as the layouts' readers follow them; each real folder is read once, so a link
+    back up ends. ``say``: log the folders left out."""
+    files: list[Path] = []
+    root_real = Path(os.path.realpath(root))
+    walked = {str(root_real)}  # the real path of each folder read
+    root_output = next((m for m in _OUTPUT_MARKERS if (root / m).is_file()), None)
+    for top, dirs, names in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(dirs):
+            folder = Path(top, name)
+            if name.startswith(".") or folder == skip:
+                continue
+            marker = next((m for m in _OUTPUT_MARKERS if (folder / m).is_file()), None)
+            if marker or (root_output and top == str(root) and name in _OUTPUT_PICTURES):
+                if say:
+                    log.warning("%s: holds the output of an earlier flawscope run (%s), its files are not used",
+                                folder, marker or root / root_output)
+                continue
+            real = os.path.realpath(folder)
+            if real in walked or root_real.is_relative_to(real):  # a link back up would read the dataset's parents
+                if say:
+                    log.warning("%s: a link to %s, which holds the dataset or was read already: not read",
+                                folder, real)
+                continue
+            walked.add(real)
+            kept.append(name)
+        dirs[:] = kept
+        visible = {name for name in names if not name.startswith(".")}
+        results = _result_files(visible)
+        if results and say:
+            log.warning("%s: holds %d file(s) of flawscope's prediction results (e.g. %s), not used", top,
+                        len(results), min(results))
+        files += [path for path in (Path(top, name) for name in visible - results) if path.is_file()]
+    return sorted(files)
+
+
+def _result_files(names: set[str]) -> set[str]:
+    """The files of flawscope's prediction results among one folder's ``names``: each
+    ``<x>_res.json`` and the pictures saved beside it (``AnomalyResult.save_all``), a heat map
+    and a mask that no dataset should take for a part's photo."""
+    found = set()
+    for name in names:
+        if name.endswith("_res.json"):
+            x = name.removesuffix("_res.json")
+            found |= {name, f"{x}_res.png", f"{x}_res.map.png", f"{x}_res.pred.png", f"{x}_map.png",
+                      f"{x}_pred.png"} & names
+    return found
+
+
+def unread_images(dataset: Dataset, skip: Path | None = None, say: bool = False) -> list[Path]:
+    """Image files under an MVTec or Folder dataset's root that none of its splits or mask folders
+    reads (in a subfolder of a defect type, in a folder the layout does not know, such as NG/),
+    so that they are not left out without a word. ``skip``: a folder of the run's own output.
+    A SegDataset's lists say what it holds: none."""
+    if dataset.layout == "SegDataset":
+        return []
+    read = {os.path.abspath(s.image) for s in dataset.train + dataset.val}
+    mask_roots = ([mvtec_ground_truth(dataset.root)] if dataset.layout == "MVTec"
+                  else mask_dirs(dataset.root, "Folder"))
+    masks = tuple(os.path.abspath(d) + os.sep for d in mask_roots if d is not None)
+    return [path for path in visible_files(dataset.root, skip, say) if is_image_file(path)
+            and os.path.abspath(path) not in read and not os.path.abspath(path).startswith(masks)]
+
+
+def warn_unread(dataset: Dataset, output: Path) -> None:
+    """Say in one line that some of the dataset's images are not read (check_dataset lists them)."""
+    unread = unread_images(dataset, Path(os.path.abspath(output)))
+    if unread:
+        log.warning("%d image file(s) under %s are in no split and not read (e.g. %s); check_dataset lists them",
+                    len(unread), dataset.root, unread[0])
+
+
 def check_headers(samples: list[Sample]) -> None:
     """Open every image's and mask's header and compare their sizes: a file that is no image, or
     a mask of another size, then fails before training or evaluation writes anything, rather than
@@ -333,6 +424,8 @@ def header_size(path: Path, shown: bool = False) -> tuple[int, int]:
         with Image.open(path) as image:
             width, height = image.size
             turned = shown and image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    except Image.DecompressionBombError as exc:  # over twice Pillow's pixel limit: no OSError
+        raise FlawscopeError(f"{path}: image is too large ({first_line(exc)})") from None
     except (OSError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise FlawscopeError(f"{path}: not a readable image ({first_line(exc)})") from None
     return (height, width) if turned else (width, height)

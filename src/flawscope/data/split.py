@@ -7,6 +7,7 @@ images; every defect image goes to val whatever the percentages say. The lists a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -104,7 +105,8 @@ def write_lists(root: Path, lists: dict[str, list[str]], commit_first: Callable[
         return backups
     finally:
         for new in staged.values():
-            new.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder refuses even this: its own error stays
+                new.unlink(missing_ok=True)
 
 
 def _keep(path: Path, backup: Path) -> None:

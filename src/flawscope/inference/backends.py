@@ -35,6 +35,7 @@ from flawscope.inference.model_dir import (
     load_model_dir,
     read_model_info,
 )
+from flawscope.inference.runtimes import import_runtime
 from flawscope.logs import log
 
 _GRAPH_OF_BACKEND = {"onnxruntime": ONNX_FILE, "openvino": OPENVINO_FILE}
@@ -59,8 +60,7 @@ class ExportedModel:
 
 
 def _onnxruntime(path: Path, threads: int) -> GraphRun:
-    import onnxruntime as ort
-
+    ort = import_runtime("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -68,8 +68,7 @@ def _onnxruntime(path: Path, threads: int) -> GraphRun:
 
 
 def _openvino(path: Path, threads: int) -> GraphRun:
-    import openvino as ov
-
+    ov = import_runtime("openvino")
     core = ov.Core()
     # Read into memory, not mapped from disk: an on-the-fly export's folder is deleted after loading.
     model = core.read_model(model=path.read_bytes(), weights=path.with_suffix(".bin").read_bytes())
@@ -88,7 +87,7 @@ def _openvino(path: Path, threads: int) -> GraphRun:
 
 def _require(backend: str) -> None:
     try:
-        __import__(backend)
+        import_runtime(backend)
     except ImportError:
         raise FlawscopeError(f"backend {backend}: the {backend} package is missing; "
                              f"pip install 'flawscope[{_EXTRAS[backend]}]'") from None

@@ -27,6 +27,7 @@ from flawscope.atomic import abandoned, deferred_signals
 from flawscope.errors import FlawscopeError
 from flawscope.config import load_yaml
 from flawscope.inference.model_dir import META_FILE, file_digest, load_model_dir
+from flawscope.inference.runtimes import import_runtime
 from flawscope.logs import log
 
 ONNX_FILE = "model.onnx"
@@ -70,9 +71,10 @@ def export_graph(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], inpu
             torch.onnx.export(module, inputs, str(tmp), input_names=input_names,
                               output_names=["anomaly_map", "image_score"], opset_version=17, dynamo=False)
         if fmt == "openvino":
-            import openvino
-
-            openvino.save_model(openvino.convert_model(str(tmp)), str(target), compress_to_fp16=False)
+            openvino = import_runtime("openvino")
+            # read_model, not convert_model: the same ONNX front end, without convert_model's
+            # usage report to Google Analytics (sent from a forked process, which could hang)
+            openvino.save_model(openvino.Core().read_model(str(tmp)), str(target), compress_to_fp16=False)
         else:
             tmp.replace(target)
     finally:
@@ -90,7 +92,7 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
         raise FlawscopeError(f"Export: the onnx package is missing; pip install 'flawscope[{extra}]'") from None
     if fmt == "openvino":
         try:
-            import openvino  # noqa: F401 - export_graph converts with it
+            import_runtime("openvino")  # export_graph converts with it
         except ImportError:
             raise FlawscopeError("Export.format=openvino: the openvino package is missing; "
                                  "pip install 'flawscope[openvino]'") from None

@@ -234,7 +234,7 @@ class AnomalyResult:
         else:
             data = self.to_json("none")
             for key, picture in (("map", self._map16()), ("pred", self._pred_image())):
-                png = path.with_name(f"{path.stem}.{key}.png")
+                png = _array_png(path, key)
                 write_atomic(png, _png_bytes(picture))
                 data[key] = png.name
                 written.append(png)
@@ -297,18 +297,27 @@ class AnomalyResult:
             return []
         # Only the pictures it writes: at 20 MP the map picture alone is 80 MB in Pillow.
         pictures = self.img if extra else {"res": self._res_picture(_jet(self.map))}
-        base = path.stem.removesuffix("_res")
         targets = {"res": path}
         if extra:
-            targets |= {key: path.with_name(f"{base}_{key}.png") for key in ("map", "pred")}
+            targets |= {key: _extra_png(path, key) for key in ("map", "pred")}
         for key, target in targets.items():
             write_atomic(target, _png_bytes(pictures[key]))
         return list(targets.values())
 
-    def save_all(self, directory: str | os.PathLike) -> list[Path]:
-        """JSON and pictures into ``directory``, as ``json_arrays`` and ``save_extra`` say;
-        returns the paths written."""
-        return [*self._write_json(directory, None), *self.save_to_img(directory)]
+    def save_all(self, directory: str | os.PathLike, name: str | None = None) -> list[Path]:
+        """JSON and pictures into ``directory`` as ``<name>_res.json``, ``<name>_res.png``...
+        (``name``: the input's stem by default), as ``json_arrays`` and ``save_extra`` say; returns
+        the paths written. All or none: where one cannot be written (a full disk), the others
+        are removed, so that no JSON is left without its picture."""
+        json_path = Path(directory) / f"{name or self.stem}_res.json"
+        picture = json_path.with_suffix(".png")
+        try:
+            return [*self._write_json(json_path, None), *self.save_to_img(picture)]
+        except BaseException:
+            for path in (json_path, picture, *(_array_png(json_path, k) for k in ("map", "pred")),
+                         *(_extra_png(picture, k) for k in ("map", "pred"))):
+                path.unlink(missing_ok=True)
+            raise
 
     def _map16(self) -> Image.Image:
         return Image.fromarray(np.round(self.map * 65535).astype(np.uint16))
@@ -380,6 +389,16 @@ def fit_name(stem: str, limit: int = _STEM_BYTES) -> str:
     """``stem`` cut to ``limit`` bytes of UTF-8 at a character boundary. A file name's bytes that
     are not UTF-8 (Latin-1 ``b"caf\\xe9.jpg"``) become U+FFFD: they cannot be encoded as they are."""
     return _SURROGATES.sub("\ufffd", stem).encode()[:limit].decode(errors="ignore") or "result"
+
+
+def _array_png(json_path: Path, key: str) -> Path:
+    """Where ``save_to_json`` with ``arrays="png"`` puts the ``key`` array ("map" or "pred")."""
+    return json_path.with_name(f"{json_path.stem}.{key}.png")
+
+
+def _extra_png(picture: Path, key: str) -> Path:
+    """Where ``save_to_img`` with ``extra`` puts the ``key`` picture ("map" or "pred")."""
+    return picture.with_name(f"{picture.stem.removesuffix('_res')}_{key}.png")
 
 
 def _output_path(dir_or_file: str | os.PathLike, suffix: str, default_name: Callable[[], str]) -> Path:

@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,11 +30,11 @@ from flawscope.atomic import output_lock, write_atomic
 from flawscope.data.io import read_image
 from flawscope.backbones import backbone_spec
 from flawscope.config import SCHEMA, check_value, dump_config
-from flawscope.data.layouts import Dataset, Sample, check_headers, load_dataset, unique_images
+from flawscope.data.layouts import Dataset, Sample, check_headers, load_dataset, unique_images, warn_unread
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
 from flawscope.errors import FlawscopeError
-from flawscope.evaluation.evaluate import auroc_summary, collect
+from flawscope.evaluation.evaluate import REPORT_DIR, auroc_summary, collect
 from flawscope.inference.model_dir import (META_FILE, ModelInfo, among, image_digests, load_model_dir,
                                            read_fitted_images, save_model_dir)
 from flawscope.inference.predictor import Predictor
@@ -67,6 +68,8 @@ def train(cfg: dict, world: World) -> dict:
     if not g["dataset_dir"]:
         raise FlawscopeError("Global.dataset_dir: required for training (-o Global.dataset_dir=PATH)")
     dataset = load_dataset(g["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
+    if world.is_main:
+        warn_unread(dataset, Path(g["output"]))
     defects = [s for s in dataset.train if s.label]
     as_defect = {os.path.abspath(s.image): s for s in dataset.val if s.label}
     for sample in dataset.train:
@@ -187,7 +190,8 @@ def _resume_settings(cfg: dict, train_images: int, processes: int) -> dict:
     ``batch_size`` images of one global batch (torchrun), so their number decides the batches too."""
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     return {"seed": g["seed"], "batch_size": t["batch_size"], "processes": processes, "train_images": train_images,
-            "input_size": m["input_size"], "hard_fraction": t["hard_fraction"]}
+            "input_size": m["input_size"], "hard_fraction": t["hard_fraction"],
+            "backbone": m["backbone"], "strides": list(m["strides"])}  # the levels the loss compares
 
 
 def _images_digest(images: torch.Tensor) -> str:
@@ -293,6 +297,7 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
             *([data.known] if data.known is not None else [])]
     fitted = torch.unique(torch.cat(seen), dim=0)  # what a later Train.add_normals must not take as new
     model_dir = save_model_dir(output / "best_model" / "inference", model, info, fitted)
+    _drop_earlier_evaluation(output, model_dir)
     selected = history.get("selected_iteration")
     final = next((e for e in reversed(history["eval"]) if e.get("iteration") == selected), None) if selected else None
     final = final or (history["eval"][-1] if history["eval"] else {})
@@ -312,6 +317,21 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
     write_atomic(output / "train_result.json", json.dumps(result, indent=2).encode())
     log.info("training done in %.0fs; inference model: %s", result["train_seconds"], model_dir)
     return result
+
+
+def _drop_earlier_evaluation(output: Path, model_dir: Path) -> None:
+    """Remove ``evaluate_result.json`` and the report of the model this training replaced in
+    ``model_dir``: beside the new model they would pass for its numbers."""
+    result = output / "evaluate_result.json"
+    try:
+        evaluated = json.loads(result.read_text(encoding="utf-8")).get("model_dir")
+    except (OSError, ValueError, AttributeError):  # none, or not ours
+        return
+    if isinstance(evaluated, str) and Path(evaluated).resolve() == model_dir.resolve():
+        result.unlink()
+        shutil.rmtree(output / REPORT_DIR, ignore_errors=True)
+        log.warning("removed %s and %s/: they evaluated the model trained here before this one (evaluate again)",
+                    result, output / REPORT_DIR)
 
 
 def model_config_from(name: str, section: dict) -> dict:

@@ -212,6 +212,11 @@ def fit_stfpm(model: STFPM, images: torch.Tensor, cfg: STFPMTrainConfig, device:
             log.info("checkpoint is at iteration %d of %d: nothing left to train", start, cfg.iterations)
         else:
             log.info("resuming from %s at iteration %d of %d", resume.path, start, cfg.iterations)
+    drawn = cfg.batch_size * world.size
+    if drawn > len(images) and world.is_main:
+        log.warning("Train.batch_size %d%s is more than the %d training images: each batch repeats some of them "
+                    "(a batch the size of the set needs less memory)", cfg.batch_size,
+                    f" x {world.size} processes" if world.size > 1 else "", len(images))
     student = model.student
     if world.size > 1:
         student = DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
