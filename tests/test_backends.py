@@ -21,7 +21,7 @@ from flawscope import pipeline as pipeline_module
 from flawscope.cli import main
 from flawscope.data.io import read_image
 from flawscope.errors import FlawscopeError
-from flawscope.inference.backends import ExportedModel
+from flawscope.inference.backends import ExportedModel, one_torch_thread, torch_thread_budget
 from flawscope.inference.export import export_model
 from flawscope.inference.predictor import Predictor
 from flawscope.pipeline import create_pipeline
@@ -171,7 +171,7 @@ def test_backend_errors_name_the_directory_and_the_problem(trained, tmp_path) ->
     with pytest.raises(FlawscopeError, match="unknown backend 'tensorrt'"):
         Predictor.from_dir(model_dir, backend="tensorrt")
     with pytest.raises(FlawscopeError, match=f"{model_dir}: backend openvino runs on the CPU only"):
-        Predictor.from_dir(model_dir, "cuda", backend="openvino")
+        Predictor.from_dir(model_dir, torch.device("cuda"), backend="openvino")  # as a GPU machine has it
     (graphless / "model.xml").write_text("<net>broken")
     (graphless / "model.bin").write_bytes(b"")
     # it offers only the backends that run what is there (it offered onnxruntime for an OpenVINO export)
@@ -312,3 +312,40 @@ def test_exporting_and_predicting_with_the_runtimes_sends_nothing(trained, tmp_p
             subprocess.run([sys.executable, "-m", "flawscope", "-c", "STFPM", *args], env=env | {"HOME": str(home)},
                            check=True, capture_output=True)
     assert not (home / "intel").exists() and not (home / ".cache" / "Microsoft").exists()
+
+
+def test_a_thread_that_first_ran_torch_while_a_graph_predicted_does_not_leave_the_process_on_one() -> None:
+    """A service's thread that first ran torch while another predicted with an exported graph keeps
+    torch's count of that moment, 1; its own prediction then 'restored' 1 for the process, so every
+    later thread ran torch on one thread, and models loaded later ran their runtimes on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    started, release, seen = threading.Event(), threading.Event(), {}
+
+    def predicting() -> None:
+        with one_torch_thread():
+            started.set()
+            release.wait()
+
+    def late_thread() -> None:
+        seen["first"] = torch.get_num_threads()  # its first torch call, while the other predicts
+        release.set()
+        other.join()
+        with one_torch_thread():  # its own prediction
+            pass
+        seen["budget"] = torch_thread_budget()  # what a model it loads now gets
+
+    def new_thread() -> None:
+        seen["new"] = torch.get_num_threads()
+
+    try:
+        other = threading.Thread(target=predicting)
+        other.start()
+        started.wait()
+        for target in (late_thread, new_thread):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+        assert seen == {"first": 1, "budget": 2, "new": 2} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -197,6 +197,8 @@ def test_truncated(tmp_path, suffix):
     path.write_bytes(data[: len(data) // 2])
     _error(path, "truncated")
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    path.write_bytes(data[:100])  # cut inside its header: Pillow fails to open it, not to decode it
+    _error(path, "corrupt or truncated image (")  # no "cannot read file", which reads like permissions
 
 
 def test_over_max_pixels(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,35 @@ def test_a_pil_image_is_turned_upright_as_its_file_is(tmp_path) -> None:
         assert image.size == (30, 20)  # the caller's image is left as it is
     np.testing.assert_array_equal(from_pil, read_image(path))
     assert from_pil.shape == (30, 20, 3)
+
+
+def test_one_lazily_opened_pil_image_decoded_by_several_threads_at_once_reads_right() -> None:
+    """Image.open decodes on first use, which Pillow does not guard: eight threads predicting on
+    one such image gave a blank image's score without an error, or crashed."""
+    expected = read_image(DEMO / "hazelnut_good.jpg")
+    for _ in range(5):
+        image, start = Image.open(DEMO / "hazelnut_good.jpg"), threading.Barrier(8)
+
+        def load(_) -> np.ndarray:
+            start.wait()
+            return load_input(None, image)
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(np.array_equal(got, expected) for got in pool.map(load, range(8)))
+
+
+def test_a_malformed_url_is_an_error_item_and_the_others_go_on() -> None:
+    """urlsplit's ValueError ended the whole prediction with a traceback naming no input."""
+    items = list(expand_inputs([str(DEMO / "hazelnut_good.jpg"), "http://user:pw@[::1/x.jpg", str(DEMO)]))
+    assert [name for name, _ in items][:2] == [str(DEMO / "hazelnut_good.jpg"), "http://***@[::1/x.jpg"]
+    assert str(items[1][1]) == "http://***@[::1/x.jpg: not a valid URL (Invalid IPv6 URL)" and len(items) == 4
+
+
+def test_a_closed_pil_image_says_so() -> None:
+    image = Image.open(DEMO / "hazelnut_good.jpg")
+    image.close()
+    with pytest.raises(FlawscopeError, match=r"^PIL image: the image was closed \(PIL's Image.close\(\)\) before"):
+        load_input(None, image)
 
 
 def test_a_32_bit_integer_pil_image_made_in_memory_is_refused_not_darkened(tmp_path) -> None:

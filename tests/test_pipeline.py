@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -24,7 +25,7 @@ from flawscope import create_pipeline
 from flawscope.pipeline import get_pipeline_config
 from flawscope.cli import main
 from flawscope.errors import FlawscopeError
-from flawscope.inference.predictor import default_model_dir
+from flawscope.inference.predictor import Predictor, default_model_dir
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "flawscope" / "assets" / "demo"
 
@@ -539,7 +540,14 @@ def test_an_empty_or_falsy_device_is_refused_not_ignored(device) -> None:
                                               ({"recursive": "no"}, "recursive must be true or false")])
 def test_bad_predict_arguments_are_flawscope_errors(kwargs, fragment) -> None:
     with pytest.raises(FlawscopeError, match=fragment):
-        list(create_pipeline().predict(np.zeros((8, 8, 3), np.uint8), **kwargs))
+        create_pipeline().predict(np.zeros((8, 8, 3), np.uint8), **kwargs)  # when called, not on the first result
+
+
+def test_a_predictor_takes_device_names_as_the_configs_do() -> None:
+    """torch's own error (RuntimeError: Expected one of cpu, cuda...) for 'gpu', a traceback."""
+    assert Predictor.from_dir(None, "cpu").device == torch.device("cpu")
+    with pytest.raises(FlawscopeError, match="device: 'nonsense' is not a device; use cpu, gpu"):
+        Predictor.from_dir(None, "nonsense")
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])

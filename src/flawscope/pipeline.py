@@ -169,7 +169,11 @@ class AnomalyDetectionPipeline:
         settings, such as batch_size, are set with create_pipeline)."""
         recursive = self.recursive if recursive is None else recursive
         on_error = self.on_error if on_error is None else on_error
-        for result in self.predictor.predict(input, recursive=recursive, on_error=on_error):
+        return self._with_settings(self.predictor.predict(input, recursive=recursive, on_error=on_error))
+
+    def _with_settings(self, results: Iterator[AnomalyResult]) -> Iterator[AnomalyResult]:
+        """The results, saved as the config's ``json_arrays`` and ``save_extra`` say."""
+        for result in results:
             result.json_arrays, result.save_extra = self.json_arrays, self.save_extra
             yield result
 

@@ -96,8 +96,9 @@ def _decode(path: Path, convert: Callable[[Image.Image], np.ndarray]) -> np.ndar
         raise FlawscopeError(f"{path}: image is too large ({_one_line(exc)})") from exc
     except UnidentifiedImageError as exc:
         raise FlawscopeError(f"{path}: not an image, or a corrupt or unsupported image file") from exc
-    except OSError as exc:
-        raise FlawscopeError(f"{path}: cannot read file ({_one_line(exc)})") from exc
+    except OSError as exc:  # Pillow's own (no errno): a header cut short, e.g. "Truncated File Read"
+        what = "cannot read file" if exc.errno is not None else "corrupt or truncated image"
+        raise FlawscopeError(f"{path}: {what} ({_one_line(exc)})") from exc
     with img:
         width, height = img.size
         if width * height > MAX_PIXELS:

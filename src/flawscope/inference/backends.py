@@ -17,7 +17,9 @@ into a temporary folder, in the few seconds that export takes.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +101,50 @@ def graph_run(path: Path, backend: str, threads: int) -> GraphRun:
     return _onnxruntime(path, threads) if backend == "onnxruntime" else _openvino(path, threads)
 
 
+# Held while an exported graph predicts, so that two threads cannot interleave saving and restoring
+# torch's thread count (and leave it at one). Re-entrant: a caller may nest predictions.
+_GRAPH_LOCK = threading.RLock()
+
+
+def torch_thread_budget() -> int:
+    """torch's thread count for the process, not one a thread kept: a thread takes torch's count
+    when it first runs torch and keeps it, so one that first ran while a graph predicted elsewhere
+    (``one_torch_thread``) reads 1, and restoring or passing on that 1 left a service's later
+    threads and models on one thread. Such a count is read again in a new thread, which takes
+    the process's."""
+    with _GRAPH_LOCK:  # not while a graph predicts: the process's count is 1 then
+        threads = torch.get_num_threads()
+        if threads > 1:
+            return threads
+        found: list[int] = []
+        reader = threading.Thread(target=lambda: found.append(torch.get_num_threads()))
+        reader.start()
+        reader.join()
+        return found[0]
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread while an exported graph predicts: the runtime has its own threads, and
+    torch's idle ones spinning beside them cost 25-50% latency on a 2-core machine.
+
+    torch's thread count is per process, so exported graphs predict one at a time across a
+    process's Python threads (the runtime already uses every core it is given); torch work in
+    other threads meanwhile runs on one thread too.
+    """
+    with _GRAPH_LOCK:
+        threads = torch_thread_budget()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
 def _load_graph(path: Path, backend: str, input_size: int) -> ExportedModel:
     """The graph, run once on a blank input of ``inference.yml``'s size: a graph that does not fit
     its description (an edited ``input_size``) fails here in one line, not on the first image."""
-    threads = torch.get_num_threads()  # the same thread budget as torch (and faiss) get
+    threads = torch_thread_budget()  # the same thread budget as torch (and faiss) get
     try:
         run = graph_run(path, backend, threads)
     except Exception as exc:  # the runtimes raise their own error types for a damaged graph

@@ -13,7 +13,9 @@ import fnmatch
 import glob
 import http.client
 import os
+import re
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -38,8 +40,12 @@ RECURSIVE_HINT = "predict with recursive=True, --recursive"
 
 
 def shown_url(url: str) -> str:
-    """``url`` as it may be printed and saved: an IP camera's password masked."""
-    parts = urllib.parse.urlsplit(url)
+    """``url`` as it may be printed and saved: an IP camera's password masked (in a malformed
+    URL, whatever stands before an ``@``)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # "http://[::1/x.jpg": Invalid IPv6 URL
+        return re.sub(r"(://)[^/@]*@", r"\1***@", url, count=1)
     if parts.password is None:
         return url
     return parts._replace(netloc=f"{parts.username}:***@{parts.netloc.rpartition('@')[2]}").geturl()
@@ -139,6 +145,11 @@ def _array_to_rgb(array: np.ndarray, name: str) -> np.ndarray:
     return np.repeat(np.asarray(array)[:, :, None], 3, axis=2) if array.ndim == 2 else np.array(array[:, :, :3])
 
 
+# A PIL image opened but not loaded decodes its file on first use, unguarded: two threads predicting
+# on the same image object decoded it at once (a blank image's score without an error, or crashes).
+_PIL_LOCK = threading.Lock()
+
+
 def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
     """As a file of that mode is read: 16-bit and float images scaled by their range, not clipped."""
     if not image.width or not image.height:
@@ -149,10 +160,13 @@ def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
                              "values, I;16 for 16-bit ones")
     _check_size(image.height, image.width, name)
     try:
-        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # upright, as the same file read by path
-            image = ImageOps.exif_transpose(image)  # a copy: the caller's image stays as it is
-        return image_to_rgb(image)
+        with _PIL_LOCK:
+            if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # upright, as the same file read by path
+                image = ImageOps.exif_transpose(image)  # a copy: the caller's image stays as it is
+            return image_to_rgb(image)
     except (ValueError, OSError) as exc:
+        if str(exc) == "Operation on closed image":
+            raise FlawscopeError(f"{name}: the image was closed (PIL's Image.close()) before predicting") from None
         raise FlawscopeError(f"{name}: cannot convert a {image.mode} image to RGB ({first_line(exc)})") from None
 
 
@@ -219,6 +233,11 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
             yield text, FlawscopeError("an empty path: give an image file, directory, glob or URL")
             return
         if is_url(text):
+            try:
+                urllib.parse.urlsplit(text)
+            except ValueError as exc:  # one input, not the whole prediction: the others go on
+                yield shown_url(text), FlawscopeError(f"{shown_url(text)}: not a valid URL ({exc})")
+                return
             yield shown_url(text), text
             return
         try:
@@ -251,7 +270,8 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
                                    "tensor.permute(1, 2, 0).mul(255).round().byte().cpu().numpy())")
     elif isinstance(inputs, (bytes, bytearray, memoryview, dict)):  # iterable, but not of images
         yield None, FlawscopeError(f"cannot predict on an object of type {type(inputs).__name__}: give a path, "
-                                   "URL, numpy array or PIL image (encoded bytes: PIL.Image.open(io.BytesIO(data)))")
+                                   "URL, numpy array or PIL image (a path as bytes: os.fsdecode(path); an encoded image: "
+                                   "PIL.Image.open(io.BytesIO(data)))")
     elif isinstance(inputs, Iterable):
         for item in inputs:
             yield from expand_inputs(item, recursive)

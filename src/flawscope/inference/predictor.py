@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import AbstractContextManager, closing, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +14,12 @@ from torch import nn
 
 from flawscope.data.io import read_ahead
 from flawscope.data.transforms import Resizer, normalize
+from flawscope.device import one_device
 from flawscope.errors import FlawscopeError
-from flawscope.inference.backends import ExportedModel, load_backend
+from flawscope.inference.backends import ExportedModel, load_backend, one_torch_thread
 from flawscope.inference.inputs import expand_inputs, load_input
 from flawscope.inference.model_dir import ModelInfo
 from flawscope.inference.result import THRESHOLD, AnomalyResult
-
-# Held while an exported graph predicts, so that two threads cannot interleave saving and restoring
-# torch's thread count (and leave it at one). Re-entrant: a caller may nest predictions.
-_GRAPH_LOCK = threading.RLock()
-
 
 def default_model_dir() -> Path:
     """The bundled default model (STFPM on the CC-BY-4.0 hazelnut images), used when none is given."""
@@ -54,7 +49,9 @@ class Predictor:
     @classmethod
     def from_dir(cls, model_dir: str | Path | None = None, device: torch.device | str = "cpu",
                  backend: str = "auto", **kwargs: Any) -> "Predictor":
-        """The model of a trained or exported directory on ``backend`` (see ``inference.backends``)."""
+        """The model of a trained or exported directory on ``backend`` (see ``inference.backends``);
+        ``device`` as ``Global.device`` takes it ("cpu", "gpu:0"...)."""
+        device = one_device(device, "device") if isinstance(device, str) else device
         model, info = load_backend(model_dir or default_model_dir(), device, backend)
         if isinstance(model, nn.Module):
             for module in model.modules():  # a loaded model only predicts: fold its BatchNorms
@@ -83,25 +80,9 @@ class Predictor:
             return [(self.resizer.to_original(m, (img.shape[1], img.shape[0])), float(s))
                     for m, s, img in zip(maps, scores, images)]
 
-    @contextmanager
-    def torch_threads(self) -> Iterator[None]:
-        """One torch thread while an exported graph predicts: the runtime has its own threads, and
-        torch's idle ones spinning beside them cost 25-50% latency on a 2-core machine.
-
-        torch's thread count is per process, so exported graphs predict one at a time across a
-        process's Python threads (the runtime already uses every core it is given); torch work in
-        other threads meanwhile runs on one thread too.
-        """
-        if isinstance(self.model, nn.Module):
-            yield
-            return
-        with _GRAPH_LOCK:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                yield
-            finally:
-                torch.set_num_threads(threads)
+    def torch_threads(self) -> AbstractContextManager:
+        """``backends.one_torch_thread`` while an exported graph predicts; nothing for torch models."""
+        return nullcontext() if isinstance(self.model, nn.Module) else one_torch_thread()
 
     def result(self, image: np.ndarray, raw_map: np.ndarray, raw_score: float,
                name: str | None = None) -> AnomalyResult:
@@ -130,6 +111,9 @@ class Predictor:
             raise FlawscopeError(f"on_error must be 'result' or 'raise', not {on_error!r}")
         if not isinstance(recursive, bool):  # "no" would be true
             raise FlawscopeError(f"recursive must be true or false, not {recursive!r}")
+        return self._predict(inputs, recursive, on_error)  # checked now, not on the first next()
+
+    def _predict(self, inputs: Any, recursive: bool, on_error: str) -> Iterator[AnomalyResult]:
         pending: list[tuple[str | None, np.ndarray]] = []
         # Only inputs known up front are read ahead. Any other iterable is read as it is consumed:
         # a camera loop may refill its buffer for the next frame, or wait for a result before
