@@ -382,19 +382,20 @@ def _result_files(names: set[str]) -> set[str]:
     return found
 
 
-def unread_images(dataset: Dataset, skip: Path | None = None, say: bool = False) -> list[Path]:
+def unread_images(dataset: Dataset, skip: Path | None = None) -> list[Path]:
     """Image files under an MVTec or Folder dataset's root that none of its splits or mask folders
     reads (in a subfolder of a defect type, in a folder the layout does not know, such as NG/),
-    so that they are not left out without a word. ``skip``: a folder of the run's own output.
-    A SegDataset's lists say what it holds: none."""
+    so that they are not left out without a word. ``skip``: a folder of the run's own output
+    (absolute). A SegDataset's lists say what it holds: none."""
     if dataset.layout == "SegDataset":
         return []
     read = {os.path.abspath(s.image) for s in dataset.train + dataset.val}
     mask_roots = ([mvtec_ground_truth(dataset.root)] if dataset.layout == "MVTec"
                   else mask_dirs(dataset.root, "Folder"))
     masks = tuple(os.path.abspath(d) + os.sep for d in mask_roots if d is not None)
-    return [path for path in visible_files(dataset.root, skip, say) if is_image_file(path)
-            and os.path.abspath(path) not in read and not os.path.abspath(path).startswith(masks)]
+    root = Path(os.path.abspath(dataset.root))  # as absolute as skip is
+    return [path for path in visible_files(root, skip, say=False) if is_image_file(path)
+            and str(path) not in read and not str(path).startswith(masks)]
 
 
 def warn_unread(dataset: Dataset, output: Path) -> None:
