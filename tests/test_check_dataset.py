@@ -16,6 +16,7 @@ from flawscope.config import load_config
 from flawscope.data.check import run_check_dataset
 from flawscope.data.layouts import load_dataset, warn_unread
 from flawscope.errors import FlawscopeError
+from flawscope.logs import log_to_file, setup_console
 
 
 def _image(path: Path, value: int = 0, size: tuple[int, int] = (16, 16), mode: str = "L") -> Path:
@@ -542,3 +543,18 @@ def test_too_few_good_training_images_are_warned_of(tmp_path):
     assert any(w.startswith("only 2 good training image(s): none can be held out") for w in warnings)
     _image(root / "train" / "good" / "002.png", value=2)
     assert not any("good training image(s)" in w["problem"] for w in _run(root, tmp_path / "out")["warnings"])
+
+
+def test_a_line_break_in_a_file_name_keeps_each_log_record_on_one_line(tmp_path, capsys):
+    """The check's warnings name files: a name holding a line break split a record in two, on the
+    console and in the log file alike."""
+    root = _mvtec(tmp_path / "data")
+    _image(root / "test" / "crack" / "lot\n2" / "c.png", value=8)
+    setup_console()
+    with log_to_file(tmp_path / "check.log"):
+        _run(root, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert f"{root}/test/crack/lot\\n2/c.png: 1 image file(s) in no split" in err
+    records = (tmp_path / "check.log").read_text().splitlines()
+    assert any("lot\\n2/c.png: 1 image file(s) in no split" in line for line in records)
+    assert not any(line.startswith("2/c.png") for line in [*records, *err.splitlines()])

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from flawscope.errors import one_line
+
 log = logging.getLogger("flawscope")
 
 
@@ -25,11 +27,19 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+class _OneLine(logging.Formatter):
+    """A record is one line: a file name's tab or line break is escaped (``errors.one_line``), as
+    a name that is not UTF-8 is, which the log file could not take."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return one_line(super().formatMessage(record))
+
+
 def setup_console(level: int = logging.INFO) -> None:
     """Log lines to stderr as ``[flawscope] message``, once."""
     if not any(isinstance(h, _Stderr) for h in log.handlers):
         handler = _Stderr()
-        handler.setFormatter(logging.Formatter("[flawscope] %(message)s"))
+        handler.setFormatter(_OneLine("[flawscope] %(message)s"))
         log.addHandler(handler)
     log.setLevel(level)
 
@@ -40,7 +50,7 @@ def log_to_file(path: Path) -> Iterator[None]:
     each run's part opens with a line giving its command, so that one run can be told from the next."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(_OneLine("%(asctime)s %(levelname)s %(message)s"))
     old_level = log.level
     log.setLevel(min(log.getEffectiveLevel(), logging.INFO))  # the file gets INFO even when the console is quiet
     log.addHandler(handler)
