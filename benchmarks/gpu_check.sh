@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh DATA_ROOT OUT   # DATA_ROOT holds hazelnut_toy/ and glassfiber/
 #
 # PY (default python3) and DEVICE (default gpu) choose the interpreter and device; with DEVICE=cpu
-# and ITERS=20 the script checks itself on a CPU machine in a minute.
+# and ITERS=20 the script checks itself on a CPU machine in a few minutes (4 on 2 busy cores).
 set -uo pipefail
 DATA=${1:?DATA_ROOT}; OUT=${2:?OUT}; PY=${PY:-python3}; DEVICE=${DEVICE:-gpu}; ITERS=${ITERS:-2000}
 RUNS=${RUNS:-/tmp/flawscope_gpu_check}
