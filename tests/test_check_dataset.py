@@ -351,7 +351,8 @@ def test_images_no_split_reads_are_listed_and_warned_of(tmp_path, caplog):
     caplog.clear()
     dataset = load_dataset(folder)
     warn_unread(dataset, tmp_path / "out")
-    assert f"1 image file(s) under {folder} are in no split and not read (e.g. {folder / 'rejects/n.png'})" in caplog.text
+    unread = folder / "rejects/n.png"
+    assert f"1 image file(s) under {folder} are in no split and not read (e.g. {unread})" in caplog.text
 
 
 def test_unusable_dataset_dir_is_a_clear_error(tmp_path):

@@ -339,7 +339,8 @@ def test_tabs_and_line_breaks_in_file_names_keep_one_line_per_result(tmp_path, c
     assert captured.err.strip().splitlines()[-1].startswith(f"error: {folder}/bad\\nname.png: not an image")
     assert main(["--pipeline", "anomaly_detection", "--input", str(folder / "bad\nname.png"),
                  "--save_path", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == f"error: {folder}/bad\\nname.png: not an image, or a corrupt or unsupported image file\n"
+    assert capsys.readouterr().err == (f"error: {folder}/bad\\nname.png: not an image, or a corrupt or unsupported "
+                                       "image file\n")
 
 
 def test_one_unreadable_input_is_one_error_line_naming_it(tmp_path, capsys) -> None:

@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                    "default auto: what the model directory holds")
     p.add_argument("--model_dir", help="inference model directory (default: the bundled model)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-directories of --input")
-    p.add_argument("--get_pipeline_config", metavar="NAME", help="write the config of pipeline NAME to --save_path (- prints it)")
+    p.add_argument("--get_pipeline_config", metavar="NAME",
+                   help="write the config of pipeline NAME to --save_path (- prints it)")
     p.add_argument("--yes", action="store_true", help="overwrite an existing pipeline config without asking")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     return p

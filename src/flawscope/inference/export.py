@@ -92,7 +92,7 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
         raise FlawscopeError(f"Export: the onnx package is missing; pip install 'flawscope[{extra}]'") from None
     if fmt == "openvino":
         try:
-            import_runtime("openvino")  # export_graph converts with it
+            import_runtime("openvino")  # export_graph reads the ONNX graph into an IR with it
         except ImportError:
             raise FlawscopeError("Export.format=openvino: the openvino package is missing; "
                                  "pip install 'flawscope[openvino]'") from None

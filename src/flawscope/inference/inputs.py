@@ -270,8 +270,8 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
                                    "tensor.permute(1, 2, 0).mul(255).round().byte().cpu().numpy())")
     elif isinstance(inputs, (bytes, bytearray, memoryview, dict)):  # iterable, but not of images
         yield None, FlawscopeError(f"cannot predict on an object of type {type(inputs).__name__}: give a path, "
-                                   "URL, numpy array or PIL image (a path as bytes: os.fsdecode(path); an encoded image: "
-                                   "PIL.Image.open(io.BytesIO(data)))")
+                                   "URL, numpy array or PIL image (a path as bytes: os.fsdecode(path); an encoded "
+                                   "image: PIL.Image.open(io.BytesIO(data)))")
     elif isinstance(inputs, Iterable):
         for item in inputs:
             yield from expand_inputs(item, recursive)

@@ -21,6 +21,7 @@ from flawscope.inference.inputs import expand_inputs, load_input
 from flawscope.inference.model_dir import ModelInfo
 from flawscope.inference.result import THRESHOLD, AnomalyResult
 
+
 def default_model_dir() -> Path:
     """The bundled default model (STFPM on the CC-BY-4.0 hazelnut images), used when none is given."""
     return Path(__file__).resolve().parent.parent / "assets" / "default_model"
