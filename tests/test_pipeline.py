@@ -24,6 +24,7 @@ from PIL import Image
 from flawscope import create_pipeline
 from flawscope.pipeline import get_pipeline_config
 from flawscope.cli import main
+from flawscope.data.io import read_image
 from flawscope.errors import FlawscopeError
 from flawscope.inference.predictor import Predictor, default_model_dir
 
@@ -623,3 +624,17 @@ def test_the_quick_start_takes_a_home_folder_as_the_module_cli_does(tmp_path, mo
     monkeypatch.chdir(work)
     assert main(["--pipeline", "anomaly_detection", "--input", "~/part.jpg", "--save_path", "~/out"]) == 0
     assert (tmp_path / "out/part_res.json").is_file() and not list(work.iterdir())
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_one_pipeline_shared_by_threads_gives_the_results_of_one_by_one_runs(backend) -> None:
+    """As a service shares one pipeline among its request threads (README)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipeline = create_pipeline(backend=backend)
+    images = [read_image(path) for path in sorted(DEMO.glob("*.jpg"))] * 4
+    alone = [next(iter(pipeline.predict(image))) for image in images]
+    with ThreadPoolExecutor(4) as pool:
+        shared = list(pool.map(lambda image: next(iter(pipeline.predict(image))), images))
+    for a, b in zip(alone, shared):
+        assert a.score == b.score and np.array_equal(a.pred, b.pred) and np.allclose(a.map, b.map, atol=1e-6)
