@@ -349,3 +349,10 @@ def test_a_thread_that_first_ran_torch_while_a_graph_predicted_does_not_leave_th
         assert seen == {"first": 1, "budget": 2, "new": 2} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_export_for_one_run_does_not_name_its_temporary_folder(trained, caplog) -> None:
+    """It said 'exported ... to /tmp/flawscope_export_.../model.xml', a folder gone by the end of the run."""
+    caplog.set_level("INFO", logger="flawscope")
+    Predictor.from_dir(trained[1] / "best_model/inference", backend="onnxruntime")
+    assert "for onnxruntime, for this run only" in caplog.text and "flawscope_export_" not in caplog.text

@@ -155,7 +155,7 @@ def test_mvtec_masks_images_and_duplicates(tmp_path):
     assert attrs["images_without_masks"] == [str(root / "test" / "crack" / "000.png")]
     assert attrs["masks_without_images"] == [str(root / "ground_truth" / "crack" / "000_gt.png")]
     orphan = next(w for w in result["warnings"] if w["file"] == attrs["masks_without_images"][0])
-    assert orphan["problem"].startswith("1 mask file(s) belong to no image")  # it was in the attributes alone
+    assert orphan["problem"].startswith("1 mask file(s) belong to no image read")  # it was in the attributes alone
     assert attrs["duplicate_files"] == [
         [str(root / "train" / "good" / "001.png"), str(root / "test" / "good" / "000.png")]
     ]

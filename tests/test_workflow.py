@@ -310,6 +310,39 @@ def test_mask_of_another_size(tmp_path, capsys) -> None:
     _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out), fragment=str(mask))
 
 
+def test_a_copy_of_a_defect_image_among_the_good_ones_fails_before_training(tmp_path, capsys) -> None:
+    """check_dataset calls it a problem; training took it into the model as a good part, and the
+    defect it copies then scored 0.000 in the evaluation."""
+    data = make_mvtec(tmp_path / "data")
+    shutil.copy(data / "test/scratch/001.png", data / "train/good/999.png")
+    out = tmp_path / "out"
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out),
+                   fragment=f"{data / 'train/good/999.png'}: a defect image in the training split: the same bytes as "
+                            f"{data / 'test/scratch/001.png'} (a scratch defect in val)")
+
+
+def test_a_dataset_folder_named_as_defects_and_unread_images_are_in_the_records(tmp_path, capsys) -> None:
+    """Pointed at ng/, training took its defects for good parts without a word; the warnings of
+    images no split reads reached the console only, not train.log, evaluate.log or the result."""
+    data = make_mvtec(tmp_path / "data")
+    lot = data / "test" / "scratch" / "lot2"
+    lot.mkdir()
+    shutil.copy(data / "test/scratch/000.png", lot / "x.png")
+    out = tmp_path / "out"
+    assert _cli("Global.mode=train", *tiny_overrides(data, out, iters=1)) == 0
+    assert _cli("Global.mode=evaluate", f"Global.dataset_dir={data}", f"Global.output={out}") == 0
+    for log_file in ("train.log", "evaluate.log"):
+        assert f"{lot / 'x.png'}" in (out / log_file).read_text(), log_file
+    assert "6 training images (2 held out for calibration)" in (out / "train.log").read_text()
+    assert any("in no split and were not evaluated" in w
+               for w in json.loads((out / "evaluate_result.json").read_text())["warnings"])
+    ng = tmp_path / "ng"
+    shutil.copytree(data / "train/good", ng)
+    capsys.readouterr()
+    assert _cli("Global.mode=train", *tiny_overrides(ng, tmp_path / "out_ng", iters=1)) == 0
+    assert f"{ng}: a folder named ng read as a dataset of good images" in capsys.readouterr().err
+
+
 def test_an_image_good_in_train_and_defective_in_val_fails_before_training(tmp_path, capsys) -> None:
     data = make_mvtec(tmp_path / "data")
     goods = sorted((data / "train" / "good").glob("*.png"))

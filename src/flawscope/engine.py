@@ -85,7 +85,7 @@ def train(cfg: dict) -> dict:
 
 def evaluate(cfg: dict) -> dict:
     """Metrics, thresholds and counts to ``evaluate_result.json``; plots to ``evaluate_report/``."""
-    from flawscope.data.layouts import load_dataset, warn_unread
+    from flawscope.data.layouts import load_dataset
     from flawscope.evaluation.evaluate import evaluate_model
     from flawscope.inference.predictor import Predictor
 
@@ -100,7 +100,6 @@ def evaluate(cfg: dict) -> dict:
     dataset = load_dataset(cfg["Global"]["dataset_dir"], cfg["CheckDataset"]["dataset_type"], require_train=False)
     if not dataset.val:
         raise FlawscopeError(f"{dataset.root}: no validation/test images to evaluate on")
-    warn_unread(dataset, Path(cfg["Global"]["output"]))
     predictor = Predictor.from_dir(model_dir, device, cfg["Evaluate"]["backend"])
     return evaluate_model(predictor, dataset, Path(cfg["Global"]["output"]), model_dir)
 

@@ -165,8 +165,9 @@ def check_dataset(
     images = {item.image for items in splits.values() for item in items}
     orphans = _masks_without_images(root, layout, found.used_masks, images)
     if orphans:  # often a mask named unlike its image, which then counts as having none
-        found.warning(orphans[0], f"{len(orphans)} mask file(s) belong to no image (this one, and the others in "
-                      "masks_without_images): a misnamed mask leaves its image without one")
+        found.warning(orphans[0], f"{len(orphans)} mask file(s) belong to no image read (this one, and the others "
+                      "in masks_without_images): a misnamed mask leaves its image without one, and an image in no "
+                      "split (images_not_read) is not read with its mask")
     unread = _unread(root, layout, Path(output).absolute(), found)
     histogram = Path(output) / CHECK_DIR / "histogram.png"
     _histogram(found.counts, histogram, f"{root.name} ({layout})")

@@ -240,16 +240,34 @@ def unique_images(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Sampl
     first: dict[bytes, Sample] = {}
     unique, copies = [], []
     for sample in samples:
-        try:
-            digest = _digest(sample.image)
-        except OSError as exc:
-            raise FlawscopeError(f"{sample.image}: cannot read file ({exc.strerror or exc})") from None
+        digest = _sample_digest(sample)
         if digest in first:
             copies.append((sample, first[digest]))
         else:
             first[digest] = sample
             unique.append(sample)
     return unique, copies
+
+
+def defect_copy(train: list[Sample], val: list[Sample]) -> tuple[Sample, Sample] | None:
+    """(a training image, the defect image of ``val`` it is a byte-for-byte copy of): a defect
+    filed under good/ as well, which training would take for a good part; None if there is none."""
+    defects: dict[bytes, Sample] = {}
+    for sample in val:
+        if sample.label:
+            defects.setdefault(_sample_digest(sample), sample)
+    if defects:
+        for sample in train:
+            if (defect := defects.get(_sample_digest(sample))) is not None:
+                return sample, defect
+    return None
+
+
+def _sample_digest(sample: Sample) -> bytes:
+    try:
+        return _digest(sample.image)
+    except OSError as exc:
+        raise FlawscopeError(f"{sample.image}: cannot read file ({exc.strerror or exc})") from None
 
 
 def _digest(path: Path) -> bytes:
@@ -272,6 +290,9 @@ def load_dataset(
     name = detect_layout(root, layout)
     _, load, needs = _LAYOUTS[name]
     train, val = load(root)
+    if name == "Folder" and root.resolve().name.lower() in _ABNORMAL_DIRS:
+        log.warning("%s: a folder named %s read as a dataset of good images: its images train as good parts (point "
+                    "Global.dataset_dir at the folder holding it)", root, root.resolve().name)
     if require_train and not train:
         raise FlawscopeError(f"{root}: no training images found ({name} layout expects {needs})")
     return Dataset(root, name, train, val)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from flawscope.atomic import write_atomic
 from flawscope.data.io import read_ahead, read_image, read_mask_values
-from flawscope.data.layouts import Dataset, Sample, check_headers
+from flawscope.data.layouts import Dataset, Sample, check_headers, unread_images
 from flawscope.evaluation import metrics
 from flawscope.inference.model_dir import Calibration
 from flawscope.inference.predictor import Predictor
@@ -302,6 +302,10 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
         if shift:
             result["warnings"].append(shift)
         result["warnings"] += mask_warnings(outcomes)
+        unread = unread_images(dataset, output.absolute())
+        if unread:  # a lot of defects in a subfolder, never evaluated: the record must say so
+            result["warnings"].append(f"{len(unread)} image file(s) under {dataset.root} are in no split and were "
+                                      f"not evaluated (e.g. {unread[0]}); check_dataset lists them")
         result["report"] = str(write_report(output / REPORT_DIR, result, collected, predictor))
         write_atomic(output / "evaluate_result.json", json.dumps(result, indent=2).encode())
         m = result["metrics"]

@@ -252,7 +252,7 @@ def _load_backend(model_dir: Path, device: torch.device | str,
         return loaded, info
     if not (model_dir / WEIGHTS_FILE).is_file():
         raise FlawscopeError(f"{model_dir}: no {graph.name} for backend {backend}, and no {WEIGHTS_FILE} to export it from")
-    log.info("exporting %s for %s", model_dir, backend)
-    with tempfile.TemporaryDirectory(prefix="flawscope_export_") as tmp:
-        export_model(model_dir, tmp, "openvino" if backend == "openvino" else "onnx")
+    log.info("exporting %s for %s, for this run only (Global.mode=export keeps an export)", model_dir, backend)
+    with tempfile.TemporaryDirectory(prefix="flawscope_export_") as tmp:  # gone when loaded: not told as a place
+        export_model(model_dir, tmp, "openvino" if backend == "openvino" else "onnx", say=False)
         return _load_graph(Path(tmp) / graph.name, backend, info.input_size), info

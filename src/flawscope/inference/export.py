@@ -82,9 +82,9 @@ def export_graph(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], inpu
     return target
 
 
-def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -> dict:
+def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx", say: bool = True) -> dict:
     """Write ``output/model.onnx`` (``fmt="onnx"``) or ``output/model.xml`` + ``.bin``
-    (``fmt="openvino"``), and ``output/inference.yml``."""
+    (``fmt="openvino"``), and ``output/inference.yml``. ``say``: log where they went."""
     try:
         import onnx  # noqa: F401 - torch's exporter needs it
     except ImportError:
@@ -132,5 +132,6 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx") -
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(output.iterdir()):  # a failed export leaves no empty folder
             output.rmdir()
-    log.info("exported %s to %s", model_dir, output / name)
+    if say:
+        log.info("exported %s to %s", model_dir, output / name)
     return {"done_flag": True, "format": fmt, "model_file": str(output / name)}

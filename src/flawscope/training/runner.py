@@ -30,7 +30,8 @@ from flawscope.atomic import output_lock, write_atomic
 from flawscope.data.io import read_image
 from flawscope.backbones import backbone_spec
 from flawscope.config import SCHEMA, check_value, dump_config
-from flawscope.data.layouts import Dataset, Sample, check_headers, load_dataset, unique_images, warn_unread
+from flawscope.data.layouts import (Dataset, Sample, check_headers, defect_copy, load_dataset, unique_images,
+                                    warn_unread)
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
 from flawscope.errors import FlawscopeError
@@ -68,8 +69,6 @@ def train(cfg: dict, world: World) -> dict:
     if not g["dataset_dir"]:
         raise FlawscopeError("Global.dataset_dir: required for training (-o Global.dataset_dir=PATH)")
     dataset = load_dataset(g["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
-    if world.is_main:
-        warn_unread(dataset, Path(g["output"]))
     defects = [s for s in dataset.train if s.label]
     as_defect = {os.path.abspath(s.image): s for s in dataset.val if s.label}
     for sample in dataset.train:
@@ -82,6 +81,11 @@ def train(cfg: dict, world: World) -> dict:
         raise FlawscopeError(f"{defects[0].image}: a defect image in the training split{more}: its mask "
                              f"{defects[0].mask} marks a defect, and anomaly detection trains on good images only; "
                              "list it in val.txt (CheckDataset.split moves defect images there)")
+    copied = defect_copy(dataset.train, dataset.val)
+    if copied is not None:  # check_dataset calls it a problem; training took it for a good part
+        raise FlawscopeError(f"{copied[0].image}: a defect image in the training split: the same bytes as "
+                             f"{copied[1].image} (a {copied[1].defect_type} defect in val); anomaly detection "
+                             "trains on good images only")
     train_samples, copies = unique_images(dataset.train)
     fit_samples, calib_samples = split_calibration(train_samples, t["calibration_fraction"], g["seed"])
     calib_set = calibration_set(t, dataset, calib_samples, fit_samples)  # fails here, not after training
@@ -98,8 +102,6 @@ def train(cfg: dict, world: World) -> dict:
     model, info = base or _new_model(cfg)  # reads the backbone's weights before anything is written
     if resume is not None:
         check_fits(resume, model)
-    log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
-             dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
     images = load_training_images(fit_samples, resizer)  # reads every image before anything is written
     if resume is not None and resume.meta.get("train_images_digest") not in (None, _images_digest(images)):
         raise FlawscopeError(f"Train.resume_path: {resume.path} was trained on other images than this run's "
@@ -146,6 +148,9 @@ def train(cfg: dict, world: World) -> dict:
             write_atomic(output / "train_result.json",
                          json.dumps({"done_flag": False, "model_name": g["model"]}, indent=2).encode())
             dump_config(cfg, output / "config.yaml")
+            warn_unread(dataset, output)
+        log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
+                 dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
         if copies:
             copy, original = copies[0]
             log.warning("%d training images are copies of others (%s of %s%s): each image is used once",
