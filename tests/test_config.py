@@ -59,7 +59,7 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     assert cfg["Model"]["smooth_sigma"] == 4.0
     assert set(cfg["Train"]) == {name for name, key in SCHEMA["Train"].items() if "STFPM" in key.used_by}
     assert cfg["Export"] == {"weight_path": None, "format": "onnx"}
-    assert cfg["Predict"] == {"model_dir": None, "input": None, "batch_size": 1, "backend": "auto"}
+    assert cfg["Predict"] == {"model_dir": None, "input": None, "batch_size": 1, "backend": "auto", "recursive": False}
     # PatchCore-only keys stay absent from an STFPM config, defaults or not.
     assert "coreset_ratio" not in cfg["Model"] and "search" not in cfg["Model"] and "add_normals" not in cfg["Train"]
 

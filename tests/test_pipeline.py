@@ -574,14 +574,17 @@ def test_a_file_name_that_is_not_utf8_is_predicted_and_saved(tmp_path, capsys) -
     assert "caf\\udce9.jpg\tscore=" in capsys.readouterr().out
 
 
-def test_a_folder_of_folders_in_module_mode_is_told_the_recursive_glob(tmp_path, capsys) -> None:
-    """-c refuses --recursive, so its hint is the recursive glob."""
+def test_a_folder_of_folders_in_module_mode_is_told_its_recursive_key(tmp_path, capsys) -> None:
+    """-c refuses --recursive, so its hint is Predict.recursive, which descends (the module config had none)."""
     (tmp_path / "in" / "lot1").mkdir(parents=True)
     (tmp_path / "in" / "lot1" / "a.jpg").write_bytes((DEMO / "hazelnut_good.jpg").read_bytes())
-    assert main(["-c", "STFPM", "-o", "Global.mode=predict", "-o", f"Predict.input={tmp_path / 'in'}",
-                 "-o", f"Global.output={tmp_path / 'out'}"]) == 2
+    predict = ["-c", "STFPM", "-o", "Global.mode=predict", "-o", f"Predict.input={tmp_path / 'in'}",
+               "-o", f"Global.output={tmp_path / 'out'}"]
+    assert main(predict) == 2
     err = capsys.readouterr().err
-    assert f"-o 'Predict.input={tmp_path / 'in'}/**/*'" in err and "--recursive" not in err
+    assert "-o Predict.recursive=true" in err and "--recursive" not in err
+    assert main([*predict, "-o", "Predict.recursive=true"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_res.json", "a_res.png"]
 
 
 @pytest.mark.parametrize("name", [["anomaly_detection"], {"anomaly_detection": None}])

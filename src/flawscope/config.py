@@ -144,6 +144,7 @@ SCHEMA: dict[str, Any] = {
         "input": Key(str, None, nullable=True, path=True),
         "batch_size": Key(int, 1, ge=1),
         "backend": Key(str, "auto", choices=BACKENDS),
+        "recursive": Key(bool, False),
     },
 }
 

@@ -116,15 +116,16 @@ def predict(cfg: dict) -> dict:
                     "bundled default model (STFPM, hazelnuts only)", cfg["Global"]["output"])
     predictor = Predictor.from_dir(model_dir, one_device(cfg["Global"]["device"]), p["backend"],
                                    batch_size=p["batch_size"])
-    warn_if_saved_among_inputs(p["input"], Path(cfg["Global"]["output"]))
-    return save_results(_module_hints(predictor.predict(p["input"])), Path(cfg["Global"]["output"]))
+    warn_if_saved_among_inputs(p["input"], Path(cfg["Global"]["output"]), p["recursive"])
+    results = predictor.predict(p["input"], recursive=p["recursive"])
+    return save_results(_module_hints(results), Path(cfg["Global"]["output"]))
 
 
 def _module_hints(results: Iterable[AnomalyResult]) -> Iterator[AnomalyResult]:
-    """-c takes no --recursive: a folder holding only folders is told the recursive glob instead."""
+    """-c takes no --recursive: a folder holding only folders is told its config key instead."""
     for res in results:
         if res.error and RECURSIVE_HINT in res.error:
-            res.error = res.error.replace(RECURSIVE_HINT, f"-o 'Predict.input={res.input_path}/**/*'")
+            res.error = res.error.replace(RECURSIVE_HINT, "-o Predict.recursive=true")
         yield res
 
 
