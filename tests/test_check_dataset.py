@@ -14,7 +14,7 @@ from PIL import Image
 
 from flawscope.config import load_config
 from flawscope.data.check import run_check_dataset
-from flawscope.data.layouts import load_dataset, warn_unread
+from flawscope.data.layouts import load_dataset, warn_before_training
 from flawscope.errors import FlawscopeError
 from flawscope.logs import log_to_file, setup_console
 
@@ -350,7 +350,7 @@ def test_images_no_split_reads_are_listed_and_warned_of(tmp_path, caplog):
     assert result["attributes"]["images_not_read"] == [str(folder / "rejects/n.png")]
     caplog.clear()
     dataset = load_dataset(folder)
-    warn_unread(dataset, tmp_path / "out")
+    warn_before_training(dataset, tmp_path / "out")
     unread = folder / "rejects/n.png"
     assert f"1 image file(s) under {folder} are in no split and not read (e.g. {unread})" in caplog.text
 

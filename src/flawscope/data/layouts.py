@@ -290,9 +290,6 @@ def load_dataset(
     name = detect_layout(root, layout)
     _, load, needs = _LAYOUTS[name]
     train, val = load(root)
-    if name == "Folder" and root.resolve().name.lower() in _ABNORMAL_DIRS:
-        log.warning("%s: a folder named %s read as a dataset of good images: its images train as good parts (point "
-                    "Global.dataset_dir at the folder holding it)", root, root.resolve().name)
     if require_train and not train:
         raise FlawscopeError(f"{root}: no training images found ({name} layout expects {needs})")
     return Dataset(root, name, train, val)
@@ -419,8 +416,12 @@ def unread_images(dataset: Dataset, skip: Path | None = None) -> list[Path]:
             and str(path) not in read and not str(path).startswith(masks)]
 
 
-def warn_unread(dataset: Dataset, output: Path) -> None:
-    """Say in one line that some of the dataset's images are not read (check_dataset lists them)."""
+def warn_before_training(dataset: Dataset, output: Path) -> None:
+    """Say in one line each what training will not see (images in no split: check_dataset lists
+    them) or will take for what it is not (a Folder dataset named as a folder of defects)."""
+    if dataset.layout == "Folder" and dataset.root.resolve().name.lower() in _ABNORMAL_DIRS:
+        log.warning("%s: a folder named %s read as a dataset of good images: its images train as good parts (point "
+                    "Global.dataset_dir at the folder holding it)", dataset.root, dataset.root.resolve().name)
     unread = unread_images(dataset, Path(os.path.abspath(output)))
     if unread:
         log.warning("%d image file(s) under %s are in no split and not read (e.g. %s); check_dataset lists them",

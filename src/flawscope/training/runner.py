@@ -31,7 +31,7 @@ from flawscope.data.io import read_image
 from flawscope.backbones import backbone_spec
 from flawscope.config import SCHEMA, check_value, dump_config
 from flawscope.data.layouts import (Dataset, Sample, check_headers, defect_copy, load_dataset, unique_images,
-                                    warn_unread)
+                                    warn_before_training)
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
 from flawscope.errors import FlawscopeError
@@ -148,7 +148,7 @@ def train(cfg: dict, world: World) -> dict:
             write_atomic(output / "train_result.json",
                          json.dumps({"done_flag": False, "model_name": g["model"]}, indent=2).encode())
             dump_config(cfg, output / "config.yaml")
-            warn_unread(dataset, output)
+            warn_before_training(dataset, output)
         log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
                  dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
         if copies:
