@@ -240,34 +240,16 @@ def unique_images(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Sampl
     first: dict[bytes, Sample] = {}
     unique, copies = [], []
     for sample in samples:
-        digest = _sample_digest(sample)
+        try:
+            digest = _digest(sample.image)
+        except OSError as exc:
+            raise FlawscopeError(f"{sample.image}: cannot read file ({exc.strerror or exc})") from None
         if digest in first:
             copies.append((sample, first[digest]))
         else:
             first[digest] = sample
             unique.append(sample)
     return unique, copies
-
-
-def defect_copy(train: list[Sample], val: list[Sample]) -> tuple[Sample, Sample] | None:
-    """(a training image, the defect image of ``val`` it is a byte-for-byte copy of): a defect
-    filed under good/ as well, which training would take for a good part; None if there is none."""
-    defects: dict[bytes, Sample] = {}
-    for sample in val:
-        if sample.label:
-            defects.setdefault(_sample_digest(sample), sample)
-    if defects:
-        for sample in train:
-            if (defect := defects.get(_sample_digest(sample))) is not None:
-                return sample, defect
-    return None
-
-
-def _sample_digest(sample: Sample) -> bytes:
-    try:
-        return _digest(sample.image)
-    except OSError as exc:
-        raise FlawscopeError(f"{sample.image}: cannot read file ({exc.strerror or exc})") from None
 
 
 def _digest(path: Path) -> bytes:

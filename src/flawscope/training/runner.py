@@ -30,7 +30,7 @@ from flawscope.atomic import output_lock, write_atomic
 from flawscope.data.io import read_image
 from flawscope.backbones import backbone_spec
 from flawscope.config import SCHEMA, check_value, dump_config
-from flawscope.data.layouts import (Dataset, Sample, check_headers, defect_copy, load_dataset, unique_images,
+from flawscope.data.layouts import (Dataset, Sample, check_headers, load_dataset, unique_images,
                                     warn_before_training)
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
@@ -81,12 +81,16 @@ def train(cfg: dict, world: World) -> dict:
         raise FlawscopeError(f"{defects[0].image}: a defect image in the training split{more}: its mask "
                              f"{defects[0].mask} marks a defect, and anomaly detection trains on good images only; "
                              "list it in val.txt (CheckDataset.split moves defect images there)")
-    copied = defect_copy(dataset.train, dataset.val)
-    if copied is not None:  # check_dataset calls it a problem; training took it for a good part
+    # One read of each file finds the training images that copy others, and those that copy a defect
+    # image (check_dataset calls that a problem; training took it for a good part).
+    unique, copies = unique_images([s for s in dataset.val if s.label] + dataset.train)
+    copied = next(((copy, original) for copy, original in copies if original.label and not copy.label), None)
+    if copied is not None:
         raise FlawscopeError(f"{copied[0].image}: a defect image in the training split: the same bytes as "
                              f"{copied[1].image} (a {copied[1].defect_type} defect in val); anomaly detection "
                              "trains on good images only")
-    train_samples, copies = unique_images(dataset.train)
+    train_samples = [s for s in unique if not s.label]
+    copies = [(copy, original) for copy, original in copies if not copy.label]  # among the training images
     fit_samples, calib_samples = split_calibration(train_samples, t["calibration_fraction"], g["seed"])
     calib_set = calibration_set(t, dataset, calib_samples, fit_samples)  # fails here, not after training
     base = load_model_dir(t["add_normals"]) if t.get("add_normals") else None  # a model whose bank grows (PatchCore)
