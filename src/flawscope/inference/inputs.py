@@ -233,12 +233,13 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
             yield text, FlawscopeError("an empty path: give an image file, directory, glob or URL")
             return
         if is_url(text):
+            shown = shown_url(text)
             try:
                 urllib.parse.urlsplit(text)
             except ValueError as exc:  # one input, not the whole prediction: the others go on
-                yield shown_url(text), FlawscopeError(f"{shown_url(text)}: not a valid URL ({exc})")
-                return
-            yield shown_url(text), text
+                yield shown, FlawscopeError(f"{shown}: not a valid URL ({exc})")
+            else:
+                yield shown, text
             return
         try:
             is_file, is_dir = path.is_file(), path.is_dir()
