@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one go: PatchCore's search and coreset against the CPU's,
 # the benchmark (train, evaluate, latency, GPU memory) of both models on GPU, the quick start and
-# a resumed training on GPU, an export of a GPU-trained model, and an STFPM run at 512x512 that
-# the CPU is too slow for.
+# a resumed training on GPU, an export of a GPU-trained model, an STFPM run at 512x512 that
+# the CPU is too slow for, normal images added to a PatchCore bank, and one pipeline shared by threads.
 #
 #   bash benchmarks/gpu_check.sh DATA_ROOT OUT   # DATA_ROOT holds hazelnut_toy/ and glassfiber/
 #
@@ -57,9 +57,11 @@ fs "${common[@]}" -o Global.mode=train -o Global.output="$RUNS/resume_a" | tail 
 fs "${common[@]}" -o Global.mode=train -o Global.output="$RUNS/resume_b" \
    -o Train.resume_path="$RUNS/resume_a/iter_20" | tail -n 2
 
-step "export the GPU-trained glassfiber STFPM model to ONNX and predict with it"
+step "export the GPU-trained glassfiber STFPM model to ONNX and evaluate the export on the CPU"
 fs -c configs/STFPM.yaml -o Global.mode=export -o Global.device="$DEVICE" \
    -o Global.output="$RUNS/bench/glassfiber/STFPM" && ls -l "$RUNS/bench/glassfiber/STFPM/export"
+fs -c configs/STFPM.yaml -o Global.mode=evaluate -o Global.device=cpu -o Global.dataset_dir="$DATA/glassfiber" \
+   -o Evaluate.weight_path="$RUNS/bench/glassfiber/STFPM/export" -o Global.output="$RUNS/onnx_eval" | tail -n 3
 
 step "STFPM on glassfiber at 512x512 (evaluated every 250 iterations), on $DEVICE"
 start=$(date +%s)
@@ -68,6 +70,29 @@ fs -c configs/STFPM.yaml -o Global.mode=train -o Global.device="$DEVICE" -o Glob
    -o Global.output="$RUNS/stfpm512" | tail -n 1
 echo "wall $(( $(date +%s) - start )) s"
 cp "$RUNS/stfpm512/train_result.json" "$OUT/stfpm512_train_result.json" 2>/dev/null
+
+step "PatchCore trained on $DEVICE on half of hazelnut_toy's good images, then the other half added to its bank"
+for half in a b; do mkdir -p "$RUNS/half_$half/train/good"; cp -r "$DATA/hazelnut_toy/test" "$DATA/hazelnut_toy/ground_truth" "$RUNS/half_$half/"; done
+half=a; for f in "$DATA"/hazelnut_toy/train/good/*; do cp "$f" "$RUNS/half_$half/train/good/"; half=$([ $half = a ] && echo b || echo a); done
+pc=(-c configs/PatchCore.yaml -o Global.mode=train -o Global.device="$DEVICE")
+fs "${pc[@]}" -o Global.dataset_dir="$RUNS/half_a" -o Global.output="$RUNS/pc_a" | tail -n 1
+fs "${pc[@]}" -o Global.dataset_dir="$RUNS/half_b" -o Global.output="$RUNS/pc_b" \
+   -o Train.add_normals="$RUNS/pc_a/best_model/inference" | tail -n 1
+
+step "one pipeline on $DEVICE shared by 4 threads: the scores of one-by-one runs"
+"$PY" - "$DEVICE" "$DATA/hazelnut_toy/test" <<'PY'
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from flawscope import create_pipeline
+files = sorted(str(f) for f in Path(sys.argv[2]).rglob("*") if f.is_file())
+pipeline = create_pipeline("anomaly_detection", device=sys.argv[1])
+alone = [r.raw_score for r in pipeline.predict(files)]
+with ThreadPoolExecutor(4) as pool:
+    shared = list(pool.map(lambda f: next(iter(pipeline.predict(f))).raw_score, files * 3))
+gap = max(abs(a - b) for a, b in zip(alone * 3, shared))
+print(f"{len(shared)} predictions from 4 threads: largest score difference to one-by-one runs {gap:.1e}")
+PY
 
 step done
 cat "$OUT/benchmark.md" 2>/dev/null
