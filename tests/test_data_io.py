@@ -370,3 +370,18 @@ def test_read_ahead_depth_zero_loads_in_the_callers_thread_when_handed_out():
     assert next(items)[1].result() == -2 and len(started) == 3
     with pytest.raises(ValueError, match="depth"):
         next(read_ahead(load, range(3), depth=-1))
+
+
+def test_models_load_and_files_hash_without_python_3_11s_hashlib(monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    """The package supports Python 3.10, whose hashlib has no ``file_digest``: loading any model
+    (its files' digests are checked) raised AttributeError there, the quick start included."""
+    import hashlib
+
+    from flawscope.inference.predictor import Predictor
+
+    monkeypatch.delattr(hashlib, "file_digest", raising=False)
+    data = bytes(range(256)) * 9000  # over one read chunk
+    (tmp_path / "f.bin").write_bytes(data)
+    assert fio.file_sha256(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
+    assert Predictor.from_dir().info.model == "STFPM"  # the bundled model, its digest checked

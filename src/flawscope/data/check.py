@@ -10,7 +10,6 @@ no recognisable layout) raises ``FlawscopeError``.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from flawscope.atomic import write_atomic
 from flawscope.data.convert import convert_dataset
-from flawscope.data.io import is_image_file, read_image, read_mask_values
+from flawscope.data.io import file_sha256, is_image_file, read_image, read_mask_values
 from flawscope.data.layouts import (DEFECT, GOOD, annotation_source, detect_layout, header_size, load_dataset,
                                     mask_dirs, mvtec_train_dir, read_lines, unread_images)
 from flawscope.data.split import split_dataset
@@ -346,7 +345,7 @@ def _check_item(
         )
     found.counts[split][defect_type] += 1
     if image is not None:
-        found.by_digest.setdefault(_digest(item.image), []).append((split, defect_type, item.image))
+        found.by_digest.setdefault(file_sha256(item.image), []).append((split, defect_type, item.image))
     return image, mask, defect_type
 
 
@@ -380,16 +379,6 @@ def _check_mask(
 def _reason(exc: FlawscopeError, path: Path) -> str:
     """The message of an io error without its leading path, which the report names apart."""
     return str(exc).removeprefix(f"{path}: ")
-
-
-def _digest(path: Path) -> str:
-    """SHA-256 of the file's bytes, read in chunks: identical files are duplicates.
-    (``hashlib.file_digest`` would do, but needs Python 3.11 and we support 3.10.)"""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _duplicates(found: _Findings) -> list[list[str]]:

@@ -1,4 +1,4 @@
-"""Reading images and defect masks from disk, whatever the file's mode.
+"""Reading images and defect masks from disk, whatever the file's mode (and files' digests).
 
 Everything downstream (transforms, models, metrics) assumes HxWx3 uint8 RGB images and HxW
 bool masks, so every conversion from what real inspection cameras and annotation tools write
@@ -9,6 +9,7 @@ Every problem with a file becomes one ``FlawscopeError("<path>: <problem>")``.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import queue
 import threading
@@ -151,6 +152,15 @@ def _to_uint8(img: Image.Image) -> np.ndarray:
             raise ValueError(f"{bits}-bit integer pixel values up to {peak:.0f}: on a {bits}-bit scale the image "
                              "reads black; save it as 16-bit")
     return np.rint(np.clip(values, 0.0, full_scale) * (255.0 / full_scale)).astype(np.uint8)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The hex SHA-256 of a file's bytes, read in chunks (``hashlib.file_digest`` needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def is_url(text: str) -> bool:

@@ -82,7 +82,7 @@ def _fetch(url: str) -> bytes:
         if expected.isdigit() and int(expected) > URL_MAX_BYTES:  # said before a byte is read
             raise FlawscopeError(f"{shown_url(url)}: larger than {URL_MAX_BYTES >> 20} MB")
         sock = getattr(getattr(response.fp, "raw", None), "_sock", None)  # where http.client keeps it
-        while True:
+        while not response.isclosed():  # closed once the body's Content-Length is read (and its socket with it)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise late

@@ -38,6 +38,7 @@ from torch import nn
 from flawscope import __version__
 from flawscope.atomic import staging_path, swap_in
 from flawscope.config import MAX_INPUT_SIZE, MODELS, SCHEMA, check_value, load_yaml, yaml_problem
+from flawscope.data.io import file_sha256
 from flawscope.data.transforms import RESIZE_MODES
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
@@ -193,8 +194,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 def file_digest(path: Path) -> str:
     """``sha256:`` and the file's SHA-256, as ``inference.yml``'s ``files`` lists them."""
-    with open(path, "rb") as f:
-        return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+    return "sha256:" + file_sha256(path)
 
 
 def check_files(model_dir: Path, info: ModelInfo, names: list[str]) -> None:
