@@ -65,6 +65,29 @@ def test_exported_graphs_decide_like_torch(trained, patchcore_dir, model) -> Non
         _assert_same_results(expected, list(predictor.predict(images)))
 
 
+def test_an_exported_patchcore_holds_its_bank_once(patchcore_dir, tmp_path, monkeypatch) -> None:
+    """The search runs over chunks of patches; the exporter did not recognise the bank buffers in
+    the state dict (saved as float16 copies), so it embedded the bank once per chunk: a 92k-entry
+    bank made a 5 GB graph that OpenVINO needed 11 GB to run."""
+    import onnx
+    from onnx import numpy_helper
+
+    import flawscope.models.knn as knn
+
+    _, model_dir = patchcore_dir
+    model = Predictor.from_dir(model_dir, backend="torch").model
+    entries, channels = model.memory_bank.shape
+    monkeypatch.setattr(knn, "CHUNK_ELEMENTS", entries * 50)  # 50 patches a chunk: 6 chunks of the 256 an image
+    export_model(model_dir, tmp_path)
+    graph = onnx.load(str(tmp_path / "model.onnx"))
+    tensors = [numpy_helper.to_array(t) for t in graph.graph.initializer]
+    tensors += [numpy_helper.to_array(n.attribute[0].t) for n in graph.graph.node if n.op_type == "Constant"]
+    assert sum(t.shape in ((entries, channels), (channels, entries)) for t in tensors) == 1
+    expected = list(Predictor.from_dir(model_dir, backend="torch").predict(_images(patchcore_dir[0])[:4]))
+    _assert_same_results(expected, list(Predictor.from_dir(tmp_path, backend="onnxruntime").predict(
+        _images(patchcore_dir[0])[:4])))
+
+
 def test_torch_runs_single_threaded_only_while_a_graph_predicts(trained, monkeypatch) -> None:
     """The runtime's threads must not compete with torch's; afterwards, even after an error, torch
     has its own count back."""
@@ -137,6 +160,15 @@ def test_an_exported_directory_predicts_and_evaluates_like_the_trained_one(train
     metrics = [json.loads((runs[n] / "evaluate_result.json").read_text())["metrics"] for n in ("torch", "exported")]
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert metrics[1][key] == pytest.approx(metrics[0][key], abs=1e-3)
+    if fmt == "onnx":  # OpenVINO runs an ONNX export as it is (it was refused: "no model.xml for backend openvino")
+        predictor = Predictor.from_dir(exported, backend="openvino")
+        assert predictor.model.backend == "openvino"
+        onnxruntime = {r["input_path"]: r for r in map(json.loads, map(Path.read_text, runs["exported"].glob("*_res.json")))}
+        got = list(predictor.predict(_images(dataset)))
+        assert sorted(r.input_path for r in got) == sorted(onnxruntime)
+        for r in got:
+            assert r.is_anomaly == onnxruntime[r.input_path]["is_anomaly"]
+            assert r.score == pytest.approx(onnxruntime[r.input_path]["score"], abs=1e-4)
 
 
 def test_quick_start_with_a_backend(trained, tmp_path, capsys, monkeypatch) -> None:

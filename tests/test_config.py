@@ -17,6 +17,7 @@ from flawscope.config import (
     shipped_configs,
 )
 from flawscope.errors import FlawscopeError
+from flawscope.training.runner import model_config_from
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +82,15 @@ def test_a_training_config_that_leaves_out_newer_keys_is_told_what_it_gets(caplo
     load_config("STFPM", ["Global.mode=train"])
     load_config(mine, ["Global.mode=predict"])  # only training reads them
     assert not [r for r in caplog.records if "leaves out" in r.getMessage()]
+    # A PatchCore config of the first releases: it was refused (global_score "required") right after this warning.
+    shipped = yaml.safe_load(Path(resolve_config_path("PatchCore")).read_text())
+    for key in ("global_score", "global_grid", "global_strides"):
+        del shipped["Model"][key]
+    mine.write_text(yaml.safe_dump(shipped))
+    cfg = load_config(mine, ["Global.mode=train"])
+    assert "global_score" not in cfg["Model"] and not model_config_from("PatchCore", cfg["Model"]).get("global_score")
+    (warning,) = [r.getMessage() for r in caplog.records if "leaves out" in r.getMessage()]
+    assert "Model.global_score (unset; shipped: true), Model.global_grid (1; shipped: 4)" in warning
 
 
 def test_a_key_of_the_other_model_is_ignored_with_a_warning(caplog, tmp_path) -> None:

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from scipy import special, stats
@@ -182,6 +183,32 @@ def test_save_load_round_trip(fitted, tmp_path):
     assert torch.equal(older.bank_neighbors, fitted.bank_neighbors)
     for a, b in zip(older.map_and_score(x), fitted.map_and_score(x)):
         assert torch.equal(a, b)
+
+
+def test_a_model_saved_before_the_image_level_score_loads_and_scores_as_it_did(fitted, tmp_path):
+    """PatchCore folders of the first releases hold no image bank buffers; they were refused as
+    weights that do not fit. Without ``global_score`` the model scores with the patches alone."""
+    assert not fitted.global_score and len(fitted.image_bank) == 0
+    info = ModelInfo(model="PatchCore", model_config=fitted.config(), input_size=SIZE, resize_mode="resize",
+                     mean=list(MEAN), std=list(STD), calibration=Calibration(1.0, 0.5, 1.0, 0.5))
+    save_model_dir(tmp_path / "pc", fitted, info)
+    state = load_file(str(tmp_path / "pc" / "model.safetensors"))
+    for name in ("image_bank", "reference_scores", "score_reference", "reference_counts", "bank_neighbors"):
+        del state[name]
+    save_file(state, str(tmp_path / "pc" / "model.safetensors"))
+    meta = yaml.safe_load((tmp_path / "pc" / "inference.yml").read_text())
+    for key in ("global_score", "global_grid", "global_strides"):
+        del meta["model_config"][key]
+    (tmp_path / "pc" / "inference.yml").write_text(yaml.safe_dump(meta))
+    written_before_digests(tmp_path / "pc")
+    older, _ = load_model_dir(tmp_path / "pc")
+    x = norm(textures("checks", [0, 3], 3))
+    for a, b in zip(older.map_and_score(x), fitted.map_and_score(x)):
+        assert torch.equal(a, b)
+    state.update(image_bank=fitted.image_bank, reference_scores=torch.zeros(3))  # some of them: damaged
+    save_file(state, str(tmp_path / "pc" / "model.safetensors"))
+    with pytest.raises(FlawscopeError, match="weights do not fit model PatchCore"):
+        load_model_dir(tmp_path / "pc")
 
 
 def test_image_score_weighs_the_worst_patchs_neighbourhood_in_the_bank(fitted):

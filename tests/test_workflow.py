@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from safetensors.torch import load_file
 
 from conftest import make_mvtec, tiny_overrides, written_before_digests
 from flawscope.cli import main
+from flawscope.inference.model_dir import file_digest
 from flawscope.inference.predictor import Predictor
 from flawscope.inference.runtimes import import_runtime
 
@@ -87,6 +89,21 @@ def test_resuming_on_other_images_of_the_same_number_is_refused(trained, tmp_pat
     assert len(meta.pop("train_images_digest")) == 32
     (older / "checkpoint.json").write_text(json.dumps(meta))
     assert _cli("Global.mode=train", *tiny_overrides(dataset, tmp_path / "resumed"), f"Train.resume_path={older}") == 0
+    assert "records no" not in capsys.readouterr().err  # the settings it records are checked
+
+
+def test_a_checkpoint_recording_no_settings_says_they_go_unchecked(trained, tmp_path, capsys) -> None:
+    """The first releases' checkpoints record the iteration alone: resumed with today's shipped
+    config (another loss, another image score) they trained on silently as another run would."""
+    dataset, full = trained
+    older = tmp_path / "run" / "iter_3"
+    shutil.copytree(full / "iter_3", older)
+    shutil.copy(full / "config.yaml", older.parent / "config.yaml")
+    (older / "checkpoint.json").write_text(json.dumps({"iteration": 3}))
+    assert _cli("Global.mode=train", *tiny_overrides(dataset, tmp_path / "resumed"), f"Train.resume_path={older}") == 0
+    err = capsys.readouterr().err
+    assert f"{older} was saved by an earlier flawscope and records no seed, batch_size, processes, " in err
+    assert f"to continue that training as it was, resume with -c {older.parent / 'config.yaml'}" in err
 
 
 def test_resuming_towards_more_iterations_says_the_schedule_changes(trained, tmp_path) -> None:
@@ -674,6 +691,53 @@ def test_a_model_folder_put_together_from_two_models_is_refused(tmp_path, capsys
     written_before_digests(edited)
     meta.write_text(meta.read_text().replace("input_size: 256", "input_size: 64"))
     refused(edited, f"{meta}: model_config global_grid 2 does not split the 2x2 map of stride-32 features of input_size 64")
+
+
+def test_patchcore_training_says_what_its_steps_took_and_read(tmp_path, capsys, monkeypatch) -> None:
+    """A fit over thousands of images said nothing of the patches it left out beyond its cap, nor
+    of its image-level references or its second fit, which took most of its time."""
+    import functools
+
+    import flawscope.training.patchcore_fit as patchcore_fit
+    import flawscope.training.runner as runner
+
+    monkeypatch.setattr(runner, "fit_patchcore", functools.partial(patchcore_fit.fit_patchcore, max_patches=1000))
+    data = make_mvtec(tmp_path / "data", seed=0)  # 8 good training images, 2 held out, of 16x16 patches at 128
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={data}", f"Global.output={tmp_path / 'out'}",
+                      "Model.input_size=128", "Model.global_grid=2", "Train.add_calibration_images=true") == 0
+    err = capsys.readouterr().err
+    assert "the 6 images hold more patches than a fit reads (996): the coreset is chosen from a random 166 of each " \
+           "image's 256" in err
+    assert re.search(r"memory bank: \d+ of 996 patches \(features [\d.]+s, coreset [\d.]+s, image-level references "
+                     r"[\d.]+s\)", err)
+    assert re.search(r"memory bank: \d+ entries \(fitted again in [\d.]+s\)", err)
+
+
+def test_an_earlier_releases_export_still_says_when_it_is_of_an_earlier_model(tmp_path, capsys) -> None:
+    """Folders written before inference.yml's digests: an export of such a trained folder recorded
+    no weights digest, nor did such an export itself, and predicting from it after a retraining
+    said nothing. The export now records the digest, and without one the thresholds tell."""
+    small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5"]
+    data, out = make_mvtec(tmp_path / "data", seed=0), tmp_path / "model"
+    image = next((data / "test/good").iterdir())
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={data}", f"Global.output={out}", *small) == 0
+    written_before_digests(out / "best_model/inference")  # an earlier release's model, exported today
+    assert _patchcore("Global.mode=export", f"Global.output={out}") == 0
+    weights = file_digest(out / "best_model/inference/model.safetensors")
+    assert yaml.safe_load((out / "export/inference.yml").read_text())["files"]["model.safetensors"] == weights
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    written_before_digests(older / "export")  # and an earlier release's export of it
+    for output in (out, older):
+        predict = ["Global.mode=predict", f"Global.output={tmp_path / 'res'}", f"Predict.model_dir={output / 'export'}",
+                   f"Predict.input={image}"]
+        capsys.readouterr()
+        assert _patchcore(*predict) == 0
+        assert "exported from an earlier model" not in capsys.readouterr().err
+        assert _patchcore("Global.mode=train", f"Global.dataset_dir={data}", f"Global.output={output}", *small,
+                          "Global.seed=7") == 0
+        assert _patchcore(*predict) == 0
+        assert f"{output / 'export'} was exported from an earlier model than" in capsys.readouterr().err
 
 
 def _mode_overrides(mode: str, trained: tuple[Path, Path], out: Path) -> list[str]:

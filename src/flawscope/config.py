@@ -105,7 +105,7 @@ SCHEMA: dict[str, Any] = {
         "feature_dim": Key(int, None, nullable=True, ge=1, used_by=PATCHCORE_ONLY),
         "search": Key(str, "exact", choices=("exact", "approximate"), used_by=PATCHCORE_ONLY),
         "search_nprobe": Key(int, 8, ge=1, used_by=PATCHCORE_ONLY),
-        "global_score": Key(bool, required_for=PATCHCORE_ONLY),
+        "global_score": Key(bool),  # unset: the model class's false, as configs written before it
         "global_grid": Key(int, 1, ge=1),  # 1: configs written before the grid train as they did
         "global_strides": Key(list[int], [32], subset_of=(8, 16, 32)),  # [32]: as configs written before it
         "image_bank_size": Key(int, None, nullable=True, ge=2),  # null: every training image, as before it

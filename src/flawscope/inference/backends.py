@@ -73,7 +73,9 @@ def _openvino(path: Path, threads: int) -> GraphRun:
     ov = import_runtime("openvino")
     core = ov.Core()
     # Read into memory, not mapped from disk: an on-the-fly export's folder is deleted after loading.
-    model = core.read_model(model=path.read_bytes(), weights=path.with_suffix(".bin").read_bytes())
+    # An ONNX graph (``graph_run``'s other format) is read whole by its front end.
+    model = core.read_model(str(path)) if path.suffix == ".onnx" else \
+        core.read_model(model=path.read_bytes(), weights=path.with_suffix(".bin").read_bytes())
     # f32: OpenVINO's default bf16 on recent CPUs changes the scores; LATENCY: one image at a time.
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
                                                  "INFERENCE_NUM_THREADS": threads})
@@ -162,16 +164,26 @@ def _warn_if_trained_since(model_dir: Path, info: ModelInfo) -> None:
     ``best_model`` beside it: the output was trained again and not exported again since, and a
     line that predicts from the export would run the earlier model without a word."""
     trained = model_dir.parent / "best_model" / "inference"
-    exported = info.files.get(WEIGHTS_FILE)
-    if exported is None or not (trained / META_FILE).is_file():
+    if not (trained / META_FILE).is_file():
         return
     try:
-        current = read_model_info(trained).files.get(WEIGHTS_FILE)
+        current = read_model_info(trained)
     except FlawscopeError:  # that folder's own problem, met when it is used
         return
-    if current is not None and current != exported:
+    exported, weights = info.files.get(WEIGHTS_FILE), current.files.get(WEIGHTS_FILE)
+    # Without both digests (an earlier release's folders) a new training shows in its thresholds.
+    if (weights != exported) if exported and weights else (current.calibration != info.calibration):
         log.warning("%s was exported from an earlier model than %s beside it (trained again since): export again "
                     "to predict with the new one", model_dir, trained)
+
+
+def _graph(model_dir: Path, backend: str) -> Path | None:
+    """The graph in ``model_dir`` that ``backend`` runs: its own, or for OpenVINO an ONNX export,
+    which it reads as it is (an export made for ONNX Runtime, or before OpenVINO IR)."""
+    for name in (_GRAPH_OF_BACKEND[backend], ONNX_FILE) if backend == "openvino" else (_GRAPH_OF_BACKEND[backend],):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    return None
 
 
 def choose_backend(model_dir: Path, backend: str) -> str:
@@ -234,25 +246,26 @@ def _load_backend(model_dir: Path, device: torch.device | str,
     info = read_model_info(model_dir)
     backend = choose_backend(model_dir, backend)
     if backend == "torch":
-        runtimes = [name for name, file in _GRAPH_OF_BACKEND.items() if (model_dir / file).is_file()]
+        runtimes = [name for name in _GRAPH_OF_BACKEND if _graph(model_dir, name) is not None]
         if runtimes and not (model_dir / WEIGHTS_FILE).is_file():  # offer the backends that run what is there
             *others, last = ["auto", *runtimes]
-            raise FlawscopeError(f"{model_dir}: an exported model ({_GRAPH_OF_BACKEND[runtimes[0]]}), which torch does "
+            raise FlawscopeError(f"{model_dir}: an exported model ({_graph(model_dir, runtimes[0]).name}), which torch does "
                                  f"not run: use backend {', '.join(others)} or {last}, or the trained directory it "
                                  "was exported from")
         return load_model_dir(model_dir, device)
     if torch.device(device).type != "cpu":
         raise FlawscopeError(f"{model_dir}: backend {backend} runs on the CPU only, not on {device}")
     _require(backend)
-    graph = model_dir / _GRAPH_OF_BACKEND[backend]
-    if graph.is_file():
+    graph = _graph(model_dir, backend)
+    if graph is not None:
         loaded = _load_graph(graph, backend, info.input_size)
-        check_files(model_dir, info, [graph.name, OPENVINO_WEIGHTS] if backend == "openvino" else [graph.name])
+        check_files(model_dir, info, [graph.name, OPENVINO_WEIGHTS] if graph.name == OPENVINO_FILE else [graph.name])
         _warn_if_trained_since(model_dir, info)
         return loaded, info
     if not (model_dir / WEIGHTS_FILE).is_file():
-        raise FlawscopeError(f"{model_dir}: no {graph.name} for backend {backend}, and no {WEIGHTS_FILE} to export it from")
+        raise FlawscopeError(f"{model_dir}: no {_GRAPH_OF_BACKEND[backend]} for backend {backend}, and no {WEIGHTS_FILE} "
+                             "to export it from")
     log.info("exporting %s for %s, for this run only (Global.mode=export keeps an export)", model_dir, backend)
     with tempfile.TemporaryDirectory(prefix="flawscope_export_") as tmp:  # gone when loaded: not told as a place
         export_model(model_dir, tmp, "openvino" if backend == "openvino" else "onnx", say=False)
-        return _load_graph(Path(tmp) / graph.name, backend, info.input_size), info
+        return _load_graph(Path(tmp) / _GRAPH_OF_BACKEND[backend], backend, info.input_size), info

@@ -132,7 +132,9 @@ class ImageBankScore:
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if prefix + "image_bank" in destination:  # float16 values already (set_image_bank): half the bytes
+        # float16 values already (set_image_bank): half the bytes. Not with keep_vars, which asks for the buffers
+        # themselves: the ONNX exporter finds them by identity, and embedded a copy at each use of one it did not find.
+        if prefix + "image_bank" in destination and not keep_vars:
             destination[prefix + "image_bank"] = destination[prefix + "image_bank"].half()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:

@@ -143,15 +143,21 @@ class PatchCore(ImageBankScore, nn.Module):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "memory_bank"] = destination[prefix + "memory_bank"].half()
-        destination[prefix + "bank_neighbors"] = destination[prefix + "bank_neighbors"].int()  # half the bytes
+        if not keep_vars:  # the buffers themselves with it, as ImageBankScore's image bank
+            destination[prefix + "memory_bank"] = destination[prefix + "memory_bank"].half()
+            destination[prefix + "bank_neighbors"] = destination[prefix + "bank_neighbors"].int()  # half the bytes
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
         """The bank's size is only known after fitting: take the saved tensors' shapes, and refuse
         banks this model cannot search (so a damaged file fails on loading, not on the first image).
         ``bank_neighbors`` are found now where a model lacks them (saved before them, as BatchNorm
         adds a missing counter) or keeps another number of them (``num_neighbors`` edited in
-        ``inference.yml``)."""
+        ``inference.yml``). A model saved before the image-level score (none of its buffers) scores
+        with the patches alone, as one with an empty image bank does."""
+        if not self.global_score and not any(prefix + name in state_dict for name in self._BUFFERS):
+            state_dict.update({prefix + "image_bank": torch.empty(0, self.image_bank.shape[1]),
+                               prefix + "reference_scores": torch.empty(0),
+                               prefix + "score_reference": torch.tensor([0.0, 1.0])})
         bank = state_dict.get(prefix + "memory_bank")
         if bank is not None:
             self._check_memory_bank(bank)

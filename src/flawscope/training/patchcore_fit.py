@@ -20,6 +20,7 @@ import time
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from flawscope.models.image_bank import ImageBankScore
 from flawscope.models.knn import nearest_neighbors, nearest_offsets, search_once
@@ -63,6 +64,7 @@ def greedy_coreset(points: torch.Tensor, k: int, seed: int = 0, start_distances:
     else:
         d2 = start_distances.float().pow(2)
     stop2 = stop_radius ** 2
+    bar = tqdm(total=k, initial=len(selected), desc="coreset", leave=False, unit="pt", disable=None)
     while len(selected) < k:
         # The farthest candidates, and a bound for everyone else: a point outside the candidates
         # is at most ``bound`` away now and only gets closer, so a candidate whose distance, updated
@@ -85,6 +87,8 @@ def greedy_coreset(points: torch.Tensor, k: int, seed: int = 0, start_distances:
             break
         selected += cand[picks].tolist()
         _update_distances(d2, points, points_sq, c[picks])
+        bar.update(len(picks))
+    bar.close()
     return torch.tensor(selected, dtype=torch.long), float(d2.max().sqrt())
 
 
@@ -114,7 +118,7 @@ def extract_patches(model: PatchCore, images_uint8: torch.Tensor, normalize: Cal
     projection = projection.to(device)
     feats = proj = keep = None
     descriptors = []
-    for start in range(0, n, batch_size):
+    for start in tqdm(range(0, n, batch_size), desc="patch features", leave=False, unit="batch", disable=None):
         x = normalize(images_uint8[start:start + batch_size].to(device))
         emb, descriptor = model.features(x)
         if descriptor is not None:
@@ -144,7 +148,7 @@ def leave_one_out_scores(model: PatchCore, images_uint8: torch.Tensor, normalize
     picks = torch.randperm(len(images_uint8), generator=gen)[:REFERENCE_IMAGES].tolist()
     bank, owner = model.memory_bank, owner.to(model.memory_bank.device)
     scores = []
-    for i in picks:
+    for i in tqdm(picks, desc="reference scores", leave=False, unit="img", disable=None):
         others = bank[owner != i]
         if len(others) == 0:
             continue
@@ -185,8 +189,9 @@ def fit_patchcore(model: PatchCore, images_uint8: torch.Tensor, normalize: Calla
         selected, radius = torch.arange(len(feats)), 0.0
     t2 = time.perf_counter()
     model.set_memory_bank(feats[selected].float(), projection, radius)
-    stats = {"patches": len(feats), "repeated_images": repeats, "bank_size": len(selected),
-             "coverage_radius": radius, "feature_seconds": t1 - t0, "coreset_seconds": t2 - t1}
+    stats = {"patches": len(feats), "patches_per_image": len(feats) // max(len(images_uint8), 1),
+             "repeated_images": repeats, "bank_size": len(selected), "coverage_radius": radius,
+             "feature_seconds": t1 - t0, "coreset_seconds": t2 - t1}
     if descriptors is not None:
         owner = selected // (len(feats) // len(images_uint8))
         model.set_image_bank(descriptors, leave_one_out_scores(model, images_uint8, normalize, device, owner, seed),

@@ -422,8 +422,13 @@ def _fit_patchcore(cfg: dict, model: PatchCore, images: torch.Tensor, device: to
         if stats["repeated_images"]:
             log.warning("%d of the %d training images repeat another: each is fitted once",
                         stats["repeated_images"], len(images))
-        log.info("memory bank: %d of %d patches (features %.1fs, coreset %.1fs)", stats["bank_size"],
-                 stats["patches"], stats["feature_seconds"], stats["coreset_seconds"])
+        per_image = (m["input_size"] // model.strides[0]) ** 2
+        if stats["patches_per_image"] < per_image:  # extract_patches' bound on memory
+            log.info("the %d images hold more patches than a fit reads (%d): the coreset is chosen from a random %d of "
+                     "each image's %d", len(images), stats["patches"], stats["patches_per_image"], per_image)
+        log.info("memory bank: %d of %d patches (features %.1fs, coreset %.1fs%s)", stats["bank_size"],
+                 stats["patches"], stats["feature_seconds"], stats["coreset_seconds"],
+                 f", image-level references {stats['reference_seconds']:.1f}s" if "reference_seconds" in stats else "")
         if "image_bank_size" in stats:
             log.info("image bank: %d of %d training images", stats["image_bank_size"],
                      len(images) - stats["repeated_images"])
@@ -456,6 +461,7 @@ def _add_calibration_images(cfg: dict, model: torch.nn.Module, data: _Loaded, de
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     joining = data.joining
     model.drop_indexes()
+    start = time.perf_counter()
     if isinstance(model, PatchCore) and t["add_normals"]:
         stats = add_normals(model, joining, normalizer, device, m["coreset_ratio"], g["seed"], t["batch_size"],
                             image_bank_size=m["image_bank_size"])
@@ -480,7 +486,7 @@ def _add_calibration_images(cfg: dict, model: torch.nn.Module, data: _Loaded, de
     if stats is not None:  # "fit" stays the fit that was calibrated; this one is saved
         history["fit"]["refit"] = {**stats, "bank_mb": _bank_mb(model), "peak_rss_mb": round(peak_rss_mb(), 1)}
         history["provenance"]["bank_size"] = len(model.memory_bank)
-        log.info("memory bank: %d entries", len(model.memory_bank))
+        log.info("memory bank: %d entries (fitted again in %.1fs)", len(model.memory_bank), time.perf_counter() - start)
     return joined
 
 

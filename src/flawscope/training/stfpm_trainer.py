@@ -138,6 +138,12 @@ def read_checkpoint(path: str | Path, settings: dict) -> Checkpoint:
         if key in meta and meta[key] != value:
             raise FlawscopeError(f"Train.resume_path: {path} was trained with {key} {meta[key]!r}, this run has "
                                  f"{value!r}; resume with the same settings, or train anew")
+    unrecorded = [key for key in settings if key not in meta]
+    if unrecorded:  # an earlier flawscope's checkpoint: a config of today's defaults changes its training
+        config = path.parent / "config.yaml"
+        log.warning("Train.resume_path: %s was saved by an earlier flawscope and records no %s: this run's are taken "
+                    "unchecked; to continue that training as it was, resume with %s", path, ", ".join(unrecorded),
+                    f"-c {config}" if config.is_file() else "the config it was trained with")
     return Checkpoint(path, iteration, tensors, meta)
 
 
