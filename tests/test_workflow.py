@@ -26,9 +26,11 @@ from safetensors.torch import load_file
 
 from conftest import make_mvtec, tiny_overrides, written_before_digests
 from flawscope.cli import main
+from flawscope.errors import Terminated
 from flawscope.inference.model_dir import file_digest
 from flawscope.inference.predictor import Predictor
 from flawscope.inference.runtimes import import_runtime
+from flawscope.logs import log, log_to_file
 
 
 def _cli(*overrides: str) -> int:
@@ -477,8 +479,10 @@ def test_a_failed_training_leaves_no_model_to_be_taken_for_its_own(trained, tmp_
     assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=2)) == 0
     assert _cli("Global.mode=train", *tiny_overrides(dataset, out, iters=2), "Train.learning_rate=1e30") == 2
     assert "training diverged" in capsys.readouterr().err
-    starts = [line for line in (out / "train.log").read_text().splitlines() if "---- run started (pid " in line]
+    lines = (out / "train.log").read_text().splitlines()
+    starts = [line for line in lines if "---- run started (pid " in line]
     assert len(starts) == 2  # the log is appended to: each run's part is marked
+    assert "ERROR ---- run stopped: error: " in lines[-1] and "training diverged" in lines[-1]  # not the console alone
     assert json.loads((out / "train_result.json").read_text())["done_flag"] is False
     image = next((dataset / "test" / "good").iterdir())
     assert _cli("Global.mode=predict", f"Global.output={out}", f"Predict.input={image}") == 2
@@ -691,6 +695,15 @@ def test_a_model_folder_put_together_from_two_models_is_refused(tmp_path, capsys
     written_before_digests(edited)
     meta.write_text(meta.read_text().replace("input_size: 256", "input_size: 64"))
     refused(edited, f"{meta}: model_config global_grid 2 does not split the 2x2 map of stride-32 features of input_size 64")
+
+
+@pytest.mark.parametrize("stop, reason", [(KeyboardInterrupt, "interrupted"), (Terminated, "terminated")])
+def test_a_run_stopped_by_a_signal_says_so_in_its_log_file(tmp_path, stop, reason) -> None:
+    """Ctrl-C and SIGTERM were said on the console only: train.log ended at its last progress line."""
+    with pytest.raises(stop), log_to_file(tmp_path / "train.log"):
+        log.info("iter 10/2000")
+        raise stop
+    assert (tmp_path / "train.log").read_text().splitlines()[-1].endswith(f"ERROR ---- run stopped: {reason}")
 
 
 def test_patchcore_training_says_what_its_steps_took_and_read(tmp_path, capsys, monkeypatch) -> None:

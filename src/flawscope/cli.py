@@ -25,7 +25,7 @@ import yaml
 from PIL import Image
 
 from flawscope.config import BACKENDS, TRAIN_ONLY_SECTIONS, shipped_configs
-from flawscope.errors import FlawscopeError, check_output_dir, one_line
+from flawscope.errors import FlawscopeError, Terminated, check_output_dir, one_line
 from flawscope.logs import log, setup_console
 
 
@@ -210,11 +210,6 @@ def _prediction_status(counts: dict) -> int:
 
 # Errors of the storage itself: a write or close that fails this way names no file.
 _STORAGE_ERRORS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EFBIG") if hasattr(errno, name)}
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what systemd, docker and kill send), raised where Ctrl-C would be: the same
-    clean-up runs, so a stopped run leaves no half-written model or dataset list either."""
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

@@ -12,6 +12,11 @@ class FlawscopeError(Exception):
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what systemd, docker and kill send), raised where Ctrl-C would be: the same
+    clean-up runs, so a stopped run leaves no half-written model or dataset list either."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none): the part of a
     library's multi-line error that fits into a one-line ``FlawscopeError``. OpenVINO's errors

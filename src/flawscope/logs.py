@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from flawscope.errors import one_line
+from flawscope.errors import Terminated, one_line
 
 log = logging.getLogger("flawscope")
 
@@ -60,6 +60,11 @@ def log_to_file(path: Path) -> Iterator[None]:
     handler.handle(started)  # the file only: the console shows the command already
     try:
         yield
+    except BaseException as exc:  # the console says why the run stopped once the mode is left: the file too
+        reason = ("terminated" if isinstance(exc, Terminated) else "interrupted" if isinstance(exc, KeyboardInterrupt)
+                  else f"error: {one_line(str(exc)) or type(exc).__name__}")
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "---- run stopped: %s", (reason,), None))
+        raise
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)
