@@ -6,7 +6,8 @@
     flawscope benchmark --datasets DIR [DIR ...] [--models STFPM ...] [-o Section.key=value] [--output DIR]
 
 Exit status: 0 success, 1 a dataset check that did not pass (or a benchmark run that failed), 2 a
-user error (one line on stderr), also when prediction could not read some of its inputs.
+user error (one line on stderr), also when prediction could not read some of its inputs; 130
+Ctrl-C, 143 SIGTERM, 141 a reader that closed the pipe (``| head``).
 """
 
 from __future__ import annotations

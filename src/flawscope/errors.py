@@ -1,4 +1,5 @@
-"""The one exception type a user can cause, and the checks that raise it before any work is done."""
+"""The one exception type a user can cause, and the checks that raise it before any work is done;
+``Terminated`` (SIGTERM, raised as Ctrl-C is) and the one-line forms of other errors' messages."""
 
 import os
 from pathlib import Path

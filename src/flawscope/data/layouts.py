@@ -14,7 +14,6 @@ directory always gives the same splits.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 
 from PIL import ExifTags, Image
 
-from flawscope.data.io import check_mask_format, is_image_file, is_listed_file, read_mask
+from flawscope.data.io import check_mask_format, file_sha256, is_image_file, is_listed_file, read_mask
 from flawscope.errors import FlawscopeError, first_line
 
 log = logging.getLogger("flawscope")
@@ -237,11 +236,11 @@ def unique_images(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Sampl
     """(the samples whose image file is no byte-for-byte copy of an earlier one's, (copy,
     original) pairs). Reads every file: a copy trained on twice, or held out for calibration while
     its original is trained on, would make new good images look more anomalous than they are."""
-    first: dict[bytes, Sample] = {}
+    first: dict[str, Sample] = {}
     unique, copies = [], []
     for sample in samples:
         try:
-            digest = _digest(sample.image)
+            digest = file_sha256(sample.image)
         except OSError as exc:
             raise FlawscopeError(f"{sample.image}: cannot read file ({exc.strerror or exc})") from None
         if digest in first:
@@ -250,14 +249,6 @@ def unique_images(samples: list[Sample]) -> tuple[list[Sample], list[tuple[Sampl
             first[digest] = sample
             unique.append(sample)
     return unique, copies
-
-
-def _digest(path: Path) -> bytes:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.digest()
 
 
 def load_dataset(

@@ -1,7 +1,7 @@
 """Turn whatever a user passes to ``predict`` into (name, image or error) items, lazily.
 
 Accepted: a file path, a directory (sorted; ``recursive`` to descend), a glob pattern, an http(s)
-URL, a numpy array (HxW or HxWx3 RGB uint8, channel order RGB), a PIL image, or a list mixing them.
+URL, a numpy array (HxW, HxWx1, HxWx3 RGB or HxWx4 RGBA; uint8 or uint16), a PIL image, or a list mixing them.
 A bad item becomes an error string carried to its result; it never stops the other items.
 Hidden files and folders (".git", macOS "._x.jpg") are left out of a directory, as a glob leaves them.
 """
