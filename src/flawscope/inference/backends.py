@@ -171,8 +171,11 @@ def _warn_if_trained_since(model_dir: Path, info: ModelInfo) -> None:
     except FlawscopeError:  # that folder's own problem, met when it is used
         return
     exported, weights = info.files.get(WEIGHTS_FILE), current.files.get(WEIGHTS_FILE)
-    # Without both digests (an earlier release's folders) a new training shows in its thresholds.
-    if (weights != exported) if exported and weights else (current.calibration != info.calibration):
+    if exported and weights:
+        trained_since = weights != exported
+    else:  # an earlier release's folders hold no digests: a new training shows in its thresholds
+        trained_since = current.calibration != info.calibration
+    if trained_since:
         log.warning("%s was exported from an earlier model than %s beside it (trained again since): export again "
                     "to predict with the new one", model_dir, trained)
 
@@ -249,7 +252,7 @@ def _load_backend(model_dir: Path, device: torch.device | str,
         runtimes = [name for name in _GRAPH_OF_BACKEND if _graph(model_dir, name) is not None]
         if runtimes and not (model_dir / WEIGHTS_FILE).is_file():  # offer the backends that run what is there
             *others, last = ["auto", *runtimes]
-            raise FlawscopeError(f"{model_dir}: an exported model ({_graph(model_dir, runtimes[0]).name}), which torch does "
+            raise FlawscopeError(f"{model_dir}: an exported model ({_GRAPH_OF_BACKEND[runtimes[0]]}), which torch does "
                                  f"not run: use backend {', '.join(others)} or {last}, or the trained directory it "
                                  "was exported from")
         return load_model_dir(model_dir, device)

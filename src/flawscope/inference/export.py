@@ -119,8 +119,9 @@ def export_model(model_dir: str | Path, output: str | Path, fmt: str = "onnx", s
         export_graph(_MapAndScore(model), (example,), ["image"], staging / name, fmt)
         # inference.yml as trained, with the graph's digests: loading refuses it beside another model's graph
         meta = load_yaml((Path(model_dir) / META_FILE).read_text(encoding="utf-8"))
-        files = meta.get("files") or {WEIGHTS_FILE: file_digest(Path(model_dir) / WEIGHTS_FILE)}  # an earlier
-        # release's inference.yml has no digests: the export records the weights' anyway, to tell a retraining apart
+        # An earlier release's inference.yml has no digests: the export records the weights' anyway, which
+        # tells a retraining apart.
+        files = meta.get("files") or {WEIGHTS_FILE: file_digest(Path(model_dir) / WEIGHTS_FILE)}
         meta["files"] = {**files, **{path.name: file_digest(path) for path in staging.iterdir()}}
         (staging / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False, allow_unicode=True), encoding="utf-8")
         with deferred_signals():  # an interruption here left no graph at all

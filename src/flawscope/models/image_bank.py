@@ -67,10 +67,13 @@ class ImageBankScore:
         self._indexes: dict[str, OneDnnIndex | FaissIndex | None] = {}
         self.descriptor_widths = [c * self.grid(s) ** 2 for c, s in zip(channels, self.global_strides)
                                   for _ in ("mean", "spread")]
-        self.register_buffer("image_bank", torch.empty(0, sum(self.descriptor_widths)))
-        self.register_buffer("reference_scores", torch.empty(0))
-        self.register_buffer("score_reference", torch.tensor([0.0, 1.0]))
-        self.register_buffer("reference_counts", torch.empty(0))
+        for name, value in self._unfitted_image_bank().items():
+            self.register_buffer(name, value)
+
+    def _unfitted_image_bank(self) -> dict[str, torch.Tensor]:
+        """The image bank's buffers before fitting: an empty bank, which leaves the model's own score alone."""
+        return {"image_bank": torch.empty(0, sum(self.descriptor_widths)), "reference_scores": torch.empty(0),
+                "score_reference": torch.tensor([0.0, 1.0]), "reference_counts": torch.empty(0)}
 
     def grid(self, stride: int) -> int:
         """The cells a side of the descriptors at ``stride``: ``global_grid`` at stride 32, finer in

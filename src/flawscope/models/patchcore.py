@@ -155,9 +155,7 @@ class PatchCore(ImageBankScore, nn.Module):
         ``inference.yml``). A model saved before the image-level score (none of its buffers) scores
         with the patches alone, as one with an empty image bank does."""
         if not self.global_score and not any(prefix + name in state_dict for name in self._BUFFERS):
-            state_dict.update({prefix + "image_bank": torch.empty(0, self.image_bank.shape[1]),
-                               prefix + "reference_scores": torch.empty(0),
-                               prefix + "score_reference": torch.tensor([0.0, 1.0])})
+            state_dict.update({prefix + name: value for name, value in self._unfitted_image_bank().items()})
         bank = state_dict.get(prefix + "memory_bank")
         if bank is not None:
             self._check_memory_bank(bank)
