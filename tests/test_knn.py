@@ -159,6 +159,25 @@ def test_int8_index_measures_the_whole_bank_where_most_rows_are_within_reach(mon
 
 
 @needs_int8
+def test_int8_index_bounds_each_row_by_its_own_rounding(monkeypatch):
+    """A few bank rows far larger than the rest round far more coarsely: a bound taken at their
+    rounding would reach most of the bank from every query, and the search would measure it whole.
+    Bounded by each block of similar rows, the queries measure a few rows, and find the nearest."""
+    bank = torch.cat([clustered(3000, dim=64), clustered(30, dim=64, seed=2) * 50])
+    queries = clustered(100, dim=64, seed=1)
+    index = Int8Index(bank)
+    fallbacks, gathered = counted_fallbacks(monkeypatch), []
+    real_index = torch.Tensor.__getitem__
+    monkeypatch.setattr(torch.Tensor, "__getitem__",
+                        lambda t, i: (gathered.append(len(i)) if t is index.bank else None) or real_index(t, i))
+    dist, idx = index.search(queries)
+    assert not fallbacks and gathered and sum(gathered) < len(bank) / 3  # candidates, not the bank whole
+    ref = torch.cdist(queries.double(), bank.double())
+    assert (idx == ref.argmin(1)).float().mean() > 0.999  # ties aside
+    torch.testing.assert_close(dist, ref.amin(1).float(), rtol=1e-5, atol=1e-5)
+
+
+@needs_int8
 def test_int8_index_checks_its_bound_and_searches_in_float32_where_it_fails(monkeypatch):
     bank, queries = clustered(2000, dim=32), clustered(300, dim=32, seed=1)
     index = Int8Index(bank)
