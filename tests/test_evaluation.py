@@ -24,7 +24,6 @@ from flawscope.evaluation.evaluate import (
     collect,
     compute_metrics,
     evaluate_model,
-    evaluate_samples,
     mask_warnings,
     shift_warning,
     summarize,
@@ -257,7 +256,7 @@ def test_uncalibrated_model_gives_ranking_metrics_only(trained) -> None:
     dataset, out = trained
     predictor = Predictor.from_dir(out / "best_model/inference")
     predictor.info = dataclasses.replace(predictor.info, calibration=None)
-    m = evaluate_samples(predictor, load_dataset(dataset).val)
+    m = compute_metrics(collect(predictor, load_dataset(dataset).val))
     assert m["image_auroc"] is not None and m["pixel_auroc"] is not None
     assert m["image_f1"] is None and m["pixel_iou"] is None and m["confusion"] is None
 
@@ -267,7 +266,7 @@ def test_no_defect_images(trained) -> None:
     dataset, out = trained
     predictor = Predictor.from_dir(out / "best_model/inference")
     good = [s for s in load_dataset(dataset).val if s.label == 0]
-    m = evaluate_samples(predictor, good)
+    m = compute_metrics(collect(predictor, good))
     assert m["image_auroc"] is None and m["aupro"] is None and m["pixel_f1"] is None
     assert m["image_fpr"] is not None and m["pixel_fpr"] is not None and m["paddlex_miou"] is not None
     assert m["per_defect_type"] == {}
@@ -280,7 +279,7 @@ def test_collect_keeps_maps_only_where_there_is_ground_truth(trained, tmp_path) 
     collected = collect(predictor, defects)
     assert all(o.mask_pixels is None and o.is_anomaly is not None for o in collected.outcomes)
     assert collected.defects == {} and collected.pixels().scores.pixels == 0
-    assert evaluate_samples(predictor, defects)["num_with_masks"] == 0
+    assert compute_metrics(collected)["num_with_masks"] == 0
 
 
 

@@ -16,7 +16,6 @@ from flawscope.evaluation.metrics import (
     f1_at,
     image_ap,
     image_auroc,
-    mask_confusion,
     paddlex_miou,
     pixel_auroc,
     pixel_best_f1,
@@ -233,17 +232,25 @@ def test_rates_edge_cases():
     assert rates({"tp": 2, "fp": 0, "fn": 0, "tn": 0})["fpr"] is None
 
 
-def test_mask_confusion_one_pixel_defect_and_gated_image():
+def test_pixel_confusion_counts_a_one_pixel_defect_and_an_image_judged_ok():
+    """Evaluation sums each image's pixel counts as it comes (``PixelGroup``): a one-pixel defect
+    outlined is a true positive; the same defect on an image judged OK (no predicted mask) is missed."""
     one_pixel = np.zeros((5, 5), bool)
     one_pixel[2, 3] = True
-    found = mask_confusion([one_pixel], [one_pixel.copy()])
-    assert found == {"tp": 1, "fp": 0, "fn": 0, "tn": 24}
-    assert rates(found)["f1"] == 1.0 and rates(found)["iou"] == 1.0
-    # The same defect on an image judged OK: pred is empty, so the pixel is missed.
-    missed = mask_confusion([one_pixel, np.zeros((5, 5), bool)], [np.zeros((5, 5), bool)] * 2)
-    assert missed == {"tp": 0, "fp": 0, "fn": 1, "tn": 49} and rates(missed)["f1"] == 0.0
+    amap = one_pixel.astype(np.float32)
+    found = PixelGroup()
+    found.add(one_pixel, amap, one_pixel.copy())
+    assert found.confusion == {"tp": 1, "fp": 0, "fn": 0, "tn": 24}
+    assert rates(found.confusion)["f1"] == 1.0 and rates(found.confusion)["iou"] == 1.0
+    missed = PixelGroup()
+    for mask in (one_pixel, np.zeros((5, 5), bool)):
+        missed.add(mask, amap, np.zeros((5, 5), bool))
+    assert missed.confusion == {"tp": 0, "fp": 0, "fn": 1, "tn": 49} and rates(missed.confusion)["f1"] == 0.0
+    uncalibrated = PixelGroup()
+    uncalibrated.add(one_pixel, amap, None)  # no thresholds yet: nothing decided, nothing counted
+    assert uncalibrated.confusion == {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
     with pytest.raises(ValueError):
-        mask_confusion([one_pixel], [np.zeros((4, 4), bool)])
+        found.add(one_pixel, amap, np.zeros((4, 4), bool))
 
 
 def _brute_best_f1(masks, maps):
@@ -369,7 +376,7 @@ def test_summarize_reports_what_the_metric_functions_give(seed):
     masks, maps, preds = map(list, zip(*pixel))
     y, s = np.concatenate([m.ravel() for m in masks]), np.concatenate([a.ravel() for a in maps])
     image_rates = rates(confusion(labels, [o.is_anomaly for o in outcomes]))
-    pixel_rates = rates(mask_confusion(masks, preds))
+    pixel_rates = rates(confusion(y, np.concatenate([p.ravel() for p in preds])))
     assert AUPRO_FPR_LIMIT == 0.3
     expected = {
         "image_auroc": roc_auc_score(labels, scores),

@@ -208,11 +208,6 @@ def compute_metrics(collected: Collected, fpr_limit: float = AUPRO_FPR_LIMIT) ->
     return result
 
 
-def evaluate_samples(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8) -> dict:
-    """All metrics of ``predictor`` on ``samples``; the threshold ones are None before calibration."""
-    return compute_metrics(collect(predictor, samples, batch_size))
-
-
 def shift_warning(outcomes: Sequence[Outcome], cal: Calibration) -> str | None:
     """Why the good images of this split are flagged far more often than calibration promised.
 

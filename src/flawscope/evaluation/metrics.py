@@ -19,7 +19,7 @@ of MVTec transistor's 26 M test pixels: pixel AUROC and AUPRO within 2e-8 of the
 but a map far from zero compared with its spread would (1000 +- 1: AUROC off by ~1e-4). No
 subsampling, so the result is deterministic and uses every pixel.
 
-Thresholded metrics (``confusion``, ``rates``, ``mask_confusion``) score decisions already made,
+Thresholded metrics (``confusion``, ``rates``) score decisions already made,
 e.g. ``AnomalyResult.is_anomaly`` and ``AnomalyResult.pred``, so they measure exactly what a user
 of the Predictor sees.
 
@@ -312,19 +312,6 @@ def confusion(labels: ArrayLike, predicted: ArrayLike) -> dict[str, int]:
     fp = int(np.count_nonzero(~labels & predicted))
     fn = int(np.count_nonzero(labels & ~predicted))
     return {"tp": tp, "fp": fp, "fn": fn, "tn": labels.size - tp - fp - fn}
-
-
-def mask_confusion(masks: Sequence[np.ndarray], preds: Sequence[np.ndarray]) -> dict[str, int]:
-    """``confusion`` summed over images without concatenating them (one image in memory at a time)."""
-    if len(masks) != len(preds):
-        raise ValueError(f"{len(masks)} masks but {len(preds)} predicted masks")
-    total = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
-    for mask, pred in zip(masks, preds):
-        if np.shape(mask) != np.shape(pred):
-            raise ValueError(f"mask shape {np.shape(mask)} != predicted mask shape {np.shape(pred)}")
-        for key, value in confusion(mask, pred).items():
-            total[key] += value
-    return total
 
 
 def rates(counts: dict[str, int]) -> dict[str, float | None]:
