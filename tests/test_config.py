@@ -93,6 +93,16 @@ def test_a_training_config_that_leaves_out_newer_keys_is_told_what_it_gets(caplo
     assert "Model.global_score (unset; shipped: true), Model.global_grid (1; shipped: 4)" in warning
 
 
+def test_growing_a_bank_with_an_stfpm_config_is_refused_rather_than_ignored(caplog) -> None:
+    """Ignored as other models' keys are, Train.add_normals would train a new STFPM from scratch
+    (minutes) where the user asked to grow a PatchCore model."""
+    with pytest.raises(FlawscopeError, match="Train.add_normals grows a PatchCore model's memory bank, but this "
+                                             "config trains STFPM: use -c PatchCore"):
+        load_config("STFPM", ["Global.mode=train", "Train.add_normals=output/best_model/inference"])
+    assert load_config("STFPM", ["Global.mode=predict", "Train.add_normals=output/best_model/inference"])  # not training
+    assert load_config("PatchCore", ["Global.mode=train", "Train.add_normals=output/best_model/inference"])
+
+
 def test_a_key_of_the_other_model_is_ignored_with_a_warning(caplog, tmp_path) -> None:
     """Set on the command line or in a file, it does not reach the run, and the user is told."""
     cfg = load_config("PatchCore", ["Train.epochs_iters=5000", "Model.map_combine=sum"])

@@ -279,9 +279,14 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict
     if overrides:
         where += " (with overrides)"
     model = cfg.get("Global", {}).get("model")
+    training = cfg.get("Global", {}).get("mode") == "train"
+    grows = cfg.get("Train", {}).get("add_normals")
+    if training and grows is not None and model is not None and model not in PATCHCORE_ONLY:
+        # ignored, it would train a new model from scratch where the user asked to grow one
+        raise FlawscopeError(f"{where}: Train.add_normals grows a PatchCore model's memory bank, but this config "
+                             f"trains {model}: use -c PatchCore")
     for full, spec in _unused_keys(cfg, SCHEMA, "", model):
         log.warning("%s: %s is not used by %s (a key of %s): ignored", where, full, model, ", ".join(spec.used_by))
-    training = cfg.get("Global", {}).get("mode") == "train"
     older = _older_defaults(cfg, model) if training else []
     if older:
         log.warning("%s leaves out %s: they take the defaults that keep configs written before them as they were, "
