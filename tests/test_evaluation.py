@@ -198,8 +198,9 @@ def test_a_file_where_the_report_folder_goes_is_refused_not_replaced(trained, tm
 
 
 def test_good_images_flagged_beyond_chance_are_called_a_shift() -> None:
-    """Calibration promised at most 5% of good parts flagged: 2 of 20 is chance, 6 of 20 is not."""
-    cal = Calibration(1.0, 0.0, 1.0, 0.0, "held-out good training images", {"image_fpr_bound": 0.05, "num_good": 19})
+    """Calibration on 99 good images promised 5% of good parts flagged: 2 of 20 is chance, 6 of 20 is not.
+    Set on 2 images, thresholds flag a share that varies widely: 15 of 20 is not called a shift, but too few."""
+    cal = Calibration(1.0, 0.0, 1.0, 0.0, "held-out good training images", {"image_fpr_bound": 0.05, "num_good": 99})
     defect = Outcome(Sample(Path("bad.png"), None, 1, "crack"), 9.0, None, is_anomaly=False)
 
     def outcomes(flagged: int) -> list[Outcome]:
@@ -211,6 +212,13 @@ def test_good_images_flagged_beyond_chance_are_called_a_shift() -> None:
     assert warning.startswith("6 of the 20 good images here are flagged (30%)") and "5%" in warning
     assert "Train.calibration_dir" in warning
     assert shift_warning(outcomes(20), dataclasses.replace(cal, details={"method": "f1"})) is None  # no FPR promised
+    few = dataclasses.replace(cal, details={"image_fpr_bound": 1 / 3, "num_good": 2})
+    assert shift_warning(outcomes(8), few) is None
+    warning = shift_warning(outcomes(15), few)
+    assert warning.startswith("15 of the 20 good images here are flagged (75%), where the thresholds flag 33% of good "
+                              "parts on average: set on only 2 good images") and "differ" not in warning
+    old = dataclasses.replace(cal, details={"image_fpr_bound": 1 / 3})  # calibrated before num_good was recorded
+    assert "differ from those" in shift_warning(outcomes(15), old)
 
 
 def test_defect_images_without_a_usable_mask_are_named() -> None:

@@ -861,6 +861,7 @@ def test_patchcore_trains_evaluates_and_grows_its_bank(trained, tmp_path) -> Non
                               for d in (first, again))
     assert fit["repeated_images"] == first_info["provenance"]["train_images"] and fit["new_images"] == 0
     assert fit["added"] == 0 and fit["bank_size"] == before
+    assert again_info["provenance"]["train_images"] == 0  # what it trained on: none it did not hold
     assert "in the model" in (again / "train.log").read_text()
     assert again_info["calibration"]["image_threshold"] == pytest.approx(first_info["calibration"]["image_threshold"])
 
@@ -921,6 +922,34 @@ def _seed_holding_out(grown_data: Path, new: Callable[[int], bool]) -> tuple[int
         if n_new < len(held) and new(n_new):
             return seed, len(held) - n_new, n_new
     raise AssertionError("no seed up to 100 splits the images so")
+
+
+def test_a_grown_model_is_not_calibrated_on_far_fewer_images_than_its_base(tmp_path, capsys) -> None:
+    """Each growth calibrates on its own new good images: a small batch held out 2, and thresholds
+    set on them replaced ones set on many more (a grown magnetic_tile model flagged half the good
+    test parts). Refused with what to do; given Train.calibration_dir, the model grows and the log
+    says how its thresholds moved."""
+    small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5"]
+    dataset = make_mvtec(tmp_path / "data", n_train=20)
+    first = tmp_path / "first"  # 10 of 20 held out: thresholds set on 10 good images
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={first}", *small,
+                      "Train.calibration_fraction=0.5") == 0
+    more = make_mvtec(tmp_path / "more", n_train=4, seed=3)
+    base = f"Train.add_normals={first / 'best_model/inference'}"
+    grown = tmp_path / "grown"
+    capsys.readouterr()
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={more}", f"Global.output={grown}", *small, base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: Train.add_normals: 2 new good images would calibrate the grown model, whose thresholds "
+                       "are set on them alone (the base model's were set on 10); 10 or more are needed: hold out more "
+                       "of this batch's 4 images with Train.calibration_fraction (they join the bank once the "
+                       "thresholds are set), or set Train.calibration_dir to good images kept out of every batch")
+    assert not grown.exists()
+    kept_out = make_mvtec(tmp_path / "kept_out", n_train=12, seed=5) / "train"  # good images in no batch
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={more}", f"Global.output={grown}", *small, base,
+                      f"Train.calibration_dir={kept_out}") == 0
+    assert "Train.add_normals: thresholds image " in (grown / "train.log").read_text()
+    assert "good images (the base model on 10)" in (grown / "train.log").read_text()
 
 
 def test_a_grown_model_is_not_calibrated_on_images_it_holds(trained, tmp_path, capsys) -> None:

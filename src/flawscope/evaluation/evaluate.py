@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import binomtest
+from scipy.stats import betabinom, binomtest
 from tqdm import tqdm
 
 from flawscope.atomic import write_atomic
@@ -212,19 +212,29 @@ def shift_warning(outcomes: Sequence[Outcome], cal: Calibration) -> str | None:
     """Why the good images of this split are flagged far more often than calibration promised.
 
     The FPR calibration bounds the share of *new good parts like its good images* that are
-    flagged. When this split's good images are flagged more often than chance allows (a one-sided
-    binomial test against that bound), they are not like them: other lighting, position or
-    material, and the thresholds do not carry over, whatever the AUROC says.
+    flagged, on average over calibration sets: thresholds set on n good images flag a share that
+    varies as Beta(a, n + 1 - a) around that bound (a = bound (n + 1), the good scores at or above
+    the threshold's rank, plus one), so the count flagged among m new good images is beta-binomial.
+    When this split's good images are flagged more often than that allows, they are not like
+    them: other lighting, position or material, and the thresholds do not carry over, whatever the
+    AUROC says. When only the bound's own binomial is exceeded, the thresholds were set on too
+    few images to hold it. (Models calibrated before ``num_good`` was recorded: the binomial.)
     """
     bound = cal.details.get("image_fpr_bound")
     flags = [o.is_anomaly for o in outcomes if o.sample.label == 0 and o.is_anomaly is not None]
     if bound is None or not flags:
         return None
-    flagged = int(sum(flags))
-    if binomtest(flagged, len(flags), bound, alternative="greater").pvalue >= SHIFT_P_VALUE:
+    flagged, count, calibrated = int(sum(flags)), len(flags), cal.details.get("num_good")
+    if binomtest(flagged, count, bound, alternative="greater").pvalue >= SHIFT_P_VALUE:
         return None
-    return (f"{flagged} of the {len(flags)} good images here are flagged ({flagged / len(flags):.0%}), where the "
-            f"thresholds flag at most {bound:.0%} of good parts like the {cal.details.get('num_good', '?')} they were "
+    share = f"{flagged} of the {count} good images here are flagged ({flagged / count:.0%}), where the thresholds flag"
+    if calibrated:
+        above = round(bound * (calibrated + 1))
+        if betabinom.sf(flagged - 1, count, above, calibrated + 1 - above) >= SHIFT_P_VALUE:
+            return (f"{share} {bound:.0%} of good parts on average: set on only {calibrated} good images "
+                    f"({cal.source}), thresholds land this far from it by chance. Calibrate on more good images: "
+                    "a larger Train.calibration_fraction, or Train.calibration_dir")
+    return (f"{share} at most {bound:.0%} of good parts like the {calibrated or '?'} they were "
             f"calibrated on ({cal.source}): these good images differ from those (lighting, position, material). "
             "Calibrate on good images like them: train again with Train.calibration_dir set to a folder of them "
             "(STFPM: from its last checkpoint, Train.resume_path=OUTPUT/iter_N, which trains nothing more; "

@@ -186,7 +186,9 @@ def calibrate(predictor: Predictor, cal_set: CalibrationSet, image_fpr: float, p
         if bound > image_fpr:
             log.warning("%d good calibration images are too few for an image FPR of %g: the threshold is just "
                         "above the highest good score, which a new good part exceeds with probability up to "
-                        "%.3g; hold out more images or set Train.calibration_dir", len(scores), image_fpr, bound)
+                        "%.3g; %s", len(scores), image_fpr, bound,
+                        "give more good images in Train.calibration_dir" if cal_set.calibration_dir else
+                        "hold out more images or set Train.calibration_dir")
     else:
         odd = []
         for sample, amap, score in _outputs(predictor, cal_set.defects, batch_size):

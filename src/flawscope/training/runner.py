@@ -36,7 +36,7 @@ from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
 from flawscope.errors import FlawscopeError
 from flawscope.evaluation.evaluate import REPORT_DIR, auroc_summary, collect
-from flawscope.inference.model_dir import (META_FILE, ModelInfo, among, image_digests, load_model_dir,
+from flawscope.inference.model_dir import (META_FILE, Calibration, ModelInfo, among, image_digests, load_model_dir,
                                            read_fitted_images, save_model_dir)
 from flawscope.inference.predictor import Predictor
 from flawscope.logs import log, log_to_file
@@ -138,6 +138,7 @@ def train(cfg: dict, world: World) -> dict:
                                  f"{t['add_normals']} already, which leaves {len(calib_set.good)} to calibrate on "
                                  f"(at least {MIN_CALIBRATION_IMAGES} are needed); set Train.calibration_dir to new "
                                  "good images")
+        _check_growth_calibration(t, len(calib_set.good), info.calibration, len(fit_samples) + held_out_count)
     # the student's score is measured against good images it never saw: the held-out ones, decoded above, then
     # Train.calibration_dir's (none: the image score stays the student's)
     extra = [] if calib_set.source == "training images" else calib_set.good[len(calib_samples):]
@@ -168,6 +169,38 @@ def train(cfg: dict, world: World) -> dict:
         loaded = _Loaded(dataset, fit_samples, calib_set, images, held_out, joining, resume, known)
         del images  # held by loaded alone, so that the second fit can let them go (_add_calibration_images)
         return _train(cfg, loaded, model.to(world.device), info, world, output)
+
+
+# A grown model is calibrated on the new good images alone (the earlier ones are in its banks now): on
+# fewer than this, where its base model had more, a new good part's odds of a false alarm rise several-fold.
+MIN_GROWTH_CALIBRATION = 10
+
+
+def _check_growth_calibration(t: dict, count: int, base: Calibration | None, new_images: int) -> None:
+    """Refuse to replace a base model's thresholds by ones set on far fewer good images: a batch of
+    15 held out 2, and a grown magnetic_tile model then flagged half the good test parts."""
+    base_count = base.details.get("num_good", 0) if base is not None and base.source != "training images" else 0
+    if count >= min(base_count, MIN_GROWTH_CALIBRATION):
+        return
+    joining = " (they join the bank once the thresholds are set)" if t["add_calibration_images"] else ""
+    raise FlawscopeError(
+        f"Train.add_normals: {count} new good images would calibrate the grown model, whose thresholds are set on "
+        f"them alone (the base model's were set on {base_count}); {MIN_GROWTH_CALIBRATION} or more are needed: "
+        f"hold out more of this batch's {new_images} images with Train.calibration_fraction{joining}, or set "
+        "Train.calibration_dir to good images kept out of every batch")
+
+
+def _compare_thresholds(base: Calibration, grown: Calibration) -> None:
+    """Say how the grown model's thresholds moved from its base model's, which they replace: each
+    growth calibrates on its own new images, and a few of them set thresholds by chance."""
+    was, now = base.details.get("image_fpr_bound"), grown.details.get("image_fpr_bound")
+    worse = was is not None and now is not None and now > was
+    (log.warning if worse else log.info)(
+        "Train.add_normals: thresholds image %.4g -> %.4g, pixel %.4g -> %.4g, calibrated on %s good images (the base "
+        "model on %s)%s", base.image_threshold, grown.image_threshold, base.pixel_threshold, grown.pixel_threshold,
+        grown.details.get("num_good", "?"), base.details.get("num_good", "?"),
+        f": a new good part is flagged with probability up to {now:.3g}, against {was:.3g}; to grow a model "
+        "repeatedly, calibrate each growth on the same Train.calibration_dir" if worse else "")
 
 
 def _take_base_settings(cfg: dict, info: ModelInfo) -> list[str]:
@@ -287,14 +320,18 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
         history = _fit_patchcore(cfg, model, data.images, device, normalizer, held)
     if not world.is_main:
         return {}
+    base_calibration = info.calibration  # Train.add_normals: the base model's
     info.calibration = calibrate(predictor, data.calib_set, t["image_fpr"], t["pixel_fpr"], t["threshold_method"])
+    if t.get("add_normals") and base_calibration is not None:
+        _compare_thresholds(base_calibration, info.calibration)
     if joining is not None and len(joining):
         history["provenance"]["calibration_images_added"] = _add_calibration_images(
             cfg, model, data, device, normalizer, history)
     grown_from = {"grown_from": {"model_dir": str(Path(t["add_normals"]).resolve()), **info.provenance}} \
         if t.get("add_normals") else {}  # the base model's own record: which images the bank held first
     info.provenance = {"dataset": str(dataset.root.resolve()), "layout": dataset.layout,
-                       "train_images": len(data.fit_samples), "batch_size": t["batch_size"], "processes": world.size,
+                       "train_images": history.get("fit", {}).get("new_images", len(data.fit_samples)),
+                       "batch_size": t["batch_size"], "processes": world.size,
                        "seed": g["seed"], **history["provenance"], **grown_from}
     final_eval = history.pop("final_eval", None)
     if evaluate is not None and final_eval is not None:
@@ -486,7 +523,8 @@ def _add_calibration_images(cfg: dict, model: torch.nn.Module, data: _Loaded, de
     if stats is not None:  # "fit" stays the fit that was calibrated; this one is saved
         history["fit"]["refit"] = {**stats, "bank_mb": _bank_mb(model), "peak_rss_mb": round(peak_rss_mb(), 1)}
         history["provenance"]["bank_size"] = len(model.memory_bank)
-        log.info("memory bank: %d entries (fitted again in %.1fs)", len(model.memory_bank), time.perf_counter() - start)
+        log.info("memory bank: %d entries (%s in %.1fs)", len(model.memory_bank),
+                 "grown again" if t["add_normals"] else "fitted again", time.perf_counter() - start)
     return joined
 
 
