@@ -927,8 +927,8 @@ def _seed_holding_out(grown_data: Path, new: Callable[[int], bool]) -> tuple[int
 def test_a_grown_model_is_not_calibrated_on_far_fewer_images_than_its_base(tmp_path, capsys) -> None:
     """Each growth calibrates on its own new good images: a small batch held out 2, and thresholds
     set on them replaced ones set on many more (a grown magnetic_tile model flagged half the good
-    test parts). Refused with what to do; given Train.calibration_dir, the model grows and the log
-    says how its thresholds moved."""
+    test parts). Refused with what to do, as is growing it in place; given Train.calibration_dir,
+    the model grows and the log says how its thresholds moved."""
     small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5"]
     dataset = make_mvtec(tmp_path / "data", n_train=20)
     first = tmp_path / "first"  # 10 of 20 held out: thresholds set on 10 good images
@@ -945,6 +945,10 @@ def test_a_grown_model_is_not_calibrated_on_far_fewer_images_than_its_base(tmp_p
                        "of this batch's 4 images with Train.calibration_fraction (they join the bank once the "
                        "thresholds are set), or set Train.calibration_dir to good images kept out of every batch")
     assert not grown.exists()
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={more}", f"Global.output={first}", *small, base) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: Global.output: {first} holds the model Train.add_normals grows; write the grown model to another "
+        "folder, so that the model it grew from stays to go back to")  # in place, the base would be gone
     kept_out = make_mvtec(tmp_path / "kept_out", n_train=12, seed=5) / "train"  # good images in no batch
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={more}", f"Global.output={grown}", *small, base,
                       f"Train.calibration_dir={kept_out}") == 0
