@@ -254,6 +254,9 @@ class Int8Index:
 
     MAX_CHANNELS = (2**31 - 1) // (255 * 127)  # oneDNN's int32 sum of C products of uint8 x int8 cannot overflow
     BLOCKS = 16
+    # Twice the float searches' chunks: the int8 product runs faster on 200 queries than on 100, more
+    # than the larger products' passes lose (magnetic_tile's 10k bank: 18.1 against 19.2 ms an image).
+    CHUNK_ELEMENTS = 2 * CHUNK_ELEMENTS
     SLACK = 1 + 2.0**-10  # the bounds' own float32 rounding
 
     def __init__(self, bank: torch.Tensor) -> None:
@@ -267,7 +270,7 @@ class Int8Index:
                       + rounded_norm / rounded_norm.max().clamp_min(1e-30)).argsort()
         self.bank = centred[self.order].contiguous()  # sorted: row i of the search is bank row order[i]
         self.bias = self.bank.pow(2).sum(1)
-        self.chunk = max(1, CHUNK_ELEMENTS // max(len(bank), 1))
+        self.chunk = max(1, self.CHUNK_ELEMENTS // max(len(bank), 1))
         # Padded to whole blocks with rows that are never near (an infinite |b|^2, zero weights).
         padded = -(-len(bank) // self.BLOCKS) * self.BLOCKS
         pad = padded - len(bank)
