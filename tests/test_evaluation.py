@@ -29,7 +29,7 @@ from flawscope.evaluation.evaluate import (
     summarize,
 )
 from flawscope.errors import FlawscopeError
-from flawscope.inference.model_dir import Calibration
+from flawscope.inference.model_dir import Calibration, read_fitted_images
 from flawscope.inference.predictor import Predictor
 
 METRICS = ("image_auroc", "image_ap", "image_f1", "image_precision", "image_recall", "image_fpr",
@@ -195,6 +195,26 @@ def test_a_file_where_the_report_folder_goes_is_refused_not_replaced(trained, tm
     assert (tmp_path / "eval" / "evaluate_report").read_text() == "the user's notes"
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["evaluate.log", "evaluate_report",
                                                                      "evaluate_result.json"]
+
+
+def test_evaluating_on_images_the_model_was_fitted_on_is_said(trained, tmp_path) -> None:
+    """Test images added as normals (Train.add_normals), or a test split that holds training images:
+    they score as training images, and the evaluation says its metrics are optimistic."""
+    dataset, out = trained
+    mixed = tmp_path / "mixed"
+    shutil.copytree(dataset, mixed)
+    for image in (dataset / "train" / "good").iterdir():  # renamed copies: found by their pixels
+        shutil.copy(image, mixed / "test" / "good" / f"copy_{image.name}")
+    fitted = len(read_fitted_images(out / "best_model/inference"))
+    assert 0 < fitted <= len(list((dataset / "train" / "good").iterdir()))
+    predictor = Predictor.from_dir(out / "best_model/inference")
+    result = evaluate_model(predictor, load_dataset(mixed), tmp_path / "eval", out / "best_model/inference")
+    evaluated = len(load_dataset(mixed).val)
+    (warning,) = [w for w in result["warnings"] if "fitted on" in w]
+    assert warning.startswith(f"{fitted} of the {evaluated} images evaluated are images the model was fitted on "
+                              f"(e.g. {mixed / 'test' / 'good'}{os.sep}copy_") and warning.endswith("optimistic")
+    clean = evaluate_model(predictor, load_dataset(dataset), tmp_path / "eval2", out / "best_model/inference")
+    assert not any("fitted on" in w for w in clean["warnings"])
 
 
 def test_good_images_flagged_beyond_chance_are_called_a_shift() -> None:

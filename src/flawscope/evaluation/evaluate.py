@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import betabinom, binomtest
 from tqdm import tqdm
 
@@ -29,7 +30,7 @@ from flawscope.atomic import write_atomic
 from flawscope.data.io import read_ahead, read_image, read_mask_values
 from flawscope.data.layouts import Dataset, Sample, check_headers, unread_images
 from flawscope.evaluation import metrics
-from flawscope.inference.model_dir import Calibration
+from flawscope.inference.model_dir import WEIGHTS_FILE, Calibration, image_digests, read_fitted_images
 from flawscope.inference.predictor import Predictor
 from flawscope.inference.result import THRESHOLD
 from flawscope.logs import log, log_to_file
@@ -53,6 +54,7 @@ class Outcome:
     mask_problem: str | None = None  # its mask holds other values than 0 and one defect value (read_mask_values)
     score: float | None = None  # normalised; None while the model is not calibrated
     is_anomaly: bool | None = None
+    fitted: bool = False  # one of the images the model was fitted on (``collect``'s ``fitted``)
 
 
 @dataclass
@@ -108,20 +110,29 @@ def _read(sample: Sample) -> tuple[np.ndarray, np.ndarray | None, str | None]:
 
 
 def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8,
-            desc: str = "evaluate", miou: bool = True) -> Collected:
+            desc: str = "evaluate", miou: bool = True, fitted: torch.Tensor | None = None) -> Collected:
     """Run the model once over ``samples``, reading the next chunk meanwhile; decisions only when
     the model is calibrated; PaddleX's mIoU terms unless ``miou`` is false (``auroc_summary``
-    does without)."""
+    does without). ``fitted``: the digests of the images the model was fitted on
+    (``read_fitted_images``), which the outcomes of those images say (``Outcome.fitted``)."""
     calibrated = predictor.info.calibration is not None
+    known = {bytes(row) for row in fitted.tolist()} if fitted is not None else set()
+
+    def read(sample: Sample) -> tuple[np.ndarray, np.ndarray | None, str | None, bool]:
+        image, mask, problem = _read(sample)
+        digest = image_digests(torch.from_numpy(predictor.resizer.to_input(image))[None])[0] if known else None
+        return image, mask, problem, digest is not None and bytes(digest.tolist()) in known
+
     chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-    reads = read_ahead(lambda chunk: [_read(s) for s in chunk], chunks, 1)
+    reads = read_ahead(lambda chunk: [read(s) for s in chunk], chunks, 1)
     collected = Collected([], PixelGroup(), {})
     with closing(reads):
         for chunk, reading in tqdm(reads, total=len(chunks), desc=desc, leave=False, unit="batch", disable=None):
-            images, masks, problems = zip(*reading.result())
-            for sample, image, mask, problem, (raw_map, raw_score) in zip(chunk, images, masks, problems,
-                                                                         predictor.raw_outputs(images)):
-                outcome = Outcome(sample, raw_score, None if mask is None else int(np.count_nonzero(mask)), problem)
+            images, masks, problems, seen = zip(*reading.result())
+            for sample, image, mask, problem, was_fitted, (raw_map, raw_score) in zip(
+                    chunk, images, masks, problems, seen, predictor.raw_outputs(images)):
+                outcome = Outcome(sample, raw_score, None if mask is None else int(np.count_nonzero(mask)), problem,
+                                  fitted=was_fitted)
                 pred = None
                 if calibrated:
                     res = predictor.result(image, raw_map, raw_score)
@@ -288,7 +299,8 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
     # Until this evaluation ends, an earlier one's result here must not pass for it.
     write_atomic(output / "evaluate_result.json", json.dumps({"done_flag": False}).encode())
     with log_to_file(output / "evaluate.log"):
-        collected = collect(predictor, dataset.val, batch_size)
+        fitted = read_fitted_images(model_dir) if (model_dir / WEIGHTS_FILE).is_file() else None  # not exported ones
+        collected = collect(predictor, dataset.val, batch_size, fitted=fitted)
         outcomes = collected.outcomes
         result = {"done_flag": True, "model_dir": str(model_dir.resolve()), "dataset_dir": str(dataset.root.resolve()),
                   "metrics": compute_metrics(collected), "thresholds": thresholds_of(predictor),
@@ -303,6 +315,11 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
             result["warnings"].append(f"the model's iteration {provenance.get('iterations')} was chosen as the best on "
                                       f"{dataset.root}'s evaluation split (Train.select_best): every metric here is "
                                       "optimistic; evaluate on images it was not chosen on")
+        trained_on = [o.sample.image for o in outcomes if o.fitted]
+        if trained_on:  # e.g. test images added as normals (Train.add_normals)
+            result["warnings"].append(f"{len(trained_on)} of the {len(outcomes)} images evaluated are images the "
+                                      f"model was fitted on (e.g. {trained_on[0]}): they score as training images, "
+                                      "so the metrics here are optimistic")
         shift = shift_warning(outcomes, predictor.info.calibration)
         if shift:
             result["warnings"].append(shift)
