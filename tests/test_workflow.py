@@ -927,8 +927,9 @@ def _seed_holding_out(grown_data: Path, new: Callable[[int], bool]) -> tuple[int
 def test_a_grown_model_is_not_calibrated_on_far_fewer_images_than_its_base(tmp_path, capsys) -> None:
     """Each growth calibrates on its own new good images: a small batch held out 2, and thresholds
     set on them replaced ones set on many more (a grown magnetic_tile model flagged half the good
-    test parts). Refused with what to do, as is growing it in place; given Train.calibration_dir,
-    the model grows and the log says how its thresholds moved."""
+    test parts). A batch holds out as many as its base was calibrated on (they join the banks
+    afterwards); one too small for that is refused with what to do, as is growing in place; given
+    Train.calibration_dir, the model grows and the log says how its thresholds moved."""
     small = ["Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5"]
     dataset = make_mvtec(tmp_path / "data", n_train=20)
     first = tmp_path / "first"  # 10 of 20 held out: thresholds set on 10 good images
@@ -940,15 +941,23 @@ def test_a_grown_model_is_not_calibrated_on_far_fewer_images_than_its_base(tmp_p
     capsys.readouterr()
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={more}", f"Global.output={grown}", *small, base) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("error: Train.add_normals: 2 new good images would calibrate the grown model, whose thresholds "
-                       "are set on them alone (the base model's were set on 10); 10 or more are needed: hold out more "
-                       "of this batch's 4 images with Train.calibration_fraction (they join the bank once the "
-                       "thresholds are set), or set Train.calibration_dir to good images kept out of every batch")
+    assert err[-1] == ("error: Train.add_normals: 3 new good images would calibrate the grown model, whose thresholds "
+                       "are set on them alone (the base model's were set on 10); 10 or more are needed: add more "
+                       "images at once, or set Train.calibration_dir to good images kept out of every batch")
     assert not grown.exists()
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={more}", f"Global.output={first}", *small, base) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: Global.output: {first} holds the model Train.add_normals grows; write the grown model to another "
         "folder, so that the model it grew from stays to go back to")  # in place, the base would be gone
+    batch = make_mvtec(tmp_path / "batch", n_train=12, seed=4)  # its own 10% would be 2: as many as the base's held out
+    held = tmp_path / "held"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={batch}", f"Global.output={held}", *small, base) == 0
+    assert ("Train.add_normals: 10 of the 12 new images held out for calibration, as many as the base model was "
+            "calibrated on (or all but one; Train.calibration_fraction 0.1: 2); they join the banks") in (
+        held / "train.log").read_text()
+    held_info = yaml.safe_load((held / "best_model/inference/inference.yml").read_text())
+    assert held_info["calibration"]["details"]["num_good"] == 10
+    assert held_info["provenance"]["calibration_images_added"] == 10  # then in the bank, as the other 2
     kept_out = make_mvtec(tmp_path / "kept_out", n_train=12, seed=5) / "train"  # good images in no batch
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={more}", f"Global.output={grown}", *small, base,
                       f"Train.calibration_dir={kept_out}") == 0

@@ -243,8 +243,9 @@ def shift_warning(outcomes: Sequence[Outcome], cal: Calibration) -> str | None:
         above = round(bound * (calibrated + 1))
         if betabinom.sf(flagged - 1, count, above, calibrated + 1 - above) >= SHIFT_P_VALUE:
             return (f"{share} {bound:.0%} of good parts on average: set on only {calibrated} good images "
-                    f"({cal.source}), thresholds land this far from it by chance. Calibrate on more good images: "
-                    "a larger Train.calibration_fraction, or Train.calibration_dir")
+                    f"({cal.source}), thresholds land this far from it by chance too often to tell that from good "
+                    "images unlike those (lighting, position, material). Calibrate on more good images to tell: a "
+                    "larger Train.calibration_fraction, or Train.calibration_dir")
     return (f"{share} at most {bound:.0%} of good parts like the {calibrated or '?'} they were "
             f"calibrated on ({cal.source}): these good images differ from those (lighting, position, material). "
             "Calibrate on good images like them: train again with Train.calibration_dir set to a folder of them "
