@@ -924,6 +924,19 @@ def _seed_holding_out(grown_data: Path, new: Callable[[int], bool]) -> tuple[int
     raise AssertionError("no seed up to 100 splits the images so")
 
 
+def test_the_final_evaluation_says_when_it_evaluates_images_the_model_was_fitted_on(tmp_path) -> None:
+    """A test split that holds training images (or test images added as normals) scores them as training
+    images: the train mode's final evaluation warns, as the evaluate mode does."""
+    dataset = make_mvtec(tmp_path / "data", n_train=8)
+    for image in sorted((dataset / "train" / "good").iterdir()):  # all: the held-out ones join the banks
+        shutil.copy(image, dataset / "test" / "good" / f"copy_{image.name}")
+    out = tmp_path / "out"
+    assert _patchcore("Global.mode=train", f"Global.dataset_dir={dataset}", f"Global.output={out}",
+                      "Model.input_size=128", "Model.global_grid=2", "Model.coreset_ratio=0.5") == 0
+    assert re.search(r"the final evaluation: 8 of the \d+ images evaluated are images the model was fitted on "
+                     r"\(e\.g\. .*copy_.*\): they score as training images", (out / "train.log").read_text())
+
+
 def test_a_grown_model_is_not_calibrated_on_far_fewer_images_than_its_base(tmp_path, capsys) -> None:
     """Each growth calibrates on its own new good images: a small batch held out 2, and thresholds
     set on them replaced ones set on many more (a grown magnetic_tile model flagged half the good

@@ -219,6 +219,16 @@ def compute_metrics(collected: Collected, fpr_limit: float = AUPRO_FPR_LIMIT) ->
     return result
 
 
+def fitted_warning(outcomes: Sequence[Outcome]) -> str | None:
+    """Evaluated images that the model was fitted on (``Outcome.fitted``: e.g. test images added as
+    normals with ``Train.add_normals``) score as training images: the metrics are optimistic."""
+    trained_on = [o.sample.image for o in outcomes if o.fitted]
+    if not trained_on:
+        return None
+    return (f"{len(trained_on)} of the {len(outcomes)} images evaluated are images the model was fitted on "
+            f"(e.g. {trained_on[0]}): they score as training images, so the metrics here are optimistic")
+
+
 def shift_warning(outcomes: Sequence[Outcome], cal: Calibration) -> str | None:
     """Why the good images of this split are flagged far more often than calibration promised.
 
@@ -316,11 +326,9 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
             result["warnings"].append(f"the model's iteration {provenance.get('iterations')} was chosen as the best on "
                                       f"{dataset.root}'s evaluation split (Train.select_best): every metric here is "
                                       "optimistic; evaluate on images it was not chosen on")
-        trained_on = [o.sample.image for o in outcomes if o.fitted]
-        if trained_on:  # e.g. test images added as normals (Train.add_normals)
-            result["warnings"].append(f"{len(trained_on)} of the {len(outcomes)} images evaluated are images the "
-                                      f"model was fitted on (e.g. {trained_on[0]}): they score as training images, "
-                                      "so the metrics here are optimistic")
+        trained_on = fitted_warning(outcomes)
+        if trained_on:
+            result["warnings"].append(trained_on)
         shift = shift_warning(outcomes, predictor.info.calibration)
         if shift:
             result["warnings"].append(shift)

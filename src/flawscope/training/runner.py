@@ -35,7 +35,7 @@ from flawscope.data.layouts import (Dataset, Sample, check_headers, load_dataset
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
 from flawscope.errors import FlawscopeError
-from flawscope.evaluation.evaluate import REPORT_DIR, auroc_summary, collect
+from flawscope.evaluation.evaluate import REPORT_DIR, auroc_summary, collect, fitted_warning
 from flawscope.inference.model_dir import (META_FILE, Calibration, ModelInfo, among, image_digests, load_model_dir,
                                            read_fitted_images, save_model_dir)
 from flawscope.inference.predictor import Predictor
@@ -368,15 +368,15 @@ def _train(cfg: dict, data: _Loaded, model: torch.nn.Module, info: ModelInfo, wo
                        "train_images": history.get("fit", {}).get("new_images", len(data.fit_samples)),
                        "batch_size": t["batch_size"], "processes": world.size,
                        "seed": g["seed"], **history["provenance"], **grown_from}
-    final_eval = history.pop("final_eval", None)
-    if evaluate is not None and final_eval is not None:
-        metrics = evaluate(model)
-        log.info("eval %s%s", "with the image bank " if final_eval.get("image_bank") else "", json.dumps(metrics))
-        history["eval"].append({**final_eval, **metrics})
     joined = history["provenance"].get("calibration_images_added", 0)
     seen = [fit_digests, *([image_digests(joining)] if joined else []),
             *([data.known] if data.known is not None else [])]
     fitted = torch.unique(torch.cat(seen), dim=0)  # what a later Train.add_normals must not take as new
+    final_eval = history.pop("final_eval", None)
+    if evaluate is not None and final_eval is not None:
+        metrics = evaluate(model, fitted=fitted)
+        log.info("eval %s%s", "with the image bank " if final_eval.get("image_bank") else "", json.dumps(metrics))
+        history["eval"].append({**final_eval, **metrics})
     model_dir = save_model_dir(output / "best_model" / "inference", model, info, fitted)
     _drop_earlier_evaluation(output, model_dir)
     selected = history.get("selected_iteration")
@@ -563,5 +563,12 @@ def _add_calibration_images(cfg: dict, model: torch.nn.Module, data: _Loaded, de
     return joined
 
 
-def _evaluate(model: torch.nn.Module, predictor: Predictor, samples: list[Sample]) -> dict:
-    return auroc_summary(collect(predictor, samples, miou=False))
+def _evaluate(model: torch.nn.Module, predictor: Predictor, samples: list[Sample],
+              fitted: torch.Tensor | None = None) -> dict:
+    """AUROCs on ``samples``; with ``fitted`` (the model's image digests: the final evaluation), a
+    warning for evaluation images the model was fitted on."""
+    collected = collect(predictor, samples, miou=False, fitted=fitted)
+    warning = fitted_warning(collected.outcomes)
+    if warning:
+        log.warning("the final evaluation: %s", warning)
+    return auroc_summary(collected)
