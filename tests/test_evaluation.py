@@ -154,6 +154,7 @@ def test_what_a_reader_needs_to_trust_the_numbers(trained, tmp_path) -> None:
         assert (float(row["raw_score"]), float(row["score"])) == (res.raw_score, res.score)
         assert row["is_anomaly"] == str(res.is_anomaly) and int(row["label"]) == (row["defect_type"] != "good")
     assert sum(int(r["mask_pixels"]) for r in rows) == confusion["pixel"]["tp"] + confusion["pixel"]["fn"]
+    assert {r["fitted"] for r in rows} == {"False"}  # test images, none the model was fitted on
 
     predictor.info.provenance["dataset"] = str(dataset)  # chosen on another dataset's split: nothing to say
     result = evaluate_model(predictor, load_dataset(noisy), tmp_path / "eval2", out / "best_model/inference")
@@ -211,6 +212,8 @@ def test_evaluating_on_images_the_model_was_fitted_on_is_said(trained, tmp_path)
     result = evaluate_model(predictor, load_dataset(mixed), tmp_path / "eval", out / "best_model/inference")
     evaluated = len(load_dataset(mixed).val)
     (warning,) = [w for w in result["warnings"] if "fitted on" in w]
+    with open(Path(result["report"]).parent / "scores.csv", newline="") as f:
+        assert sum(row["fitted"] == "True" for row in csv.DictReader(f)) == fitted
     assert warning.startswith(f"{fitted} of the {evaluated} images evaluated are images the model was fitted on "
                               f"(e.g. {mixed / 'test' / 'good'}{os.sep}copy_") and warning.endswith("optimistic")
     clean = evaluate_model(predictor, load_dataset(dataset), tmp_path / "eval2", out / "best_model/inference")
@@ -237,6 +240,8 @@ def test_good_images_flagged_beyond_chance_are_called_a_shift() -> None:
     warning = shift_warning(outcomes(15), few)
     assert warning.startswith("15 of the 20 good images here are flagged (75%), where the thresholds flag 33% of good "
                               "parts on average: set on only 2 good images") and "differ" not in warning
+    on_training = dataclasses.replace(cal, source="training images")  # nothing held out: its own images
+    assert "as near the model as its own training images" in shift_warning(outcomes(6), on_training)
     old = dataclasses.replace(cal, details={"image_fpr_bound": 1 / 3})  # calibrated before num_good was recorded
     assert "differ from those" in shift_warning(outcomes(15), old)
 

@@ -249,6 +249,11 @@ def shift_warning(outcomes: Sequence[Outcome], cal: Calibration) -> str | None:
     if binomtest(flagged, count, bound, alternative="greater").pvalue >= SHIFT_P_VALUE:
         return None
     share = f"{flagged} of the {count} good images here are flagged ({flagged / count:.0%}), where the thresholds flag"
+    if cal.source == "training images":  # no image held out: the bound is for images as near the banks as those
+        return (f"{share} {bound:.0%} of good parts as near the model as its own training images, which they were "
+                "calibrated on (Train.calibration_fraction 0, no Train.calibration_dir): new good parts score higher. "
+                "Calibrate on good images the model was not fitted on: Train.calibration_fraction or "
+                "Train.calibration_dir")
     if calibrated:
         above = round(bound * (calibrated + 1))
         if betabinom.sf(flagged - 1, count, above, calibrated + 1 - above) >= SHIFT_P_VALUE:

@@ -8,7 +8,7 @@ to trust a model: the standard metrics, where the thresholds came from, and the 
       score_histogram.png          raw image scores of good and defective images, thresholds drawn
       worst_false_positives.png    good images flagged, highest score first (when there are any)
       worst_false_negatives.png    defective images passed as OK, lowest score first
-      scores.csv                   every image: its label, raw and normalised score, decision
+      scores.csv                   every image: its label, raw and normalised score, decision, fitted on
 
 Plots use matplotlib's object API (``Figure``), which needs no display and no pyplot state.
 """
@@ -290,7 +290,8 @@ def _write_report(directory: Path, result: dict, collected: Collected, predictor
         else:
             lines += ["None at the calibrated threshold.", ""]
     lines += ["## Every image", "", "[scores.csv](scores.csv): each image's label, defect type, raw and normalised "
-              "score and decision, and its mask's defect pixels, to audit or re-threshold without predicting again.", ""]
+              "score and decision, its mask's defect pixels and whether the model was fitted on it, to audit or "
+              "re-threshold without predicting again.", ""]
     _write_scores(collected, directory / "scores.csv")
     (directory / "evaluate_report.md").write_text(printable("\n".join(lines)), encoding="utf-8")
 
@@ -299,9 +300,10 @@ def _write_scores(collected: Collected, path: Path) -> None:
     # a file name that is not UTF-8 is written as its own bytes: the path that opens the file
     with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "label", "defect_type", "raw_score", "score", "is_anomaly", "mask", "mask_pixels"])
+        writer.writerow(["image", "label", "defect_type", "raw_score", "score", "is_anomaly", "mask", "mask_pixels",
+                         "fitted"])
         for o in collected.outcomes:
             writer.writerow([os.path.abspath(o.sample.image), o.sample.label, o.sample.defect_type, float(o.raw_score),
                              "" if o.score is None else float(o.score), "" if o.is_anomaly is None else bool(o.is_anomaly),
                              os.path.abspath(o.sample.mask) if o.sample.mask else "",
-                             "" if o.mask_pixels is None else o.mask_pixels])
+                             "" if o.mask_pixels is None else o.mask_pixels, o.fitted])
