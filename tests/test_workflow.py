@@ -965,8 +965,8 @@ def test_a_grown_model_is_not_calibrated_on_far_fewer_images_than_its_base(tmp_p
     batch = make_mvtec(tmp_path / "batch", n_train=12, seed=4)  # its own 10% would be 2: as many as the base's held out
     held = tmp_path / "held"
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={batch}", f"Global.output={held}", *small, base) == 0
-    assert ("Train.add_normals: 10 of the 12 new images held out for calibration, as many as the base model was "
-            "calibrated on (or all but one; Train.calibration_fraction 0.1: 2); they join the banks") in (
+    assert ("Train.add_normals: 10 of this batch's 12 images held out for calibration, as many as the base model "
+            "was calibrated on (or all but one; Train.calibration_fraction 0.1: 2); they join the banks") in (
         held / "train.log").read_text()
     held_info = yaml.safe_load((held / "best_model/inference/inference.yml").read_text())
     assert held_info["calibration"]["details"]["num_good"] == 10
