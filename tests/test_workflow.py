@@ -958,10 +958,13 @@ def test_a_grown_model_is_not_calibrated_on_far_fewer_images_than_its_base(tmp_p
                        "are set on them alone (the base model's were set on 10); 10 or more are needed: add more "
                        "images at once, or set Train.calibration_dir to good images kept out of every batch")
     assert not grown.exists()
-    assert _patchcore("Global.mode=train", f"Global.dataset_dir={more}", f"Global.output={first}", *small, base) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: Global.output: {first} holds the model Train.add_normals grows; write the grown model to another "
-        "folder, so that the model it grew from stays to go back to")  # in place, the base would be gone
+    for inside in (first, first / "best_model/inference"):  # in place, the base would be gone (or hold another)
+        assert _patchcore("Global.mode=train", f"Global.dataset_dir={more}", f"Global.output={inside}", *small,
+                          base) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: Global.output: {inside} holds, or is in, the model Train.add_normals grows; write the grown "
+            "model to another folder, so that the model it grew from stays to go back to")
+    assert not (first / "best_model/inference/best_model").exists()
     batch = make_mvtec(tmp_path / "batch", n_train=12, seed=4)  # its own 10% would be 2: as many as the base's held out
     held = tmp_path / "held"
     assert _patchcore("Global.mode=train", f"Global.dataset_dir={batch}", f"Global.output={held}", *small, base) == 0

@@ -68,10 +68,11 @@ def train(cfg: dict, world: World) -> dict:
     g, m, t = cfg["Global"], cfg["Model"], cfg["Train"]
     if not g["dataset_dir"]:
         raise FlawscopeError("Global.dataset_dir: required for training (-o Global.dataset_dir=PATH)")
-    grown_in_place = Path(g["output"]) / "best_model/inference"
-    if t.get("add_normals") and Path(t["add_normals"]).resolve() == grown_in_place.resolve():
-        raise FlawscopeError(f"Global.output: {g['output']} holds the model Train.add_normals grows; write the grown "
-                             "model to another folder, so that the model it grew from stays to go back to")
+    written = Path(g["output"]).resolve()
+    if t.get("add_normals") and ((grown := Path(t["add_normals"]).resolve()) == written / "best_model/inference"
+                                 or written.is_relative_to(grown)):
+        raise FlawscopeError(f"Global.output: {g['output']} holds, or is in, the model Train.add_normals grows; write "
+                             "the grown model to another folder, so that the model it grew from stays to go back to")
     dataset = load_dataset(g["dataset_dir"], cfg["CheckDataset"]["dataset_type"])
     defects = [s for s in dataset.train if s.label]
     as_defect = {os.path.abspath(s.image): s for s in dataset.val if s.label}
