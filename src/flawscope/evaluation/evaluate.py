@@ -30,7 +30,7 @@ from flawscope.atomic import write_atomic
 from flawscope.data.io import read_ahead, read_image, read_mask_values
 from flawscope.data.layouts import Dataset, Sample, check_headers, unread_images
 from flawscope.evaluation import metrics
-from flawscope.inference.model_dir import WEIGHTS_FILE, Calibration, image_digests, read_fitted_images
+from flawscope.inference.model_dir import WEIGHTS_FILE, Calibration, among, image_digests, read_fitted_images
 from flawscope.inference.predictor import Predictor
 from flawscope.inference.result import THRESHOLD
 from flawscope.logs import log, log_to_file
@@ -116,21 +116,22 @@ def collect(predictor: Predictor, samples: Sequence[Sample], batch_size: int = 8
     does without). ``fitted``: the digests of the images the model was fitted on
     (``read_fitted_images``), which the outcomes of those images say (``Outcome.fitted``)."""
     calibrated = predictor.info.calibration is not None
-    known = {bytes(row) for row in fitted.tolist()} if fitted is not None else set()
 
-    def read(sample: Sample) -> tuple[np.ndarray, np.ndarray | None, str | None, bool]:
-        image, mask, problem = _read(sample)
-        digest = image_digests(torch.from_numpy(predictor.resizer.to_input(image))[None])[0] if known else None
-        return image, mask, problem, digest is not None and bytes(digest.tolist()) in known
+    def read_chunk(chunk: list[Sample]) -> tuple[tuple, torch.Tensor, list[bool]]:
+        """The chunk's images, masks and mask problems, its model inputs, and which were fitted on."""
+        images, masks, problems = zip(*[_read(s) for s in chunk])
+        inputs = torch.from_numpy(np.stack([predictor.resizer.to_input(image) for image in images]))
+        seen = among(image_digests(inputs), fitted).tolist() if fitted is not None else [False] * len(chunk)
+        return (images, masks, problems), inputs, seen
 
     chunks = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-    reads = read_ahead(lambda chunk: [read(s) for s in chunk], chunks, 1)
+    reads = read_ahead(read_chunk, chunks, 1)
     collected = Collected([], PixelGroup(), {})
     with closing(reads):
         for chunk, reading in tqdm(reads, total=len(chunks), desc=desc, leave=False, unit="batch", disable=None):
-            images, masks, problems, seen = zip(*reading.result())
+            (images, masks, problems), inputs, seen = reading.result()
             for sample, image, mask, problem, was_fitted, (raw_map, raw_score) in zip(
-                    chunk, images, masks, problems, seen, predictor.raw_outputs(images)):
+                    chunk, images, masks, problems, seen, predictor.raw_outputs(images, inputs.numpy())):
                 outcome = Outcome(sample, raw_score, None if mask is None else int(np.count_nonzero(mask)), problem,
                                   fitted=was_fitted)
                 pred = None

@@ -63,15 +63,17 @@ class Predictor:
         return predictor
 
     @torch.no_grad()
-    def raw_outputs(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+    def raw_outputs(self, images: Sequence[np.ndarray],
+                    inputs: Sequence[np.ndarray] | None = None) -> list[tuple[np.ndarray, float]]:
         """(raw map at the image's own size, raw image score) per image, in one forward pass.
 
         The image score comes from the model (``map_and_score``): for STFPM the maximum of its
         deepest levels' map, for PatchCore the largest of the patch and image-level distances
-        (``combined_score``).
+        (``combined_score``). ``inputs``: the images resized already (``resizer.to_input``), where
+        the caller needed them too.
         """
         with self.torch_threads():
-            batch = np.stack([self.resizer.to_input(image) for image in images])
+            batch = np.stack([self.resizer.to_input(image) for image in images] if inputs is None else inputs)
             x = normalize(torch.from_numpy(batch).to(self.device), self.info.mean, self.info.std)
             maps, scores = self.model.map_and_score(x)
             maps, scores = maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()

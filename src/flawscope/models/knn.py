@@ -269,7 +269,6 @@ class Int8Index:
         self.order = (residual / residual.max().clamp_min(1e-30)
                       + rounded_norm / rounded_norm.max().clamp_min(1e-30)).argsort()
         self.bank = centred[self.order].contiguous()  # sorted: row i of the search is bank row order[i]
-        self.bias = self.bank.pow(2).sum(1)
         self.chunk = max(1, self.CHUNK_ELEMENTS // max(len(bank), 1))
         # Padded to whole blocks with rows that are never near (an infinite |b|^2, zero weights).
         padded = -(-len(bank) // self.BLOCKS) * self.BLOCKS
@@ -278,7 +277,8 @@ class Int8Index:
         self.weight = torch.ops.onednn.qlinear_prepack(weight, [self.chunk, bank.shape[1]])
         self.scale = torch.cat([2 * scale[self.order], scale.new_ones(pad)])  # -2 s_b, the sign in the weights
         self.zero_points = torch.zeros(padded, dtype=torch.long)
-        self.padded_bias = torch.cat([self.bias, self.bias.new_full((pad,), torch.inf)])
+        self.padded_bias = torch.cat([self.bank.pow(2).sum(1), torch.full((pad,), torch.inf)])
+        self.bias = self.padded_bias[:len(bank)]  # |b|^2 of the rows themselves
         self.float_error = (bank.shape[1] + 8) * 2.0**-23  # twice the worst relative error of a float32 sum of C
         # Each block's part of the bound, the columns of a product with each query's part (``search``):
         # its largest |e_b|, |s_b B| and float32 rounding of |b|^2, and 1 for the query's own terms.

@@ -193,7 +193,7 @@ def fit_patchcore(model: PatchCore, images_uint8: torch.Tensor, normalize: Calla
              "repeated_images": repeats, "bank_size": len(selected), "coverage_radius": radius,
              "feature_seconds": t1 - t0, "coreset_seconds": t2 - t1}
     if descriptors is not None:
-        owner = selected // (len(feats) // len(images_uint8))
+        owner = selected // stats["patches_per_image"]
         model.set_image_bank(descriptors, leave_one_out_scores(model, images_uint8, normalize, device, owner, seed),
                              image_bank_rows(model, descriptors, image_bank_size, seed))
         stats["reference_seconds"] = time.perf_counter() - t2

@@ -187,6 +187,12 @@ def train(cfg: dict, world: World) -> dict:
 MIN_GROWTH_CALIBRATION = 10
 
 
+def _calibrated_on(base: Calibration | None) -> int:
+    """The good images a base model's thresholds were set on; none where they were set on its
+    training images (nothing held out), or it has none."""
+    return int(base.details.get("num_good", 0)) if base is not None and base.source != "training images" else 0
+
+
 def _growth_fraction(t: dict, base: Calibration | None, count: int) -> float:
     """``Train.calibration_fraction`` for growing a model: enough to hold out as many new images as
     its base model was calibrated on (or all but one). A grown model is calibrated on new images
@@ -195,10 +201,11 @@ def _growth_fraction(t: dict, base: Calibration | None, count: int) -> float:
     model was calibrated on 36, and the grown model flagged 60 of 238 good test images (7 on 36).
     Not with ``Train.calibration_dir`` (the user's choice), nor where the held-out images do not join."""
     fraction = t["calibration_fraction"]
-    if (base is None or base.source == "training images" or t["calibration_dir"] or not t["add_calibration_images"]
-            or fraction <= 0 or count <= MIN_CALIBRATION_IMAGES):
+    if t["calibration_dir"] or not t["add_calibration_images"] or fraction <= 0 or count <= MIN_CALIBRATION_IMAGES:
         return fraction
-    wanted = min(int(base.details.get("num_good", 0)), count - 1)
+    wanted = min(_calibrated_on(base), count - 1)
+    if not wanted:
+        return fraction
     return max(fraction, (wanted + 0.25) / count)  # split_calibration rounds count * fraction to ``wanted``
 
 
@@ -206,7 +213,7 @@ def _check_growth_calibration(t: dict, count: int, base: Calibration | None, ima
                               dropped: int) -> None:
     """Refuse to replace a base model's thresholds by ones set on far fewer good images: a batch of
     15 held out 2, and a grown magnetic_tile model then flagged half the good test parts."""
-    base_count = base.details.get("num_good", 0) if base is not None and base.source != "training images" else 0
+    base_count = _calibrated_on(base)
     needed = min(base_count, MIN_GROWTH_CALIBRATION)
     if count >= needed:
         return
