@@ -17,6 +17,7 @@ from flawscope.config import (
     shipped_configs,
 )
 from flawscope.errors import FlawscopeError
+from flawscope.inference.result import THRESHOLD
 from flawscope.training.runner import model_config_from
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,8 @@ def test_shipped_config_loads_with_documented_defaults() -> None:
     assert cfg["Model"]["smooth_sigma"] == 4.0
     assert set(cfg["Train"]) == {name for name, key in SCHEMA["Train"].items() if "STFPM" in key.used_by}
     assert cfg["Export"] == {"weight_path": None, "format": "onnx"}
-    assert cfg["Predict"] == {"model_dir": None, "input": None, "batch_size": 1, "backend": "auto", "recursive": False}
+    assert cfg["Predict"] == {"model_dir": None, "input": None, "batch_size": 1, "backend": "auto", "recursive": False,
+                              "threshold": THRESHOLD, "min_region_area": 0, "outline_ok_images": False}
     # PatchCore-only keys stay absent from an STFPM config, defaults or not.
     assert "coreset_ratio" not in cfg["Model"] and "search" not in cfg["Model"] and "add_normals" not in cfg["Train"]
 

@@ -31,6 +31,7 @@ from flawscope.inference.model_dir import file_digest
 from flawscope.inference.predictor import Predictor
 from flawscope.inference.runtimes import import_runtime
 from flawscope.logs import log, log_to_file
+from flawscope.pipeline import create_pipeline
 
 
 def _cli(*overrides: str) -> int:
@@ -241,6 +242,30 @@ def test_predict_writes_json_and_picture_at_the_image_size(trained, tmp_path, ca
                 f"Predict.input={image}", "Model.resize_mode=letterbox") == 0
     assert ("Model.resize_mode: used when training only; the predict mode takes the model's own settings from its "
             "directory: ignored") in capsys.readouterr().err
+
+
+def test_the_predict_mode_takes_the_pipelines_decision_settings(trained, tmp_path, capsys) -> None:
+    """Predict.threshold / min_region_area / outline_ok_images act as the pipeline's settings do."""
+    dataset, out = trained
+    model = out / "best_model/inference"
+    image = dataset / "test" / "scratch" / "000.png"
+    (default,) = create_pipeline(model_dir=str(model)).predict(image)
+    strict = min(0.99, default.score + 0.01)
+    assert _cli("Global.mode=predict", f"Global.output={tmp_path / 'strict'}", f"Predict.model_dir={model}",
+                f"Predict.input={image}", f"Predict.threshold={strict}", "Predict.outline_ok_images=true") == 0
+    res = json.loads((tmp_path / "strict/000_res.json").read_text())
+    (expected,) = create_pipeline(model_dir=str(model), threshold=strict, outline_ok_images=True).predict(image)
+    assert res["is_anomaly"] is False and expected.score == default.score
+    assert abs(res["score"] - default.score) < 1e-4
+    assert len(res["regions"]) == len(expected.regions)
+    assert _cli("Global.mode=predict", f"Global.output={tmp_path / 'big'}", f"Predict.model_dir={model}",
+                f"Predict.input={image}", "Predict.threshold=0.01", "Predict.min_region_area=1000000") == 0
+    res = json.loads((tmp_path / "big/000_res.json").read_text())
+    assert res["is_anomaly"] is True and res["regions"] == []
+    capsys.readouterr()
+    assert _cli("Global.mode=predict", f"Global.output={tmp_path / 'bad'}", f"Predict.model_dir={model}",
+                f"Predict.input={image}", "Predict.threshold=1.5") != 0
+    assert "Predict.threshold" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_predict_says_when_it_falls_back_to_the_bundled_model(trained, tmp_path, capsys) -> None:

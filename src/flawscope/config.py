@@ -145,6 +145,10 @@ SCHEMA: dict[str, Any] = {
         "batch_size": Key(int, 1, ge=1),
         "backend": Key(str, "auto", choices=BACKENDS),
         "recursive": Key(bool, False),
+        # As the pipeline's settings of the same names (``flawscope.pipeline``); 0.5 = the calibrated threshold.
+        "threshold": Key(float, 0.5, gt=0, lt=1),
+        "min_region_area": Key(int, 0, ge=0),
+        "outline_ok_images": Key(bool, False),
     },
 }
 

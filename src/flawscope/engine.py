@@ -115,7 +115,8 @@ def predict(cfg: dict) -> dict:
         log.warning("no Predict.model_dir and no trained model in %s/best_model/inference: predicting with the "
                     "bundled default model (STFPM, hazelnuts only)", cfg["Global"]["output"])
     predictor = Predictor.from_dir(model_dir, one_device(cfg["Global"]["device"]), p["backend"],
-                                   batch_size=p["batch_size"])
+                                   batch_size=p["batch_size"], threshold=p["threshold"],
+                                   min_region_area=p["min_region_area"], outline_ok_images=p["outline_ok_images"])
     warn_if_saved_among_inputs(p["input"], Path(cfg["Global"]["output"]), p["recursive"])
     results = predictor.predict(p["input"], recursive=p["recursive"])
     return save_results(_module_hints(results), Path(cfg["Global"]["output"]))
