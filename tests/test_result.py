@@ -199,7 +199,7 @@ def test_print_summarises_arrays(capsys):
     amap = np.zeros((512, 512), np.float32)
     amap[::20, ::20] = 0.9  # 676 one-pixel regions
     result = _result(amap)
-    result.print()
+    result.print(format_json=False)
     out = capsys.readouterr().out
     assert out.startswith("{'res': {'input_path': '/data/parts/part_007.png'")
     assert "'map': 'array(512x512, float32, min=0, max=0.9)'" in out
@@ -207,6 +207,26 @@ def test_print_summarises_arrays(capsys):
     assert "... 673 more" in out
     assert len(out) < 2000 and str(result) == out.rstrip("\n")
     assert "regions=676" in repr(result)
+
+
+def test_paddlex_result_code_runs_as_written(tmp_path, capsys):
+    """PaddleX's documented loop (keyword save_path, print's JSON options) and its dict access."""
+    amap = np.zeros((64, 64), np.float32)
+    amap[10:20, 10:20] = 0.9
+    result = _result(amap)
+    result.input_path = "/data/部品/part_007.png"
+    result.print(format_json=True, indent=2, ensure_ascii=False)
+    printed = json.loads(capsys.readouterr().out)["res"]
+    assert printed["input_path"] == result.input_path and printed["map"].startswith("array(64x64")
+    assert printed["regions"] == [{"bbox": [10, 10, 20, 20], "area": 100, "max_score": 0.9}]
+    assert result.save_to_img(save_path=tmp_path) == [tmp_path / "part_007_res.png"]
+    path = result.save_to_json(save_path=tmp_path, indent=4, ensure_ascii=False)
+    text = path.read_text(encoding="utf-8")
+    assert "部品" in text and "\n    \"input_path\"" in text and json.loads(text)["score"] == result.score
+    assert result["input_path"] == result.input_path and result["pred"] is result.pred
+    assert set(dict(result)) == set(result.keys()) >= {"score", "is_anomaly", "map", "pred", "regions"}
+    with pytest.raises(KeyError, match="'bboxes': a result holds input_path"):
+        result["bboxes"]
 
 
 def test_error_result_serialises(tmp_path):
@@ -282,6 +302,8 @@ def test_a_name_that_is_not_utf8_prints_escaped(tmp_path, capsys):
     save_results([_result(input_path=name), AnomalyResult.from_error(name, f"{name}: broken")], tmp_path)
     assert capsys.readouterr().out.splitlines() == ["caf\\udce9.png\tscore=0.730\tis_anomaly=True",
                                                     "caf\\udce9.png\terror: broken"]
+    _result(input_path=name).print()  # JSON, as PaddleX prints, with ensure_ascii=False
+    assert json.loads(capsys.readouterr().out)["res"]["input_path"] == name
 
 
 @pytest.mark.parametrize("parent", ["", "sub/"])

@@ -63,6 +63,11 @@ class Region:
     max_score: float
 
 
+# What ``res[key]`` reads: the JSON's fields, then the arrays.
+_FIELDS = ("input_path", "size", "model_name", "score", "raw_score", "is_anomaly", "threshold", "regions", "error",
+           "image", "map", "pred")
+
+
 @dataclass(eq=False, repr=False)  # eq/repr on numpy arrays would be ambiguous or huge
 class AnomalyResult:
     """Prediction for one image. A bad input item has ``error`` set, no arrays and no scores.
@@ -215,19 +220,23 @@ class AnomalyResult:
             "error": self.error,
         }
 
-    def save_to_json(self, dir_or_file: str | os.PathLike, arrays: ArrayMode | None = None) -> Path:
+    def save_to_json(self, save_path: str | os.PathLike, arrays: ArrayMode | None = None,
+                     indent: int | None = None, ensure_ascii: bool = False) -> Path:
         """Write the JSON; a ``.json`` path is the file, anything else a directory that gets
         ``<stem>_res.json``. ``arrays`` defaults to ``json_arrays``. With ``"png"`` the map
         (16-bit, map*65535) and pred (8-bit, 0/255) go next to it as ``<json stem>.map.png`` /
         ``<json stem>.pred.png``, referenced by file name: the dot keeps them apart from
         ``save_to_img``'s ``_map.png`` / ``_pred.png`` pictures, whatever the names. Returns the
-        JSON's path (``save_all`` returns the PNGs too)."""
-        return self._write_json(dir_or_file, arrays)[0]
+        JSON's path (``save_all`` returns the PNGs too). ``save_path``, ``indent`` and
+        ``ensure_ascii`` as PaddleX's results take them (compact by default: an RLE's counts
+        would take a line each)."""
+        return self._write_json(save_path, arrays, indent, ensure_ascii)[0]
 
-    def _write_json(self, dir_or_file: str | os.PathLike, arrays: ArrayMode | None) -> list[Path]:
+    def _write_json(self, save_path: str | os.PathLike, arrays: ArrayMode | None,
+                    indent: int | None = None, ensure_ascii: bool = False) -> list[Path]:
         """``save_to_json``'s files, the JSON first, then any array PNGs."""
         arrays = self.json_arrays if arrays is None else arrays
-        path = _output_path(dir_or_file, ".json", lambda: f"{self.stem}_res.json")
+        path = _output_path(save_path, ".json", lambda: f"{self.stem}_res.json")
         written = [path]
         if arrays != "png" or self.error is not None:
             data = self.to_json("none" if arrays == "png" else arrays)
@@ -238,8 +247,7 @@ class AnomalyResult:
                 write_atomic(png, _png_bytes(picture))
                 data[key] = png.name
                 written.append(png)
-        # allow_nan=False: NaN/Infinity are not JSON; fail here rather than in a client.
-        write_atomic(path, json.dumps(data, allow_nan=False).encode())
+        write_atomic(path, _json_text(data, indent, ensure_ascii).encode())
         return written
 
     # ---------------------------------------------------------------- images
@@ -285,13 +293,13 @@ class AnomalyResult:
         draw.rectangle((0, 0, right + 3, bottom + 3), fill=_RED if self.is_anomaly else _GREEN)
         draw.text((3, 2), text, fill=(255, 255, 255), font=font)
 
-    def save_to_img(self, dir_or_file: str | os.PathLike, extra: bool | None = None) -> list[Path]:
+    def save_to_img(self, save_path: str | os.PathLike, extra: bool | None = None) -> list[Path]:
         """Write ``<stem>_res.png`` into a directory, or to the given ``.png`` file; with
         ``extra`` (default: ``save_extra``) also ``<stem>_map.png`` and ``<stem>_pred.png``.
         Nothing for an error result."""
-        if Path(dir_or_file).suffix.lower() in IMAGE_EXTENSIONS - {".png"}:  # meant as a file, not a folder
-            raise FlawscopeError(f"{dir_or_file}: save_to_img writes PNG files: give a .png file or a directory")
-        path = _output_path(dir_or_file, ".png", lambda: f"{self.stem}_res.png")
+        if Path(save_path).suffix.lower() in IMAGE_EXTENSIONS - {".png"}:  # meant as a file, not a folder
+            raise FlawscopeError(f"{save_path}: save_to_img writes PNG files: give a .png file or a directory")
+        path = _output_path(save_path, ".png", lambda: f"{self.stem}_res.png")
         extra = self.save_extra if extra is None else extra
         if self.error is not None:
             return []
@@ -353,9 +361,23 @@ class AnomalyResult:
             f"is_anomaly={self.is_anomaly!r}, regions={len(self.regions)}, error={self.error!r})"
         )
 
-    def print(self) -> None:
-        """Print the compact summary (see ``summary``)."""
-        print(str(self))
+    def print(self, format_json: bool = True, indent: int = 4, ensure_ascii: bool = False) -> None:
+        """Print the compact summary (see ``summary``) as ``{"res": ...}``, as PaddleX's results
+        print: JSON, or ``str()``'s Python dict with ``format_json=False``."""
+        if format_json:
+            print(_json_text({"res": self.summary()}, indent, ensure_ascii))
+        else:
+            print(str(self))
+
+    def keys(self) -> list[str]:
+        """The fields ``res[key]`` reads: PaddleX's results are dicts, and code written for them
+        reads ``res["pred"]``; ``dict(res)`` takes them all."""
+        return list(_FIELDS)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in _FIELDS:
+            raise KeyError(f"{key!r}: a result holds {', '.join(_FIELDS)}")
+        return getattr(self, key)
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:
@@ -399,6 +421,14 @@ def _array_png(json_path: Path, key: str) -> Path:
 def _extra_png(picture: Path, key: str) -> Path:
     """Where ``save_to_img`` with ``extra`` puts the ``key`` picture ("map" or "pred")."""
     return picture.with_name(f"{picture.stem.removesuffix('_res')}_{key}.png")
+
+
+def _json_text(data: dict[str, Any], indent: int | None, ensure_ascii: bool) -> str:
+    """JSON text; NaN and Infinity fail here rather than in a client (they are not JSON). A file
+    name that is not UTF-8 reaches Python as lone surrogates, which stay escaped (``\\udce9``)
+    where ``ensure_ascii=False`` would write them as they are: no UTF-8 can hold them."""
+    text = json.dumps(data, allow_nan=False, indent=indent, ensure_ascii=ensure_ascii)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _output_path(dir_or_file: str | os.PathLike, suffix: str, default_name: Callable[[], str]) -> Path:
