@@ -179,6 +179,8 @@ def test_resnet_weights_come_from_torchs_cache_or_a_clear_error(tmp_path, monkey
 def test_bad_weights_files_are_clear_errors(tmp_path) -> None:
     with pytest.raises(FlawscopeError, match="missing.pth: backbone weights file not found"):
         create_backbone("resnet18", (8,), pretrained=tmp_path / "missing.pth")
+    with pytest.raises(FlawscopeError, match="^https://example.com/r18.pth: a URL; a backbone weights file is a local"):
+        create_backbone("resnet18", (8,), pretrained="https://example.com/r18.pth")  # "https:/example.com" before
     (tmp_path / "code.pth").write_bytes(b"not a zip or a pickle")
     with pytest.raises(FlawscopeError, match="code.pth: not a weights file that loads safely"):
         create_backbone("resnet18", (8,), pretrained=tmp_path / "code.pth")

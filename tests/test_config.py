@@ -222,6 +222,60 @@ def test_malformed_overrides(text: str, expected: str) -> None:
     assert message.startswith(f"override {text!r}: ") and expected in message
 
 
+PADDLEX_STFPM_YAML = """\
+Global:
+  model: STFPM
+  mode: check_dataset # check_dataset/train/evaluate/predict
+  dataset_dir: "./dataset/mvtec_examples"
+  device: gpu:0
+  output: "output"
+CheckDataset:
+  convert:
+    enable: False
+    src_dataset_type: null
+  split:
+    enable: False
+    train_percent: null
+    val_percent: null
+Train:
+  num_classes: 1
+  epochs_iters: 4000
+  batch_size: 1
+  learning_rate: 0.4
+  pretrain_weight_path: null
+  warmup_steps: 50
+  resume_path: null
+  log_interval: 10
+  eval_interval: 4000
+  save_interval: 4000
+Evaluate:
+  weight_path: "output/best_model/model.pdparams"
+  log_interval: 10
+Export:
+  weight_path: https://paddle-model-ecology.bj.bcebos.com/paddlex/official_pretrained_model/STFPM_pretrained.pdparams
+Predict:
+  batch_size: 1
+  model_dir: "output/best_model/inference"
+  input: "https://paddle-model-ecology.bj.bcebos.com/paddlex/imgs/demo_image/uad_grid.png"
+  kernel_option:
+    run_mode: paddle
+"""
+
+
+def test_paddlexs_own_stfpm_config_loads_with_a_warning_for_each_key_it_has_no_use_for(caplog, tmp_path) -> None:
+    """PaddleX's STFPM.yaml, as it ships: it failed on its first key without a use here."""
+    path = tmp_path / "STFPM.yaml"
+    path.write_text(PADDLEX_STFPM_YAML)
+    cfg = load_config(path, ["Global.device=cpu", "Predict.kernel_option.run_mode=paddle"])
+    assert cfg["Train"]["epochs_iters"] == 4000 and "num_classes" not in cfg["Train"]
+    assert "kernel_option" not in cfg["Predict"] and "log_interval" not in cfg["Evaluate"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    for key in ("Train.num_classes", "Train.warmup_steps", "Evaluate.log_interval", "Predict.kernel_option"):
+        assert any(f"{path}: {key} is a PaddleX setting flawscope has no use for (" in w for w in warned), key
+    assert any(w.startswith("override 'Predict.kernel_option.run_mode=paddle': Predict.kernel_option is a PaddleX")
+               for w in warned)
+
+
 def test_an_empty_override_suggests_null_only_where_the_key_takes_it() -> None:
     """``Global.device=`` was told to write ``Global.device=null``, which is then refused."""
     assert error("STFPM", ["Global.device="]) == "override 'Global.device=': empty value"

@@ -618,6 +618,24 @@ def test_a_model_file_given_for_its_folder_says_so(trained) -> None:
         create_pipeline("anomaly_detection", model_dir=weights)
 
 
+def test_paddlex_style_model_paths_point_to_the_model_directory(trained, tmp_path) -> None:
+    """PaddleX's configs name best_model/model.pdparams, a best_model folder, or a weights URL."""
+    best = trained[1] / "best_model"
+    for given, told in ((best / "model.pdparams", f"{best / 'model.pdparams'}: a Paddle model file; flawscope reads "
+                         "an inference model directory (a folder of inference.yml and model.safetensors, such as "
+                         f"output/best_model/inference); give {best / 'inference'}"),
+                        (best, f"{best}: not an inference model directory (missing inference.yml); give "
+                               f"{best / 'inference'}"),
+                        ("https://example.com/STFPM_pretrained.pdparams", "https://example.com/STFPM_pretrained.pdparams:"
+                         " a URL; a model directory is a local folder: download it first")):
+        with pytest.raises(FlawscopeError) as refused:
+            create_pipeline("anomaly_detection", model_dir=given)
+        assert str(refused.value) == told
+    assert main(["-c", "STFPM", "-o", "Global.mode=export", "-o", f"Global.output={tmp_path / 'x'}",
+                 "-o", "Export.weight_path=https://example.com/STFPM_pretrained.pdparams"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
 def test_the_quick_start_takes_a_home_folder_as_the_module_cli_does(tmp_path, monkeypatch) -> None:
     """A launcher without a shell (systemd, a runner's argument list) passes "~" as it is: the
     output went to a folder named "~" in the working directory."""

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from flawscope.errors import FlawscopeError
 from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, save_model_dir
 from flawscope.inference.runtimes import import_runtime
 from flawscope.models.common import GaussianBlur
 from flawscope.models.image_bank import normal_deviates
 from flawscope.models.stfpm import STFPM, feature_distance, stfpm_loss
-from flawscope.training.stfpm_trainer import fit_image_bank
+from flawscope.training.stfpm_trainer import CHECKPOINT_FILES, fit_image_bank, read_checkpoint
 
 
 def _model(**kwargs) -> STFPM:
@@ -211,3 +214,13 @@ def test_models_saved_before_score_levels_score_on_every_level() -> None:
     with torch.no_grad():
         amap, score = model.map_and_score(x)
     assert torch.equal(score, amap.flatten(1).amax(1))
+
+
+def test_a_checkpoint_file_given_for_its_folder_is_told_the_folder(tmp_path) -> None:
+    """As PaddleX users give a weights file: the error named the file it was given as missing."""
+    folder = tmp_path / "iter_25"
+    folder.mkdir()
+    for name in CHECKPOINT_FILES:
+        (folder / name).write_text("{}")
+    with pytest.raises(FlawscopeError, match=re.escape(f"give the folder that holds it ({folder})")):
+        read_checkpoint(folder / CHECKPOINT_FILES[0], {})

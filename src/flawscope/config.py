@@ -64,6 +64,15 @@ class Key:
     path: bool = False  # a file or folder: a leading ~ is the home folder (no shell expands it after "=")
 
 
+# Keys of PaddleX's own STFPM.yaml that have no use here: a config copied from PaddleX loads with a
+# warning for each, rather than failing on the first.
+PADDLEX_ONLY = {
+    "Train.num_classes": "anomaly detection has one class",
+    "Train.warmup_steps": "STFPM warms up over the first 5% of Train.epochs_iters",
+    "Evaluate.log_interval": "evaluation logs once, at its end",
+    "Predict.kernel_option": "Paddle's inference options: Predict.backend chooses the runtime",
+}
+
 STFPM_ONLY = ("STFPM",)
 PATCHCORE_ONLY = ("PatchCore",)
 
@@ -361,9 +370,12 @@ def check_section(data: Any, schema: dict[str, Any], prefix: str, where: str) ->
     out = {}
     for name, value in data.items():
         spec = schema.get(name)
+        full = prefix + str(name)
+        if spec is None and full in PADDLEX_ONLY:
+            _paddlex_key(where, full)
+            continue
         if spec is None:
             _unknown_key(where, prefix, str(name), schema)
-        full = prefix + name
         if isinstance(spec, dict):
             out[name] = check_section(value, spec, full + ".", where)
         else:
@@ -375,6 +387,10 @@ def _apply_override(cfg: dict[str, Any], text: str) -> None:
     """Check one override against the schema and set it, creating sections the file left out."""
     where = f"override {text!r}"
     path, raw = _split_override(text)
+    known = [key for key in PADDLEX_ONLY if path[:key.count(".") + 1] == key.split(".")]
+    if known:
+        _paddlex_key(where, known[0])
+        return
     spec: Any = SCHEMA
     for i, name in enumerate(path):
         prefix = ".".join(path[:i]) + "." if i else ""
@@ -513,6 +529,10 @@ def _describe(spec: Key) -> str:
             rules.append(f"a multiple of {spec.multiple_of}")
         text = " ".join([_KIND_NAMES[spec.kind], " and ".join(rules)]).strip()
     return text + (" or null" if spec.nullable else "")
+
+
+def _paddlex_key(where: str, full: str) -> None:
+    log.warning("%s: %s is a PaddleX setting flawscope has no use for (%s): ignored", where, full, PADDLEX_ONLY[full])
 
 
 def _unknown_key(where: str, prefix: str, name: str, section: dict[str, Any]) -> NoReturn:

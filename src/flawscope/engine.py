@@ -27,7 +27,7 @@ def inference_dir(cfg: dict, key: str) -> Path | None:
     if found is not None:
         from flawscope.inference.model_dir import read_model_info
 
-        model = read_model_info(found).model
+        model = read_model_info(given or found).model  # as given: Path() would make "https://" "https:/"
         if model != cfg["Global"]["model"]:
             log.warning("%s holds a %s model: it is used as it is (Global.model %s does not apply to %s)", found,
                         model, cfg["Global"]["model"], cfg["Global"]["mode"])

@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from flawscope.config import BACKENDS, MODELS, Key, check_section, load_yaml, yaml_problem
+from flawscope.data.io import is_url
 from flawscope.device import check_device_spec, one_device
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.predictor import Predictor
@@ -151,7 +152,8 @@ class AnomalyDetectionPipeline:
         sub = config["SubModules"]["AnomalyDetection"]
         device = one_device(sub["device"], f"{_SETTINGS_PREFIX}device")
         model_dir = sub["model_dir"]
-        if model_dir is not None and not Path(model_dir).is_absolute() and not Path(model_dir).exists():
+        if model_dir is not None and not is_url(model_dir) and not Path(model_dir).is_absolute() \
+                and not Path(model_dir).exists():
             raise FlawscopeError(f"{_SETTINGS_PREFIX}model_dir: {model_dir} does not exist in the working folder "
                                  f"{os.getcwd()}, which relative paths are from (as in PaddleX); give an absolute path")
         self.predictor = Predictor.from_dir(model_dir, device, sub["backend"], batch_size=sub["batch_size"],

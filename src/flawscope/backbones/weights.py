@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import warnings
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from flawscope.data.io import is_url
 from flawscope.errors import FlawscopeError, first_line
 
 
@@ -33,6 +35,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file (told by its header, not its name), or from a PyTorch
     file of plain tensors, read with ``weights_only=True`` only (PyTorch's loader that refuses
     anything but tensors and containers)."""
+    if is_url(os.fspath(path)):
+        raise FlawscopeError(f"{os.fspath(path)}: a URL; a backbone weights file is a local file: download it first")
     path = Path(path)
     if not path.is_file():
         raise FlawscopeError(f"{path}: backbone weights file not found")

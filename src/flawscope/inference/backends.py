@@ -34,6 +34,7 @@ from flawscope.inference.model_dir import (
     WEIGHTS_FILE,
     ModelInfo,
     check_files,
+    check_local,
     load_model_dir,
     read_model_info,
 )
@@ -215,6 +216,7 @@ def load_backend(model_dir: str | Path, device: torch.device | str = "cpu",
     reloads after each retraining). So the load is repeated until the folder and its files are
     the same after it as before.
     """
+    check_local(model_dir)
     model_dir = Path(model_dir)
     for _ in range(_LOAD_TRIES):
         before = _snapshot(model_dir)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ from torch import nn
 from flawscope import __version__
 from flawscope.atomic import staging_path, swap_in
 from flawscope.config import MAX_INPUT_SIZE, MODELS, SCHEMA, check_value, load_yaml, yaml_problem
-from flawscope.data.io import file_sha256
+from flawscope.data.io import file_sha256, is_url
 from flawscope.data.transforms import RESIZE_MODES
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
@@ -231,16 +232,38 @@ def among(digests: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     return torch.tensor([bytes(row) in known_set for row in digests.tolist()], dtype=torch.bool)
 
 
+def check_local(path: str | Path) -> None:
+    """Refuse a URL given for a model directory (PaddleX's configs give weights so) before
+    ``Path`` makes its "https://" "https:/", which would read as a folder that does not exist."""
+    if is_url(os.fspath(path)):
+        raise FlawscopeError(f"{os.fspath(path)}: a URL; a model directory is a local folder: download it first")
+
+
+PADDLE_SUFFIXES = (".pdparams", ".pdiparams", ".pdmodel", ".pdopt", ".pdstates")
+
+
+def _inside_hint(folder: Path) -> str:
+    """"; give FOLDER/inference" where ``folder`` holds a model directory there (a training's
+    ``best_model``, given as PaddleX's ``best_model/model.pdparams`` would be)."""
+    inner = folder / "inference"
+    return f"; give {inner}" if (inner / META_FILE).is_file() else ""
+
+
 def read_model_info(path: str | Path) -> ModelInfo:
     """The ``inference.yml`` of a model directory, trained (safetensors) or exported (ONNX, OpenVINO)."""
+    check_local(path)
     path = Path(path)
     meta_path = path / META_FILE
+    if path.suffix.lower() in PADDLE_SUFFIXES:
+        raise FlawscopeError(f"{path}: a Paddle model file; flawscope reads an inference model directory (a "
+                             f"folder of {META_FILE} and {WEIGHTS_FILE}, such as output/best_model/inference)"
+                             + _inside_hint(path.parent))
     if path.is_file():
         raise FlawscopeError(f"{path}: a file, not a model directory: give the folder that holds it ({path.parent})")
     if not path.is_dir():
         raise FlawscopeError(f"{path}: model directory does not exist")
     if not meta_path.is_file():
-        raise FlawscopeError(f"{path}: not an inference model directory (missing {META_FILE})")
+        raise FlawscopeError(f"{path}: not an inference model directory (missing {META_FILE})" + _inside_hint(path))
     try:
         return ModelInfo.from_dict(load_yaml(meta_path.read_text(encoding="utf-8")))
     except yaml.YAMLError as exc:

@@ -117,7 +117,9 @@ def read_checkpoint(path: str | Path, settings: dict) -> Checkpoint:
     path = Path(path)
     files = [path / name for name in CHECKPOINT_FILES]
     if not all(f.is_file() for f in files):
-        raise FlawscopeError(f"Train.resume_path: {path} is not a checkpoint directory (needs {', '.join(CHECKPOINT_FILES)})")
+        hint = f": give the folder that holds it ({path.parent})" if path.name in CHECKPOINT_FILES else ""
+        raise FlawscopeError(f"Train.resume_path: {path} is not a checkpoint directory (needs "
+                             f"{', '.join(CHECKPOINT_FILES)}){hint}")
     try:
         meta = json.loads(files[1].read_text(encoding="utf-8"))
         iteration = meta["iteration"]
