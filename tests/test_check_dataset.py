@@ -546,6 +546,16 @@ def test_too_few_good_training_images_are_warned_of(tmp_path):
     assert not any("good training image(s)" in w["problem"] for w in _run(root, tmp_path / "out")["warnings"])
 
 
+def test_a_val_split_of_defect_images_only_is_warned_of(tmp_path):
+    """A conversion puts every good image in train: evaluation then measures no image AUROC."""
+    root = _mvtec(tmp_path / "data")
+    (root / "test" / "good" / "000.png").unlink()
+    warnings = {w["problem"] for w in _run(root, tmp_path / "out")["warnings"]}
+    assert any(w.startswith("the val split holds no good images: evaluation would measure no image AUROC") for w in warnings)
+    _image(root / "test" / "good" / "000.png", value=100)
+    assert not any("no good images" in w["problem"] for w in _run(root, tmp_path / "out")["warnings"])
+
+
 def test_a_line_break_in_a_file_name_keeps_each_log_record_on_one_line(tmp_path, capsys):
     """The check's warnings name files: a name holding a line break split a record in two, on the
     console and in the log file alike."""

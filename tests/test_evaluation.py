@@ -25,6 +25,7 @@ from flawscope.evaluation.evaluate import (
     compute_metrics,
     evaluate_model,
     mask_warnings,
+    no_good_warning,
     shift_warning,
     summarize,
 )
@@ -257,6 +258,17 @@ def test_defect_images_without_a_usable_mask_are_named() -> None:
     assert warnings == ["2 defect image(s) have no mask (e.g. a.png): left out of the pixel metrics",
                         "1 defect image(s) have an empty mask (e.g. b.png): every pixel flagged on them counts as a "
                         "false positive"]
+
+
+def test_an_evaluation_of_defect_images_only_says_how_to_add_good_ones() -> None:
+    """As a LabelMe conversion leaves the lists: image AUROC null, and no word of why."""
+    def outcome(label: int) -> Outcome:
+        return Outcome(Sample(Path(f"{label}.png"), None, label, "crack" if label else "good"), 1.0, None)
+
+    assert no_good_warning([outcome(1), outcome(0)]) is None and no_good_warning([]) is None
+    warning = no_good_warning([outcome(1), outcome(1)])
+    assert warning.startswith("the 2 evaluated images are all defect images: with no good one there is no image AUROC")
+    assert "-o CheckDataset.split.enable=true" in warning
 
 
 def test_evaluate_warns_when_the_good_images_are_flagged_too_often(trained, tmp_path) -> None:

@@ -142,15 +142,18 @@ def test_collection_of_mvtec_categories_hints_at_one(tmp_path):
     assert "bottle" in _raises(tmp_path, "point at one of them")
 
 
-@pytest.mark.parametrize("source", ["VOC", "LabelMe"])
+@pytest.mark.parametrize("source", ["VOC", "LabelMe", "LabelMe apart"])
 def test_annotations_of_a_source_format_hint_at_its_conversion(tmp_path, source):
-    """A VOC folder, or a folder of LabelMe-annotated images, was only "no known dataset layout"."""
+    """A VOC folder, or a folder of LabelMe-annotated images (the annotations beside them or in a
+    folder of their own), was only "no known dataset layout"."""
     if source == "VOC":
         _image(tmp_path / "JPEGImages" / "0.jpg")
         (tmp_path / "SegmentationClass").mkdir()
     else:
         _image(tmp_path / "imgs" / "0.png")
-        (tmp_path / "imgs" / "0.json").write_text('{"shapes": []}')
+        (tmp_path / ("annotations" if source.endswith("apart") else "imgs")).mkdir(exist_ok=True)
+        (tmp_path / ("annotations" if source.endswith("apart") else "imgs") / "0.json").write_text('{"shapes": []}')
+        source = "LabelMe"
     message = _raises(tmp_path, "no known dataset layout")
     assert message.endswith(f"it looks like {source} annotations: convert them with -o CheckDataset.convert.enable=true "
                             f"-o CheckDataset.convert.src_dataset_type={source})")

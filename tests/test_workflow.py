@@ -394,7 +394,13 @@ def test_an_image_good_in_train_and_defective_in_val_fails_before_training(tmp_p
     (data / "val.txt").write_text("test/scratch/000.png ground_truth/scratch/000_mask.png\ntest/good/000.png\n")
     out = tmp_path / "out"
     _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out),
-                   fragment="listed as good in train and as a defect in val")
+                   fragment="listed in train as good and as a defect in val")
+    # Listed with its defect mask in train too: it was said to be listed "as good" there.
+    (data / "train.txt").write_text("".join(f"{p.relative_to(data)}\n" for p in goods)
+                                    + "test/scratch/000.png ground_truth/scratch/000_mask.png\n")
+    _fails_cleanly(capsys, out, "Global.mode=train", *tiny_overrides(data, out),
+                   fragment="000.png: a defect image in the training split: listed in train with its mask "
+                            f"{data / 'ground_truth/scratch/000_mask.png'} and as a defect in val")
 
 
 def test_a_defect_image_in_a_segdataset_train_list_fails_before_training(tmp_path, capsys) -> None:

@@ -28,8 +28,8 @@ from tqdm import tqdm
 from flawscope.atomic import write_atomic
 from flawscope.data.convert import convert_dataset
 from flawscope.data.io import file_sha256, is_image_file, read_image, read_mask_values
-from flawscope.data.layouts import (DEFECT, GOOD, annotation_source, detect_layout, header_size, load_dataset,
-                                    mask_dirs, mvtec_train_dir, read_lines, unread_images)
+from flawscope.data.layouts import (DEFECT, GOOD, VAL_WITHOUT_GOOD_FIX, annotation_source, detect_layout, header_size,
+                                    load_dataset, mask_dirs, mvtec_train_dir, read_lines, unread_images)
 from flawscope.data.split import split_dataset
 from flawscope.errors import FlawscopeError, printable
 
@@ -153,12 +153,15 @@ def check_dataset(
         found.warning(root, f"only {good} good training image(s): none can be held out to calibrate the thresholds, "
                       "which are then set on the images trained on and flag new good parts; a model learns 'good' "
                       "from tens to hundreds of images")
+    if sum(found.counts["val"].values()) and not found.counts["val"][GOOD]:  # as a conversion leaves it
+        found.warning(root, "the val split holds no good images: evaluation would measure no image AUROC, AP or "
+                      "false-positive rate; " + VAL_WITHOUT_GOOD_FIX)
     if found.without_masks:  # allowed, but a user who meant to give every mask should hear of it
         count = len(found.without_masks)
         found.warning(Path(found.without_masks[0]), f"{count} defect image(s) have no mask (this one, "
                       "and the others in images_without_masks): evaluation leaves them out of the pixel metrics")
     if layout == "Folder" and annotation_source(root) == "LabelMe":  # its defects would train as good images
-        found.warning(root, "JSON files beside the images: a Folder dataset does not read LabelMe annotations, "
+        found.warning(root, "LabelMe files named after the images: a Folder dataset does not read LabelMe annotations, "
                       "so their images count as good; convert them with -o CheckDataset.convert.enable=true "
                       "-o CheckDataset.convert.src_dataset_type=LabelMe")
     images = {item.image for items in splits.values() for item in items}

@@ -30,6 +30,10 @@ log = logging.getLogger("flawscope")
 
 GOOD = "good"
 DEFECT = "defect"
+# What to do where the evaluation split holds defect images only (a conversion's lists, by design).
+VAL_WITHOUT_GOOD_FIX = ("move some good images there: -o CheckDataset.split.enable=true -o "
+                        "CheckDataset.split.train_percent=80 -o CheckDataset.split.val_percent=20 in the "
+                        "check_dataset mode (defect images stay in val)")
 
 _NORMAL_DIRS = ("good", "normal", "ok")
 _ABNORMAL_DIRS = ("abnormal", "defect", "bad", "ng")  # NG: "no good", as factory lines sort parts
@@ -297,20 +301,20 @@ def _expected(root: Path) -> str:
 
 def annotation_source(root: Path) -> str | None:
     """"VOC" or "LabelMe" where ``root`` holds their annotations (VOC's two folders; LabelMe's JSON
-    files, with their ``shapes``, named after their images, in it or in a folder below), which the
-    layouts do not read without a conversion. Other JSON files (a run's results) are no hint."""
+    files, with their ``shapes``, named after their images, in it or in a folder below, beside
+    them or in a folder of their own such as ``annotations/``), which the layouts do not read
+    without a conversion. Other JSON files (a run's results) are no hint."""
     if (root / "JPEGImages").is_dir() and (root / "SegmentationClass").is_dir():
         return "VOC"
+    files = []
     for folder in (root, *_subdirs(root)):
         try:
-            files = list(folder.iterdir())
+            files += list(folder.iterdir())
         except OSError:  # an unreadable folder holds no hint
             continue
-        images = {path.stem for path in files if is_image_file(path)}
-        named = [path for path in files if path.suffix.lower() == ".json" and path.stem in images]
-        if any(_has_shapes(path) for path in named[:3]):
-            return "LabelMe"
-    return None
+    images = {path.stem for path in files if is_image_file(path)}
+    named = [path for path in files if path.suffix.lower() == ".json" and path.stem in images]
+    return "LabelMe" if any(_has_shapes(path) for path in named[:3]) else None
 
 
 def _has_shapes(path: Path) -> bool:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from flawscope.atomic import write_atomic
 from flawscope.data.io import read_ahead, read_image, read_mask_values
-from flawscope.data.layouts import Dataset, Sample, check_headers, unread_images
+from flawscope.data.layouts import VAL_WITHOUT_GOOD_FIX, Dataset, Sample, check_headers, unread_images
 from flawscope.evaluation import metrics
 from flawscope.inference.model_dir import WEIGHTS_FILE, Calibration, among, image_digests, read_fitted_images
 from flawscope.inference.predictor import Predictor
@@ -284,6 +284,15 @@ def thresholds_of(predictor: Predictor) -> dict:
     }
 
 
+def no_good_warning(outcomes: Sequence[Outcome]) -> str | None:
+    """Defect images only (a conversion's lists, every good image in train): image AUROC and the
+    false-positive rates are left null, which a user reads for a broken model."""
+    if outcomes and all(o.sample.label == 1 for o in outcomes):
+        return (f"the {len(outcomes)} evaluated images are all defect images: with no good one there is no image "
+                "AUROC, AP or false-positive rate; " + VAL_WITHOUT_GOOD_FIX)
+    return None
+
+
 def mask_warnings(outcomes: Sequence[Outcome]) -> list[str]:
     """Masks that cannot say where the defect is: without one, an image counts in the image
     metrics only; with an empty one, its flagged pixels all count as false positives; with values
@@ -332,12 +341,10 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
             result["warnings"].append(f"the model's iteration {provenance.get('iterations')} was chosen as the best on "
                                       f"{dataset.root}'s evaluation split (Train.select_best): every metric here is "
                                       "optimistic; evaluate on images it was not chosen on")
-        trained_on = fitted_warning(outcomes)
-        if trained_on:
-            result["warnings"].append(trained_on)
-        shift = shift_warning(outcomes, predictor.info.calibration)
-        if shift:
-            result["warnings"].append(shift)
+        for warning in (no_good_warning(outcomes), fitted_warning(outcomes),
+                        shift_warning(outcomes, predictor.info.calibration)):
+            if warning:
+                result["warnings"].append(warning)
         result["warnings"] += mask_warnings(outcomes)
         unread = unread_images(dataset, output.absolute())
         if unread:  # a lot of defects in a subfolder, never evaluated: the record must say so

@@ -35,7 +35,7 @@ from flawscope.data.layouts import (Dataset, Sample, check_headers, load_dataset
 from flawscope.data.transforms import Resizer, normalize
 from flawscope.device import peak_rss_mb
 from flawscope.errors import FlawscopeError
-from flawscope.evaluation.evaluate import REPORT_DIR, auroc_summary, collect, fitted_warning
+from flawscope.evaluation.evaluate import REPORT_DIR, auroc_summary, collect, fitted_warning, no_good_warning
 from flawscope.inference.model_dir import (META_FILE, Calibration, ModelInfo, among, image_digests, load_model_dir,
                                            read_fitted_images, save_model_dir)
 from flawscope.inference.predictor import Predictor
@@ -78,7 +78,8 @@ def train(cfg: dict, world: World) -> dict:
     as_defect = {os.path.abspath(s.image): s for s in dataset.val if s.label}
     for sample in dataset.train:
         if (defect := as_defect.get(os.path.abspath(sample.image))) is not None:
-            raise FlawscopeError(f"{sample.image}: a defect image in the training split: listed as good in train and "
+            how = f"with its mask {sample.mask}" if sample.label else "as good"
+            raise FlawscopeError(f"{sample.image}: a defect image in the training split: listed in train {how} and "
                                  f"as a defect in val (its mask {defect.mask}); anomaly detection trains on good "
                                  "images only")
     if defects:
@@ -574,9 +575,9 @@ def _add_calibration_images(cfg: dict, model: torch.nn.Module, data: _Loaded, de
 def _evaluate(model: torch.nn.Module, predictor: Predictor, samples: list[Sample],
               fitted: torch.Tensor | None = None) -> dict:
     """AUROCs on ``samples``; with ``fitted`` (the model's image digests: the final evaluation), a
-    warning for evaluation images the model was fitted on."""
+    warning for evaluation images the model was fitted on, and one for an evaluation split of defect images only."""
     collected = collect(predictor, samples, miou=False, fitted=fitted)
-    warning = fitted_warning(collected.outcomes)
-    if warning:
-        log.warning("the final evaluation: %s", warning)
+    for warning in (fitted_warning(collected.outcomes), no_good_warning(collected.outcomes) if fitted is not None else None):
+        if warning:
+            log.warning("the final evaluation: %s", warning)
     return auroc_summary(collected)
