@@ -618,6 +618,29 @@ def test_a_model_file_given_for_its_folder_says_so(trained) -> None:
         create_pipeline("anomaly_detection", model_dir=weights)
 
 
+def test_paddlexs_module_api_create_model_predicts_with_its_batch_size(trained, monkeypatch) -> None:
+    """PaddleX's module code: create_model(model_name=...).predict(input, batch_size=...)."""
+    from flawscope import create_model
+
+    dataset, out = trained
+    images = [p for p in sorted(dataset.rglob("*.png")) if "ground_truth" not in p.parts][:5]
+    model = create_model(model_name="STFPM", model_dir=out / "best_model/inference")
+    sizes = []
+    raw_outputs = Predictor.raw_outputs
+    monkeypatch.setattr(Predictor, "raw_outputs", lambda self, batch, inputs=None: sizes.append(len(batch))
+                        or raw_outputs(self, batch, inputs))
+    results = list(model.predict(images, batch_size=2))
+    assert sizes == [2, 2, 1] and model.predictor.batch_size == 1  # this call's, not the pipeline's
+    expected = list(create_pipeline(model_dir=out / "best_model/inference").predict(images))
+    assert [r.score for r in results] == pytest.approx([r.score for r in expected], abs=1e-4)  # batched sums
+    assert [r.score for r in create_model().predict(DEMO)] == pytest.approx(
+        [r.score for r in create_pipeline().predict(DEMO)])  # the bundled STFPM, as PaddleX's default
+    with pytest.raises(FlawscopeError, match="no bundled PatchCore model; give model_dir"):
+        create_model(model_name="PatchCore")
+    with pytest.raises(FlawscopeError, match="batch_size must be a whole number >= 1, not 0"):
+        model.predict(images, batch_size=0)
+
+
 def test_paddlex_style_model_paths_point_to_the_model_directory(trained, tmp_path) -> None:
     """PaddleX's configs name best_model/model.pdparams, a best_model folder, or a weights URL."""
     best = trained[1] / "best_model"

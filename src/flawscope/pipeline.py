@@ -35,7 +35,8 @@ from flawscope.config import BACKENDS, MODELS, Key, check_section, load_yaml, ya
 from flawscope.data.io import is_url
 from flawscope.device import check_device_spec, one_device
 from flawscope.errors import FlawscopeError, first_line
-from flawscope.inference.predictor import Predictor
+from flawscope.inference.model_dir import read_model_info
+from flawscope.inference.predictor import Predictor, default_model_dir
 from flawscope.inference.result import THRESHOLD, AnomalyResult
 from flawscope.logs import log
 
@@ -166,12 +167,14 @@ class AnomalyDetectionPipeline:
         self.json_arrays, self.save_extra = sub["json_arrays"], sub["save_extra"]
 
     def predict(self, input: Any, recursive: bool | None = None,  # noqa: A002 - PaddleX's name
-                on_error: str | None = None) -> Iterator[AnomalyResult]:
-        """Results in input order; ``recursive``/``on_error`` default to the config's (its other
-        settings, such as batch_size, are set with create_pipeline)."""
+                on_error: str | None = None, batch_size: int | None = None) -> Iterator[AnomalyResult]:
+        """Results in input order; ``recursive``, ``on_error`` and ``batch_size`` (this call's, as
+        PaddleX's model.predict takes it) default to the config's (its other settings are set with
+        create_pipeline)."""
         recursive = self.recursive if recursive is None else recursive
         on_error = self.on_error if on_error is None else on_error
-        return self._with_settings(self.predictor.predict(input, recursive=recursive, on_error=on_error))
+        return self._with_settings(self.predictor.predict(input, recursive=recursive, on_error=on_error,
+                                                          batch_size=batch_size))
 
     def _with_settings(self, results: Iterator[AnomalyResult]) -> Iterator[AnomalyResult]:
         """The results, saved as the config's ``json_arrays`` and ``save_extra`` say."""
@@ -180,6 +183,18 @@ class AnomalyDetectionPipeline:
             yield result
 
     __call__ = predict
+
+
+def create_model(model_name: str = "STFPM", model_dir: str | Path | None = None, device: str | None = None,
+                 **settings: Any) -> AnomalyDetectionPipeline:
+    """PaddleX's module API, ``create_model(model_name="STFPM").predict(input, batch_size=1)``: a
+    pipeline of that model. Without ``model_dir``, STFPM is the bundled model; PatchCore has none
+    to fall back to (PaddleX downloads its pretrained one; no such model would know your parts)."""
+    check_section({"model_name": model_name}, SETTINGS, "", "create_model")
+    if model_dir is None and model_name != read_model_info(default_model_dir()).model:
+        raise FlawscopeError(f"create_model: no bundled {model_name} model; give model_dir, a trained one's "
+                             "inference model directory (output/best_model/inference)")
+    return create_pipeline(device=device, model_name=model_name, model_dir=model_dir, **settings)
 
 
 def create_pipeline(pipeline: str | Path = "anomaly_detection", config: dict[str, Any] | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, closing, nullcontext
@@ -100,8 +101,10 @@ class Predictor:
         return [self.result(image, raw_map, raw_score, name)
                 for (name, image), (raw_map, raw_score) in zip(items, outputs)]
 
-    def predict(self, inputs: Any, recursive: bool = False, on_error: str = "result") -> Iterator[AnomalyResult]:
-        """Yield one result per input image, in order, ``batch_size`` images per forward pass.
+    def predict(self, inputs: Any, recursive: bool = False, on_error: str = "result",
+                batch_size: int | None = None) -> Iterator[AnomalyResult]:
+        """Yield one result per input image, in order, ``batch_size`` images per forward pass
+        (this call's, or the Predictor's).
 
         From a path, folder, glob or list, the next two batches are read in a background thread
         meanwhile (over a folder of PNGs on 2 cores, OpenVINO took 13.4 ms per image instead of
@@ -114,14 +117,17 @@ class Predictor:
             raise FlawscopeError(f"on_error must be 'result' or 'raise', not {on_error!r}")
         if not isinstance(recursive, bool):  # "no" would be true
             raise FlawscopeError(f"recursive must be true or false, not {recursive!r}")
-        return self._predict(inputs, recursive, on_error)  # checked now, not on the first next()
+        batch_size = self.batch_size if batch_size is None else batch_size
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise FlawscopeError(f"batch_size must be a whole number >= 1, not {batch_size!r}")
+        return self._predict(inputs, recursive, on_error, int(batch_size))  # checked now, not on the first next()
 
-    def _predict(self, inputs: Any, recursive: bool, on_error: str) -> Iterator[AnomalyResult]:
+    def _predict(self, inputs: Any, recursive: bool, on_error: str, batch_size: int) -> Iterator[AnomalyResult]:
         pending: list[tuple[str | None, np.ndarray]] = []
         # Only inputs known up front are read ahead. Any other iterable is read as it is consumed:
         # a camera loop may refill its buffer for the next frame, or wait for a result before
         # producing one (at batch size 1).
-        depth = 2 * self.batch_size if isinstance(inputs, (str, os.PathLike, list, tuple)) else 0
+        depth = 2 * batch_size if isinstance(inputs, (str, os.PathLike, list, tuple)) else 0
         items = read_ahead(lambda item: load_input(*item), expand_inputs(inputs, recursive), depth)
         with closing(items):
             while True:
@@ -136,7 +142,7 @@ class Predictor:
                 error = loading.exception()
                 if error is None:
                     pending.append((name, loading.result()))
-                    if len(pending) == self.batch_size:
+                    if len(pending) == batch_size:
                         yield from self._flush(pending)
                     continue
                 yield from self._flush(pending)  # the images read before it keep their results, raised or not
