@@ -423,6 +423,16 @@ def test_odd_inputs_become_error_results_and_the_others_go_on(pipeline, trained)
     assert [r.error is None for r in results] == [True, False, False, False, False, False, True]
     assert "download failed" in results[1].error and "download failed" in results[2].error
     assert "bytes" in results[3].error and "La" in results[4].error and "empty" in results[5].error
+    # Unnamed items are named by their place in the list (a camera's batch of arrays said "array" alone).
+    assert results[3].error.startswith("inputs[3]: cannot predict on an object of type bytes")
+    assert results[4].error.startswith("inputs[4] (PIL image): ")
+    assert results[5].error.startswith("inputs[5] (PIL image): the image is empty")
+    frame = np.zeros((8, 8, 3), np.uint8)
+    errors = [r.error for r in pipeline.predict([frame, [frame, frame.astype(np.float32)], None])]
+    assert errors == [None, None, "inputs[1][1] (array): array must be uint8 or uint16, got float32",
+                      "inputs[2]: cannot predict on an object of type NoneType"]
+    (alone,) = pipeline.predict(frame.astype(np.float32))
+    assert alone.error == "array: array must be uint8 or uint16, got float32"
 
 
 @pytest.fixture
@@ -467,8 +477,9 @@ def test_arrays_and_pil_images_over_the_pixel_limit_are_error_results(pipeline, 
     monkeypatch.setattr("flawscope.inference.inputs.MAX_PIXELS", 99)
     results = list(pipeline.predict([np.zeros((10, 10), np.uint8), Image.new("RGB", (20, 5)),
                                      np.zeros((9, 11, 3), np.uint8)]))
-    assert [r.error for r in results] == ["array: image is too large (10x10 = 100 pixels, limit 99)",
-                                          "PIL image: image is too large (20x5 = 100 pixels, limit 99)", None]
+    assert [r.error for r in results] == ["inputs[0] (array): image is too large (10x10 = 100 pixels, limit 99)",
+                                          "inputs[1] (PIL image): image is too large (20x5 = 100 pixels, limit 99)",
+                                          None]
 
 
 def test_a_16_bit_pil_image_reads_as_the_same_file_does(pipeline, tmp_path) -> None:

@@ -22,7 +22,7 @@ import urllib.request
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -224,8 +224,17 @@ def _glob(pattern: str) -> list[tuple[str, Any]]:
     return sorted(found, key=lambda item: item[0])
 
 
-def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | None, Any]]:
-    """Yield (name, source) pairs; a source is a path, URL, array or PIL image, or an error."""
+class Positioned(NamedTuple):
+    """An array or PIL image from a list of inputs, with its place there (``inputs[3]``), which
+    its errors name: it has no name of its own."""
+
+    source: np.ndarray | Image.Image
+    where: str
+
+
+def expand_inputs(inputs: Any, recursive: bool = False, where: str = "inputs") -> Iterator[tuple[str | None, Any]]:
+    """Yield (name, source) pairs; a source is a path, URL, array or PIL image (``Positioned``
+    within a list), or an error. ``where``: the place of ``inputs`` in the caller's inputs."""
     if isinstance(inputs, (str, os.PathLike)):
         text = str(inputs)
         path = Path(text)
@@ -264,30 +273,36 @@ def expand_inputs(inputs: Any, recursive: bool = False) -> Iterator[tuple[str | 
         else:
             yield text, FlawscopeError(f"{text}: no such file or directory")
     elif isinstance(inputs, (np.ndarray, Image.Image)):
-        yield None, inputs
+        yield None, inputs if where == "inputs" else Positioned(inputs, where)
     elif isinstance(inputs, torch.Tensor):  # iterable, but over its first axis, down to 0-d tensors
-        yield None, FlawscopeError("cannot predict on a torch.Tensor: give an HxWx3 uint8 RGB numpy array "
-                                   "(tensor.cpu().numpy(); a 3xHxW float one in [0, 1]: "
-                                   "tensor.permute(1, 2, 0).mul(255).round().byte().cpu().numpy())")
+        yield None, _unnamed_error(where, "cannot predict on a torch.Tensor: give an HxWx3 uint8 RGB numpy array "
+                                          "(tensor.cpu().numpy(); a 3xHxW float one in [0, 1]: "
+                                          "tensor.permute(1, 2, 0).mul(255).round().byte().cpu().numpy())")
     elif isinstance(inputs, (bytes, bytearray, memoryview, dict)):  # iterable, but not of images
-        yield None, FlawscopeError(f"cannot predict on an object of type {type(inputs).__name__}: give a path, "
-                                   "URL, numpy array or PIL image (a path as bytes: os.fsdecode(path); an encoded "
-                                   "image: PIL.Image.open(io.BytesIO(data)))")
+        yield None, _unnamed_error(where, f"cannot predict on an object of type {type(inputs).__name__}: give a "
+                                          "path, URL, numpy array or PIL image (a path as bytes: os.fsdecode(path); "
+                                          "an encoded image: PIL.Image.open(io.BytesIO(data)))")
     elif isinstance(inputs, Iterable):
-        for item in inputs:
-            yield from expand_inputs(item, recursive)
+        for index, item in enumerate(inputs):
+            yield from expand_inputs(item, recursive, f"{where}[{index}]")
     else:
-        yield None, FlawscopeError(f"cannot predict on an object of type {type(inputs).__name__}")
+        yield None, _unnamed_error(where, f"cannot predict on an object of type {type(inputs).__name__}")
+
+
+def _unnamed_error(where: str, message: str) -> FlawscopeError:
+    """An input that is no image, named by its place in a list of inputs (``inputs[3]: ...``)."""
+    return FlawscopeError(message if where == "inputs" else f"{where}: {message}")
 
 
 def load_input(name: str | None, source: Any) -> np.ndarray:
     """Decode one source to HxWx3 uint8 RGB; raises FlawscopeError naming the item."""
     if isinstance(source, Exception):
         raise source
+    source, where = source if isinstance(source, Positioned) else (source, None)
     if isinstance(source, Image.Image):
-        return _pil_to_rgb(source, name or "PIL image")
+        return _pil_to_rgb(source, name or (f"{where} (PIL image)" if where else "PIL image"))
     if isinstance(source, np.ndarray):
-        return _array_to_rgb(source, name or "array")
+        return _array_to_rgb(source, name or (f"{where} (array)" if where else "array"))
     if is_url(source):
         shown = shown_url(source)
         try:
