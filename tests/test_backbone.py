@@ -181,6 +181,11 @@ def test_bad_weights_files_are_clear_errors(tmp_path) -> None:
         create_backbone("resnet18", (8,), pretrained=tmp_path / "missing.pth")
     with pytest.raises(FlawscopeError, match="^https://example.com/r18.pth: a URL; a backbone weights file is a local"):
         create_backbone("resnet18", (8,), pretrained="https://example.com/r18.pth")  # "https:/example.com" before
+    (tmp_path / "ResNet18_pretrained.pdparams").write_bytes(b"paddle")
+    with pytest.raises(FlawscopeError, match="ResNet18_pretrained.pdparams: Paddle weights, which flawscope cannot read"):
+        create_backbone("resnet18", (8,), pretrained=tmp_path / "ResNet18_pretrained.pdparams")
+    with pytest.raises(FlawscopeError, match=f"{tmp_path}: a folder, not a backbone weights file"):
+        create_backbone("resnet18", (8,), pretrained=tmp_path)
     (tmp_path / "code.pth").write_bytes(b"not a zip or a pickle")
     with pytest.raises(FlawscopeError, match="code.pth: not a weights file that loads safely"):
         create_backbone("resnet18", (8,), pretrained=tmp_path / "code.pth")

@@ -268,6 +268,14 @@ def test_paddlexs_own_stfpm_config_loads_with_a_warning_for_each_key_it_has_no_u
     path.write_text(PADDLEX_STFPM_YAML)
     cfg = load_config(path, ["Global.device=cpu", "Predict.kernel_option.run_mode=paddle"])
     assert cfg["Train"]["epochs_iters"] == 4000 and "num_classes" not in cfg["Train"]
+    # It has no Model section: training takes the shipped STFPM.yaml's, in one warning (an error a key at a time).
+    trained = load_config(path, ["Global.device=cpu", "Global.mode=train"])
+    assert trained["Model"] == load_config("STFPM", ["Global.mode=train"])["Model"]
+    assert trained["Train"]["batch_size"] == 1 and trained["Train"]["momentum"] == 0.9  # its own, then the shipped
+    (filled,) = [r.getMessage() for r in caplog.records if "shipped STFPM.yaml's values" in r.getMessage()]
+    assert filled.startswith(f"{path} (with overrides) leaves out Model.backbone, Model.input_size,")
+    assert "Train.momentum" in filled and "Train.batch_size" not in filled
+    assert not [r for r in caplog.records if "keep configs written before them" in r.getMessage()]
     assert "kernel_option" not in cfg["Predict"] and "log_interval" not in cfg["Evaluate"]
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     for key in ("Train.num_classes", "Train.warmup_steps", "Evaluate.log_interval", "Predict.kernel_option"):
@@ -420,9 +428,9 @@ def test_defaults_fill_missing_keys_and_required_keys_are_enforced(tmp_path: Pat
     assert cfg["CheckDataset"]["split"]["enable"] is False
 
     del data["Train"]["learning_rate"]
-    data["Global"]["mode"] = "train"  # the one mode that reads it
+    data["Global"]["mode"] = "train"  # the one mode that reads it: the shipped config's value, and a warning
     path = write(tmp_path, data)
-    assert "missing required key Train.learning_rate (needed by STFPM)" in error(path)
+    assert load_config(path)["Train"]["learning_rate"] == shipped()["Train"]["learning_rate"]
     # An override can supply what the file leaves out.
     assert load_config(path, ["Train.learning_rate=0.1"])["Train"]["learning_rate"] == 0.1
     assert "missing required key Global.model" in error(write(tmp_path, {}))
@@ -436,7 +444,8 @@ def test_only_train_needs_the_model_and_train_sections(tmp_path: Path, mode: str
     cfg = load_config(short)
     assert "backbone" not in cfg["Model"] and "learning_rate" not in cfg["Train"]  # keys without defaults
     assert "Train.batch_size must be an integer >= 1, got 0" in error(short, ["Train.batch_size=0"])
-    assert "missing required key Model.backbone (needed by STFPM)" in error(short, ["Global.mode=train"])
+    # Training takes what it leaves out from the shipped config, as -c STFPM does (an error a key at a time before).
+    assert load_config(short, ["Global.mode=train"])["Model"] == load_config("STFPM", ["Global.mode=train"])["Model"]
 
 
 def test_split_and_convert_must_be_complete_when_enabled() -> None:

@@ -629,7 +629,7 @@ def test_a_model_file_given_for_its_folder_says_so(trained) -> None:
         create_pipeline("anomaly_detection", model_dir=weights)
 
 
-def test_paddlexs_module_api_create_model_predicts_with_its_batch_size(trained, monkeypatch) -> None:
+def test_paddlexs_module_api_create_model_predicts_with_its_batch_size(trained, monkeypatch, caplog) -> None:
     """PaddleX's module code: create_model(model_name=...).predict(input, batch_size=...)."""
     from flawscope import create_model
 
@@ -648,11 +648,15 @@ def test_paddlexs_module_api_create_model_predicts_with_its_batch_size(trained, 
         [r.score for r in create_pipeline().predict(DEMO)])  # the bundled STFPM, as PaddleX's default
     with pytest.raises(FlawscopeError, match="no bundled PatchCore model; give model_dir"):
         create_model(model_name="PatchCore")
+    assert not caplog.records
+    assert create_model(model_name="PatchCore", model_dir=out / "best_model/inference").predictor.info.model == "STFPM"
+    assert [r.getMessage() for r in caplog.records] == [f"{out / 'best_model/inference'} holds a STFPM model: it is "
+                                                        "used as it is (model_name PatchCore)"]
     with pytest.raises(FlawscopeError, match="batch_size must be a whole number >= 1, not 0"):
         model.predict(images, batch_size=0)
 
 
-def test_paddlex_style_model_paths_point_to_the_model_directory(trained, tmp_path) -> None:
+def test_paddlex_style_model_paths_point_to_the_model_directory(trained, tmp_path, capsys) -> None:
     """PaddleX's configs name best_model/model.pdparams, a best_model folder, or a weights URL."""
     best = trained[1] / "best_model"
     for given, told in ((best / "model.pdparams", f"{best / 'model.pdparams'}: a Paddle model file; flawscope reads "
@@ -661,12 +665,24 @@ def test_paddlex_style_model_paths_point_to_the_model_directory(trained, tmp_pat
                         (best, f"{best}: not an inference model directory (missing inference.yml); give "
                                f"{best / 'inference'}"),
                         ("https://example.com/STFPM_pretrained.pdparams", "https://example.com/STFPM_pretrained.pdparams:"
-                         " a URL; a model directory is a local folder: download it first")):
+                         " a URL of Paddle weights, which flawscope cannot read: a model directory is a local one that "
+                         "flawscope wrote"),
+                        ("https://example.com/model", "https://example.com/model: a URL; a model directory is a local "
+                                                      "one: download it first")):
         with pytest.raises(FlawscopeError) as refused:
             create_pipeline("anomaly_detection", model_dir=given)
         assert str(refused.value) == told
+    capsys.readouterr()
     assert main(["-c", "STFPM", "-o", "Global.mode=export", "-o", f"Global.output={tmp_path / 'x'}",
                  "-o", "Export.weight_path=https://example.com/STFPM_pretrained.pdparams"]) == 2
+    assert "error: Export.weight_path: https://example.com/STFPM_pretrained.pdparams: a URL of Paddle" in capsys.readouterr().err
+    # A dataset or checkpoint URL (PaddleX's demo data is one) was a folder "https:" that did not exist.
+    for key, what in (("Global.dataset_dir", "a dataset directory"), ("Train.resume_path", "a checkpoint directory")):
+        given = {"Global.dataset_dir": trained[0], key: "https://example.com/mvtec_examples.tar"}
+        assert main(["-c", "STFPM", "-o", "Global.mode=train", "-o", f"Global.output={tmp_path / 'x'}",
+                     *[arg for k, v in given.items() for arg in ("-o", f"{k}={v}")]]) == 2
+        assert (f"error: https://example.com/mvtec_examples.tar: a URL; {what} is a local one: download it first"
+                in capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
 
 

@@ -300,6 +300,9 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict
                              f"trains {model}: use -c PatchCore")
     for full, spec in _unused_keys(cfg, SCHEMA, "", model):
         log.warning("%s: %s is not used by %s (a key of %s): ignored", where, full, model, ", ".join(spec.used_by))
+    shipped = _fill_from_shipped(cfg, model, where) if training else []
+    if shipped:
+        log.warning("%s leaves out %s: they take the shipped %s.yaml's values", where, ", ".join(shipped), model)
     older = _older_defaults(cfg, model) if training else []
     if older:
         log.warning("%s leaves out %s: they take the defaults that keep configs written before them as they were, "
@@ -307,6 +310,29 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict
     cfg = _complete(cfg, SCHEMA, "", model, where, () if training else TRAIN_ONLY_SECTIONS)
     _check_consistency(cfg, where)
     return cfg
+
+
+def _fill_from_shipped(cfg: dict[str, Any], model: str | None, where: str) -> list[str]:
+    """A training config without some hyperparameter (a PaddleX STFPM.yaml has no Model section)
+    is no config a run of flawscope wrote, which hold every one: each Model and Train key it
+    leaves out takes the shipped config's value, as ``-c STFPM`` with its keys as overrides would.
+    Returns those keys; none where the config holds every hyperparameter (``_older_defaults``)."""
+    shipped_path = CONFIG_DIR / f"{model}.yaml"
+    if model not in MODELS or not shipped_path.is_file():
+        return []
+    lacking = [name for section in TRAIN_ONLY_SECTIONS for name, spec in SCHEMA[section].items()
+               if model in spec.required_for and spec.default is _NO_DEFAULT and name not in cfg.get(section, {})]
+    if not lacking:
+        return []
+    shipped = load_yaml(shipped_path.read_text(encoding="utf-8"))
+    filled = []
+    for section in TRAIN_ONLY_SECTIONS:
+        given = cfg.setdefault(section, {})
+        for name, value in shipped.get(section, {}).items():
+            if name not in given and model in SCHEMA[section][name].used_by:
+                given[name] = check_value(f"{section}.{name}", SCHEMA[section][name], value, str(shipped_path))
+                filled.append(f"{section}.{name}")
+    return filled
 
 
 def _older_defaults(cfg: dict[str, Any], model: str | None) -> list[str]:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from flawscope.data.io import check_local
 from flawscope.device import check_device_spec, one_device, parse_device
 from flawscope.errors import FlawscopeError, check_output_dir, one_line
 from flawscope.inference.inputs import RECURSIVE_HINT, glob_start
@@ -27,7 +28,10 @@ def inference_dir(cfg: dict, key: str) -> Path | None:
     if found is not None:
         from flawscope.inference.model_dir import read_model_info
 
-        model = read_model_info(given or found).model  # as given: Path() would make "https://" "https:/"
+        try:
+            model = read_model_info(given or found).model  # as given: Path() would make "https://" "https:/"
+        except FlawscopeError as exc:
+            raise FlawscopeError(f"{key}: {exc}" if given else str(exc)) from None
         if model != cfg["Global"]["model"]:
             log.warning("%s holds a %s model: it is used as it is (Global.model %s does not apply to %s)", found,
                         model, cfg["Global"]["model"], cfg["Global"]["mode"])
@@ -198,5 +202,7 @@ MODES = {"check_dataset": check_dataset, "train": train, "evaluate": evaluate, "
 
 def run(cfg: dict) -> dict:
     check_device_spec(cfg["Global"]["device"])
+    if cfg["Global"]["dataset_dir"]:  # as given: the modes resolve it, which makes "https://" "https:/"
+        check_local(cfg["Global"]["dataset_dir"], "a dataset directory")
     check_output_dir(Path(cfg["Global"]["output"]), "Global.output")
     return MODES[cfg["Global"]["mode"]](cfg)

@@ -185,16 +185,21 @@ class AnomalyDetectionPipeline:
     __call__ = predict
 
 
-def create_model(model_name: str = "STFPM", model_dir: str | Path | None = None, device: str | None = None,
+def create_model(model_name: str | None = None, model_dir: str | Path | None = None, device: str | None = None,
                  **settings: Any) -> AnomalyDetectionPipeline:
     """PaddleX's module API, ``create_model(model_name="STFPM").predict(input, batch_size=1)``: a
     pipeline of that model. Without ``model_dir``, STFPM is the bundled model; PatchCore has none
-    to fall back to (PaddleX downloads its pretrained one; no such model would know your parts)."""
-    check_section({"model_name": model_name}, SETTINGS, "", "create_model")
-    if model_dir is None and model_name != read_model_info(default_model_dir()).model:
+    to fall back to (PaddleX downloads its pretrained one; no such model would know your parts).
+    A ``model_dir`` decides the model: a ``model_name`` naming another is warned of."""
+    if model_name is not None:
+        check_section({"model_name": model_name}, SETTINGS, "", "create_model")
+    held = read_model_info(default_model_dir() if model_dir is None else model_dir).model
+    if model_dir is None and model_name not in (None, held):
         raise FlawscopeError(f"create_model: no bundled {model_name} model; give model_dir, a trained one's "
                              "inference model directory (output/best_model/inference)")
-    return create_pipeline(device=device, model_name=model_name, model_dir=model_dir, **settings)
+    if model_name not in (None, held):
+        log.warning("%s holds a %s model: it is used as it is (model_name %s)", model_dir, held, model_name)
+    return create_pipeline(device=device, model_name=held, model_dir=model_dir, **settings)
 
 
 def create_pipeline(pipeline: str | Path = "anomaly_detection", config: dict[str, Any] | None = None,

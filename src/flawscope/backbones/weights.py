@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import warnings
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from flawscope.data.io import is_url
+from flawscope.data.io import PADDLE_SUFFIXES, check_local
 from flawscope.errors import FlawscopeError, first_line
 
 
@@ -35,9 +34,13 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file (told by its header, not its name), or from a PyTorch
     file of plain tensors, read with ``weights_only=True`` only (PyTorch's loader that refuses
     anything but tensors and containers)."""
-    if is_url(os.fspath(path)):
-        raise FlawscopeError(f"{os.fspath(path)}: a URL; a backbone weights file is a local file: download it first")
+    check_local(path, "a backbone weights file")
     path = Path(path)
+    if path.suffix.lower() in PADDLE_SUFFIXES:
+        raise FlawscopeError(f"{path}: Paddle weights, which flawscope cannot read: give the backbone's PyTorch or "
+                             "safetensors weights (null: its ImageNet weights)")
+    if path.is_dir():
+        raise FlawscopeError(f"{path}: a folder, not a backbone weights file")
     if not path.is_file():
         raise FlawscopeError(f"{path}: backbone weights file not found")
     try:

@@ -12,7 +12,9 @@ import errno
 import hashlib
 import os
 import queue
+import re
 import threading
+import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -38,6 +40,7 @@ UNREADABLE_MASK_EXTENSIONS: frozenset[str] = frozenset({".gif", ".webp"})
 appear in (index 0 may be white: ``read_mask`` takes the index as the label), and WebP is
 usually lossy (its noise would count as defect)."""
 
+PADDLE_SUFFIXES = (".pdparams", ".pdiparams", ".pdmodel", ".pdopt", ".pdstates")  # PaddlePaddle's weights and graphs
 MAX_PIXELS: int = 100_000_000
 """Largest image (width x height) we agree to decode; the check reads only the header.
 
@@ -166,6 +169,16 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 def is_url(text: str) -> bool:
     """Whether an input names an http(s) URL (schemes are case-insensitive, RFC 3986)."""
     return text.lower().startswith(("http://", "https://"))
+
+
+def check_local(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse a URL where ``what`` ("a model directory") is read from disk (PaddleX's configs give
+    weights and datasets so), before ``Path`` makes its "https://" "https:/", which reads as missing."""
+    text = os.fspath(path)
+    if re.match(r"https?:/", text, re.IGNORECASE):  # "https:/": a Path made of a URL already
+        paddle = urllib.parse.urlsplit(text).path.lower().endswith(PADDLE_SUFFIXES)
+        raise FlawscopeError(f"{text}: a URL of Paddle weights, which flawscope cannot read: {what} is a local one "
+                             "that flawscope wrote" if paddle else f"{text}: a URL; {what} is a local one: download it first")
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:

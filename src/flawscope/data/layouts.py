@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import ExifTags, Image
 
-from flawscope.data.io import check_mask_format, file_sha256, is_image_file, is_listed_file, read_mask
+from flawscope.data.io import check_local, check_mask_format, file_sha256, is_image_file, is_listed_file, read_mask
 from flawscope.errors import FlawscopeError, first_line
 
 log = logging.getLogger("flawscope")
@@ -215,6 +215,7 @@ def detect_layout(root: str | os.PathLike[str], layout: str = "auto") -> str:
     ``layout`` is "auto" (recognise it, trying SegDataset, MVTec, then Folder) or one of
     "SegDataset", "MVTec", "Folder" (any case) to skip recognition.
     """
+    check_local(root, "a dataset directory")
     root = Path(root)
     if not root.exists():
         raise FlawscopeError(f"{root}: dataset directory does not exist")
@@ -263,6 +264,7 @@ def load_dataset(
     ``require_train=False`` returns an empty training split instead of refusing it: check_dataset
     reports it together with every other problem; evaluation and calibration need no training images.
     """
+    check_local(root, "a dataset directory")  # before Path() makes its "https://" "https:/"
     root = Path(root)
     name = detect_layout(root, layout)
     _, load, needs = _LAYOUTS[name]

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from flawscope.config import BACKENDS
+from flawscope.data.io import check_local
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.export import ONNX_FILE, OPENVINO_FILE, OPENVINO_WEIGHTS, export_model
 from flawscope.inference.model_dir import (
@@ -34,7 +35,6 @@ from flawscope.inference.model_dir import (
     WEIGHTS_FILE,
     ModelInfo,
     check_files,
-    check_local,
     load_model_dir,
     read_model_info,
 )
@@ -216,7 +216,7 @@ def load_backend(model_dir: str | Path, device: torch.device | str = "cpu",
     reloads after each retraining). So the load is repeated until the folder and its files are
     the same after it as before.
     """
-    check_local(model_dir)
+    check_local(model_dir, "a model directory")
     model_dir = Path(model_dir)
     for _ in range(_LOAD_TRIES):
         before = _snapshot(model_dir)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ from torch import nn
 from flawscope import __version__
 from flawscope.atomic import staging_path, swap_in
 from flawscope.config import MAX_INPUT_SIZE, MODELS, SCHEMA, check_value, load_yaml, yaml_problem
-from flawscope.data.io import file_sha256, is_url
+from flawscope.data.io import PADDLE_SUFFIXES, check_local, file_sha256
 from flawscope.data.transforms import RESIZE_MODES
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.models import build_model
@@ -232,16 +231,6 @@ def among(digests: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     return torch.tensor([bytes(row) in known_set for row in digests.tolist()], dtype=torch.bool)
 
 
-def check_local(path: str | Path) -> None:
-    """Refuse a URL given for a model directory (PaddleX's configs give weights so) before
-    ``Path`` makes its "https://" "https:/", which would read as a folder that does not exist."""
-    if is_url(os.fspath(path)):
-        raise FlawscopeError(f"{os.fspath(path)}: a URL; a model directory is a local folder: download it first")
-
-
-PADDLE_SUFFIXES = (".pdparams", ".pdiparams", ".pdmodel", ".pdopt", ".pdstates")
-
-
 def _inside_hint(folder: Path) -> str:
     """"; give FOLDER/inference" where ``folder`` holds a model directory there (a training's
     ``best_model``, given as PaddleX's ``best_model/model.pdparams`` would be)."""
@@ -251,7 +240,7 @@ def _inside_hint(folder: Path) -> str:
 
 def read_model_info(path: str | Path) -> ModelInfo:
     """The ``inference.yml`` of a model directory, trained (safetensors) or exported (ONNX, OpenVINO)."""
-    check_local(path)
+    check_local(path, "a model directory")
     path = Path(path)
     meta_path = path / META_FILE
     if path.suffix.lower() in PADDLE_SUFFIXES:

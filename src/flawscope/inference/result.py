@@ -24,7 +24,7 @@ import os
 import pprint
 import re
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -369,15 +369,33 @@ class AnomalyResult:
         else:
             print(str(self))
 
+    # Read as a dict, as PaddleX's results are (code written for them reads res["pred"], "pred" in res,
+    # res.items()): the fields below, the arrays as they are. Not a Mapping: equality stays identity.
     def keys(self) -> list[str]:
-        """The fields ``res[key]`` reads: PaddleX's results are dicts, and code written for them
-        reads ``res["pred"]``; ``dict(res)`` takes them all."""
         return list(_FIELDS)
 
     def __getitem__(self, key: str) -> Any:
         if key not in _FIELDS:
             raise KeyError(f"{key!r}: a result holds {', '.join(_FIELDS)}")
         return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in _FIELDS else default
+
+    def __contains__(self, key: object) -> bool:
+        return key in _FIELDS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_FIELDS)
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(key, getattr(self, key)) for key in _FIELDS]
+
+    def values(self) -> list[Any]:
+        return [getattr(self, key) for key in _FIELDS]
 
 
 def rle_encode(mask: np.ndarray) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from flawscope.data.io import check_local
 from flawscope.errors import FlawscopeError, first_line
 from flawscope.inference.model_dir import staged_dir, write_safetensors
 from flawscope.models.stfpm import STFPM, stfpm_loss
@@ -114,6 +115,7 @@ def read_checkpoint(path: str | Path, settings: dict) -> Checkpoint:
     """Read ``Train.resume_path``, refusing one trained with other ``settings`` (the seed decides
     which images were held out for calibration, the batch size and images what each iteration
     saw): the resumed run would be no continuation of it."""
+    check_local(path, "a checkpoint directory")
     path = Path(path)
     files = [path / name for name in CHECKPOINT_FILES]
     if not all(f.is_file() for f in files):
