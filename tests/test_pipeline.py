@@ -709,3 +709,27 @@ def test_one_pipeline_shared_by_threads_gives_the_results_of_one_by_one_runs(bac
         shared = list(pool.map(lambda image: next(iter(pipeline.predict(image))), images))
     for a, b in zip(alone, shared):
         assert a.score == b.score and np.array_equal(a.pred, b.pred) and np.allclose(a.map, b.map, atol=1e-6)
+
+
+def _predict_in_child(pipeline, image: np.ndarray, results) -> None:
+    (result,) = pipeline.predict(image)
+    results.put(result.score)
+
+
+def test_a_process_forked_after_torch_predicted_predicts_too(pipeline) -> None:
+    """multiprocessing's default on Linux, and a server's preloaded workers: the children hung in
+    their first prediction (GNU OpenMP's threads do not survive a fork)."""
+    import multiprocessing
+
+    image = np.full((64, 64, 3), 120, np.uint8)
+    (parent,) = pipeline.predict(image)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_predict_in_child, args=(pipeline, image, results))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
+    assert results.get(timeout=5) == pytest.approx(parent.score, abs=1e-5)  # one thread: sums in another order

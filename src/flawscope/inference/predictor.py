@@ -23,6 +23,19 @@ from flawscope.inference.model_dir import ModelInfo
 from flawscope.inference.result import THRESHOLD, AnomalyResult
 
 
+_forked_on_one_thread = False
+
+
+def _one_thread_in_forked_children() -> None:
+    """Once torch has predicted, a process forked from this one (multiprocessing's default on
+    Linux, a server's preloaded workers) hung in its first prediction: GNU OpenMP's threads do
+    not survive a fork. Its children run torch on one thread, as torch's own DataLoader workers do."""
+    global _forked_on_one_thread
+    if not _forked_on_one_thread and hasattr(os, "register_at_fork"):
+        _forked_on_one_thread = True
+        os.register_at_fork(after_in_child=lambda: torch.set_num_threads(1))
+
+
 def default_model_dir() -> Path:
     """The bundled default model (STFPM on the CC-BY-4.0 hazelnut images), used when none is given."""
     return Path(__file__).resolve().parent.parent / "assets" / "default_model"
@@ -73,6 +86,8 @@ class Predictor:
         (``combined_score``). ``inputs``: the images resized already (``resizer.to_input``), where
         the caller needed them too.
         """
+        if isinstance(self.model, nn.Module):
+            _one_thread_in_forked_children()
         with self.torch_threads():
             batch = np.stack([self.resizer.to_input(image) for image in images] if inputs is None else inputs)
             x = normalize(torch.from_numpy(batch).to(self.device), self.info.mean, self.info.std)
