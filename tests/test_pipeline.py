@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
 import json
 import logging
 import os
@@ -433,6 +434,10 @@ def test_odd_inputs_become_error_results_and_the_others_go_on(pipeline, trained)
                       "inputs[2]: cannot predict on an object of type NoneType"]
     (alone,) = pipeline.predict(frame.astype(np.float32))
     assert alone.error == "array: array must be uint8 or uint16, got float32"
+    # A file opened with PIL and cut short: its pixels are read when predicted (it said "cannot convert RGB to RGB").
+    data = (DEMO / "hazelnut_good.jpg").read_bytes()
+    (cut,) = pipeline.predict(Image.open(io.BytesIO(data[:len(data) // 2])))
+    assert cut.error.startswith("PIL image: corrupt or truncated image (image file is truncated")
 
 
 @pytest.fixture

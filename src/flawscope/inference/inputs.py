@@ -167,6 +167,8 @@ def _pil_to_rgb(image: Image.Image, name: str) -> np.ndarray:
     except (ValueError, OSError) as exc:
         if str(exc) == "Operation on closed image":
             raise FlawscopeError(f"{name}: the image was closed (PIL's Image.close()) before predicting") from None
+        if isinstance(exc, OSError):  # its pixels are read now: a file opened with Image.open and cut short
+            raise FlawscopeError(f"{name}: corrupt or truncated image ({first_line(exc)})") from None
         raise FlawscopeError(f"{name}: cannot convert a {image.mode} image to RGB ({first_line(exc)})") from None
 
 
