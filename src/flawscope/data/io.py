@@ -176,9 +176,10 @@ def check_local(path: str | os.PathLike[str], what: str) -> None:
     weights and datasets so), before ``Path`` makes its "https://" "https:/", which reads as missing."""
     text = os.fspath(path)
     if re.match(r"https?:/", text, re.IGNORECASE):  # "https:/": a Path made of a URL already
-        paddle = urllib.parse.urlsplit(text).path.lower().endswith(PADDLE_SUFFIXES)
-        raise FlawscopeError(f"{text}: a URL of Paddle weights, which flawscope cannot read: {what} is a local one "
-                             "that flawscope wrote" if paddle else f"{text}: a URL; {what} is a local one: download it first")
+        if urllib.parse.urlsplit(text).path.lower().endswith(PADDLE_SUFFIXES):
+            raise FlawscopeError(f"{text}: a URL of Paddle weights, which flawscope cannot read: {what} is a local "
+                                 "one that flawscope wrote")
+        raise FlawscopeError(f"{text}: a URL; {what} is a local one: download it first")
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:

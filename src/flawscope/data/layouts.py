@@ -215,7 +215,6 @@ def detect_layout(root: str | os.PathLike[str], layout: str = "auto") -> str:
     ``layout`` is "auto" (recognise it, trying SegDataset, MVTec, then Folder) or one of
     "SegDataset", "MVTec", "Folder" (any case) to skip recognition.
     """
-    check_local(root, "a dataset directory")
     root = Path(root)
     if not root.exists():
         raise FlawscopeError(f"{root}: dataset directory does not exist")

@@ -577,7 +577,8 @@ def _evaluate(model: torch.nn.Module, predictor: Predictor, samples: list[Sample
     """AUROCs on ``samples``; with ``fitted`` (the model's image digests: the final evaluation), a
     warning for evaluation images the model was fitted on, and one for an evaluation split of defect images only."""
     collected = collect(predictor, samples, miou=False, fitted=fitted)
-    for warning in (fitted_warning(collected.outcomes), no_good_warning(collected.outcomes) if fitted is not None else None):
+    final = fitted is not None
+    for warning in (fitted_warning(collected.outcomes), no_good_warning(collected.outcomes) if final else None):
         if warning:
             log.warning("the final evaluation: %s", warning)
     return auroc_summary(collected)
