@@ -271,6 +271,18 @@ def test_an_evaluation_of_defect_images_only_says_how_to_add_good_ones() -> None
     assert "-o CheckDataset.split.enable=true" in warning
 
 
+def test_evaluating_defect_images_only_warns_and_logs_what_cannot_be_measured(trained, tmp_path, caplog) -> None:
+    dataset, out = trained
+    copy = tmp_path / "data"
+    shutil.copytree(dataset, copy)
+    shutil.rmtree(copy / "test" / "good")
+    result = evaluate_model(Predictor.from_dir(out / "best_model/inference"), load_dataset(copy), tmp_path / "eval",
+                            out / "best_model/inference")
+    assert result["metrics"]["image_auroc"] is None
+    assert any(w.startswith("the 2 evaluated images are all defect images") for w in result["warnings"])
+    assert any("image AUROC n/a" in r.getMessage() for r in caplog.records)  # Python's None before
+
+
 def test_evaluate_warns_when_the_good_images_are_flagged_too_often(trained, tmp_path) -> None:
     dataset, out = trained
     predictor = Predictor.from_dir(out / "best_model/inference")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from flawscope.errors import FlawscopeError
-from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, save_model_dir
+from flawscope.inference.model_dir import Calibration, ModelInfo, load_model_dir, read_model_info, save_model_dir
 from flawscope.inference.runtimes import import_runtime
 from flawscope.models.common import GaussianBlur
 from flawscope.models.image_bank import normal_deviates
@@ -224,3 +224,8 @@ def test_a_checkpoint_file_given_for_its_folder_is_told_the_folder(tmp_path) -> 
         (folder / name).write_text("{}")
     with pytest.raises(FlawscopeError, match=re.escape(f"give the folder that holds it ({folder})")):
         read_checkpoint(folder / CHECKPOINT_FILES[0], {})
+    # ... and the checkpoint given for a model directory says what it is.
+    with pytest.raises(FlawscopeError, match=re.escape(f"{folder}: not an inference model directory (missing "
+                                                       "inference.yml); it is a training checkpoint, which "
+                                                       "Train.resume_path takes")):
+        read_model_info(folder)

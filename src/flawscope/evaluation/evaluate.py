@@ -355,7 +355,8 @@ def evaluate_model(predictor: Predictor, dataset: Dataset, output: Path, model_d
         m = result["metrics"]
         for warning in result["warnings"]:
             log.warning(warning)
+        shown = {key: "n/a" if m[key] is None else m[key]  # null in the JSON: not measurable on these images
+                 for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1", "pixel_f1")}
         log.info("evaluate %s on %s: image AUROC %s, pixel AUROC %s, AUPRO %s, image F1 %s, pixel F1 %s; "
-                 "report %s", model_dir, dataset.root, m["image_auroc"], m["pixel_auroc"], m["aupro"],
-                 m["image_f1"], m["pixel_f1"], result["report"])
+                 "report %s", model_dir, dataset.root, *shown.values(), result["report"])
     return result

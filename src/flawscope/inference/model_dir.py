@@ -231,9 +231,17 @@ def among(digests: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     return torch.tensor([bytes(row) in known_set for row in digests.tolist()], dtype=torch.bool)
 
 
+CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")  # an STFPM training's iter_N/ (stfpm_trainer)
+
+
 def _inside_hint(folder: Path) -> str:
     """"; give FOLDER/inference" where ``folder`` holds a model directory there (a training's
-    ``best_model``, given as PaddleX's ``best_model/model.pdparams`` would be)."""
+    ``best_model``, given as PaddleX's ``best_model/model.pdparams`` would be); for a training
+    checkpoint ``iter_N``, what it is and where its training's model is."""
+    if all((folder / name).is_file() for name in CHECKPOINT_FILES):
+        trained = folder.parent / "best_model" / "inference"
+        where = f"; the training's model is {trained}" if (trained / META_FILE).is_file() else ""
+        return f"; it is a training checkpoint, which Train.resume_path takes{where}"
     inner = folder / "inference"
     return f"; give {inner}" if (inner / META_FILE).is_file() else ""
 

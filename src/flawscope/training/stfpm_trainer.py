@@ -24,14 +24,13 @@ from tqdm import tqdm
 
 from flawscope.data.io import check_local
 from flawscope.errors import FlawscopeError, first_line
-from flawscope.inference.model_dir import staged_dir, write_safetensors
+from flawscope.inference.model_dir import CHECKPOINT_FILES, staged_dir, write_safetensors
 from flawscope.models.stfpm import STFPM, stfpm_loss
 from flawscope.training.patchcore_fit import image_bank_rows
 from flawscope.training.distributed import World
 
 log = logging.getLogger("flawscope")
 
-CHECKPOINT_FILES = ("checkpoint.safetensors", "checkpoint.json")
 
 
 @dataclass
