@@ -370,7 +370,8 @@ class AnomalyResult:
             print(str(self))
 
     # Read as a dict, as PaddleX's results are (code written for them reads res["pred"], "pred" in res,
-    # res.items()): the fields below, the arrays as they are. Not a Mapping: equality stays identity.
+    # res.items()): the fields below, the arrays as they are. Not a Mapping: equality stays identity; and
+    # no len(), with which numpy would take a list of results for a table of their keys.
     def keys(self) -> list[str]:
         return list(_FIELDS)
 
@@ -387,9 +388,6 @@ class AnomalyResult:
 
     def __iter__(self) -> Iterator[str]:
         return iter(_FIELDS)
-
-    def __len__(self) -> int:
-        return len(_FIELDS)
 
     def items(self) -> list[tuple[str, Any]]:
         return [(key, getattr(self, key)) for key in _FIELDS]
