@@ -111,6 +111,27 @@ def test_folder_with_abnormal_and_masks(tmp_path, no_image_opening):
     assert load_dataset(tmp_path, layout="folder") == ds
 
 
+def test_folder_masks_of_two_defect_folders_are_never_swapped(tmp_path):
+    """bad/00.png and ng/00.png both took mask/00.png (bad's): ng's pixel metrics were measured
+    against another image's defect, and check_dataset passed."""
+    for i in range(5):
+        _image(tmp_path / "good" / f"{i}.png")
+    for folder in ("bad", "NG"):
+        _image(tmp_path / folder / "00.png")
+    _image(tmp_path / "NG" / "01.png")
+    _image(tmp_path / "mask" / "00.png")
+    message = _raises(tmp_path, "the mask of two images")
+    assert message.startswith(f"{tmp_path / 'mask' / '00.png'}: the mask of two images, {tmp_path / 'NG' / '00.png'} "
+                              f"and {tmp_path / 'bad' / '00.png'}")
+    assert "in a folder of its name in mask/ (mask/bad/...)" in message
+    (tmp_path / "mask" / "00.png").unlink()
+    for folder in ("bad", "ng"):  # each folder's own masks, in any case
+        _image(tmp_path / "mask" / folder / "00_mask.png")
+    masks = {s.image.relative_to(tmp_path).as_posix(): s.mask for s in load_dataset(tmp_path).val if s.label}
+    assert masks == {"NG/00.png": tmp_path / "mask/ng/00_mask.png", "NG/01.png": None,
+                     "bad/00.png": tmp_path / "mask/bad/00_mask.png"}
+
+
 def test_folder_only_normal_images_all_train(tmp_path):
     for i in range(6):
         _image(tmp_path / "normal" / f"{i}.png")

@@ -170,15 +170,21 @@ def _load_mvtec(root: Path) -> Splits:
 
 def _load_folder(root: Path) -> Splits:
     """Good images in good/ (or the folder itself); with abnormal images, every 5th sorted good
-    image is held out for val (80/20)."""
+    image is held out for val (80/20). Masks in mask/, or in mask/<abnormal folder>/ apart."""
     normal_dir = _first(root, _NORMAL_DIRS)
     normals = [Sample(p, None, 0, GOOD) for p in _images(normal_dir or root)]
-    masks = _masks_by_stem(_first(root, _MASK_DIRS))
-    abnormals = [
-        Sample(p, _find_mask(p, masks), 1, DEFECT)
-        for directory in _subdirs(root) if directory.name.lower() in _ABNORMAL_DIRS
-        for p in _images(directory)
-    ]
+    mask_dir = _first(root, _MASK_DIRS)
+    abnormals = []
+    for directory in (d for d in _subdirs(root) if d.name.lower() in _ABNORMAL_DIRS):
+        masks = _masks_by_stem(_first(mask_dir, (directory.name.lower(),)) or mask_dir if mask_dir else None)
+        abnormals += [Sample(p, _find_mask(p, masks), 1, DEFECT) for p in _images(directory)]
+    owners: dict[Path, Path] = {}
+    for sample in abnormals:  # bad/00.png and ng/00.png would take mask/00.png both, one of them wrongly
+        if sample.mask is not None and owners.setdefault(sample.mask, sample.image) != sample.image:
+            raise FlawscopeError(f"{sample.mask}: the mask of two images, {owners[sample.mask]} and {sample.image} "
+                                 f"(one name in two defect folders): put each folder's masks in a folder of its "
+                                 f"name in {mask_dir.name}/ ({mask_dir.name}/{sample.image.parent.name}/...), "
+                                 "or give the images distinct names")
     if not abnormals:
         return normals, []
     train = [s for i, s in enumerate(normals) if (i + 1) % _VAL_EVERY]
@@ -281,7 +287,7 @@ def mask_dirs(root: str | os.PathLike[str], layout: str) -> list[Path]:
         ground_truth = mvtec_ground_truth(root)  # ground_truth/good/: the empty masks of good images, not used
         return [d for d in _subdirs(ground_truth) if d.name.lower() not in _NORMAL_DIRS] if ground_truth else []
     mask_dir = _first(root, _MASK_DIRS) if layout == "Folder" else None
-    return [mask_dir] if mask_dir is not None else []
+    return [mask_dir, *(d for d in _subdirs(mask_dir) if d.name.lower() in _ABNORMAL_DIRS)] if mask_dir else []
 
 
 def _expected(root: Path) -> str:
