@@ -377,7 +377,7 @@ def test_a_dataset_folder_named_as_defects_and_unread_images_are_in_the_records(
     assert _cli("Global.mode=evaluate", f"Global.dataset_dir={data}", f"Global.output={out}") == 0
     for log_file in ("train.log", "evaluate.log"):
         assert f"{lot / 'x.png'}" in (out / log_file).read_text(), log_file
-    assert "6 training images (2 held out for calibration)" in (out / "train.log").read_text()
+    assert "8 good training images (6 trained on, 2 held out for calibration)" in (out / "train.log").read_text()
     assert any("in no split and were not evaluated" in w
                for w in json.loads((out / "evaluate_result.json").read_text())["warnings"])
     ng = tmp_path / "ng"

@@ -293,8 +293,9 @@ def mask_dirs(root: str | os.PathLike[str], layout: str) -> list[Path]:
 def _expected(root: Path) -> str:
     """What the layouts look for, with a hint when ``root`` holds several MVTec categories."""
     expected = (
-        "expected train.txt and val.txt (SegDataset), train/good/ and test/ (MVTec), "
-        "good/ or normal/ (Folder), or image files in the directory"
+        "expected train.txt and val.txt (SegDataset), train/good/ and test/ (MVTec), good/, normal/ or ok/ "
+        "beside abnormal/, defect/, bad/ or ng/ and mask/ (Folder; these names, in any case), or image files "
+        "in the directory"
     )
     categories = [d.name for d in _subdirs(root) if _is_mvtec(d)]
     if categories:

@@ -161,8 +161,9 @@ def train(cfg: dict, world: World) -> dict:
                          json.dumps({"done_flag": False, "model_name": g["model"]}, indent=2).encode())
             dump_config(cfg, output / "config.yaml")
             warn_before_training(dataset, output)
-        log.info("dataset %s (%s): %d training images (%d held out for calibration), %d validation images",
-                 dataset.root, dataset.layout, len(fit_samples), len(calib_samples), len(dataset.val))
+        log.info("dataset %s (%s): %d good training images (%d trained on, %d held out for calibration), "
+                 "%d validation images", dataset.root, dataset.layout, len(fit_samples) + len(calib_samples),
+                 len(fit_samples), len(calib_samples), len(dataset.val))
         if copies:
             copy, original = copies[0]
             log.warning("%d training images are copies of others (%s of %s%s): each image is used once",
