@@ -32,7 +32,6 @@ from flawscope.training.distributed import World
 log = logging.getLogger("flawscope")
 
 
-
 @dataclass
 class STFPMTrainConfig:
     iterations: int
