@@ -738,3 +738,22 @@ def test_a_process_forked_after_torch_predicted_predicts_too(pipeline) -> None:
         child.kill()
     assert not hung and child.exitcode == 0
     assert results.get(timeout=5) == pytest.approx(parent.score, abs=1e-5)  # one thread: sums in another order
+
+
+def test_paddlexs_use_hpip_predicts_on_openvino(trained, tmp_path, capsys) -> None:
+    """PaddleX's high-performance inference flag was an unknown argument; here it is OpenVINO."""
+    model_dir = trained[1] / "best_model/inference"
+    image = trained[0] / "test/scratch/000.png"
+    fast = create_pipeline(model_dir=model_dir, use_hpip=True)
+    assert fast.config["SubModules"]["AnomalyDetection"]["backend"] == "openvino"
+    (expected,) = create_pipeline(model_dir=model_dir, backend="openvino").predict(image)
+    assert main(["--pipeline", "anomaly_detection", "--input", str(image), "--model_dir", str(model_dir),
+                 "--use_hpip", "--save_path", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out/000_res.json").read_text())["score"] == pytest.approx(expected.score, abs=1e-6)
+    with pytest.raises(FlawscopeError, match="use_hpip runs the model on OpenVINO, but backend is 'torch'"):
+        create_pipeline(model_dir=model_dir, use_hpip=True, backend="torch")
+    with pytest.raises(FlawscopeError, match='use_hpip must be true or false, got "false"'):
+        create_pipeline(model_dir=model_dir, use_hpip="false")
+    capsys.readouterr()
+    assert main(["-c", "STFPM", "--use_hpip", "-o", "Global.mode=predict"]) == 2
+    assert "with -c set -o Predict.backend=openvino" in capsys.readouterr().err

@@ -43,6 +43,7 @@ _PIPELINE_FLAGS = {
     "--backend": _Flag("backend", "-o Predict.backend=..."),
     "--model_dir": _Flag("model_dir", "-o Predict.model_dir=..."),
     "--recursive": _Flag("recursive", "-o 'Predict.input=DIR/**/*' (a recursive glob)"),
+    "--use_hpip": _Flag("use_hpip", "-o Predict.backend=openvino"),
 }
 
 
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                    "default auto: what the model directory holds")
     p.add_argument("--model_dir", help="inference model directory (default: the bundled model)")
     p.add_argument("--recursive", action="store_true", help="descend into sub-directories of --input")
+    p.add_argument("--use_hpip", action="store_true", help="PaddleX's high-performance inference: --backend openvino")
     p.add_argument("--get_pipeline_config", metavar="NAME",
                    help="write the config of pipeline NAME to --save_path (- prints it)")
     p.add_argument("--yes", action="store_true", help="overwrite an existing pipeline config without asking")
@@ -149,7 +151,8 @@ def run(argv: list[str] | None = None) -> int:
         if not args.input:
             raise FlawscopeError("--input: required with --pipeline (an image, URL, directory or glob)")
         settings = {k: v for k, v in (("batch_size", args.batch_size), ("model_dir", args.model_dir),
-                                      ("backend", args.backend), ("recursive", args.recursive or None))
+                                      ("backend", args.backend), ("recursive", args.recursive or None),
+                                      ("use_hpip", args.use_hpip or None))
                     if v is not None}
         save_path = Path(args.save_path or "output").expanduser()  # as -o paths are: a launcher without a shell
         check_output_dir(save_path, "--save_path")

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import yaml
 
-from flawscope.config import BACKENDS, MODELS, Key, check_section, load_yaml, yaml_problem
+from flawscope.config import BACKENDS, MODELS, Key, check_section, check_value, load_yaml, yaml_problem
 from flawscope.data.io import is_url
 from flawscope.device import check_device_spec, one_device
 from flawscope.errors import FlawscopeError, first_line
@@ -207,7 +207,7 @@ def create_pipeline(pipeline: str | Path = "anomaly_detection", config: dict[str
     """Build a pipeline from a name or YAML path; ``config`` (a dict shaped like the file, the
     keys it leaves out at their defaults) replaces the file; ``device`` and keyword overrides
     (``model_dir=...``, ``batch_size=...``) update its module settings. All are checked against
-    ``SETTINGS``."""
+    ``SETTINGS``. ``use_hpip=True`` (PaddleX's high-performance inference) is ``backend="openvino"``."""
     if config is not None:
         if not isinstance(config, dict):
             raise FlawscopeError(f"config: must be a dict shaped like the pipeline's YAML, not {type(config).__name__}")
@@ -219,6 +219,12 @@ def create_pipeline(pipeline: str | Path = "anomaly_detection", config: dict[str
         _check_settings(cfg, "config")
     else:
         cfg = load_pipeline_config(pipeline)
+    if check_value("use_hpip", Key(bool), overrides.pop("use_hpip", False), "pipeline setting"):
+        # PaddleX's high-performance inference: OpenVINO here
+        if overrides.get("backend", "openvino") != "openvino":
+            raise FlawscopeError(f"use_hpip runs the model on OpenVINO, but backend is {overrides['backend']!r}: "
+                                 "give one of them")
+        overrides["backend"] = "openvino"
     unknown = sorted(set(overrides) - set(SETTINGS))
     if unknown:
         raise FlawscopeError(f"unknown pipeline setting '{unknown[0]}' (allowed: {', '.join(SETTINGS)})")
