@@ -300,10 +300,11 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict
                              f"trains {model}: use -c PatchCore")
     for full, spec in _unused_keys(cfg, SCHEMA, "", model):
         log.warning("%s: %s is not used by %s (a key of %s): ignored", where, full, model, ", ".join(spec.used_by))
-    shipped = _fill_from_shipped(cfg, model, where) if training else []
-    if shipped:
-        log.warning("%s leaves out %s: they take the shipped %s.yaml's values", where, ", ".join(shipped), model)
-    older = _older_defaults(cfg, model) if training else []
+    shipped = _shipped_config(model) if training else None
+    filled = _fill_from_shipped(cfg, model, shipped) if shipped is not None else []
+    if filled:
+        log.warning("%s leaves out %s: they take the shipped %s.yaml's values", where, ", ".join(filled), model)
+    older = _older_defaults(cfg, model, shipped) if shipped is not None else []
     if older:
         log.warning("%s leaves out %s: they take the defaults that keep configs written before them as they were, "
                     "not the shipped %s.yaml's; set them to choose", where, ", ".join(older), model)
@@ -312,19 +313,22 @@ def load_config(path_or_name: str | Path, overrides: Sequence[str] = ()) -> dict
     return cfg
 
 
-def _fill_from_shipped(cfg: dict[str, Any], model: str | None, where: str) -> list[str]:
+def _shipped_config(model: str | None) -> dict[str, Any] | None:
+    """The shipped config of ``model`` (``configs/<model>.yaml``), or None for a model without one."""
+    path = CONFIG_DIR / f"{model}.yaml"
+    return load_yaml(path.read_text(encoding="utf-8")) if model in MODELS and path.is_file() else None
+
+
+def _fill_from_shipped(cfg: dict[str, Any], model: str, shipped: dict[str, Any]) -> list[str]:
     """A training config without some hyperparameter (a PaddleX STFPM.yaml has no Model section)
     is no config a run of flawscope wrote, which hold every one: each Model and Train key it
-    leaves out takes the shipped config's value, as ``-c STFPM`` with its keys as overrides would.
-    Returns those keys; none where the config holds every hyperparameter (``_older_defaults``)."""
-    shipped_path = CONFIG_DIR / f"{model}.yaml"
-    if model not in MODELS or not shipped_path.is_file():
-        return []
+    leaves out takes the ``shipped`` config's value, as ``-c STFPM`` with its keys as overrides
+    would. Returns those keys; none where the config holds every hyperparameter (``_older_defaults``)."""
     lacking = [name for section in TRAIN_ONLY_SECTIONS for name, spec in SCHEMA[section].items()
                if model in spec.required_for and spec.default is _NO_DEFAULT and name not in cfg.get(section, {})]
     if not lacking:
         return []
-    shipped = load_yaml(shipped_path.read_text(encoding="utf-8"))
+    shipped_path = CONFIG_DIR / f"{model}.yaml"
     filled = []
     for section in TRAIN_ONLY_SECTIONS:
         given = cfg.setdefault(section, {})
@@ -335,13 +339,10 @@ def _fill_from_shipped(cfg: dict[str, Any], model: str | None, where: str) -> li
     return filled
 
 
-def _older_defaults(cfg: dict[str, Any], model: str | None) -> list[str]:
-    """The keys ``cfg`` leaves out whose default is not what the shipped config of ``model`` sets
-    (newer settings default to the behaviour before them), as ``Section.key (default; shipped)``."""
-    shipped_path = CONFIG_DIR / f"{model}.yaml"
-    if model not in MODELS or not shipped_path.is_file():
-        return []
-    shipped = load_yaml(shipped_path.read_text(encoding="utf-8"))
+def _older_defaults(cfg: dict[str, Any], model: str, shipped: dict[str, Any]) -> list[str]:
+    """The keys ``cfg`` leaves out whose default is not what ``shipped``, the shipped config of
+    ``model``, sets (newer settings default to the behaviour before them), as ``Section.key
+    (default; shipped)``."""
     older = []
     for section in TRAIN_ONLY_SECTIONS:
         for name, spec in SCHEMA[section].items():

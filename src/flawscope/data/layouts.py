@@ -174,9 +174,11 @@ def _load_folder(root: Path) -> Splits:
     normal_dir = _first(root, _NORMAL_DIRS)
     normals = [Sample(p, None, 0, GOOD) for p in _images(normal_dir or root)]
     mask_dir = _first(root, _MASK_DIRS)
+    shared = _masks_by_stem(mask_dir)  # listed once, whichever folders use it
     abnormals = []
     for directory in (d for d in _subdirs(root) if d.name.lower() in _ABNORMAL_DIRS):
-        masks = _masks_by_stem(_first(mask_dir, (directory.name.lower(),)) or mask_dir if mask_dir else None)
+        own = _first(mask_dir, (directory.name.lower(),)) if mask_dir else None
+        masks = _masks_by_stem(own) if own else shared
         abnormals += [Sample(p, _find_mask(p, masks), 1, DEFECT) for p in _images(directory)]
     owners: dict[Path, Path] = {}
     for sample in abnormals:  # bad/00.png and ng/00.png would take mask/00.png both, one of them wrongly
